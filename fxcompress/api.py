@@ -1,0 +1,61 @@
+"""``fxc.compile``: trace, run a recipe through the PassManager, and return a ``CompileResult``."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+from . import counting, meta
+from .context import PassRecord
+from .counting import Totals
+from .export.onnx import export_onnx as _export_onnx
+from .pass_manager import PassManager
+from .report import compile_report
+from .tracing import TraceInfo
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """The compiled module (eval mode, same call signature and output structure), what each pass did, and totals."""
+
+    module: torch.fx.GraphModule
+    history: list[PassRecord]
+    example_inputs: tuple
+    before: Totals
+    after: Totals
+    trace: TraceInfo
+
+    def report(self) -> str:
+        leaves = ", ".join(f"{k} ({v})" for k, v in self.trace.auto_leaves.items()) or "none"
+        line = f"traced {self.trace.nodes} nodes in {self.trace.seconds:.2f} s; submodules kept opaque: {leaves}"
+        return compile_report(type(self.module).__name__, self.before, self.after, self.history, line)
+
+    def export_onnx(self, path: str | Path, **options: Any) -> Path:
+        """Write the compiled module as ONNX (QDQ where quantized), checked with onnx.checker; returns the Path."""
+        return _export_onnx(self.module, self.example_inputs, path, **options)
+
+
+def compile(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    recipe: Any,
+    calibration_data: Iterable | None = None,
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    dump_dir: str | Path | None = None,
+    verify: bool = True,
+    check_numerics: bool = True,
+) -> CompileResult:
+    """Compile a copy of ``model`` (in eval mode) through ``recipe``; ``model`` itself is never modified."""
+    pm = PassManager(recipe, verify=verify, check_numerics=check_numerics, dump_dir=dump_dir)
+    ctx = pm.context(model, example_inputs, calibration_data, leaf_modules=leaf_modules,
+                     concrete_args=concrete_args, eval_mode=True)
+    before = counting.totals(ctx.gm)
+    pm.run(ctx)
+    gm = ctx.gm.eval()
+    return CompileResult(module=gm, history=ctx.history, example_inputs=ctx.example_inputs, before=before,
+                         after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO])

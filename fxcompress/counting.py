@@ -1,0 +1,221 @@
+"""Params, MACs and bytes per node, from graph metadata.
+
+MACs count multiply-accumulates of the layers that dominate compute: convolutions (also transposed and grouped),
+linear layers, matrix products (matmul/mm/bmm/addmm/baddbmm) and attention (``nn.MultiheadAttention``,
+``F.scaled_dot_product_attention``), whether called as modules or functions.  Elementwise ops, norms and pooling
+count 0, as in the published MAC counts of ResNet/MobileNet.  Rules are tables keyed by module class, function
+object or method name; a shared module's parameters are counted once in totals but its MACs at every call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from . import meta
+from .meta import TensorInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCost:
+    node: str
+    op: str
+    target: str
+    shape: str
+    params: int
+    macs: int
+    weight_bytes: int  # parameters and buffers this node reads
+    out_bytes: int  # bytes of the tensors it produces
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    params: int
+    macs: int
+    weight_bytes: int  # parameters + buffers, each counted once: the model's size in memory
+    nodes: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _info(arg: Any) -> TensorInfo | None:
+    return meta.tensor_info(arg) if isinstance(arg, torch.fx.Node) else None
+
+
+def _arg(node: torch.fx.Node, index: int, name: str) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _prod(xs: Iterable[int]) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def _out_times_k(a_index: int, a_name: str) -> Callable[[torch.fx.Node], int]:
+    """MACs of a product whose output has numel elements each reducing over k = a.shape[-1]."""
+
+    def rule(node: torch.fx.Node) -> int:
+        a, out = _info(_arg(node, a_index, a_name)), meta.tensor_info(node)
+        return out.numel * a.shape[-1] if a is not None and out is not None and a.shape else 0
+
+    return rule
+
+
+def _conv_fn(transposed: bool) -> Callable[[torch.fx.Node], int]:
+    def rule(node: torch.fx.Node) -> int:
+        x, w, out = _info(_arg(node, 0, "input")), _info(_arg(node, 1, "weight")), meta.tensor_info(node)
+        if x is None or w is None or out is None:
+            return 0
+        per_out = w.shape[1] * _prod(w.shape[2:])
+        return x.numel * per_out if transposed else out.numel * per_out
+
+    return rule
+
+
+def _sdpa(node: torch.fx.Node) -> int:
+    q, k, v = (_info(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    if q is None or k is None or v is None:
+        return 0
+    batch = _prod(q.shape[:-2])
+    return batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+FUNCTION_MACS: dict[Any, Callable[[torch.fx.Node], int]] = {
+    F.linear: _out_times_k(0, "input"),
+    torch._C._nn.linear: _out_times_k(0, "input"),
+    torch.matmul: _out_times_k(0, "input"),
+    operator.matmul: _out_times_k(0, "input"),
+    torch.mm: _out_times_k(0, "input"),
+    torch.bmm: _out_times_k(0, "input"),
+    torch.addmm: _out_times_k(1, "mat1"),
+    torch.baddbmm: _out_times_k(1, "batch1"),
+    torch.conv1d: _conv_fn(False),
+    torch.conv2d: _conv_fn(False),
+    torch.conv3d: _conv_fn(False),
+    F.conv1d: _conv_fn(False),
+    F.conv2d: _conv_fn(False),
+    F.conv3d: _conv_fn(False),
+    torch.conv_transpose1d: _conv_fn(True),
+    torch.conv_transpose2d: _conv_fn(True),
+    torch.conv_transpose3d: _conv_fn(True),
+    F.conv_transpose1d: _conv_fn(True),
+    F.conv_transpose2d: _conv_fn(True),
+    F.conv_transpose3d: _conv_fn(True),
+    F.scaled_dot_product_attention: _sdpa,
+}
+
+METHOD_MACS: dict[str, Callable[[torch.fx.Node], int]] = {
+    "matmul": _out_times_k(0, "self"),
+    "mm": _out_times_k(0, "self"),
+    "bmm": _out_times_k(0, "self"),
+    "addmm": _out_times_k(1, "mat1"),
+    "baddbmm": _out_times_k(1, "batch1"),
+}
+
+
+def _linear_module(node: torch.fx.Node, m: nn.Linear) -> int:
+    out = meta.tensor_info(node)
+    return out.numel * m.in_features if out is not None else 0
+
+
+def _conv_module(node: torch.fx.Node, m: _ConvNd) -> int:
+    x, out = _info(_arg(node, 0, "input")), meta.tensor_info(node)
+    if x is None or out is None:
+        return 0
+    if isinstance(m, _ConvTransposeNd):
+        return x.numel * (m.out_channels // m.groups) * _prod(m.kernel_size)
+    return out.numel * (m.in_channels // m.groups) * _prod(m.kernel_size)
+
+
+def _mha_module(node: torch.fx.Node, m: nn.MultiheadAttention) -> int:
+    q, k, v = (_info(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    if q is None or k is None or v is None:
+        return 0
+    seq = 1 if m.batch_first and len(q.shape) == 3 else 0  # index of the sequence axis
+    L, S, E = q.shape[seq], k.shape[seq], m.embed_dim
+    batch = q.numel // (L * q.shape[-1])
+    projections = L * E * E + S * k.shape[-1] * E + S * v.shape[-1] * E + L * E * E
+    return batch * (projections + 2 * L * S * E)
+
+
+MODULE_MACS: dict[type, Callable[[torch.fx.Node, Any], int]] = {
+    nn.Linear: _linear_module,
+    _ConvNd: _conv_module,
+    nn.MultiheadAttention: _mha_module,
+}
+
+
+def _module_rule(module: nn.Module) -> Callable[[torch.fx.Node, Any], int] | None:
+    for cls in type(module).__mro__:
+        if cls in MODULE_MACS:
+            return MODULE_MACS[cls]
+    return None
+
+
+def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        rule = _module_rule(module)
+        return rule(node, module) if rule else 0
+    if node.op == "call_function":
+        rule = FUNCTION_MACS.get(node.target)
+        return rule(node) if rule else 0
+    if node.op == "call_method":
+        rule = METHOD_MACS.get(node.target)
+        return rule(node) if rule else 0
+    return 0
+
+
+def _tensors_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[tuple[torch.Tensor, bool]]:
+    """(tensor, is_parameter) pairs a node owns: its module's parameters and buffers, or a get_attr tensor."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return [(p, True) for p in m.parameters()] + [(b, False) for b in m.buffers()]
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor):
+            return [(obj, isinstance(obj, nn.Parameter))]
+    return []
+
+
+def node_costs(gm: torch.fx.GraphModule) -> list[NodeCost]:
+    rows = []
+    for node in gm.graph.nodes:
+        owned = _tensors_of(gm, node)
+        info = node.meta.get(meta.TENSOR)
+        rows.append(NodeCost(
+            node=node.name,
+            op=node.op,
+            target=node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target)),
+            shape=meta.format_info(info) if info is not None else "?",
+            params=sum(t.numel() for t, is_param in owned if is_param),
+            macs=node_macs(gm, node),
+            weight_bytes=sum(t.numel() * t.element_size() for t, _ in owned),
+            out_bytes=sum(i.nbytes for i in meta.iter_tensor_infos(info)) if node.op != "output" else 0,
+        ))
+    return rows
+
+
+def totals(gm: torch.fx.GraphModule) -> Totals:
+    """Graph totals; a tensor reached by several nodes (a shared module) is counted once."""
+    seen: dict[int, tuple[torch.Tensor, bool]] = {}
+    macs = 0
+    for node in gm.graph.nodes:
+        for t, is_param in _tensors_of(gm, node):
+            seen[id(t)] = (t, is_param)
+        macs += node_macs(gm, node)
+    return Totals(
+        params=sum(t.numel() for t, p in seen.values() if p),
+        macs=macs,
+        weight_bytes=sum(t.numel() * t.element_size() for t, _ in seen.values()),
+        nodes=len(gm.graph.nodes),
+    )

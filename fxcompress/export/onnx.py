@@ -1,0 +1,136 @@
+"""Export a (compiled) module to ONNX with a dynamic batch axis, stable names and a checker pass.
+
+Exporter choice.  We export with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) first
+and fall back to the ``torch.export``-based one (``dynamo=True``) when it fails:
+
+- the TorchScript exporter turns ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` nodes of an
+  FX GraphModule straight into QuantizeLinear/DequantizeLinear pairs, which is what our quantized models are, and it
+  takes tens of milliseconds on small graphs;
+- the ``torch.export`` path also emits QDQ, but on torch 2.13 it failed on a GraphModule mixing per-tensor
+  fake-quant with float scale and per-channel fake-quant (``aten.fake_quantize_per_tensor_affine_cachemask`` has no
+  fake-tensor kernel there), and it takes seconds even for tiny graphs;
+- the TorchScript exporter is deprecated since torch 2.9, and some newer ops have no TorchScript symbolic: for
+  those, and for the day it is removed, the ``torch.export`` path takes over.
+
+Names: inputs are named after the forward's arguments (the graph's placeholders), outputs ``output`` or
+``output_0``, ``output_1``, ... in the flattened order of the output structure.  Axis 0 of every input is the
+dynamic axis ``batch`` (and of every output whose axis 0 has the batch size in the example).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from ..errors import ExportError
+from ..tracing import normalize_inputs, run_example
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+
+class _FlatOutputs(torch.nn.Module):
+    """Returns the module's outputs as a flat tuple of tensors (ONNX has no nested outputs)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return tuple(pytree.tree_leaves(self.module(*args)))
+
+
+def input_names(module: torch.nn.Module, count: int) -> list[str]:
+    if isinstance(module, torch.fx.GraphModule):
+        names = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    else:
+        names = [p.name for p in inspect.signature(module.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [n.lstrip("*") for n in names[:count]]
+    return names + [f"input_{i}" for i in range(len(names), count)]
+
+
+def output_names(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def _torchscript(wrapper, inputs, path, in_names, out_names, dynamic, opset):
+    axes = None
+    if dynamic is not None:
+        axes = {n: {0: "batch"} for n in in_names} | {n: {0: "batch"} for n in out_names if n in dynamic}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, inputs, str(path), dynamo=False, input_names=in_names, output_names=out_names,
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+
+
+def _dynamo(wrapper, inputs, path, in_names, out_names, dynamic, opset):
+    shapes = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, inputs, dynamo=True, input_names=in_names, output_names=out_names,
+                                    dynamic_shapes=(shapes,) if shapes else None, opset_version=opset,
+                                    external_data=False, verbose=False, optimize=True)
+    program.save(str(path), external_data=False)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    dynamic_batch: bool = True,
+    exporter: str = "auto",
+    opset: int | None = None,
+) -> Path:
+    """Write ``module`` as ONNX to ``path``, validate it with ``onnx.checker`` and return the Path."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}.")
+    inputs = normalize_inputs(example_inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = module.training
+    module.eval()
+    try:
+        return _export(module, inputs, path, dynamic_batch, exporter, opset)
+    finally:
+        module.train(was_training)
+
+
+def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
+    outputs = run_example(module, inputs, type(module).__name__)
+    leaves = pytree.tree_leaves(outputs)
+    if not all(isinstance(t, torch.Tensor) for t in leaves):
+        bad = next(type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor))
+        raise ExportError(f"{type(module).__name__} returns a {bad} among its outputs; ONNX outputs are tensors only.")
+    in_names, out_names = input_names(module, len(inputs)), output_names(len(leaves))
+    batch = inputs[0].shape[0] if inputs[0].dim() else None
+    # output names whose axis 0 is the batch; None: static shapes
+    dynamic = {n for n, t in zip(out_names, leaves) if t.dim() and t.shape[0] == batch} if dynamic_batch else None
+    wrapper = _FlatOutputs(module).eval()
+    order = {"auto": (_torchscript, _dynamo), "torchscript": (_torchscript,), "dynamo": (_dynamo,)}[exporter]
+    failures = []
+    for fn in order:
+        try:
+            fn(wrapper, inputs, path, in_names, out_names, dynamic, opset)
+            break
+        except Exception as exc:  # noqa: BLE001 - the next exporter may succeed; all failures are reported
+            log.info("%s exporter failed: %s", fn.__name__.strip("_"), exc)
+            failures.append(f"{fn.__name__.strip('_')}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    else:
+        raise ExportError(f"cannot export {type(module).__name__} to ONNX:\n  " + "\n  ".join(failures) +
+                          "\n  hint: an op without an ONNX translation is usually named above; replace it or keep it "
+                          "out of the exported module.")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"the exported {path} fails onnx.checker: {exc}") from exc
+    return path

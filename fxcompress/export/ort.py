@@ -1,0 +1,47 @@
+"""Run exported models in ONNX Runtime and compare them with PyTorch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch.utils import _pytree as pytree
+
+from ..meta import side_effect_free
+from ..tracing import normalize_inputs
+
+
+def session(path: str | Path, *, threads: int = 1,
+            optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
+    """A CPU InferenceSession with an explicit thread count (threads are set, never left to ORT's default)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = optimization
+    if optimized_model_path is not None:
+        opts.optimized_model_filepath = str(optimized_model_path)
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run(model: str | Path | ort.InferenceSession, inputs: Any, *, threads: int = 1) -> list[np.ndarray]:
+    """Outputs of the ONNX model on ``inputs`` (tensors or arrays, in the forward's order)."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, threads=threads)
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        inputs = (inputs,)
+    arrays = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in inputs]
+    feed = {i.name: a for i, a in zip(sess.get_inputs(), arrays)}
+    return sess.run(None, feed)
+
+
+def max_abs_diff(module: torch.nn.Module, onnx_path: str | Path, inputs: Sequence[torch.Tensor] | torch.Tensor) -> float:
+    """max |ORT - PyTorch| over all outputs of ``module`` and its ONNX export on ``inputs``."""
+    inputs = normalize_inputs(inputs)
+    with side_effect_free(module):
+        expected = [t.detach().numpy() for t in pytree.tree_leaves(module.eval()(*inputs))]
+    got = run(onnx_path, inputs)
+    if len(got) != len(expected):
+        return float("inf")
+    return max((float(np.max(np.abs(g - e))) if e.size else 0.0) for g, e in zip(got, expected))

@@ -1,0 +1,240 @@
+"""Instruments the PassManager runs around every pass.
+
+- ``CodeDiff``: unified diff of ``gm.code`` and parameter-shape changes, on every record.
+- ``Honesty``: fingerprints graph, modules and parameter values; fails a pass whose ``modified`` flag is false
+  while something changed (or true while nothing did).
+- ``Verify``: ``graph.lint()``, metadata present and equal to a fresh run on the example inputs, the pass's own
+  ``verify``, and for EXACT/BOUNDED passes a numeric check of the outputs against the previous stage.
+- ``Dump``: numbered ``NN_pass.py`` / ``NN_pass.diff`` files, written only when the graph changed.
+- ``write_reproducer``: a directory holding the module before the failing pass, the inputs and a script.
+
+``strict_checks()`` forces Honesty and Verify on for everything run inside it (the test suite does this).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import difflib
+import hashlib
+import json
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from . import meta
+from .context import CompileContext, PassRecord
+from .errors import VerificationError
+from .pass_base import Contract, Pass, PassResult
+
+_STRICT = contextvars.ContextVar("fxcompress_strict_checks", default=False)
+
+
+@contextlib.contextmanager
+def strict_checks() -> Iterator[None]:
+    """Within this block every PassManager verifies, checks numerics and checks honesty, whatever it was told."""
+    token = _STRICT.set(True)
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
+def strict() -> bool:
+    return _STRICT.get()
+
+
+class Instrument:
+    """Hooks around one pass.  State lives on the instance (one per manager), never on the class."""
+
+    def before(self, ctx: CompileContext, p: Pass, index: int) -> None:
+        pass
+
+    def after(self, ctx: CompileContext, p: Pass, result: PassResult, record: PassRecord) -> None:
+        pass
+
+
+def _shapes(gm: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in [*gm.named_parameters(remove_duplicate=False),
+                                            *gm.named_buffers(remove_duplicate=False)]}
+
+
+class CodeDiff(Instrument):
+    def before(self, ctx, p, index):
+        self.code, self.shapes = ctx.gm.code, _shapes(ctx.gm)
+
+    def after(self, ctx, p, result, record):
+        code = ctx.gm.code
+        if code != self.code:
+            record.diff = "".join(difflib.unified_diff(
+                self.code.splitlines(keepends=True), code.splitlines(keepends=True),
+                fromfile=f"before {p.name}", tofile=f"after {p.name}"))
+        shapes = _shapes(ctx.gm)
+        changes = [f"-{k} {list(v)}" for k, v in self.shapes.items() if k not in shapes]
+        changes += [f"+{k} {list(v)}" for k, v in shapes.items() if k not in self.shapes]
+        changes += [f"{k}: {list(self.shapes[k])} -> {list(v)}" for k, v in shapes.items()
+                    if k in self.shapes and self.shapes[k] != v]
+        record.param_changes = tuple(changes)
+
+
+def fingerprint(gm: torch.fx.GraphModule) -> str:
+    """A digest of the code, the module tree and every parameter and buffer value."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(gm.code.encode())
+    for name, mod in gm.named_modules():
+        h.update(f"{name}:{type(mod).__qualname__}:{mod.training};".encode())
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Honesty(Instrument):
+    def before(self, ctx, p, index):
+        self.digest = fingerprint(ctx.gm)
+
+    def after(self, ctx, p, result, record):
+        changed = fingerprint(ctx.gm) != self.digest
+        if changed and not result.modified:
+            raise VerificationError(
+                f"[{p.name}] returned modified=False but changed the module"
+                f"{' (code diff below)' if record.diff else ' (parameter/buffer values or submodules)'}. "
+                f"A pass must report every change.\n{record.diff}")
+        if result.modified and not changed:
+            raise VerificationError(f"[{p.name}] returned modified=True but changed nothing; report modified=False.")
+
+
+def _flat_tensors(out: Any) -> tuple[list[torch.Tensor], Any]:
+    leaves, spec = pytree.tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)], spec
+
+
+def relative_error(after: Any, before: Any) -> float:
+    """max over outputs of max|after - before| / max|before| (structures must match)."""
+    a, spec_a = _flat_tensors(after)
+    b, spec_b = _flat_tensors(before)
+    if spec_a != spec_b or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if not (x.is_floating_point() or y.is_floating_point()):
+            worst = max(worst, 0.0 if torch.equal(x, y) else float("inf"))
+            continue
+        x, y = x.double(), y.double()
+        scale = y.abs().max().item() if y.numel() else 0.0
+        diff = (x - y).abs().max().item() if y.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def within_tolerance(after: Any, before: Any, rtol: float, atol: float) -> bool:
+    """Elementwise |a - b| <= atol * max|b| + rtol * |b| for every output tensor."""
+    a, spec_a = _flat_tensors(after)
+    b, spec_b = _flat_tensors(before)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(a, b):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        x, y = x.double(), y.double()
+        scale = y.abs().max() if y.numel() else 0.0
+        if not bool(((x - y).abs() <= atol * scale + rtol * y.abs()).all()):
+            return False
+    return True
+
+
+class Verify(Instrument):
+    """Lint, metadata, the pass's own verify, and the numeric check against the previous stage."""
+
+    def __init__(self, numerics: bool = True):
+        self.numerics = numerics
+
+    def before(self, ctx, p, index):
+        if self.numerics and ctx.stage_outputs is None and p.contract is not Contract.CHANGES:
+            _, ctx.stage_outputs = meta.observe(ctx.gm, ctx.example_inputs)
+
+    def after(self, ctx, p, result, record):
+        gm = ctx.gm
+        try:
+            gm.graph.lint()
+        except Exception as exc:  # noqa: BLE001
+            raise VerificationError(f"[{p.name}] left an ill-formed graph: {exc}") from exc
+        try:
+            observed, out = meta.observe(gm, ctx.example_inputs)
+        except Exception as exc:  # noqa: BLE001
+            raise VerificationError(f"[{p.name}] left a module that fails on the example inputs: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        problems = meta.mismatches(gm, observed)
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise VerificationError(f"[{p.name}] left stale metadata:\n  " + "\n  ".join(problems[:5]) + more +
+                                    "\n  hint: a rewrite must copy or recompute node.meta (see fxcompress.meta).")
+        p.verify(ctx)
+        before, ctx.stage_outputs = ctx.stage_outputs, out
+        if not self.numerics or p.contract is Contract.CHANGES or before is None:
+            return
+        record.error = relative_error(out, before)
+        if p.contract is Contract.EXACT:
+            rtol, atol = p.tolerance
+            if not within_tolerance(out, before, rtol, atol):
+                raise VerificationError(
+                    f"[{p.name}] is EXACT but changed the outputs: max|after - before| / max|before| = "
+                    f"{record.error:.3e} (allowed rtol={rtol:g}, atol={atol:g} x output scale).")
+        elif p.contract is Contract.BOUNDED:
+            bound = p.error_bound(ctx)
+            if not record.error <= bound:
+                raise VerificationError(f"[{p.name}] exceeded its error bound: {record.error:.3e} > {bound:.3e}.")
+
+
+class Dump(Instrument):
+    """Numbered dumps of the code after each pass that changed the graph, with its diff and shape changes."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def write_initial(self, gm: torch.fx.GraphModule) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "00_input.py").write_text(gm.code)
+
+    def after(self, ctx, p, result, record):
+        if not (record.diff or record.param_changes):
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stem = self.directory / f"{record.index + 1:02d}_{p.name}"
+        stem.with_suffix(".py").write_text(ctx.gm.code)
+        shapes = "".join(f"# {c}\n" for c in record.param_changes)
+        stem.with_suffix(".diff").write_text(f"# parameter changes\n{shapes}\n{record.diff}")
+        record.dump_path = str(stem.with_suffix(".py"))
+
+
+def write_reproducer(directory: Path, gm: torch.fx.GraphModule, inputs: tuple, p: Pass, exc: BaseException) -> Path:
+    """Everything needed to rerun the failing pass on the module it received."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "code.py").write_text(gm.code)
+    (directory / "graph.txt").write_text(str(gm.graph))
+    (directory / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    (directory / "pass.json").write_text(json.dumps({"pass": p.name, **p.options()}, default=repr, indent=2))
+    torch.save(gm.state_dict(), directory / "state_dict.pt")
+    torch.save(inputs, directory / "inputs.pt")
+    try:
+        torch.save(gm, directory / "module.pt")
+    except Exception as save_exc:  # noqa: BLE001 - a module with unpicklable parts still gets the rest
+        (directory / "module.pt.error").write_text(f"could not save the module: {save_exc}")
+    (directory / "repro.py").write_text(
+        "# Reruns the failing pass on the module it received: python repro.py\n"
+        "import json, pathlib\nimport torch\nimport fxcompress as fxc\n\n"
+        "here = pathlib.Path(__file__).parent\n"
+        "gm = torch.load(here / 'module.pt', weights_only=False)\n"
+        "inputs = torch.load(here / 'inputs.pt')\n"
+        "spec = json.loads((here / 'pass.json').read_text())\n"
+        "pm = fxc.PassManager([spec])\n"
+        "ctx = pm.context(gm, inputs)\n"
+        "print(pm.step(ctx).summary())\n")
+    return directory

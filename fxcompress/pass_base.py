@@ -1,0 +1,87 @@
+"""The pass interface: a small class with options as ``__init__`` arguments and one ``run(ctx)``.
+
+A pass declares its ``contract``:
+
+- ``EXACT``: outputs unchanged within ``tolerance`` (checked by the manager against the previous stage),
+- ``BOUNDED``: outputs change by at most a bound the pass states in ``error_bound(ctx)`` (relative to the
+  output's scale),
+- ``CHANGES``: the function is meant to change (pruning without masks, training); no numeric check.
+
+and what it ``requires`` (names of analyses or plans in the context that earlier passes must have produced).
+Options are stored as attributes of the same names, so ``options()`` can report and replay them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .errors import RecipeError, did_you_mean
+
+if TYPE_CHECKING:
+    from .context import CompileContext
+
+
+class Contract(enum.Enum):
+    EXACT = "exact"
+    BOUNDED = "bounded"
+    CHANGES = "changes"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    modified: bool
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+class Pass:
+    """Base of every pass.  Subclasses set ``name``, ``contract``, ``doc``; options go in ``__init__``."""
+
+    name: ClassVar[str]
+    contract: ClassVar[Contract]
+    requires: ClassVar[tuple[str, ...]] = ()
+    preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid after this pass modifies the graph
+    # For EXACT passes: |after - before| <= atol * max|before| + rtol * |before|, elementwise.
+    tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-5)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__} does not implement run(ctx)")
+
+    def verify(self, ctx: CompileContext) -> None:
+        """Optional pass-specific check after ``run``; raise ``VerificationError`` on failure."""
+
+    def error_bound(self, ctx: CompileContext) -> float:
+        """For BOUNDED passes: the largest allowed max|after - before| / max|before|."""
+        raise NotImplementedError(f"{type(self).__name__} is BOUNDED but states no error_bound")
+
+    @classmethod
+    def doc(cls) -> str:
+        """The first line of the pass module's or class's docstring."""
+        text = inspect.getdoc(cls) or inspect.getdoc(inspect.getmodule(cls)) or ""
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        params = inspect.signature(cls.__init__).parameters
+        return tuple(p for p in params if p != "self")
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.option_names()}
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Pass:
+        """Build the pass from recipe options, naming any unknown option and the valid ones."""
+        valid = cls.option_names()
+        for key in options:
+            if key not in valid:
+                raise RecipeError(
+                    f"pass {cls.name!r} has no option {key!r}.{did_you_mean(key, valid)} "
+                    f"Valid options: {', '.join(valid) or '(none)'}."
+                )
+        return cls(**options)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"

@@ -1,0 +1,151 @@
+"""The PassManager: an explicit ordered list of passes, run all, one at a time, ``until=``, ``start_after=``.
+
+    pm = fxc.PassManager([{"pass": "fold_bn"}], dump_dir="dumps")
+    ctx = pm.context(model, example_inputs)
+    while pm.pending(ctx):
+        record = pm.step(ctx)          # .name .seconds .modified .stats .diff .param_changes .error
+        print(record.summary()); print(record.diff)
+
+Around every pass run the instruments (see ``instruments``): code diff, honesty, verification with a numeric
+check, numbered dumps.  When a pass fails, the module is restored to what the pass received and a reproducer
+directory is written; the error names the pass and the directory.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+from . import recipe as recipes
+from .context import CompileContext, PassRecord
+from .errors import FxCompressError, PassError, RecipeError, unknown_name_message
+from .instruments import CodeDiff, Dump, Honesty, Instrument, Verify, strict, write_reproducer
+from .pass_base import Pass
+from .tracing import normalize_inputs, trace
+
+log = logging.getLogger(__name__)
+
+
+class PassManager:
+    """Runs a recipe's passes over a CompileContext with instruments around each.
+
+    ``verify`` (lint, metadata, pass ``verify``), ``check_numerics`` (EXACT/BOUNDED passes against the previous
+    stage) and ``check_honesty`` are on by default; ``dump_dir`` turns on numbered code dumps; failures write a
+    reproducer under ``reproducer_dir`` (a fresh temporary directory when None).
+    """
+
+    def __init__(
+        self,
+        recipe: Any,
+        *,
+        verify: bool = True,
+        check_numerics: bool = True,
+        check_honesty: bool = True,
+        dump_dir: str | Path | None = None,
+        reproducer_dir: str | Path | None = None,
+        instruments: Iterable[Instrument] = (),
+    ):
+        self.passes: list[Pass] = recipes.build(recipe)
+        forced = strict()
+        self.dump = Dump(dump_dir) if dump_dir is not None else None
+        self.instruments: list[Instrument] = [CodeDiff()]
+        if check_honesty or forced:
+            self.instruments.append(Honesty())
+        if verify or forced:
+            self.instruments.append(Verify(numerics=check_numerics or forced))
+        if self.dump is not None:
+            self.instruments.append(self.dump)
+        self.instruments.extend(instruments)
+        self.reproducer_dir = Path(reproducer_dir) if reproducer_dir is not None else None
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def context(self, model: torch.nn.Module, example_inputs: Any, calibration_data: Iterable | None = None,
+                **trace_options: Any) -> CompileContext:
+        """Trace (a copy of) ``model`` and wrap it in a fresh context positioned before the first pass."""
+        inputs = normalize_inputs(example_inputs)
+        gm = trace(model, inputs, **trace_options)
+        if self.dump is not None:
+            self.dump.write_initial(gm)
+        return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data)
+
+    def pending(self, ctx: CompileContext) -> list[str]:
+        return self.names[ctx.cursor:]
+
+    def _index(self, name: str, option: str) -> int:
+        if name not in self.names:
+            raise RecipeError(f"{option}={name!r}: " + unknown_name_message("pass in this pipeline", name, self.names))
+        return self.names.index(name)
+
+    def run(self, ctx: CompileContext, *, until: str | None = None, start_after: str | None = None,
+            only: str | None = None) -> list[PassRecord]:
+        """Run the pending passes; ``until`` stops after that pass, ``start_after`` skips up to and including it,
+        ``only`` runs that single pass.  Returns the records of the passes run."""
+        if only is not None:
+            if until is not None or start_after is not None:
+                raise RecipeError("only= runs one pass; do not combine it with until= or start_after=.")
+            return [self._run_one(ctx, self._index(only, "only"))]
+        if start_after is not None:
+            ctx.cursor = self._index(start_after, "start_after") + 1
+        stop = self._index(until, "until") + 1 if until is not None else len(self.passes)
+        records = []
+        while ctx.cursor < stop:
+            records.append(self.step(ctx))
+        return records
+
+    def step(self, ctx: CompileContext) -> PassRecord:
+        """Run the next pending pass and return its record."""
+        if ctx.cursor >= len(self.passes):
+            raise RecipeError(f"no pass left to run: the pipeline {self.names} has finished.")
+        record = self._run_one(ctx, ctx.cursor)
+        ctx.cursor += 1
+        return record
+
+    def _run_one(self, ctx: CompileContext, index: int) -> PassRecord:
+        p = self.passes[index]
+        snapshot = copy.deepcopy(ctx.gm)
+        record = PassRecord(index=len(ctx.history), name=p.name, seconds=0.0, modified=False, stats={},
+                            contract=p.contract.value, options=p.options())
+        checks = 0.0
+        try:
+            t0 = time.perf_counter()
+            for inst in self.instruments:
+                inst.before(ctx, p, index)
+            t1 = time.perf_counter()
+            ctx.require(p.name, p.requires)
+            result = p.run(ctx)
+            ctx.gm.recompile()
+            t2 = time.perf_counter()
+            record.seconds, record.modified = t2 - t1, result.modified
+            record.stats, record.notes = dict(result.stats), tuple(result.notes)
+            for inst in self.instruments:
+                inst.after(ctx, p, result, record)
+            checks = (t1 - t0) + (time.perf_counter() - t2)
+        except Exception as exc:
+            self._fail(ctx, p, snapshot, exc)
+        record.check_seconds = checks
+        if record.modified:
+            ctx.invalidate(keep=p.preserves)
+            if not any(isinstance(i, Verify) for i in self.instruments):
+                ctx.stage_outputs = None
+        ctx.history.append(record)
+        log.info(record.summary())
+        return record
+
+    def _fail(self, ctx: CompileContext, p: Pass, snapshot: torch.fx.GraphModule, exc: Exception) -> None:
+        """Restore the module the pass received, write a reproducer, and raise a PassError naming both."""
+        ctx.gm, ctx.stage_outputs = snapshot, None
+        base = self.reproducer_dir or Path(tempfile.mkdtemp(prefix="fxcompress-repro-"))
+        where = write_reproducer(base / f"{len(ctx.history):02d}_{p.name}", snapshot, ctx.example_inputs, p, exc)
+        if isinstance(exc, FxCompressError):
+            raise type(exc)(f"{exc}\n  reproducer: {where}") from exc
+        raise PassError(f"[{p.name}] failed with {type(exc).__name__}: {exc}\n  reproducer: {where}\n"
+                        f"  The module is left as the pass received it.") from exc

@@ -1,0 +1,200 @@
+"""Symbolic tracing of a user's model into a GraphModule carrying shape/dtype metadata on every node.
+
+``trace`` deep-copies the model (the user's object is never touched), traces it with ``torch.fx``, and runs the
+example inputs through the graph to write ``meta.TENSOR`` on every node.  A submodule whose forward cannot be
+traced (data-dependent control flow, ``len`` of a proxy, ...) is retried as an opaque leaf; the reason is kept in
+``TraceInfo.auto_leaves`` and on the node (``meta.AUTO_LEAF``).  When the top-level forward itself cannot be
+traced, a ``TracingError`` names the module, the user's source line and what to do.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from . import meta
+from .errors import InputError, TracingError, unknown_name_message, user_frame_from_exception
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceInfo:
+    """How a graph was made: time, size, and which submodules were kept opaque and why."""
+
+    seconds: float
+    nodes: int
+    leaf_modules: tuple[str, ...]  # asked for by the user
+    auto_leaves: dict[str, str]  # qualified name -> why it could not be traced
+
+    def stats(self) -> dict[str, Any]:
+        return {"nodes": self.nodes, "leaf_modules": list(self.leaf_modules), "auto_leaves": dict(self.auto_leaves)}
+
+
+class _SubmoduleUntraceable(Exception):
+    def __init__(self, qualname: str, module: torch.nn.Module, cause: BaseException):
+        super().__init__(qualname)
+        self.qualname, self.module, self.cause = qualname, module, cause
+
+
+class _Tracer(torch.fx.Tracer):
+    def __init__(self, leaves: set[str], leaf_types: tuple[type, ...]):
+        super().__init__()
+        self.record_stack_traces = True
+        self.leaves = leaves
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:  # not a registered submodule: let fx inline it as it always does
+            return super().call_module(m, forward, args, kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except _SubmoduleUntraceable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure inside a submodule's forward makes it a leaf candidate
+            if self.is_leaf_module(m, qualname):
+                raise
+            raise _SubmoduleUntraceable(qualname, m, exc) from exc
+
+
+def normalize_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple:
+    """A tuple of tensors from a tensor or a tuple/list of tensors; anything else is an InputError."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        leaves = pytree.tree_leaves(tuple(example_inputs))
+        if all(isinstance(t, torch.Tensor) for t in leaves):
+            return tuple(example_inputs)
+        bad = next(type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor))
+        raise InputError(f"{what} must hold tensors only; found a {bad}. Pass non-tensor arguments through concrete_args.")
+    raise InputError(
+        f"{what} must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}. "
+        f"Example: fxc.compile(model, (torch.randn(1, 3, 224, 224),), recipe)."
+    )
+
+
+def _describe_cause(exc: BaseException) -> str:
+    frame = user_frame_from_exception(exc)
+    where = f" at {frame[0]}:{frame[1]} in {frame[2]}: `{frame[3]}`" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _top_level_error(model: torch.nn.Module, exc: BaseException) -> TracingError:
+    name = type(model).__name__
+    frame = user_frame_from_exception(exc)
+    where = f"\n  at {frame[0]}:{frame[1]} in {frame[2]}: `{frame[3]}`" if frame else ""
+    return TracingError(
+        f"cannot trace {name}.forward: {type(exc).__name__}: {exc}{where}\n"
+        f"  hint: the top-level forward of {name} depends on tensor values or Python-side state. Either pass "
+        f"concrete_args={{...}} to fix the arguments that choose the branch, or move the data-dependent part into "
+        f"a submodule and name it in leaf_modules=[...] so it is kept opaque."
+    )
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    eval_mode: bool = False,
+) -> torch.fx.GraphModule:
+    """Trace a deep copy of ``model`` into a GraphModule with ``meta.TENSOR`` on every node.
+
+    ``leaf_modules`` names submodules (qualified names or classes) to keep opaque.  ``eval_mode`` puts the copy in
+    eval mode before tracing (branches on ``self.training`` are fixed at trace time); otherwise every submodule
+    keeps the training flag it has.  The graph is checked against
+    the copied model on ``example_inputs``: a trace that computes something else is a ``TracingError``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    inputs = normalize_inputs(example_inputs)
+    start = time.perf_counter()
+    try:
+        root = copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(
+            f"cannot copy {type(model).__name__} (copy.deepcopy failed: {exc}); fxcompress works on a copy so that "
+            f"your model is never modified. Make the module deep-copyable (no open files, locks or generators)."
+        ) from exc
+    if eval_mode:
+        root.eval()
+
+    names = {leaf for leaf in leaf_modules if isinstance(leaf, str)}
+    types = tuple(leaf for leaf in leaf_modules if isinstance(leaf, type))
+    known = dict(root.named_modules())
+    for leaf in names:
+        if leaf not in known:
+            raise InputError(unknown_name_message("submodule", leaf, [k for k in known if k]))
+    leaves = set(names)
+    auto: dict[str, str] = {}
+    for _ in range(len(known) + 1):
+        tracer = _Tracer(leaves, types)
+        try:
+            graph = tracer.trace(root, concrete_args=concrete_args)
+            break
+        except _SubmoduleUntraceable as failure:
+            reason = _describe_cause(failure.cause)
+            log.warning("submodule %r (%s) cannot be traced, kept as a leaf: %s",
+                        failure.qualname, type(failure.module).__name__, reason)
+            auto[failure.qualname] = reason
+            leaves.add(failure.qualname)
+        except Exception as exc:  # noqa: BLE001
+            raise _top_level_error(model, exc) from exc
+    else:  # pragma: no cover - each retry adds a new leaf, so this needs more retries than modules
+        raise TracingError(f"cannot trace {type(model).__name__}: retried with every submodule as a leaf.")
+
+    gm = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.train(root.training)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in auto:
+            node.meta[meta.AUTO_LEAF] = auto[node.target]
+    _check_against_model(root, gm, inputs)
+    info = TraceInfo(time.perf_counter() - start, len(gm.graph.nodes), tuple(sorted(names)), auto)
+    gm.meta[meta.TRACE_INFO] = info
+    return gm
+
+
+def run_example(module: torch.nn.Module, inputs: Sequence[torch.Tensor], what: str) -> Any:
+    try:
+        with meta.side_effect_free(module):
+            return module(*inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(
+            f"{what} fails on the example inputs ({', '.join(str(meta.describe(t)) for t in inputs)}): "
+            f"{_describe_cause(exc)}. Check that example_inputs match the forward's arguments."
+        ) from exc
+
+
+def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> None:
+    expected = run_example(root, inputs, type(root).__name__)
+    try:
+        got = meta.propagate(gm, inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise TracingError(f"the traced graph of {type(root).__name__} fails on the example inputs: "
+                           f"{_describe_cause(exc)}") from exc
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if exp_spec != got_spec:
+        raise TracingError(f"the traced graph of {type(root).__name__} returns {got_spec}, the model {exp_spec}; "
+                           f"the forward has Python-side behaviour tracing cannot see. Use concrete_args.")
+    for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
+        if isinstance(e, torch.Tensor) and not (e.shape == g.shape and torch.allclose(e, g, rtol=1e-5, atol=1e-6, equal_nan=True)):
+            raise TracingError(
+                f"the traced graph of {type(root).__name__} computes a different output #{i} than the model "
+                f"(the forward depends on state tracing cannot see, such as self.training or a Python counter). "
+                f"Keep the offending submodule opaque with leaf_modules=[...] or fix the branch with concrete_args."
+            )
