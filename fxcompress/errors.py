@@ -49,7 +49,8 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
 
 def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
     valid = sorted(valid)
-    return f"unknown {kind} {name!r}.{did_you_mean(name, valid)} Valid {kind}s: {', '.join(valid) or '(none)'}."
+    plural = f"{kind}es" if kind.endswith("s") else f"{kind}s"
+    return f"unknown {kind} {name!r}.{did_you_mean(name, valid)} Valid {plural}: {', '.join(valid) or '(none)'}."
 
 
 def _is_library_file(filename: str) -> bool:

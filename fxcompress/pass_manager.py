@@ -82,7 +82,7 @@ class PassManager:
 
     def _index(self, name: str, option: str) -> int:
         if name not in self.names:
-            raise RecipeError(f"{option}={name!r}: " + unknown_name_message("pass in this pipeline", name, self.names))
+            raise RecipeError(f"{option}={name!r}: " + unknown_name_message("pipeline pass", name, self.names))
         return self.names.index(name)
 
     def run(self, ctx: CompileContext, *, until: str | None = None, start_after: str | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import time
 from typing import Any, Iterable, Sequence
@@ -44,10 +45,11 @@ class _SubmoduleUntraceable(Exception):
 
 
 class _Tracer(torch.fx.Tracer):
-    def __init__(self, leaves: set[str], leaf_types: tuple[type, ...]):
+    # Defaults are needed: unpickling a GraphModule re-creates its tracer class with no arguments.
+    def __init__(self, leaves: set[str] | None = None, leaf_types: tuple[type, ...] = ()):
         super().__init__()
         self.record_stack_traces = True
-        self.leaves = leaves
+        self.leaves = leaves if leaves is not None else set()
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
@@ -141,6 +143,9 @@ def trace(
             raise InputError(unknown_name_message("submodule", leaf, [k for k in known if k]))
     leaves = set(names)
     auto: dict[str, str] = {}
+    if _Tracer(leaves, types).is_leaf_module(root, ""):
+        holder, graph = _wrap_leaf_root(root, len(inputs))
+        return _finish(model, holder, graph, root, inputs, names, auto, start)
     for _ in range(len(known) + 1):
         tracer = _Tracer(leaves, types)
         try:
@@ -157,12 +162,37 @@ def trace(
     else:  # pragma: no cover - each retry adds a new leaf, so this needs more retries than modules
         raise TracingError(f"cannot trace {type(model).__name__}: retried with every submodule as a leaf.")
 
+    return _finish(model, root, graph, root, inputs, names, auto, start)
+
+
+def _wrap_leaf_root(module: torch.nn.Module, n_inputs: int) -> tuple[torch.nn.Module, torch.fx.Graph]:
+    """A graph calling a built-in leaf module (nn.MultiheadAttention, nn.Conv2d, ...) given as the whole model.
+
+    fx always traces into the root; a built-in module as the model becomes one ``call_module`` node instead, as it
+    would be inside any other model, so every rule keyed by module class applies to it.
+    """
+    holder = torch.nn.Module()
+    holder.add_module("module", module)
+    holder.training = module.training
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    graph = torch.fx.Graph()
+    args = [graph.placeholder(params[i].name if i < len(params) else f"input_{i}") for i in range(n_inputs)]
+    graph.output(graph.call_module("module", tuple(args)))
+    return holder, graph
+
+
+def _finish(model, root, graph, reference, inputs, names, auto, start) -> torch.fx.GraphModule:
+    """The GraphModule over ``root``'s (copied) submodules, checked against ``reference`` on the inputs."""
     gm = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
-    gm.train(root.training)
+    # GraphModule makes fresh containers for intermediate paths (training=True); copy every flag by name.
+    source = dict(root.named_modules())
+    for name, module in gm.named_modules():
+        module.training = source[name].training if name in source else reference.training
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in auto:
             node.meta[meta.AUTO_LEAF] = auto[node.target]
-    _check_against_model(root, gm, inputs)
+    _check_against_model(reference, gm, inputs)
     info = TraceInfo(time.perf_counter() - start, len(gm.graph.nodes), tuple(sorted(names)), auto)
     gm.meta[meta.TRACE_INFO] = info
     return gm

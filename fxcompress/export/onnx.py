@@ -6,9 +6,11 @@ and fall back to the ``torch.export``-based one (``dynamo=True``) when it fails:
 - the TorchScript exporter turns ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` nodes of an
   FX GraphModule straight into QuantizeLinear/DequantizeLinear pairs, which is what our quantized models are, and it
   takes tens of milliseconds on small graphs;
-- the ``torch.export`` path also emits QDQ, but on torch 2.13 it failed on a GraphModule mixing per-tensor
-  fake-quant with float scale and per-channel fake-quant (``aten.fake_quantize_per_tensor_affine_cachemask`` has no
-  fake-tensor kernel there), and it takes seconds even for tiny graphs;
+- the ``torch.export`` path lowers ``torch.fake_quantize_*`` to ``aten.fake_quantize_*_cachemask`` (the autograd
+  form) whenever a parameter requires grad or the batch axis is dynamic, and on torch 2.13 that op has no
+  fake-tensor kernel, so the export fails.  Before that path we rewrite each fake-quant node of a copy of the graph
+  into ``quantized_decomposed.quantize_*`` + ``dequantize_*``, which it translates to QuantizeLinear /
+  DequantizeLinear with the same numbers.  It also takes seconds where the TorchScript exporter takes tens of ms;
 - the TorchScript exporter is deprecated since torch 2.9, and some newer ops have no TorchScript symbolic: for
   those, and for the day it is removed, the ``torch.export`` path takes over.
 
@@ -18,6 +20,8 @@ dynamic axis ``batch`` (and of every output whose axis 0 has the batch size in t
 """
 from __future__ import annotations
 
+import copy
+import importlib
 import inspect
 import logging
 import warnings
@@ -72,8 +76,46 @@ def _torchscript(wrapper, inputs, path, in_names, out_names, dynamic, opset):
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
 
 
+_FAKE_QUANT = {  # fake-quant function -> its argument names, in order
+    torch.fake_quantize_per_tensor_affine: ("input", "scale", "zero_point", "quant_min", "quant_max"),
+    torch.fake_quantize_per_channel_affine: ("input", "scale", "zero_point", "axis", "quant_min", "quant_max"),
+}
+
+
+def decompose_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a GraphModule with each fake-quant node as explicit quantize + dequantize (same numbers)."""
+    if not isinstance(module, torch.fx.GraphModule) or not any(
+            n.op == "call_function" and n.target in _FAKE_QUANT for n in module.graph.nodes):
+        return module
+    importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers torch.ops.quantized_decomposed
+    qd = torch.ops.quantized_decomposed
+    gm = copy.deepcopy(module)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _FAKE_QUANT:
+            continue
+        a = dict(zip(_FAKE_QUANT[node.target], node.args)) | dict(node.kwargs)
+        dtype = torch.uint8 if a["quant_min"] >= 0 else torch.int8
+        if node.target is torch.fake_quantize_per_channel_affine:
+            quant, dequant = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
+            params = (a["scale"], a["zero_point"], a["axis"], a["quant_min"], a["quant_max"], dtype)
+        else:
+            tensor_args = isinstance(a["scale"], torch.fx.Node)
+            quant = qd.quantize_per_tensor.tensor if tensor_args else qd.quantize_per_tensor.default
+            dequant = qd.dequantize_per_tensor.tensor if tensor_args else qd.dequantize_per_tensor.default
+            params = (a["scale"], a["zero_point"], a["quant_min"], a["quant_max"], dtype)
+        with graph.inserting_before(node):
+            q = graph.call_function(quant, (a["input"], *params))
+            dq = graph.call_function(dequant, (q, *params))
+        node.replace_all_uses_with(dq)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def _dynamo(wrapper, inputs, path, in_names, out_names, dynamic, opset):
     shapes = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic is not None else None
+    wrapper = _FlatOutputs(decompose_fake_quant(wrapper.module)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, inputs, dynamo=True, input_names=in_names, output_names=out_names,
@@ -116,15 +158,15 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     # output names whose axis 0 is the batch; None: static shapes
     dynamic = {n for n, t in zip(out_names, leaves) if t.dim() and t.shape[0] == batch} if dynamic_batch else None
     wrapper = _FlatOutputs(module).eval()
-    order = {"auto": (_torchscript, _dynamo), "torchscript": (_torchscript,), "dynamo": (_dynamo,)}[exporter]
+    functions = {"torchscript": _torchscript, "dynamo": _dynamo}
     failures = []
-    for fn in order:
+    for name in ("torchscript", "dynamo") if exporter == "auto" else (exporter,):
         try:
-            fn(wrapper, inputs, path, in_names, out_names, dynamic, opset)
+            functions[name](wrapper, inputs, path, in_names, out_names, dynamic, opset)
             break
         except Exception as exc:  # noqa: BLE001 - the next exporter may succeed; all failures are reported
-            log.info("%s exporter failed: %s", fn.__name__.strip("_"), exc)
-            failures.append(f"{fn.__name__.strip('_')}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log.info("%s exporter failed: %s", name, exc)
+            failures.append(f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
     else:
         raise ExportError(f"cannot export {type(module).__name__} to ONNX:\n  " + "\n  ".join(failures) +
                           "\n  hint: an op without an ONNX translation is usually named above; replace it or keep it "

@@ -1,0 +1,143 @@
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import fxcompress as fxc
+from fxcompress.export import max_abs_diff, run, session
+from fxcompress.export import onnx as onnx_export
+
+import zoo
+
+
+def _other_batch(inputs, batch=3):
+    return tuple(torch.randn((batch, *t.shape[1:]), generator=torch.Generator().manual_seed(5)) for t in inputs)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_every_zoo_model_exports_and_matches_in_ort(name, tmp_path):
+    model, inputs = zoo.build(name)
+    result = fxc.compile(model, inputs, [{"pass": "fold_bn"}])
+    path = result.export_onnx(tmp_path / f"{name}.onnx")
+    assert max_abs_diff(result.module, path, inputs) <= 1e-4
+    assert max_abs_diff(result.module, path, _other_batch(inputs)) <= 1e-4  # the batch axis is dynamic
+    proto = onnx.load(path)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_golden_models_export_and_match_in_ort(name, tmp_path):
+    model, inputs = fxc.golden.load(name)
+    result = fxc.compile(model, inputs, [{"pass": "fold_bn"}])
+    path = result.export_onnx(tmp_path / "m.onnx")
+    assert max_abs_diff(result.module, path, _other_batch(inputs, 2)) <= 1e-4
+
+
+def test_stable_names():
+    model, inputs = zoo.build("splits_views")
+    result = fxc.compile(model, inputs, [])
+    proto = onnx.load(result.export_onnx("/dev/null" if False else _tmp("names.onnx")))
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert [o.name for o in proto.graph.output] == ["output_0", "output_1"]  # logits, aux in dict order
+    mha = nn.MultiheadAttention(8, 2).eval()
+    x = torch.randn(4, 2, 8)
+    proto = onnx.load(fxc.export_onnx(fxc.trace(mha, (x, x, x)), (x, x, x), _tmp("mha.onnx")))
+    assert [i.name for i in proto.graph.input] == ["query", "key", "value"]
+
+
+def _tmp(name, _dir=[]):
+    import tempfile
+    from pathlib import Path
+
+    if not _dir:
+        _dir.append(Path(tempfile.mkdtemp()))
+    return _dir[0] / name
+
+
+class FakeQuant(nn.Module):
+    """What a quantized graph looks like: per-tensor activations, per-channel weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("w_scale", self.conv.weight.detach().abs().amax((1, 2, 3)) / 127)
+        self.register_buffer("w_zero", torch.zeros(4, dtype=torch.int32))
+
+    def forward(self, x):
+        x = torch.fake_quantize_per_tensor_affine(x, 0.02, 128, 0, 255)
+        w = torch.fake_quantize_per_channel_affine(self.conv.weight, self.w_scale, self.w_zero, 0, -128, 127)
+        y = nn.functional.conv2d(x, w, self.conv.bias)
+        return torch.fake_quantize_per_tensor_affine(y, 0.05, 128, 0, 255)
+
+
+@pytest.mark.parametrize("exporter", ["auto", "torchscript", "dynamo"])
+def test_fake_quant_exports_as_qdq(exporter, tmp_path):
+    model = FakeQuant().eval()
+    x = torch.rand(2, 3, 8, 8) * 4 - 2
+    gm = fxc.trace(model, x)
+    path = fxc.export_onnx(gm, x, tmp_path / "q.onnx", exporter=exporter)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 3
+    # The float conv before the output's fake-quant accumulates in another order in ORT, so a value lying on a
+    # rounding boundary may land one output step (0.05) away; everything else is identical.
+    other = torch.rand(5, 3, 8, 8) * 4 - 2  # dynamic batch, also through the QDQ nodes
+    for inputs in (x, other):
+        got = torch.from_numpy(run(path, inputs)[0])
+        with torch.no_grad():
+            want = gm(inputs)
+        diff = (got - want).abs()
+        assert got.shape == want.shape
+        assert diff.max() <= 0.05 + 1e-6
+        assert (diff > 1e-4).float().mean() < 0.01
+
+
+def test_falls_back_to_dynamo_when_torchscript_fails(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no symbolic for this op")
+
+    monkeypatch.setattr(onnx_export, "_torchscript", broken)
+    model, inputs = zoo.build("residual")
+    path = fxc.export_onnx(fxc.trace(model, inputs), inputs, tmp_path / "d.onnx")
+    assert max_abs_diff(model, path, _other_batch(inputs)) <= 1e-4
+
+
+def test_export_failure_names_both_exporters(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported op foo")
+
+    monkeypatch.setattr(onnx_export, "_torchscript", broken)
+    monkeypatch.setattr(onnx_export, "_dynamo", broken)
+    model, inputs = zoo.build("residual")
+    with pytest.raises(fxc.ExportError, match="torchscript: RuntimeError: unsupported op foo") as err:
+        fxc.export_onnx(model, inputs, tmp_path / "x.onnx")
+    assert "dynamo: RuntimeError" in str(err.value)
+
+
+def test_non_tensor_output_is_an_export_error(tmp_path):
+    class Shape(nn.Module):
+        def forward(self, x):
+            return x * 2, x.shape[0]
+
+    with pytest.raises(fxc.ExportError, match="returns a int"):
+        fxc.export_onnx(Shape(), torch.randn(2, 3), tmp_path / "s.onnx")
+
+
+def test_export_does_not_change_training_flag(tmp_path):
+    model, inputs = zoo.build("residual")
+    model.train()
+    fxc.export_onnx(model, inputs, tmp_path / "t.onnx")
+    assert model.training and model.a[1].training
+
+
+def test_session_threads_are_explicit(tmp_path):
+    model, inputs = zoo.build("residual")
+    path = fxc.export_onnx(model, inputs, tmp_path / "s.onnx")
+    sess = session(path, threads=2)
+    assert sess.get_session_options().intra_op_num_threads == 2
+    assert run(sess, inputs)[0].shape == (2, 10)
+
+
+def test_unknown_exporter(tmp_path):
+    model, inputs = zoo.build("residual")
+    with pytest.raises(fxc.ExportError, match="exporter must be one of"):
+        fxc.export_onnx(model, inputs, tmp_path / "e.onnx", exporter="tflite")

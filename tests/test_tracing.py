@@ -1,0 +1,225 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxcompress as fxc
+from fxcompress import meta
+from fxcompress.meta import TensorInfo
+
+import zoo
+
+
+def _snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, repr(model),
+            [m.training for m in model.modules()], getattr(model, "code", None))
+
+
+def _assert_unchanged(model: nn.Module, before) -> None:
+    state, text, modes, code = before
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert repr(model) == text
+    assert [m.training for m in model.modules()] == modes
+    assert getattr(model, "code", None) == code
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_every_node_has_metadata_matching_a_real_run(name):
+    model, inputs = zoo.build(name)
+    gm = fxc.trace(model, inputs)
+    observed, _ = meta.observe(gm, inputs)
+    for node in gm.graph.nodes:
+        assert meta.TENSOR in node.meta, node.name
+        assert node.meta[meta.TENSOR] == observed[node.name]
+
+
+def test_shared_submodule_called_twice_gives_two_nodes():
+    model, inputs = zoo.build("shared_multi_user")
+    gm = fxc.trace(model, inputs)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "shared"]
+    assert len(calls) == 2
+    assert all(meta.tensor_info(n) == TensorInfo((2, 8, 8, 8), torch.float32) for n in calls)
+
+
+def test_functional_calls_with_bare_parameters():
+    model, inputs = zoo.build("functional")
+    gm = fxc.trace(model, inputs)
+    attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert {"w", "mean", "var", "gamma", "beta", "proj", "lin"} <= attrs
+    assert F.batch_norm in {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert meta.tensor_info(next(n for n in gm.graph.nodes if n.target == "w")).shape == (8, 3, 3, 3)
+
+
+def test_multihead_attention_is_one_node_with_tuple_metadata():
+    mha = nn.MultiheadAttention(8, 2).eval()  # batch_first=False: (L, N, E)
+    x = torch.randn(5, 3, 8)
+    gm = fxc.trace(mha, (x, x, x))
+    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    assert [(n.op, type(gm.get_submodule(n.target))) for n in calls] == [("call_module", nn.MultiheadAttention)]
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["query", "key", "value"]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert out.meta[meta.TENSOR] == (TensorInfo((5, 3, 8), torch.float32), TensorInfo((3, 5, 5), torch.float32))
+    torch.testing.assert_close(gm(x, x, x), mha(x, x, x), rtol=0, atol=0)
+
+
+def test_cat_chunk_split_view_permute_flatten_shapes():
+    model, inputs = zoo.build("splits_views")
+    gm = fxc.trace(model, inputs)
+    by_target = {}
+    for n in gm.graph.nodes:
+        by_target.setdefault(getattr(n.target, "__name__", n.target), []).append(n.meta[meta.TENSOR])
+    assert by_target["split"] == [(TensorInfo((2, 4, 8, 8), torch.float32), TensorInfo((2, 8, 8, 8), torch.float32))]
+    assert by_target["chunk"][0][1] == TensorInfo((2, 4, 8, 8), torch.float32)
+    assert by_target["cat"] == [TensorInfo((2, 8, 8, 8), torch.float32)]
+    assert by_target["flatten"] == [TensorInfo((2, 384), torch.float32)]
+    out = gm(*inputs)
+    assert isinstance(out, dict) and set(out) == {"logits", "aux"}
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x * 2
+        return x - 1
+
+
+class WithUntraceableChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.branchy = DataDependent()
+        self.post = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.post(self.branchy(self.pre(x)))
+
+
+def test_untraceable_submodule_becomes_a_leaf_and_is_reported():
+    model = WithUntraceableChild().eval()
+    x = torch.randn(3, 4)
+    gm = fxc.trace(model, x)
+    info = gm.meta[meta.TRACE_INFO]
+    assert list(info.auto_leaves) == ["branchy"]
+    assert "control flow" in info.auto_leaves["branchy"] and "test_tracing.py" in info.auto_leaves["branchy"]
+    node = next(n for n in gm.graph.nodes if n.target == "branchy")
+    assert node.op == "call_module" and meta.AUTO_LEAF in node.meta
+    for sign in (1, -1):  # both branches still taken at run time, since the leaf runs real Python
+        torch.testing.assert_close(gm(sign * x.abs()), model(sign * x.abs()), rtol=0, atol=0)
+    result = fxc.compile(model, x, [{"pass": "fold_bn"}])
+    assert "branchy" in result.report()
+
+
+class UntraceableTop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.max() > 10:  # the line the error must name
+            y = y / 10
+        return y
+
+
+def test_untraceable_top_level_names_module_and_source_line():
+    model = UntraceableTop()
+    before = _snapshot(model)
+    with pytest.raises(fxc.TracingError) as err:
+        fxc.trace(model, torch.randn(2, 4))
+    msg = str(err.value)
+    line = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1) if "the line the error must name" in text)
+    assert "UntraceableTop" in msg
+    assert f"test_tracing.py:{line}" in msg
+    assert "concrete_args" in msg and "leaf_modules" in msg
+    _assert_unchanged(model, before)
+
+
+def test_leaf_modules_by_name_and_type():
+    model, inputs = zoo.build("residual")
+    gm = fxc.trace(model, inputs, leaf_modules=["a", nn.Sequential])
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"a", "stem", "b", "down", "c"} <= targets
+    with pytest.raises(fxc.InputError, match="Did you mean 'a'"):
+        fxc.trace(model, inputs, leaf_modules=["aa"])
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # Python-side state the trace bakes in
+        return x * self.calls
+
+
+def test_trace_that_computes_something_else_is_an_error():
+    with pytest.raises(fxc.TracingError, match="different output"):
+        fxc.trace(Counter(), torch.randn(3))
+
+
+@pytest.mark.parametrize("name", ["residual", "attention", "functional"])
+def test_user_model_is_never_modified(name):
+    model, inputs = zoo.build(name)
+    model.train()  # a training-mode model must come back in training mode, with its BN statistics untouched
+    before = _snapshot(model)
+    result = fxc.compile(model, inputs, [{"pass": "fold_bn"}])
+    _assert_unchanged(model, before)
+    assert not result.module.training
+
+
+def test_graph_module_input_is_not_modified():
+    model, inputs = zoo.build("residual")
+    gm = torch.fx.symbolic_trace(model)
+    before = _snapshot(gm)
+    fxc.compile(gm, inputs, [{"pass": "fold_bn"}])
+    _assert_unchanged(gm, before)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("not a tensor", "must be a tensor"),
+    ((torch.randn(2, 3, 8, 8), "x"), "tensors only"),
+    ((), "non-empty"),
+])
+def test_bad_example_inputs(bad, match):
+    model, _ = zoo.build("residual")
+    with pytest.raises(fxc.InputError, match=match):
+        fxc.trace(model, bad)
+
+
+def test_inputs_that_do_not_fit_the_model_name_the_model():
+    model, _ = zoo.build("residual")
+    with pytest.raises(fxc.FxCompressError, match="Residual") as err:
+        fxc.trace(model, torch.randn(2, 5, 8, 8))
+    assert "zoo.py" in str(err.value)
+
+
+def test_not_a_module():
+    with pytest.raises(fxc.InputError, match="torch.nn.Module"):
+        fxc.trace(lambda x: x, torch.randn(2))
+
+
+def test_uncopyable_model_is_a_clear_error():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gen = (i for i in range(3))
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(fxc.InputError, match="deepcopy"):
+        fxc.trace(Holder(), torch.randn(2))
+
+
+def test_trace_keeps_training_flags_and_eval_mode_option():
+    model, inputs = zoo.build("residual")
+    model.a.train()
+    gm = fxc.trace(model, inputs)
+    assert gm.get_submodule("a.1").training and not gm.get_submodule("b.1").training
+    gm_eval = fxc.trace(copy.deepcopy(model), inputs, eval_mode=True)
+    assert not any(m.training for m in gm_eval.modules())
