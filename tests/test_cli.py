@@ -1,0 +1,79 @@
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import onnx
+import pytest
+import torch.nn as nn
+
+from fxcompress.cli import main
+
+RECIPE = '[[passes]]\npass = "fold_bn"\n'
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "fold.toml"
+    path.write_text(RECIPE)
+    return str(path)
+
+
+def test_passes_lists_name_contract_and_doc(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("fold_bn"))
+    assert "exact" in row and "Fold eval-mode BatchNorm" in row
+
+
+def test_compress_with_export(recipe, tmp_path, capsys):
+    out_path = tmp_path / "m.onnx"
+    assert main(["compress", "zoo:small_resnet", "--recipe", recipe, "--export", str(out_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bn_folded=5" in out and "params" in out
+    diff = float(out.split("max abs diff")[1].split()[0])
+    assert diff <= 1e-4
+    onnx.checker.check_model(str(out_path))
+
+
+def test_compress_step_by_step_prints_each_diff(recipe, tmp_path, capsys):
+    assert main(["compress", "zoo:small_resnet", "--recipe", recipe, "--step", "--dump-dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "[00 fold_bn]" in out and "--- before fold_bn" in out and "+a.0.bias [8]" in out
+    assert (tmp_path / "d" / "01_fold_bn.diff").is_file()
+
+
+def test_inspect_golden_model_per_node(capsys):
+    assert main(["inspect", "resnet18"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("conv1 ") and "118.014 M" in line for line in lines)
+    assert lines[-1].startswith("total") and "11689512" in lines[-1] and "1.814 G" in lines[-1]
+
+
+def bare_factory():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+
+
+def test_bare_module_factory_needs_input_shape(recipe, capsys):
+    assert main(["inspect", "test_cli:bare_factory"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["compress", "test_cli:bare_factory", "--recipe", recipe, "--input-shape", "1,3,8,8"]) == 0
+    assert "bn_folded=1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "resnet19", "--recipe", "x.toml"], "Did you mean 'resnet18'"),
+    (["compress", "zoo:small_resnet", "--recipe", "missing.toml"], "does not exist"),
+    (["inspect", "no_such_module:factory"], "cannot load"),
+])
+def test_errors_are_one_line_messages(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxcompress: error:") and message in err and "Traceback" not in err
+
+
+def test_console_script_is_installed():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("fxcompress") == "fxcompress.cli:main"
+    done = subprocess.run([sys.executable, "-m", "fxcompress.cli", "passes"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "fold_bn" in done.stdout
