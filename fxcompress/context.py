@@ -51,6 +51,7 @@ class CompileContext:
     history: list[PassRecord] = dataclasses.field(default_factory=list)
     cursor: int = 0  # index of the next pass of the pipeline to run
     stage_outputs: Any = None  # outputs of gm on example_inputs as it stands, for numeric checks (None: unknown)
+    previous: torch.fx.GraphModule | None = None  # while a pass runs: a copy of the module as it received it
 
     def analysis(self, name: str, compute: Callable[[CompileContext], Any]) -> Any:
         """The cached analysis ``name``, computed by ``compute(ctx)`` if absent or invalidated."""
@@ -71,6 +72,3 @@ class CompileContext:
                 f"[{pass_name}] needs {', '.join(map(repr, missing))}, which no earlier pass produced. "
                 f"Run the pass that produces it first (see `fxcompress passes`)."
             )
-
-    def module(self, target: str) -> torch.nn.Module:
-        return self.gm.get_submodule(target)

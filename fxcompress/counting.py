@@ -42,9 +42,6 @@ class Totals:
     weight_bytes: int  # parameters + buffers, each counted once: the model's size in memory
     nodes: int
 
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
 
 def _info(arg: Any) -> TensorInfo | None:
     return meta.tensor_info(arg) if isinstance(arg, torch.fx.Node) else None

@@ -111,7 +111,7 @@ class PassManager:
 
     def _run_one(self, ctx: CompileContext, index: int) -> PassRecord:
         p = self.passes[index]
-        snapshot = copy.deepcopy(ctx.gm)
+        snapshot = ctx.previous = copy.deepcopy(ctx.gm)
         record = PassRecord(index=len(ctx.history), name=p.name, seconds=0.0, modified=False, stats={},
                             contract=p.contract.value, options=p.options())
         checks = 0.0
@@ -131,6 +131,8 @@ class PassManager:
             checks = (t1 - t0) + (time.perf_counter() - t2)
         except Exception as exc:
             self._fail(ctx, p, snapshot, exc)
+        finally:
+            ctx.previous = None
         record.check_seconds = checks
         if record.modified:
             ctx.invalidate(keep=p.preserves)

@@ -34,9 +34,6 @@ class TraceInfo:
     leaf_modules: tuple[str, ...]  # asked for by the user
     auto_leaves: dict[str, str]  # qualified name -> why it could not be traced
 
-    def stats(self) -> dict[str, Any]:
-        return {"nodes": self.nodes, "leaf_modules": list(self.leaf_modules), "auto_leaves": dict(self.auto_leaves)}
-
 
 class _SubmoduleUntraceable(Exception):
     def __init__(self, qualname: str, module: torch.nn.Module, cause: BaseException):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 
 import torch
 import torch.fx
@@ -30,8 +29,6 @@ from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import user_frame_from_stack_trace
 from fxcompress.pass_base import Contract, Pass, PassResult
-
-log = logging.getLogger(__name__)
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 SKIP_REASONS = ("skipped_multi_user", "skipped_shared_module", "skipped_training_bn", "skipped_no_running_stats",

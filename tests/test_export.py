@@ -25,7 +25,9 @@ def test_every_zoo_model_exports_and_matches_in_ort(name, tmp_path):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2",
+                                  pytest.param("resnet50", marks=pytest.mark.slow),
+                                  pytest.param("vgg11_bn", marks=pytest.mark.slow)])
 def test_golden_models_export_and_match_in_ort(name, tmp_path):
     model, inputs = fxc.golden.load(name)
     result = fxc.compile(model, inputs, [{"pass": "fold_bn"}])

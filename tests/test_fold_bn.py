@@ -107,8 +107,8 @@ def test_functional_batch_norm_in_training_mode_and_without_stats_is_skipped():
     assert not result.history[0].modified
 
 
-@pytest.mark.parametrize("name, shape", [("resnet18", None), ("mobilenet_v2", None)])
-def test_golden_imagenet_nets_fold_exactly(name, shape):
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn"])
+def test_golden_imagenet_nets_fold_exactly(name):
     model, inputs = fxc.golden.load(name)
     zoo.randomize_bn(model, seed=7)
     result = fxc.compile(model, inputs, FOLD)
@@ -127,15 +127,6 @@ def test_vgg_style_net_folds_exactly():
     result = fxc.compile(model, inputs, FOLD)
     _assert_exact(result, model, inputs)
     assert result.history[0].stats["bn_folded"] == 8
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet50", "vgg11_bn"])
-def test_large_golden_nets_fold_exactly(name):
-    model, inputs = fxc.golden.load(name)
-    zoo.randomize_bn(model, seed=7)
-    result = fxc.compile(model, inputs, FOLD)
-    _assert_exact(result, model, inputs)
 
 
 def test_fold_bn_has_no_options_and_is_registered():
@@ -182,3 +173,14 @@ def test_fold_is_exact_on_random_conv_stacks(case):
     stats = result.history[0].stats
     assert stats["bn_folded"] == stats["bn_seen"]
     assert not _bn_nodes(result.module)
+
+
+def test_float32_rounding_noise_is_told_apart_from_a_change():
+    """ResNet-50's logits carry ~2e-5 of float32 rounding noise; folding is judged again in float64."""
+    model, inputs = fxc.golden.load("resnet50")
+    result = fxc.compile(model, inputs, FOLD)
+    record = result.history[0]
+    assert record.error > 1e-5  # float32 vs float32: above the tolerance, from rounding alone
+    note = next(n for n in record.notes if n.startswith("numeric check"))
+    error64 = float(note.rsplit(" ", 1)[1])
+    assert error64 < 1e-5
