@@ -89,7 +89,7 @@ def fingerprint(gm: torch.fx.GraphModule) -> str:
         h.update(f"{name}:{type(mod).__qualname__}:{mod.training};".encode())
     for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()
 
 

@@ -115,8 +115,9 @@ def trace(
 
     ``leaf_modules`` names submodules (qualified names or classes) to keep opaque.  ``eval_mode`` puts the copy in
     eval mode before tracing (branches on ``self.training`` are fixed at trace time); otherwise every submodule
-    keeps the training flag it has.  The graph is checked against
-    the copied model on ``example_inputs``: a trace that computes something else is a ``TracingError``.
+    keeps the training flag it has.  The graph is checked against the copied model on ``example_inputs``: a trace
+    that computes something else is a ``TracingError``.  A built-in module given as the whole model (an
+    ``nn.MultiheadAttention``, say) becomes a single ``call_module`` node.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")

@@ -11,7 +11,9 @@ import zoo
 
 
 def _other_batch(inputs, batch=3):
-    return tuple(torch.randn((batch, *t.shape[1:]), generator=torch.Generator().manual_seed(5)) for t in inputs)
+    g = torch.Generator().manual_seed(5)
+    return tuple(torch.randn((batch, *t.shape[1:]), generator=g) if t.is_floating_point()
+                 else torch.randint(0, int(t.max()) + 1, (batch, *t.shape[1:]), generator=g) for t in inputs)
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))

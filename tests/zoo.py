@@ -223,6 +223,21 @@ class SplitsAndViews(nn.Module):
         return {"logits": self.fc(y.flatten(1)), "aux": d.sum((2, 3))}
 
 
+class Recurrent(nn.Module):
+    """Integer token inputs, Embedding, an LSTM with nested tuple outputs, BatchNorm after a non-producer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.lstm = nn.LSTM(8, 12, batch_first=True)
+        self.bn = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, tokens):
+        out, (h, c) = self.lstm(self.emb(tokens))
+        return self.fc(self.bn(h[-1])), out
+
+
 ZOO = {
     "residual": lambda: (Residual(), (_x(2, 3, 16, 16),)),
     "concat": lambda: (Concat(), (_x(2, 3, 8, 8),)),
@@ -235,6 +250,7 @@ ZOO = {
     "linear_bn": lambda: (LinearBN(), (_x(2, 3, 2, 2),)),
     "attention": lambda: (Attention(), (_x(2, 3, 16, 16),)),
     "splits_views": lambda: (SplitsAndViews(), (_x(2, 3, 8, 8),)),
+    "recurrent": lambda: (Recurrent(), (torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1)),)),
 }
 
 
