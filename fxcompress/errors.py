@@ -7,10 +7,13 @@ import re
 import traceback
 from typing import Iterable
 
+import torch
+
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# fxcompress/ and passes/ are library code, and so is torch (found lazily: it is heavy to import).
-_LIBRARY_DIRS = (_HERE + os.sep, os.path.join(os.path.dirname(_HERE), "passes") + os.sep)
+# fxcompress/, passes/ and torch are library code; frames anywhere else are the user's.
+_LIBRARY_DIRS = (_HERE + os.sep, os.path.join(os.path.dirname(_HERE), "passes") + os.sep,
+                 os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
 
 class FxCompressError(Exception):
@@ -54,11 +57,7 @@ def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
 
 
 def _is_library_file(filename: str) -> bool:
-    import torch
-
-    path = os.path.abspath(filename)
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-    return path.startswith(_LIBRARY_DIRS) or path.startswith(torch_dir) or filename.startswith("<eval_with_key>")
+    return os.path.abspath(filename).startswith(_LIBRARY_DIRS) or filename.startswith("<eval_with_key>")
 
 
 def user_frame_from_stack_trace(stack_trace: str | None) -> str | None:

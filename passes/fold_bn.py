@@ -76,6 +76,10 @@ def _as_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _BN | None:
     return None
 
 
+def _bn_input(node: torch.fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
 def _fold(m: nn.Module, bn: _BN) -> None:
     """Rewrite ``m``'s weight and bias (new Parameters; the old tensors are not touched)."""
     w = m.weight.detach().double()
@@ -112,7 +116,7 @@ class FoldBatchNorm(Pass):
             return "skipped_training_bn"
         if bn.mean is None or bn.var is None:
             return "skipped_no_running_stats"
-        producer = node.args[0] if node.args else node.kwargs.get("input")
+        producer = _bn_input(node)
         if not (isinstance(producer, torch.fx.Node) and producer.op == "call_module"
                 and isinstance(gm.get_submodule(producer.target), PRODUCERS)):
             return "skipped_no_foldable_producer"
@@ -146,7 +150,7 @@ class FoldBatchNorm(Pass):
                 notes.append(f"{bn.where}: {reason.removeprefix('skipped_').replace('_', ' ')}"
                              + (f" ({where})" if where else ""))
                 continue
-            producer = node.args[0] if node.args else node.kwargs["input"]
+            producer = _bn_input(node)
             _fold(gm.get_submodule(producer.target), bn)
             node.replace_all_uses_with(producer)
             gm.graph.erase_node(node)
