@@ -6,42 +6,20 @@ returns a module or ``(module, example_inputs)``; with a bare module, give ``--i
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import sys
 from typing import Sequence
 
 import torch
 from tabulate import tabulate
 
-from . import counting, golden
+from . import counting
 from .api import compile as compile_model
-from .errors import FxCompressError, InputError
+from .errors import FxCompressError
 from .export.ort import max_abs_diff
+from .golden import load_model
 from .pass_manager import PassManager
 from .report import node_table
-
-
-def load_model(spec: str, input_shape: str | None) -> tuple[torch.nn.Module, tuple]:
-    if ":" not in spec:
-        return golden.load(spec)
-    module_name, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"cannot load {spec!r}: {exc}. MODEL is a golden model name ({', '.join(golden.names())}) "
-                         f"or package.module:factory.") from exc
-    made = factory()
-    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
-        return made
-    if not isinstance(made, torch.nn.Module):
-        raise InputError(f"{spec} returned {type(made).__name__}; a factory returns a module or (module, inputs).")
-    if input_shape is None:
-        raise InputError(f"{spec} returns a bare module; give the example input shape, e.g. --input-shape 1,3,224,224.")
-    try:
-        shape = tuple(int(d) for d in input_shape.split(","))
-    except ValueError as exc:
-        raise InputError(f"--input-shape must be comma-separated integers, got {input_shape!r}.") from exc
-    return made.eval(), (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
 
 
 def cmd_passes(args: argparse.Namespace) -> None:
@@ -80,6 +58,27 @@ def cmd_compress(args: argparse.Namespace) -> None:
         print(f"\nwrote {path}; ONNX Runtime vs PyTorch at batch 2: max abs diff {max_abs_diff(result.module, path, check):.2e}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .bench import BenchConfig, format_table, run_bench
+
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.runs:
+        config = dataclasses.replace(config, runs=args.runs)
+    recipes = args.recipe
+    if not recipes:  # the default fxcompress row: BatchNorm folding
+        default = Path(tempfile.mkdtemp(prefix="fxcompress-recipe-")) / "fold_bn.toml"
+        default.write_text('[[passes]]\npass = "fold_bn"\n')
+        recipes = [str(default)]
+    report = run_bench(args.model, recipes, config, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxcompress", description="A model-compression compiler on torch.fx.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--export", metavar="OUT.onnx", help="write the result as ONNX and check it in ORT")
             p.add_argument("--dump-dir", help="write numbered code dumps and diffs of each pass here")
             p.add_argument("--step", action="store_true", help="run one pass at a time, printing each diff")
+    bench = sub.add_parser("bench", help="fxcompress against ONNX Runtime's own INT8 quantizer")
+    bench.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
+    bench.add_argument("--recipe", action="append", help="a TOML recipe to benchmark (repeatable; default fold_bn)")
+    bench.add_argument("--quick", action="store_true", help="batch 1, 1 thread, 10 runs, MinMax only: under a minute")
+    bench.add_argument("--runs", type=int, help="latency runs per contender (default 30, quick 10)")
+    bench.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
+    bench.set_defaults(fn=cmd_bench)
     return parser
 
 

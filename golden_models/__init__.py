@@ -1,20 +1,31 @@
 """Golden models: deterministic definitions of real architectures, reachable by name.
 
-Each entry builds its model from a seed (no downloads), estimates realistic BatchNorm statistics from forward
-passes over seeded inputs (running mean 0 / variance 1 would make folding and calibration tests vacuous), and
-returns it in eval mode with a seeded example input.
+ImageNet layouts (224x224, 1000 classes) serve speed and structure: built from a seed, with BatchNorm statistics
+estimated from forward passes over seeded inputs (running mean 0 / variance 1 would make folding and calibration
+tests vacuous).  Digits models (32x32, 10 classes, names ending in ``-digits``) are trained on scikit-learn's
+handwritten digits (``train.py``); their weights are checked in under ``weights/`` and loaded with
+``torch.load(weights_only=True)``.  ``-hard-digits`` models are trained and evaluated on the hard split.
 """
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .mobilenet import mobilenet_v2
-from .resnet import resnet18, resnet50
-from .vgg import vgg11_bn
+from .densenet import densenet121
+from .digits import digits
+from .mobilenet import MobileNetV2, mobilenet_v2
+from .resnet import resnet18, resnet20, resnet50, resnext50_32x4d
+from .unet import unet
+from .vgg import vgg11_bn, vgg_small
+from .vit import vit_small, vit_tiny
+
+HERE = Path(__file__).parent
+WEIGHTS = HERE / "weights"
+EXPECTED = HERE / "expected.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,14 +34,46 @@ class GoldenSpec:
     input_shape: tuple[int, ...]  # of one example, batch size 1
     description: str
     seed: int = 0
+    trained: bool = False  # weights come from weights/NAME.pt
+    hard: bool = False  # trained and evaluated on the hard digits split
 
 
+def _mobilenet_v2_digits() -> MobileNetV2:
+    return MobileNetV2(num_classes=10, width_mult=0.5, first_stride=1)
+
+
+_IMAGENET = (1, 3, 224, 224)
+_DIGITS = (1, 3, 32, 32)
 GOLDEN: dict[str, GoldenSpec] = {
-    "resnet18": GoldenSpec(resnet18, (1, 3, 224, 224), "ResNet-18, ImageNet layout (11,689,512 params)"),
-    "resnet50": GoldenSpec(resnet50, (1, 3, 224, 224), "ResNet-50, ImageNet layout (25,557,032 params)"),
-    "mobilenet_v2": GoldenSpec(mobilenet_v2, (1, 3, 224, 224), "MobileNetV2, ImageNet layout (3,504,872 params)"),
-    "vgg11_bn": GoldenSpec(vgg11_bn, (1, 3, 224, 224), "VGG-11 with BatchNorm, ImageNet layout"),
+    "resnet18": GoldenSpec(resnet18, _IMAGENET, "ResNet-18 (11,689,512 params)"),
+    "resnet50": GoldenSpec(resnet50, _IMAGENET, "ResNet-50 (25,557,032 params)"),
+    "mobilenet_v2": GoldenSpec(mobilenet_v2, _IMAGENET, "MobileNetV2 (3,504,872 params)"),
+    "vgg11_bn": GoldenSpec(vgg11_bn, _IMAGENET, "VGG-11 with BatchNorm (132,868,840 params)"),
+    "resnext50": GoldenSpec(resnext50_32x4d, _IMAGENET, "ResNeXt-50 32x4d, grouped convs (25,028,904 params)"),
+    "densenet121": GoldenSpec(densenet121, _IMAGENET, "DenseNet-121, concat blocks (7,978,856 params)"),
+    "unet": GoldenSpec(unet, _IMAGENET, "UNet, concat skips and ConvTranspose2d, 21-class segmentation"),
+    "vit_small": GoldenSpec(vit_small, _IMAGENET, "ViT, patch 16, dim 192, depth 4, nn.MultiheadAttention"),
 }
+for _hard in (False, True):
+    _tag = "hard-digits" if _hard else "digits"
+    _split = "hard digits split" if _hard else "digits"
+    GOLDEN |= {
+        f"resnet20-{_tag}": GoldenSpec(resnet20, _DIGITS, f"ResNet-20 trained on the {_split}", 20, True, _hard),
+        f"mobilenetv2-{_tag}": GoldenSpec(_mobilenet_v2_digits, _DIGITS,
+                                          f"MobileNetV2 (width 0.5) trained on the {_split}", 21, True, _hard),
+        f"vgg-small-{_tag}": GoldenSpec(vgg_small, _DIGITS, f"VGG-small trained on the {_split}", 22, True, _hard),
+        f"vit-tiny-{_tag}": GoldenSpec(vit_tiny, _DIGITS, f"ViT-tiny trained on the {_split}", 23, True, _hard),
+    }
+
+# How each digits model is trained (train.py): optimizer, peak learning rate, weight decay, epochs.
+_RECIPES = {
+    "resnet20": {"opt": "sgd", "lr": 0.1, "wd": 5e-4, "epochs": 30},
+    "mobilenetv2": {"opt": "sgd", "lr": 0.1, "wd": 4e-5, "epochs": 40},
+    "vgg-small": {"opt": "sgd", "lr": 0.05, "wd": 5e-4, "epochs": 30},
+    "vit-tiny": {"opt": "adamw", "lr": 2e-3, "wd": 0.05, "epochs": 80},
+}
+DIGITS_TRAINING = {name: _RECIPES[name.rsplit("-digits")[0].removesuffix("-hard")]
+                   for name, spec in GOLDEN.items() if spec.trained}
 
 
 @torch.no_grad()
@@ -51,11 +94,27 @@ def estimate_bn_statistics(model: nn.Module, input_shape: tuple[int, ...], batch
     return model.eval()
 
 
-def build(name: str, batch_size: int = 1) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def build_architecture(name: str) -> nn.Module:
+    """The untrained architecture of ``name``, initialised from its seed."""
     spec = GOLDEN[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = spec.factory()
+        return spec.factory()
+
+
+def build(name: str, batch_size: int = 1) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    from fxcompress.errors import InputError
+
+    spec = GOLDEN[name]
+    model = build_architecture(name)
+    if spec.trained:
+        path = WEIGHTS / f"{name}.pt"
+        if not path.is_file():
+            raise InputError(f"golden model {name!r} has no weights at {path}; train it with "
+                             f"python -m fxcompress.golden_models.train {name}")
+        model.load_state_dict(torch.load(path, weights_only=True))
+        images, _ = digits("test", hard=spec.hard)
+        return model.eval(), (images[:batch_size].clone(),)
     estimate_bn_statistics(model, spec.input_shape, seed=spec.seed)
     example = torch.randn((batch_size, *spec.input_shape[1:]), generator=torch.Generator().manual_seed(spec.seed + 1))
     return model.eval(), (example,)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-CONFIGS = {"A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]}
+CONFIGS = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],  # VGG-11
+    "S": [32, "M", 64, "M", 128, 128, "M", 256, 256, "M"],  # VGG-small, for 32x32 inputs
+}
 
 
 class VGG(nn.Module):
     def __init__(self, config: str = "A", num_classes: int = 1000, width: float = 1.0, hidden: int = 4096,
-                 pool: int = 7):
+                 pool: int = 7, hidden_layers: int = 2):
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
@@ -22,11 +25,11 @@ class VGG(nn.Module):
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(pool)
-        self.classifier = nn.Sequential(
-            nn.Linear(cin * pool * pool, hidden), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(hidden, num_classes),
-        )
+        dims = [cin * pool * pool] + [hidden] * hidden_layers
+        mlp: list[nn.Module] = []
+        for a, b in zip(dims, dims[1:]):
+            mlp += [nn.Linear(a, b), nn.ReLU(True), nn.Dropout()]
+        self.classifier = nn.Sequential(*mlp, nn.Linear(dims[-1], num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -41,3 +44,8 @@ class VGG(nn.Module):
 
 def vgg11_bn(num_classes: int = 1000) -> VGG:
     return VGG("A", num_classes)
+
+
+def vgg_small(num_classes: int = 10) -> VGG:
+    """VGG-small for 32x32 inputs: 6 conv+BN layers, a 2x2 pool and a two-layer MLP classifier."""
+    return VGG("S", num_classes, hidden=256, pool=2, hidden_layers=1)

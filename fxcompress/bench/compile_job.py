@@ -1,0 +1,36 @@
+"""The fxcompress side of a benchmark, run as a script in its own process (like ORT's quantizer):
+
+    python compile_job.py MODEL RECIPE CALIBRATION.npy OUT.onnx
+
+compiles MODEL through RECIPE with the calibration samples, exports OUT.onnx, and prints one JSON line: total
+seconds, each pass's seconds, and peak RSS (with the RSS once the imports are done).
+"""
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+import fxcompress as fxc
+from fxcompress.golden import load_model
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def compile_job(spec: str, recipe: str, calibration_npy: str, out_path: str) -> dict:
+    base = _peak_mb()
+    model, example = load_model(spec)
+    samples = torch.from_numpy(np.load(calibration_npy))
+    start = time.perf_counter()
+    result = fxc.compile(model, example, recipe, calibration_data=[samples[i:i + 1] for i in range(len(samples))])
+    result.export_onnx(out_path)
+    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "base_mb": base,
+            "passes": [[r.name, r.seconds] for r in result.history]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_job(*sys.argv[1:5])))

@@ -1,0 +1,94 @@
+"""ONNX Runtime's own INT8 quantizer, as a user would run it: ``quant_pre_process`` then ``quantize_static``
+(QDQ, per-channel weights, uint8 activations / int8 weights), with MinMax, Entropy, Entropy with 2048 histogram
+bins, and Percentile calibration.
+
+``quantize_static`` does not pass a bin count to its Entropy calibrator (128 bins, which on the golden CNNs picks
+the same ranges as MinMax); for 2048 bins we run ``create_calibrator`` ourselves and hand the ranges to
+``quantize_static`` through its calibration cache, the path ORT provides for reusing computed ranges.
+
+Each variant runs as this file's script in a fresh process that imports only onnx, onnxruntime and numpy, so that
+its calibration time and peak memory are its own, as in a user's process.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = {  # row label suffix -> (CalibrationMethod name, extra calibrator options or None)
+    "MinMax": ("MinMax", None),
+    "Entropy": ("Entropy", None),
+    "Entropy-2048": ("Entropy", {"num_bins": 2048, "num_quantized_bins": 128}),
+    "Percentile": ("Percentile", None),
+}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+class _Reader:
+    """A CalibrationDataReader over an .npy file of samples, one sample per call."""
+
+    def __init__(self, path: Path, input_name: str):
+        self.samples = np.load(path)
+        self.input_name = input_name
+        self.index = 0
+
+    def get_next(self):
+        if self.index >= len(self.samples):
+            return None
+        sample = self.samples[self.index:self.index + 1]
+        self.index += 1
+        return {self.input_name: sample}
+
+    def rewind(self):
+        self.index = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -> dict:
+    """Quantize ``fp32_path`` with ORT; {"seconds", "peak_mb", "base_mb" (peak RSS once the imports are done)}."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
+                                          quantize_static)
+    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    base = _peak_mb()
+    work = Path(tempfile.mkdtemp(prefix="ort-int8-"))
+    pre = work / "pre.onnx"
+    quant_pre_process(fp32_path, str(pre))
+    input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    reader = _Reader(Path(calibration_npy), input_name)
+    calib_name, calib_options = METHODS[method]
+    calibrate_method = getattr(CalibrationMethod, calib_name)
+    options = dict(quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                   weight_type=QuantType.QInt8, calibrate_method=calibrate_method)
+    start = time.perf_counter()
+    if calib_options is None:
+        quantize_static(str(pre), out_path, reader, **options)
+    else:
+        op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+        calibrator = create_calibrator(pre, op_types, augmented_model_path=str(work / "augmented.onnx"),
+                                       calibrate_method=calibrate_method, extra_options=calib_options)
+        calibrator.collect_data(reader)
+        cache = work / "ranges.json"
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+        quantize_static(str(pre), out_path, None, calibration_cache_path=str(cache), **options)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": _peak_mb(), "base_mb": base}
+
+
+if __name__ == "__main__":  # run as a script, so that the process imports ONNX Runtime and nothing of ours
+    import sys
+
+    print(json.dumps(quantize(*sys.argv[1:5])))

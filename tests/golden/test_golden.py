@@ -1,0 +1,93 @@
+"""Every golden model end to end: traces, folds exactly, exports and matches in ONNX Runtime; the trained ones
+also reach their recorded accuracies, in fp32 and through ONNX Runtime's own INT8 quantizer.
+
+This file is the frame later capabilities fill in: add a recipe to RECIPES_EXACT (or a bounded check beside
+test_fold_matches_fp32) and every golden model runs it.
+"""
+import json
+
+import pytest
+import torch
+
+import fxcompress as fxc
+from fxcompress.export import max_abs_diff
+from fxcompress.golden_models import EXPECTED, GOLDEN
+
+IMAGENET = sorted(n for n, s in GOLDEN.items() if not s.trained)
+DIGITS = sorted(n for n, s in GOLDEN.items() if s.trained)
+HEAVY = {"vgg11_bn", "unet", "resnext50", "resnet50", "densenet121"}  # their ORT export checks run with -m slow
+PUBLISHED_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872,
+                    "vgg11_bn": 132_868_840, "resnext50": 25_028_904, "densenet121": 7_978_856}
+RECIPES_EXACT = {"fold_bn": [{"pass": "fold_bn"}]}
+
+
+def _expected() -> dict:
+    return json.loads(EXPECTED.read_text())
+
+
+@pytest.fixture(scope="module", params=sorted(GOLDEN))
+def golden(request):
+    model, inputs = fxc.golden.load(request.param)
+    return request.param, model, inputs
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES_EXACT))
+def test_fold_matches_fp32(golden, recipe):
+    name, model, inputs = golden
+    result = fxc.compile(model, inputs, RECIPES_EXACT[recipe])  # the manager's EXACT check runs inside
+    with torch.no_grad():
+        got, want = result.module(*inputs), model(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5 * float(want.abs().max()))
+    stats = result.history[0].stats
+    assert stats["bn_folded"] == stats["bn_seen"]  # every BatchNorm of the golden models follows a conv/linear
+    if name in PUBLISHED_PARAMS:
+        assert result.before.params == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(GOLDEN)])
+def test_fp32_export_matches_in_ort(name, tmp_path):
+    model, inputs = fxc.golden.load(name)
+    path = fxc.export_onnx(model, inputs, tmp_path / f"{name}.onnx")
+    batch = tuple(torch.cat([t, t.flip(0) * 0.5]) for t in inputs)  # batch 2: the batch axis is dynamic
+    assert max_abs_diff(model, path, batch) <= 1e-4
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_trained_accuracy_is_as_recorded(name):
+    model, _ = fxc.golden.load(name)
+    recorded = _expected()[name]["fp32_accuracy"]
+    images, labels = fxc.golden.digits("test", hard=GOLDEN[name].hard)
+    with torch.no_grad():
+        accuracy = 100.0 * float((model(images).argmax(1) == labels).float().mean())
+    assert accuracy == pytest.approx(recorded["test"], abs=1e-6)
+    if GOLDEN[name].hard:
+        assert 75.0 <= accuracy <= 95.0
+    else:
+        assert accuracy >= 97.0
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_ort_int8_baseline_builds_and_matches_record(name):
+    from fxcompress.bench.runner import ort_int8_accuracy
+
+    result = ort_int8_accuracy(name, "MinMax", 128)
+    assert result["accuracy"] == pytest.approx(_expected()[name]["ort_int8_minmax_test_accuracy"], abs=0.5)
+
+
+def test_every_trained_model_is_recorded():
+    assert sorted(_expected()) == DIGITS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DIGITS)
+def test_retraining_from_the_seed_reproduces_the_accuracy(name, tmp_path, monkeypatch):
+    import fxcompress.golden_models.train as train
+
+    monkeypatch.setattr(train, "WEIGHTS", tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        accuracy = train.train(name, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy["test"] == pytest.approx(_expected()[name]["fp32_accuracy"]["test"], abs=1.0)
