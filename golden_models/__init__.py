@@ -54,25 +54,29 @@ GOLDEN: dict[str, GoldenSpec] = {
     "unet": GoldenSpec(unet, _IMAGENET, "UNet, concat skips and ConvTranspose2d, 21-class segmentation"),
     "vit_small": GoldenSpec(vit_small, _IMAGENET, "ViT, patch 16, dim 192, depth 4, nn.MultiheadAttention"),
 }
-for _hard in (False, True):
-    _tag = "hard-digits" if _hard else "digits"
-    _split = "hard digits split" if _hard else "digits"
-    GOLDEN |= {
-        f"resnet20-{_tag}": GoldenSpec(resnet20, _DIGITS, f"ResNet-20 trained on the {_split}", 20, True, _hard),
-        f"mobilenetv2-{_tag}": GoldenSpec(_mobilenet_v2_digits, _DIGITS,
-                                          f"MobileNetV2 (width 0.5) trained on the {_split}", 21, True, _hard),
-        f"vgg-small-{_tag}": GoldenSpec(vgg_small, _DIGITS, f"VGG-small trained on the {_split}", 22, True, _hard),
-        f"vit-tiny-{_tag}": GoldenSpec(vit_tiny, _DIGITS, f"ViT-tiny trained on the {_split}", 23, True, _hard),
-    }
+_TRAINED = {  # architecture name -> (factory, seed); "-hard-digits" twins for the CNNs
+    "resnet20": (resnet20, 20, "ResNet-20"),
+    "mobilenetv2": (_mobilenet_v2_digits, 21, "MobileNetV2 (width 0.5)"),
+    "vgg-small": (vgg_small, 22, "VGG-small"),
+    "vit-tiny": (vit_tiny, 23, "ViT-tiny"),
+}
+# ViT-tiny does not learn the hard split from 1,078 images (19% test accuracy after 120 epochs): no hard twin.
+_HARD = ("resnet20", "mobilenetv2", "vgg-small")
+for _arch, (_factory, _seed, _title) in _TRAINED.items():
+    GOLDEN[f"{_arch}-digits"] = GoldenSpec(_factory, _DIGITS, f"{_title} trained on the digits", _seed, True)
+    if _arch in _HARD:
+        GOLDEN[f"{_arch}-hard-digits"] = GoldenSpec(_factory, _DIGITS, f"{_title} trained on the hard digits split",
+                                                    _seed, True, True)
 
 # How each digits model is trained (train.py): optimizer, peak learning rate, weight decay, epochs.
 _RECIPES = {
     "resnet20": {"opt": "sgd", "lr": 0.1, "wd": 5e-4, "epochs": 30},
-    "mobilenetv2": {"opt": "sgd", "lr": 0.1, "wd": 4e-5, "epochs": 40},
+    "mobilenetv2": {"opt": "adamw", "lr": 3e-3, "wd": 0.01, "epochs": 60},
     "vgg-small": {"opt": "sgd", "lr": 0.05, "wd": 5e-4, "epochs": 30},
-    "vit-tiny": {"opt": "adamw", "lr": 2e-3, "wd": 0.05, "epochs": 80},
+    "vit-tiny": {"opt": "adamw", "lr": 1e-3, "wd": 0.05, "epochs": 120},
 }
-DIGITS_TRAINING = {name: _RECIPES[name.rsplit("-digits")[0].removesuffix("-hard")]
+_OVERRIDES = {"vgg-small-hard-digits": {"epochs": 80}}  # the hard split takes longer to fit
+DIGITS_TRAINING = {name: _RECIPES[name.rsplit("-digits")[0].removesuffix("-hard")] | _OVERRIDES.get(name, {})
                    for name, spec in GOLDEN.items() if spec.trained}
 
 

@@ -54,7 +54,8 @@ class _Reader:
 
 
 def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -> dict:
-    """Quantize ``fp32_path`` with ORT; {"seconds", "peak_mb", "base_mb" (peak RSS once the imports are done)}."""
+    """Quantize ``fp32_path`` with ORT; {"seconds", "peak_mb", "base_mb" (peak RSS once the imports are done),
+    "pre_process" ("skip_symbolic_shape" where ORT's symbolic shape inference failed and was skipped)}."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
                                           quantize_static)
@@ -65,7 +66,12 @@ def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -
     base = _peak_mb()
     work = Path(tempfile.mkdtemp(prefix="ort-int8-"))
     pre = work / "pre.onnx"
-    quant_pre_process(fp32_path, str(pre))
+    pre_process = "default"
+    try:
+        quant_pre_process(fp32_path, str(pre))
+    except Exception:  # noqa: BLE001 - ORT's symbolic shape inference fails on some attention graphs
+        quant_pre_process(fp32_path, str(pre), skip_symbolic_shape=True)  # what its error leaves a user to do
+        pre_process = "skip_symbolic_shape"
     input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
     reader = _Reader(Path(calibration_npy), input_name)
     calib_name, calib_options = METHODS[method]
@@ -85,7 +91,7 @@ def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -
         del calibrator
         quantize_static(str(pre), out_path, None, calibration_cache_path=str(cache), **options)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "base_mb": base}
+    return {"seconds": seconds, "peak_mb": _peak_mb(), "base_mb": base, "pre_process": pre_process}
 
 
 if __name__ == "__main__":  # run as a script, so that the process imports ONNX Runtime and nothing of ours

@@ -85,9 +85,13 @@ def ort_int8_accuracy(spec: str, method: str = "MinMax", samples: int = 128) -> 
         work = Path(tmp)
         np.save(work / "calib.npy", calib)
         fp32 = export_onnx(model, (example,), work / "fp32.onnx")
-        job = run_job(HERE / "ort_int8.py", str(fp32), str(work / "calib.npy"), str(work / "int8.onnx"), method)
+        job = _ort_int8(fp32, work / "calib.npy", work / "int8.onnx", method)
         output = _onnx_outputs(work / "int8.onnx", images)
     return {"accuracy": float(100.0 * np.mean(output.argmax(1) == labels)), "seconds": job["seconds"]}
+
+
+def _ort_int8(fp32: Path, calibration_npy: Path, out: Path, method: str) -> dict:
+    return run_job(HERE / "ort_int8.py", str(fp32), str(calibration_npy), str(out), method)
 
 
 def _onnx_outputs(path: Path, images: torch.Tensor, batch: int = 64) -> np.ndarray:
@@ -97,9 +101,13 @@ def _onnx_outputs(path: Path, images: torch.Tensor, batch: int = 64) -> np.ndarr
 
 
 def run_bench(spec: str, recipes: list[str], config: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fxcompress-bench-") as tmp:
+        return _run_bench(spec, recipes, config, log, Path(tmp))
+
+
+def _run_bench(spec: str, recipes: list[str], config: BenchConfig, log: Callable[[str], None], work: Path) -> dict:
     model, (example,) = load_model(spec)
     calib, images, labels = _data(spec, example, config)
-    work = Path(tempfile.mkdtemp(prefix="fxcompress-bench-"))
     np.save(work / "calib.npy", calib)
     with torch.inference_mode():
         reference = np.concatenate([model(images[i:i + 64]).numpy() for i in range(0, len(images), 64)])
@@ -110,8 +118,7 @@ def run_bench(spec: str, recipes: list[str], config: BenchConfig, log: Callable[
     for method in config.methods:
         log(f"ORT quantize_static, {method} calibration on {len(calib)} samples ...")
         out = work / f"ort_{method}.onnx"
-        rows.append({"name": ORT_INT8 + method, "path": out,
-                     **run_job(HERE / "ort_int8.py", str(fp32), str(work / "calib.npy"), str(out), method)})
+        rows.append({"name": ORT_INT8 + method, "path": out, **_ort_int8(fp32, work / "calib.npy", out, method)})
     for recipe in recipes:
         log(f"fxcompress {recipe} ...")
         out = work / f"fxc_{Path(recipe).stem}.onnx"
@@ -126,7 +133,7 @@ def run_bench(spec: str, recipes: list[str], config: BenchConfig, log: Callable[
     int8 = [r for r in rows if r["name"].startswith(ORT_INT8)]
     best = max(int8, key=lambda r: (r["sqnr_db"], r["agreement"]))["name"] if int8 else None
     for row in rows:
-        row["path"] = str(row["path"]) if row["path"] is not None else None
+        del row["path"]  # the files go with the work directory
         if best is not None:
             ref = next(r for r in rows if r["name"] == best)["latency_ms"]
             row["ratio_to_ort_int8"] = {k: v / ref[k] for k, v in row["latency_ms"].items()}
@@ -186,4 +193,6 @@ def format_table(report: dict) -> str:
     note = (f"{report['model']} on {report['eval']}; latency: median of {report['config']['runs']} alternated runs, "
             f"(ratio to the best ORT INT8 row, marked *); peak MB: peak RSS of the calibration/compile process above "
             f"its imports.")
-    return tabulate(body, headers=headers, tablefmt="simple") + "\n" + note
+    passes = [f"{r['name']}: " + ", ".join(f"{n} {sec * 1e3:.1f} ms" for n, sec in r["passes"])
+              for r in report["rows"] if r.get("passes")]
+    return "\n".join([tabulate(body, headers=headers, tablefmt="simple"), note, *passes])

@@ -19,6 +19,9 @@ HEAVY = {"vgg11_bn", "unet", "resnext50", "resnet50", "densenet121"}  # their OR
 PUBLISHED_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872,
                     "vgg11_bn": 132_868_840, "resnext50": 25_028_904, "densenet121": 7_978_856}
 RECIPES_EXACT = {"fold_bn": [{"pass": "fold_bn"}]}
+# DenseNet is pre-activation: each layer's first BN follows the concat, each transition's and the final BN a
+# concat too (58 layers + 3 transitions + 1 final = 62); all other golden BatchNorms follow a conv.
+PRE_ACTIVATION_BN = {"densenet121": 62}
 
 
 def _expected() -> dict:
@@ -39,7 +42,9 @@ def test_fold_matches_fp32(golden, recipe):
         got, want = result.module(*inputs), model(*inputs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5 * float(want.abs().max()))
     stats = result.history[0].stats
-    assert stats["bn_folded"] == stats["bn_seen"]  # every BatchNorm of the golden models follows a conv/linear
+    unfoldable = PRE_ACTIVATION_BN.get(name, 0)  # BN after a concat or pooling: no producer to fold into
+    assert stats["bn_folded"] == stats["bn_seen"] - unfoldable
+    assert stats["skipped_no_foldable_producer"] == unfoldable
     if name in PUBLISHED_PARAMS:
         assert result.before.params == PUBLISHED_PARAMS[name]
 
@@ -58,8 +63,9 @@ def test_trained_accuracy_is_as_recorded(name):
     recorded = _expected()[name]["fp32_accuracy"]
     images, labels = fxc.golden.digits("test", hard=GOLDEN[name].hard)
     with torch.no_grad():
-        accuracy = 100.0 * float((model(images).argmax(1) == labels).float().mean())
-    assert accuracy == pytest.approx(recorded["test"], abs=1e-6)
+        correct = int((model(images).argmax(1) == labels).sum())
+    accuracy = 100.0 * correct / len(labels)
+    assert correct == round(recorded["test"] * len(labels) / 100.0)
     if GOLDEN[name].hard:
         assert 75.0 <= accuracy <= 95.0
     else:
@@ -85,7 +91,7 @@ def test_retraining_from_the_seed_reproduces_the_accuracy(name, tmp_path, monkey
 
     monkeypatch.setattr(train, "WEIGHTS", tmp_path)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)  # as train.py trains
     try:
         accuracy = train.train(name, log=lambda *_: None)
     finally:
