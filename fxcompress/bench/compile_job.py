@@ -6,7 +6,6 @@ compiles MODEL through RECIPE with the calibration samples, exports OUT.onnx, an
 seconds, each pass's seconds, and peak RSS (with the RSS once the imports are done).
 """
 import json
-import resource
 import sys
 import time
 
@@ -14,11 +13,8 @@ import numpy as np
 import torch
 
 import fxcompress as fxc
+from fxcompress.bench.ort_int8 import _peak_mb
 from fxcompress.golden import load_model
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def compile_job(spec: str, recipe: str, calibration_npy: str, out_path: str) -> dict:

@@ -28,7 +28,19 @@ METHODS = {  # row label suffix -> (CalibrationMethod name, extra calibrator opt
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """This process's peak resident memory in MB.
+
+    ``VmHWM`` belongs to the address space, which exec replaces; ``ru_maxrss`` would carry over the parent's peak
+    (Linux keeps the larger of the two across fork and exec), hiding the job's own memory under the parent's.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # elsewhere: KiB on Linux, bytes on macOS
 
 
 class _Reader:

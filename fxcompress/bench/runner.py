@@ -151,7 +151,8 @@ def _latency(model: torch.nn.Module, images: torch.Tensor, rows: list[dict], con
     try:
         for threads in config.threads:
             torch.set_num_threads(threads)
-            sessions = {r["name"]: session(r["path"], threads=threads) for r in rows if r["path"] is not None}
+            sessions = {r["name"]: session(r["path"], threads=threads, spinning=False)
+                        for r in rows if r["path"] is not None}
             for batch in config.batches:
                 x = images[:batch] if len(images) >= batch else images.repeat(batch // len(images) + 1, 1, 1, 1)[:batch]
                 feed = x.numpy()

@@ -15,11 +15,17 @@ from ..tracing import normalize_inputs
 
 def session(path: str | Path, *, threads: int = 1,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
-    """A CPU InferenceSession with an explicit thread count (threads are set, never left to ORT's default)."""
+            optimized_model_path: str | Path | None = None, spinning: bool = True) -> ort.InferenceSession:
+    """A CPU InferenceSession with an explicit thread count (threads are set, never left to ORT's default).
+
+    ``spinning=False`` stops idle worker threads from spin-waiting after a run: benchmarks that alternate several
+    sessions need it, or the idle sessions' spinning threads take the cores from the one being timed.
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = optimization
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
