@@ -68,12 +68,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.runs:
         config = dataclasses.replace(config, runs=args.runs)
-    recipes = args.recipe
-    if not recipes:  # the default fxcompress row: BatchNorm folding
-        default = Path(tempfile.mkdtemp(prefix="fxcompress-recipe-")) / "fold_bn.toml"
-        default.write_text('[[passes]]\npass = "fold_bn"\n')
-        recipes = [str(default)]
-    report = run_bench(args.model, recipes, config, log=lambda m: print(m, file=sys.stderr))
+    with tempfile.TemporaryDirectory(prefix="fxcompress-recipe-") as tmp:
+        recipes = args.recipe
+        if not recipes:  # the default fxcompress row: BatchNorm folding
+            default = Path(tmp) / "fold_bn.toml"
+            default.write_text('[[passes]]\npass = "fold_bn"\n')
+            recipes = [str(default)]
+        report = run_bench(args.model, recipes, config, log=lambda m: print(m, file=sys.stderr))
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
