@@ -7,6 +7,7 @@ version of the same data on which fp32 accuracy is well below 100%, so that comp
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,8 +33,8 @@ def _indices(n: int) -> dict[str, torch.Tensor]:
     return {"train": order[:a], "val": order[a:b], "test": order[b:]}
 
 
-def _harden(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Seeded rotation, shift, scale and noise of (N, 1, S, S) images."""
+def harden(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The hard split's transform: seeded rotation, shift, scale and noise of raw (N, 1, S, S) images."""
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(HARD["degrees"])
@@ -58,20 +59,21 @@ def raw_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return F.interpolate(images[idx].unsqueeze(1), size=(SIZE, SIZE), mode="bilinear", align_corners=False), labels[idx]
 
 
+@functools.cache
+def _train_statistics() -> tuple[float, float]:
+    train, _ = raw_split("train")
+    return float(train.mean()), float(train.std())
+
+
 def standardize(x: torch.Tensor) -> torch.Tensor:
     """(N, 1, S, S) raw images -> (N, 3, S, S) with the training split's mean and standard deviation."""
-    train, _ = raw_split("train")
-    return ((x - train.mean()) / train.std()).repeat(1, 3, 1, 1).contiguous()
-
-
-def harden(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """The hard split's transform: seeded rotation, shift, scale and noise of raw (N, 1, S, S) images."""
-    return _harden(x, seed)
+    mean, std = _train_statistics()
+    return ((x - mean) / std).repeat(1, 3, 1, 1).contiguous()
 
 
 def digits(split: str, hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)``: images (N, 3, 32, 32) float32 standardised, labels (N,) int64."""
     x, labels = raw_split(split)
     if hard:
-        x = _harden(x, SEED + SPLITS.index(split) + 1)
+        x = harden(x, SEED + SPLITS.index(split) + 1)
     return standardize(x), labels

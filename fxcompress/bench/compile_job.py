@@ -13,18 +13,18 @@ import numpy as np
 import torch
 
 import fxcompress as fxc
-from fxcompress.bench.ort_int8 import _peak_mb
+from fxcompress.bench.ort_int8 import peak_mb
 from fxcompress.golden import load_model
 
 
 def compile_job(spec: str, recipe: str, calibration_npy: str, out_path: str) -> dict:
-    base = _peak_mb()
+    base = peak_mb()
     model, example = load_model(spec)
     samples = torch.from_numpy(np.load(calibration_npy))
     start = time.perf_counter()
     result = fxc.compile(model, example, recipe, calibration_data=[samples[i:i + 1] for i in range(len(samples))])
     result.export_onnx(out_path)
-    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "base_mb": base,
+    return {"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "base_mb": base,
             "passes": [[r.name, r.seconds] for r in result.history]}
 
 

@@ -27,7 +27,7 @@ METHODS = {  # row label suffix -> (CalibrationMethod name, extra calibrator opt
 }
 
 
-def _peak_mb() -> float:
+def peak_mb() -> float:
     """This process's peak resident memory in MB.
 
     ``VmHWM`` belongs to the address space, which exec replaces; ``ru_maxrss`` would carry over the parent's peak
@@ -68,6 +68,15 @@ class _Reader:
 def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -> dict:
     """Quantize ``fp32_path`` with ORT; {"seconds", "peak_mb", "base_mb" (peak RSS once the imports are done),
     "pre_process" ("skip_symbolic_shape" where ORT's symbolic shape inference failed and was skipped)}."""
+    import onnxruntime.quantization  # noqa: F401 - imported before the baseline, like a user's script
+
+    base = peak_mb()
+    with tempfile.TemporaryDirectory(prefix="ort-int8-") as tmp:
+        seconds, pre_process = _quantize(Path(tmp), fp32_path, calibration_npy, out_path, method)
+    return {"seconds": seconds, "peak_mb": peak_mb(), "base_mb": base, "pre_process": pre_process}
+
+
+def _quantize(work: Path, fp32_path: str, calibration_npy: str, out_path: str, method: str) -> tuple[float, str]:
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
                                           quantize_static)
@@ -75,8 +84,6 @@ def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    base = _peak_mb()
-    work = Path(tempfile.mkdtemp(prefix="ort-int8-"))
     pre = work / "pre.onnx"
     pre_process = "default"
     try:
@@ -102,8 +109,7 @@ def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -
         save_tensors_data(calibrator.compute_data(), cache)
         del calibrator
         quantize_static(str(pre), out_path, None, calibration_cache_path=str(cache), **options)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "base_mb": base, "pre_process": pre_process}
+    return time.perf_counter() - start, pre_process
 
 
 if __name__ == "__main__":  # run as a script, so that the process imports ONNX Runtime and nothing of ours
