@@ -54,6 +54,16 @@ class _Tracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
+
+    def iter(self, obj):
+        """Iterating the result of split/chunk/unbind with a known count (``list(x.split((a, b), 1))``)."""
+        n = _split_count(obj.node)
+        if n is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(n)])
+
     def call_module(self, m, forward, args, kwargs):
         try:
             qualname = self.path_of_module(m)
@@ -67,6 +77,28 @@ class _Tracer(torch.fx.Tracer):
             if self.is_leaf_module(m, qualname):
                 raise
             raise _SubmoduleUntraceable(qualname, m, exc) from exc
+
+
+class _Proxy(torch.fx.Proxy):
+    """A Proxy whose ``len`` is known for split/chunk results, so ``list(x.split(...))`` traces."""
+
+    def __len__(self) -> int:
+        n = _split_count(self.node)
+        return n if n is not None else super().__len__()
+
+
+def _split_count(node: torch.fx.Node) -> int | None:
+    """How many tensors a split/chunk call returns when its arguments say so without knowing shapes."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or name not in ("split", "chunk", "tensor_split"):
+        return None
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
+                                                                    node.kwargs.get("chunks"))
+    if isinstance(arg, (tuple, list)):
+        return len(arg) + (1 if name == "tensor_split" else 0)
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    return None
 
 
 def normalize_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple:

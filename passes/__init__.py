@@ -9,10 +9,39 @@ from typing import Any, Callable
 
 from fxcompress.pass_base import Pass
 
+from fxcompress.errors import RecipeError
+
+from .channel_deps import PropagateDependencies
 from .fold_bn import FoldBatchNorm
+from .remove_channels import RemoveChannels
+from .select_channels import SelectChannels
 
 PASSES: dict[str, type[Pass]] = {
     "fold_bn": FoldBatchNorm,
+    "propagate_dependencies": PropagateDependencies,
+    "select_channels": SelectChannels,
+    "remove_channels": RemoveChannels,
 }
 
-SHORTHANDS: dict[str, Callable[[dict[str, Any]], list[Pass]]] = {}
+
+def _split_options(shorthand: str, options: dict[str, Any], parts: list[type[Pass]]) -> list[Pass]:
+    """Hand each option to the fine-grained pass that has it; an option none of them has is an error."""
+    buckets: list[dict[str, Any]] = [{} for _ in parts]
+    for key, value in options.items():
+        owners = [i for i, cls in enumerate(parts) if key in cls.option_names()]
+        if not owners:
+            valid = sorted({o for cls in parts for o in cls.option_names()})
+            raise RecipeError(f"recipe shorthand {shorthand!r} has no option {key!r}. "
+                              f"Valid options: {', '.join(valid)}.")
+        buckets[owners[0]][key] = value
+    return [cls.from_options(b) for cls, b in zip(parts, buckets)]
+
+
+def prune(options: dict[str, Any]) -> list[Pass]:
+    """``prune`` = propagate_dependencies + select_channels + remove_channels."""
+    return _split_options("prune", options, [PropagateDependencies, SelectChannels, RemoveChannels])
+
+
+SHORTHANDS: dict[str, Callable[[dict[str, Any]], list[Pass]]] = {
+    "prune": prune,
+}

@@ -1,0 +1,88 @@
+"""Modules the rewrites put into a model: plain PyTorch, exportable to ONNX.
+
+``PrunedMultiheadAttention`` stands in for an ``nn.MultiheadAttention`` after channel removal: its embedding
+width (input and output) and its inner width (heads × head_dim) may differ, and it keeps the softmax scale of
+the original model rather than recomputing it from the (smaller) head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """Same call signature and outputs as ``nn.MultiheadAttention`` (self- or cross-attention)."""
+
+    def __init__(self, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor | None, out_proj: nn.Linear,
+                 num_heads: int, head_dim: int, scale: float, batch_first: bool, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.batch_first, self.dropout = batch_first, dropout
+        self.in_proj_weight = nn.Parameter(in_proj_weight.detach().clone())
+        self.in_proj_bias = None if in_proj_bias is None else nn.Parameter(in_proj_bias.detach().clone())
+        self.out_proj = out_proj
+
+    @classmethod
+    def from_module(cls, m: nn.MultiheadAttention, num_heads: int, head_dim: int) -> PrunedMultiheadAttention:
+        scale = getattr(m, "scale", None) or 1.0 / math.sqrt(m.head_dim)
+        return cls(m.in_proj_weight, m.in_proj_bias, m.out_proj, num_heads, head_dim, scale, m.batch_first,
+                   m.dropout)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        tgt, bsz, _ = query.shape
+        src = key.shape[0]
+        inner = self.num_heads * self.head_dim
+        w = self.in_proj_weight
+        b = self.in_proj_bias if self.in_proj_bias is not None else None
+        bq, bk, bv = (None, None, None) if b is None else (b[:inner], b[inner:2 * inner], b[2 * inner:])
+        q = F.linear(query, w[:inner], bq)
+        k = F.linear(key, w[inner:2 * inner], bk)
+        v = F.linear(value, w[2 * inner:], bv)
+        q = q.reshape(tgt, bsz * self.num_heads, self.head_dim).transpose(0, 1)
+        k = k.reshape(src, bsz * self.num_heads, self.head_dim).transpose(0, 1)
+        v = v.reshape(src, bsz * self.num_heads, self.head_dim).transpose(0, 1)
+        scores = torch.bmm(q * self.scale, k.transpose(1, 2))
+        if is_causal and attn_mask is None:
+            attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=query.device).triu(1)
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask.unsqueeze(0)
+            scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask
+        if key_padding_mask is not None:
+            scores = scores.view(bsz, self.num_heads, tgt, src)
+            kpm = key_padding_mask.view(bsz, 1, 1, src)
+            scores = scores.masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else scores + kpm
+            scores = scores.view(bsz * self.num_heads, tgt, src)
+        attn = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            attn = F.dropout(attn, p=self.dropout)
+        out = torch.bmm(attn, v).transpose(0, 1).reshape(tgt, bsz, inner)
+        out = self.out_proj(out)
+        if unbatched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        weights = attn.view(bsz, self.num_heads, tgt, src)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        if unbatched:
+            weights = weights.squeeze(0)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_proj_weight.shape[1]}, heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"out={self.out_proj.out_features}, scale={self.scale:.4g}, batch_first={self.batch_first}")

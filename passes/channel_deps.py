@@ -1,0 +1,517 @@
+"""Channel-dependency propagation: which channels must be removed together, as a graph of channel spaces.
+
+    before:  a GraphModule with shape metadata
+    after:   the same module, and ``ctx.analyses["channel_groups"]``: a :class:`ChannelGraph`
+
+Every op's rule (``channel_rules.RULES``) relates dimensions ("spaces") of its inputs, outputs and parameters.
+The spaces and relations form a networkx graph keyed by node names (``ChannelGraph.graph``; edge attribute
+``map`` holds an ``Identity``, ``Offset`` or ``Factor``).  Elements linked by identity/offset relations are the
+same *unit*; a space that is the product of others (a flatten into Linear, a channel shuffle, attention heads)
+is *controlled* by its factors' units and removed when any of them is.  A *group* is the free units of one
+connected set of spaces that reach a parameter: removing a unit of a group removes the matching slice of every
+member parameter and activation.
+
+Requires: shape metadata.  Contract: EXACT (adds an analysis, leaves the module alone).
+Left whole (in stats, each with a reason in ``ChannelGroup.fixed``): groups reaching a model input or output,
+an op the rules do not know (``barrier_ops``), a recurrent layer, a grouped structure the group cannot keep.
+Marked inexact (``inexact_groups``): groups whose channels are normalised together (LayerNorm, GroupNorm,
+softmax, a mean over channels), where removing differs from zeroing.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+
+from fxcompress import meta
+from fxcompress.context import CompileContext
+from fxcompress.errors import RecipeError, did_you_mean
+from fxcompress.pass_base import Contract, Pass, PassResult
+
+from .channel_rules import Factor, Identity, Offset, Relations, Space, rule_for
+
+ANALYSIS = "channel_groups"
+ATTENTION_MODES = ("dims", "heads", "both")
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels removed together.  ``units`` are global unit ids; the group's channel i is ``units[i]``."""
+
+    id: int
+    name: str  # the first module producing these channels (or the first member)
+    units: torch.Tensor
+    prunable: torch.Tensor  # bool per channel: False where some member is fixed
+    blocks: torch.Tensor | None  # block id per channel when removals must be spread equally over blocks
+    fixed: tuple[str, ...]  # why some or all channels are fixed
+    inexact: tuple[str, ...]  # why removing differs from zeroing
+    members: tuple[str, ...]  # "target[dim]" of every parameter/buffer slice that moves with the channels
+    modules: tuple[str, ...]  # modules whose outputs are in the group
+    spaces: tuple[Space, ...]
+
+    @property
+    def size(self) -> int:
+        return int(self.units.numel())
+
+    @property
+    def n_prunable(self) -> int:
+        return int(self.prunable.sum())
+
+    def __str__(self) -> str:
+        state = "fixed" if not self.n_prunable else f"{self.n_prunable}/{self.size} prunable"
+        extra = f"; inexact: {self.inexact[0]}" if self.inexact else ""
+        return f"group {self.name}: {self.size} channels, {state}, {len(self.members)} members{extra}"
+
+
+class ChannelGraph:
+    """Spaces, units and groups of one GraphModule (see the module docstring)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, attention: str = "dims"):
+        self.gm = gm
+        self.rel = build_relations(gm)
+        self.sizes = self.rel.sizes
+        self.graph = nx.Graph()
+        self.graph.add_nodes_from((s, {"size": n}) for s, n in self.sizes.items())
+        self.graph.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.edges)
+        self.graph.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.factor_edges)
+        self._assign_units()
+        self._controls()
+        self._groups(attention)
+
+    # -- units ------------------------------------------------------------------------------------------------
+    def _assign_units(self) -> None:
+        adj: dict[Space, list[tuple[Space, Any, bool]]] = collections.defaultdict(list)
+        for a, b, m in self.rel.edges:  # for Offset, a is the part
+            adj[a].append((b, m, True))
+            adj[b].append((a, m, False))
+        units: dict[Space, torch.Tensor] = {}
+        comp: dict[Space, int] = {}
+        conflicts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        nxt = 0
+        order = sorted(self.sizes, key=lambda s: -self.sizes[s])
+        n_comp = 0
+        for root in order:
+            if root in units:
+                continue
+            units[root] = torch.arange(nxt, nxt + self.sizes[root])
+            nxt += self.sizes[root]
+            comp[root] = n_comp
+            queue = collections.deque([root])
+            while queue:
+                s = queue.popleft()
+                us = units[s]
+                for t, m, s_is_part in adj[s]:
+                    if isinstance(m, Identity):
+                        cand, t_slice = us, slice(None)
+                    elif not s_is_part:  # s is the whole, t the part
+                        cand, t_slice = us[m.start:m.start + m.n], slice(None)
+                    else:  # s is the part, t the whole
+                        cand, t_slice = us, slice(m.start, m.start + m.n)
+                    if t in units:
+                        have = units[t][t_slice]
+                        if not torch.equal(have, cand):
+                            conflicts.append((have, cand))
+                        continue
+                    if t_slice == slice(None):
+                        units[t] = cand
+                    else:
+                        units[t], nxt = self._fill_whole(t, adj, units, nxt)
+                    comp[t] = n_comp
+                    queue.append(t)
+            n_comp += 1
+        labels = _union(nxt, conflicts)
+        self.n_units = nxt
+        self.units = {s: labels[u] for s, u in units.items()}
+        self.component = comp
+        self.n_components = n_comp
+
+    def _fill_whole(self, t: Space, adj, units, nxt: int) -> tuple[torch.Tensor, int]:
+        """Units of a whole space reached from one of its parts: visited parts first, fresh units for the rest."""
+        fill = torch.full((self.sizes[t],), -1, dtype=torch.long)
+        for p, m, t_is_part in adj[t]:
+            if p in units and not t_is_part:
+                if isinstance(m, Identity):
+                    return units[p], nxt
+                fill[m.start:m.start + m.n] = units[p]
+        missing = fill < 0
+        k = int(missing.sum())
+        fill[missing] = torch.arange(nxt, nxt + k)
+        return fill, nxt + k
+
+    def _controls(self) -> None:
+        """(controlled, controller) unit pairs from factor relations, flattened so every controller is free."""
+        pairs_a, pairs_b = [], []
+        for merged, factor, f in self.rel.factor_edges:
+            e = torch.arange(self.sizes[merged])
+            pairs_a.append(self.units[merged])
+            pairs_b.append(self.units[factor][(e // f.stride) % f.size])
+        self.controlled = torch.zeros(self.n_units, dtype=torch.bool)
+        self.cycle_units = torch.zeros(self.n_units, dtype=torch.bool)
+        if not pairs_a:
+            self.ctrl = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+            return
+        a, b = torch.cat(pairs_a), torch.cat(pairs_b)
+        self.controlled[a] = True
+        for _ in range(16):  # nested products (a shuffle of a flatten): replace controlled controllers
+            nested = self.controlled[b]
+            if not bool(nested.any()):
+                break
+            order = torch.argsort(a)
+            sa, sb = a[order], b[order]
+            first = torch.searchsorted(sa, b[nested])
+            last = torch.searchsorted(sa, b[nested], right=True)
+            new_a, new_b = [a[~nested]], [b[~nested]]
+            for x, lo, hi in zip(a[nested].tolist(), first.tolist(), last.tolist()):
+                new_a.append(torch.full((hi - lo,), x, dtype=torch.long))
+                new_b.append(sb[lo:hi])
+            a, b = torch.cat(new_a), torch.cat(new_b)
+        else:
+            self.cycle_units[a[self.controlled[b]]] = True
+            self.cycle_units[b[self.controlled[b]]] = True
+        keep = a != b
+        self.cycle_units[a[~keep]] = True
+        pairs = torch.unique(torch.stack([a[keep], b[keep]]), dim=1)
+        self.ctrl = (pairs[0], pairs[1])
+
+    def push_to_controllers(self, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Per-unit values with each controlled unit's value added (or or-ed) into its controllers."""
+        a, b = self.ctrl
+        out = values.clone()
+        if reduce == "sum":
+            out.index_add_(0, b, values[a])
+        else:
+            out[b[values[a]]] = True
+        return out
+
+    def closure(self, removed: torch.Tensor) -> torch.Tensor:
+        """Removed free units → every removed unit (controlled units go with any of their controllers)."""
+        a, b = self.ctrl
+        out = removed.clone()
+        out[a[removed[b]]] = True
+        return out
+
+    # -- groups ------------------------------------------------------------------------------------------------
+    def _groups(self, attention: str) -> None:
+        n = self.n_units
+        has_member = torch.zeros(n, dtype=torch.bool)
+        for s in [*self.rel.params, *self.rel.grouped_inputs]:
+            has_member[self.units[s]] = True
+        has_member = self.push_to_controllers(has_member, "or")
+        barred = torch.zeros(n, dtype=torch.bool)
+        inexact = torch.zeros(n, dtype=torch.bool)
+        for s in self.rel.fixed_spaces:
+            barred[self.units[s]] = True
+        barred |= self.cycle_units
+        for s in self.rel.inexact_spaces:
+            inexact[self.units[s]] = True
+        barred = self.push_to_controllers(barred, "or")
+        inexact = self.push_to_controllers(inexact, "or")
+        free = ~self.controlled & has_member
+
+        spaces_of = collections.defaultdict(list)
+        for s, c in self.component.items():
+            spaces_of[c].append(s)
+        reasons = collections.defaultdict(set)
+        inexact_reasons = collections.defaultdict(set)
+        for s, why in self.rel.fixed_spaces.items():
+            reasons[self.component[s]].add(why)
+        for s, why in self.rel.inexact_spaces.items():
+            inexact_reasons[self.component[s]].add(why)
+        for merged, factor, _ in self.rel.factor_edges:  # reasons reach controllers through products
+            cm, cf = self.component[merged], self.component[factor]
+            reasons[cf] |= reasons[cm]
+            inexact_reasons[cf] |= inexact_reasons[cm]
+
+        self.group_of = torch.full((n,), -1, dtype=torch.long)
+        self.local = torch.full((n,), -1, dtype=torch.long)
+        self.groups: list[ChannelGroup] = []
+        self.barred = barred
+        key = self._source_keys()
+        for c in range(self.n_components):
+            spaces = spaces_of[c]
+            units = torch.unique(torch.cat([self.units[s] for s in spaces]))
+            units = units[free[units]]
+            for k in torch.unique(key[units]).tolist():
+                u = units[key[units] == k]
+                self._new_group(u, spaces, barred, inexact, reasons[c], inexact_reasons[c])
+        self._members()
+        self._constraints()
+        self._factor_policy(attention)
+
+    def _source_keys(self) -> torch.Tensor:
+        """Per unit: the first parameter space producing it (directly or through a product).
+
+        Units of one connected set of spaces that come from different producers (the inputs of a concat) are
+        independent choices, so they form different groups; units produced together (a residual stream) share one.
+        """
+        big = len(self.rel.params) * 2 + 1
+        key = torch.full((self.n_units,), big, dtype=torch.long)
+        params = list(self.rel.params.items())
+        for i, (s, p) in enumerate(params):
+            rank = i if p.role == "out" else len(params) + i
+            u = self.units[s]
+            key[u] = torch.minimum(key[u], torch.full_like(u, rank))
+        a, b = self.ctrl
+        if a.numel():
+            key.scatter_reduce_(0, b, key[a], "amin")
+        return key
+
+    def _new_group(self, u, spaces, barred, inexact, reasons, inexact_reasons) -> None:
+        gid = len(self.groups)
+        self.group_of[u] = gid
+        self.local[u] = torch.arange(u.numel())
+        self.groups.append(ChannelGroup(
+            id=gid, name="", units=u, prunable=~barred[u], blocks=None,
+            fixed=tuple(sorted(reasons)) if bool(barred[u].any()) else (),
+            inexact=tuple(sorted(inexact_reasons)) if bool(inexact[u].any()) else (),
+            members=(), modules=(), spaces=tuple(spaces)))
+
+    def groups_of_space(self, s: Space) -> set[int]:
+        u = self.units[s]
+        direct = self.group_of[u]
+        out = set(direct[direct >= 0].tolist())
+        a, b = self.ctrl
+        if a.numel():
+            mask = torch.isin(a, u)
+            g = self.group_of[b[mask]]
+            out |= set(g[g >= 0].tolist())
+        return out
+
+    def _members(self) -> None:
+        members = collections.defaultdict(list)
+        modules = collections.defaultdict(list)
+        for s, p in self.rel.params.items():
+            for gid in self.groups_of_space(s):
+                members[gid].append(f"{p.target}[{p.dim}]")
+                if p.role == "out" and p.module and p.module not in modules[gid]:
+                    modules[gid].append(p.module)
+        for s, g in self.rel.grouped_inputs.items():
+            for gid in self.groups_of_space(s):
+                members[gid].append(f"{g.module}.weight[in, groups={g.groups}]")
+        seen: collections.Counter = collections.Counter()
+        for grp in self.groups:
+            grp.members = tuple(members[grp.id])
+            grp.modules = tuple(modules[grp.id])
+            name = grp.modules[0] if grp.modules else (grp.members[0].split("[")[0] if grp.members
+                                                       else f"group{grp.id}")
+            seen[name] += 1
+            grp.name = name if seen[name] == 1 else f"{name}#{seen[name]}"
+
+    def _fix(self, grp: ChannelGroup, why: str, units: torch.Tensor | None = None) -> None:
+        mask = torch.ones_like(grp.prunable) if units is None else torch.isin(grp.units, units)
+        if bool((grp.prunable & mask).any()):
+            grp.prunable = grp.prunable & ~mask
+            grp.fixed = grp.fixed + (why,)
+
+    def _factor_policy(self, attention: str) -> None:
+        """Where a space is the product of several prunable groups (heads × head dims), keep one of them."""
+        by_merged = collections.defaultdict(list)
+        for merged, factor, _ in self.rel.factor_edges:
+            by_merged[merged].append(factor)
+        for merged, factors in by_merged.items():
+            gids = []
+            for f in factors:
+                for gid in sorted(self.groups_of_space(f)):
+                    if self.groups[gid].n_prunable and gid not in gids:
+                        gids.append(gid)
+            if len(gids) < 2 or attention == "both":
+                continue
+            keep = gids[-1] if attention == "dims" else gids[0]
+            for gid in gids:
+                if gid != keep:
+                    self._fix(self.groups[gid], f"{merged[0]} is a product of several groups; "
+                                                f"attention={attention!r} prunes {self.groups[keep].name}")
+
+    def _constraints(self) -> None:
+        blocks: dict[int, torch.Tensor] = {}
+        for s, c in self.rel.constraints.items():
+            u = self.units[s]
+            n = u.numel()
+            gids = self.groups_of_space(s)
+            if n % c.groups:
+                for gid in gids:
+                    self._fix(self.groups[gid], f"{s[0]}: {n} channels do not split into {c}")
+                continue
+            if bool(self.controlled[u].any()):
+                self._controlled_constraint(s, c.groups, gids)
+                continue
+            if len(gids) != 1 or self.groups[next(iter(gids))].size != torch.unique(u).numel():
+                for gid in gids:
+                    self._fix(self.groups[gid], f"{s[0]}: its {c} blocks mix channels of several groups")
+                continue
+            gid = next(iter(gids))
+            block = torch.arange(n) // (n // c.groups)
+            cur = blocks.setdefault(gid, torch.zeros(self.groups[gid].size, dtype=torch.long))
+            idx = self.local[u]
+            cur[idx] = cur[idx] * c.groups + block
+        for gid, b in blocks.items():
+            grp = self.groups[gid]
+            _, counts = torch.unique(b, return_counts=True)
+            if bool((counts != counts[0]).any()):
+                self._fix(grp, "grouped convolutions / GroupNorm split these channels into unequal blocks")
+            grp.blocks = b
+
+    def _controlled_constraint(self, s: Space, groups: int, gids: set[int]) -> None:
+        """A grouped space made of products (a grouped conv after a channel shuffle): a controlling group is
+        kept prunable only if each of its channels controls equally many positions in every block."""
+        u = self.units[s]
+        n = u.numel()
+        if not bool(self.controlled[u].all()):
+            for gid in gids:
+                self._fix(self.groups[gid], f"{s[0]}: grouped structure mixes products and plain channels")
+            return
+        pos = torch.full((self.n_units,), -1, dtype=torch.long)
+        pos[u] = torch.arange(n)
+        a, b = self.ctrl
+        hit = pos[a] >= 0
+        block = pos[a[hit]] // (n // groups)
+        ctrl = b[hit]
+        for gid in gids:
+            mine = self.group_of[ctrl] == gid
+            grp = self.groups[gid]
+            counts = torch.zeros(grp.size, groups, dtype=torch.long)
+            counts.index_put_((self.local[ctrl[mine]], block[mine]), torch.ones_like(block[mine]), accumulate=True)
+            if bool((counts != counts[:, :1]).any()):
+                self._fix(grp, f"{s[0]}: removing these channels would empty whole blocks of grouped({groups})")
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def group(self, name: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise RecipeError(f"no channel group named {name!r}.{did_you_mean(name, [g.name for g in self.groups])}")
+
+    def removed_positions(self, removed_units: torch.Tensor) -> dict[Space, torch.Tensor]:
+        """For every space losing elements: the sorted positions removed (``removed_units`` after closure)."""
+        out = {}
+        for s, u in self.units.items():
+            hit = removed_units[u]
+            if bool(hit.any()):
+                out[s] = torch.nonzero(hit).flatten()
+        return out
+
+    def summary(self) -> str:
+        return "\n".join(str(g) for g in self.groups)
+
+
+def _union(n: int, conflicts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Labels after merging every pair of units in ``conflicts`` (vectorised union by minimum label)."""
+    labels = torch.arange(n)
+    if not conflicts:
+        return labels
+    a = torch.cat([c[0] for c in conflicts])
+    b = torch.cat([c[1] for c in conflicts])
+    while True:
+        la, lb = labels[a], labels[b]
+        if torch.equal(la, lb):
+            return labels
+        m = torch.minimum(la, lb)
+        labels.scatter_reduce_(0, la, m, "amin")
+        labels.scatter_reduce_(0, lb, m, "amin")
+        while True:
+            jumped = labels[labels]
+            if torch.equal(jumped, labels):
+                break
+            labels = jumped
+
+
+def build_relations(gm: torch.fx.GraphModule) -> Relations:
+    """Run every node's rule; ops without a rule, and rules that fail, become barriers."""
+    r = Relations(gm)
+    for node in gm.graph.nodes:
+        r.node = node
+        if node.op == "placeholder":
+            r.fix_all(node, f"model input {node.name!r}")
+        elif node.op == "output":
+            for x in node.all_input_nodes:
+                r.fix_all(x, "model output")
+        elif node.op == "get_attr":
+            info = meta.tensor_info(node)
+            if info is not None:
+                t = _get(gm, node.target)
+                role = "attr" if isinstance(t, torch.nn.Parameter) else "buffer"
+                for d in range(len(info.shape)):
+                    r.equal(r.out(d), r.param_space(node.target, d, role))
+        else:
+            tensors_in = [x for x in node.all_input_nodes if _has_tensor(x)]
+            if not tensors_in and not _has_tensor(node):
+                continue  # arithmetic on sizes and other Python values
+            rule, module, what = rule_for(gm, node)
+            if rule is None:
+                r.barrier(f"{what} is not in the channel rules")
+                continue
+            r.touched = set()
+            try:
+                rule(r, node, module)
+            except Exception as exc:  # noqa: BLE001 - an op the rule cannot read is a barrier, never a crash
+                r.barrier(f"{what}: its rule could not read this call ({type(exc).__name__}: {exc})")
+                continue
+            _fix_untouched(r, [x for x in tensors_in if meta.tensor_info(x) is not None] + [node], what)
+    return r
+
+
+def _has_tensor(node: torch.fx.Node) -> bool:
+    return any(True for _ in meta.iter_tensor_infos(node.meta.get(meta.TENSOR)))
+
+
+def _fix_untouched(r: Relations, values: list[torch.fx.Node], what: str) -> None:
+    """Dims a rule used without relating them (a conv's kernel dims, spatial dims) are fixed."""
+    for value in values:
+        info = value.meta.get(meta.TENSOR)
+        items = [(value.name, info)] if isinstance(info, meta.TensorInfo) else \
+            [(f"{value.name}.{i}", t) for i, t in enumerate(info)] if isinstance(info, (tuple, list)) else []
+        for owner, t in items:
+            if not isinstance(t, meta.TensorInfo):
+                continue
+            for d, size in enumerate(t.shape):
+                if (owner, d) not in r.touched and size > 1:
+                    r.fixed(r.space(owner, d, size), f"{what} uses dim {d} of {owner} without relating it")
+
+
+def _get(gm: torch.nn.Module, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def channel_graph(ctx: CompileContext, attention: str = "dims") -> ChannelGraph:
+    return ctx.analysis(ANALYSIS, lambda c: ChannelGraph(c.gm, attention))
+
+
+class PropagateDependencies(Pass):
+    """Channel-dependency propagation: groups of channels that must be removed together."""
+
+    name = "propagate_dependencies"
+    contract = Contract.EXACT
+
+    def __init__(self, attention: str = "dims"):
+        if attention not in ATTENTION_MODES:
+            raise RecipeError(f"propagate_dependencies: attention={attention!r} is not one of "
+                              f"{', '.join(ATTENTION_MODES)}.{did_you_mean(attention, ATTENTION_MODES)}")
+        self.attention = attention
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        ctx.analyses.pop(ANALYSIS, None)
+        cg = channel_graph(ctx, self.attention)
+        groups = cg.groups
+        notes = [f"{node}: {why}" for node, why in cg.rel.barriers.items()]
+        notes += [f"group {g.name}: left whole: {g.fixed[0]}" for g in groups if g.fixed and not g.n_prunable]
+        notes += [f"group {g.name}: inexact: {g.inexact[0]}" for g in groups if g.inexact and g.n_prunable]
+        stats = {
+            "spaces": cg.graph.number_of_nodes(),
+            "relations": cg.graph.number_of_edges(),
+            "groups": len(groups),
+            "prunable_groups": sum(1 for g in groups if g.n_prunable),
+            "fixed_groups": sum(1 for g in groups if not g.n_prunable),
+            "partially_fixed_groups": sum(1 for g in groups if 0 < g.n_prunable < g.size),
+            "inexact_groups": sum(1 for g in groups if g.inexact and g.n_prunable),
+            "channels": sum(g.size for g in groups),
+            "prunable_channels": sum(g.n_prunable for g in groups),
+            "barrier_ops": len(cg.rel.barriers),
+        }
+        return PassResult(modified=False, stats=stats, notes=tuple(notes))

@@ -1,0 +1,350 @@
+"""Channel removal: apply a ``PruningPlan`` by rewriting layers to smaller ones (or by zeroing, in mask mode).
+
+    before:  conv1 = Conv2d(64, 128)  bn1 = BatchNorm2d(128)  conv2 = Conv2d(128, 64)
+    after:   conv1 = Conv2d(64, 64)   bn1 = BatchNorm2d(64)   conv2 = Conv2d(64, 64)      (mode="remove")
+             same shapes, the 64 planned channels zeroed in every member                  (mode="mask")
+
+``mode="remove"`` slices every member parameter and buffer, updates the modules' sizes (``in_channels``,
+``num_features``, ``groups`` of depthwise convs, ...), replaces a pruned ``nn.MultiheadAttention`` by
+``PrunedMultiheadAttention`` (softmax scale kept), and rewrites the graph where sizes are literal: reshape/view
+arguments, slice bounds, split sizes (``chunk`` becomes ``split``), LayerNorm shapes, and shape reads of pruned
+dims (frozen to the original value so that computed scales are unchanged).
+``mode="mask"`` keeps every shape and zeroes the planned channels of every member (BatchNorm's running
+variance is left alone).  On groups without channel-mixing normalisation both modes give the same outputs.
+Requires: channel_groups, pruning_plan.  Contract: CHANGES.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxcompress import meta
+from fxcompress.context import CompileContext
+from fxcompress.errors import PassError, RecipeError
+from fxcompress.modules import PrunedMultiheadAttention
+from fxcompress.pass_base import Contract, Pass, PassResult
+
+from .channel_deps import ANALYSIS, ChannelGraph
+from .channel_rules import Space
+from .select_channels import PLAN, PruningPlan
+
+MODES = ("remove", "mask")
+
+
+def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+    path, _, attr = target.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), attr
+
+
+def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[removed] = False
+    return torch.nonzero(mask).flatten()
+
+
+class RemoveChannels(Pass):
+    """Channel removal: real smaller layers, or zeroed channels in mask mode."""
+
+    name = "remove_channels"
+    contract = Contract.CHANGES
+    requires = (ANALYSIS, PLAN)
+
+    def __init__(self, mode: str = "remove"):
+        if mode not in MODES:
+            raise RecipeError(f"remove_channels: mode must be 'remove' or 'mask', got {mode!r}.")
+        self.mode = mode
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        cg: ChannelGraph = ctx.analyses[ANALYSIS]
+        plan: PruningPlan = ctx.plans[PLAN]
+        removed = torch.zeros(cg.n_units, dtype=torch.bool)
+        for grp in cg.groups:
+            idx = plan.removed.get(grp.name, ())
+            if idx:
+                if plan.sizes.get(grp.name) != grp.size:
+                    raise PassError(f"[remove_channels] the plan for group {grp.name!r} was made for "
+                                    f"{plan.sizes.get(grp.name)} channels, the graph has {grp.size}; "
+                                    f"run select_channels again on this graph.")
+                removed[grp.units[torch.tensor(idx, dtype=torch.long)]] = True
+        if not bool(removed.any()):
+            return PassResult(modified=False, stats={"mode": self.mode, "channels_removed": 0})
+        positions = cg.removed_positions(cg.closure(removed))
+        before = sum(p.numel() for p in ctx.gm.parameters())
+        if self.mode == "mask":
+            touched = self._mask(cg, positions)
+        else:
+            touched = self._remove(ctx, cg, positions)
+            meta.propagate(ctx.gm, ctx.example_inputs)
+        after = sum(p.numel() for p in ctx.gm.parameters())
+        stats = {"mode": self.mode, "channels_removed": int(removed.sum()), "tensors_changed": touched,
+                 "params_before": before, "params_after": after}
+        return PassResult(modified=True, stats=stats)
+
+    # -- mask --------------------------------------------------------------------------------------------------
+    def _mask(self, cg: ChannelGraph, positions: dict[Space, torch.Tensor]) -> int:
+        touched = 0
+        with torch.no_grad():
+            for s, p in cg.rel.params.items():
+                if s not in positions or p.target.endswith("running_var"):
+                    continue
+                t = _get(cg.gm, p.target)
+                t.index_fill_(p.dim, positions[s], 0)
+                touched += 1
+            for s, g in cg.rel.grouped_inputs.items():
+                if s in positions:
+                    w = cg.gm.get_submodule(g.module).weight
+                    w.copy_(_grouped_input_mask(w, g.groups, positions[s]) * w)
+                    touched += 1
+        return touched
+
+    # -- remove ------------------------------------------------------------------------------------------------
+    def _remove(self, ctx: CompileContext, cg: ChannelGraph, positions: dict[Space, torch.Tensor]) -> int:
+        gm = cg.gm
+        per_target: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for s, p in cg.rel.params.items():
+            if s in positions:
+                per_target.setdefault(p.target, []).append((p.dim, positions[s]))
+        old_modules = {}
+        for target, cuts in per_target.items():
+            owner, attr = _owner(gm, target)
+            t = getattr(owner, attr)
+            old_modules.setdefault(target.rpartition(".")[0], _snapshot(owner))
+            new = t.detach()
+            for dim, pos in cuts:
+                new = new.index_select(dim, _keep(new.shape[dim], pos))
+            _set(owner, attr, t, new.contiguous())
+        for s, g in cg.rel.grouped_inputs.items():
+            if s in positions:
+                m = gm.get_submodule(g.module)
+                old_modules.setdefault(g.module, _snapshot(m))
+                new = _grouped_input_select(m.weight.detach(), g.groups, positions[s], cg.sizes[s])
+                _set(m, "weight", m.weight, new)
+        for path, old in old_modules.items():
+            m = gm.get_submodule(path) if path else gm
+            _resize(m, old)
+        new_size = {s: cg.sizes[s] - (positions[s].numel() if s in positions else 0) for s in cg.sizes}
+        _replace_attention(gm, cg, new_size, positions)
+        _rewrite_graph(gm, cg, positions, new_size)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        return len(per_target)
+
+
+def _get(gm: nn.Module, target: str) -> torch.Tensor:
+    owner, attr = _owner(gm, target)
+    return getattr(owner, attr)
+
+
+def _set(owner: nn.Module, attr: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    elif attr in owner._buffers:
+        owner._buffers[attr] = new
+    else:
+        setattr(owner, attr, new)
+
+
+def _snapshot(m: nn.Module) -> dict:
+    return {k: getattr(m, k) for k in ("in_channels", "out_channels", "groups", "in_features", "out_features")
+            if hasattr(m, k)}
+
+
+def _resize(m: nn.Module, old: dict) -> None:
+    """Bring a module's size attributes in line with its (sliced) parameters."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight
+        transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+        depthwise = old["groups"] == old["in_channels"] and old["groups"] > 1
+        if transposed:
+            m.in_channels = w.shape[0]
+            if depthwise:
+                m.groups = m.in_channels
+            m.out_channels = w.shape[1] * m.groups
+        else:
+            m.out_channels = w.shape[0]
+            if depthwise:
+                m.groups = m.out_channels // (old["out_channels"] // old["groups"])
+                m.in_channels = m.groups
+            else:
+                m.in_channels = w.shape[1] * m.groups
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.modules.batchnorm._NormBase):
+        ref = m.running_mean if m.running_mean is not None else m.weight
+        m.num_features = ref.shape[0]
+    elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+    elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+    elif isinstance(m, nn.Embedding):
+        m.embedding_dim = m.weight.shape[1]
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.shape[0]
+
+
+def _grouped_input_mask(w: torch.Tensor, groups: int, removed: torch.Tensor) -> torch.Tensor:
+    """1/0 mask over a grouped conv weight zeroing the weights that read removed input channels."""
+    cout, cin_g = w.shape[0], w.shape[1]
+    mask = torch.ones(groups, cin_g, dtype=w.dtype)
+    mask.view(-1)[removed] = 0
+    return mask.repeat_interleave(cout // groups, 0).reshape(cout, cin_g, *([1] * (w.dim() - 2)))
+
+
+def _grouped_input_select(w: torch.Tensor, groups: int, removed: torch.Tensor, cin: int) -> torch.Tensor:
+    cout, cin_g = w.shape[0], w.shape[1]
+    keep = torch.ones(cin, dtype=torch.bool)
+    keep[removed] = False
+    keep = keep.view(groups, cin_g)
+    per = keep.sum(1)
+    if bool((per != per[0]).any()):
+        raise PassError("[remove_channels] a grouped conv would lose unequal numbers of input channels per group")
+    blocks = w.reshape(groups, cout // groups, cin_g, *w.shape[2:])
+    kept = [blocks[b][:, keep[b]] for b in range(groups)]
+    return torch.stack(kept).reshape(cout, int(per[0]), *w.shape[2:]).contiguous()
+
+
+def _replace_attention(gm: torch.fx.GraphModule, cg: ChannelGraph, new_size: dict, positions: dict) -> None:
+    for node in gm.graph.nodes:
+        if cg.rel.hooks.get(node.name) != "attention":
+            continue
+        m = gm.get_submodule(node.target)
+        if not any(s[0].startswith(f"@{node.target}.") or s[0].startswith(f"~{node.target}.") for s in positions):
+            continue
+        heads = new_size[(f"~{node.target}.heads", 0)]
+        head_dim = new_size[(f"~{node.target}.head_dim", 0)]
+        new = PrunedMultiheadAttention.from_module(m, heads, head_dim) if isinstance(m, nn.MultiheadAttention) \
+            else PrunedMultiheadAttention(m.in_proj_weight, m.in_proj_bias, m.out_proj, heads, head_dim, m.scale,
+                                          m.batch_first, m.dropout)
+        new.train(m.training)
+        path, _, attr = node.target.rpartition(".")
+        setattr(gm.get_submodule(path) if path else gm, attr, new)
+
+
+def _rewrite_graph(gm: torch.fx.GraphModule, cg: ChannelGraph, positions: dict, new_size: dict) -> None:
+    for node in list(gm.graph.nodes):
+        kind = cg.rel.hooks.get(node.name)
+        if kind is None:
+            continue
+        if kind == "reshape":
+            shape = meta.tensor_info(node).shape
+            dims = [new_size.get((node.name, d), shape[d]) for d in range(len(shape))]
+            if dims != list(shape):
+                args = list(node.args[1:])
+                flat = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+                flat = [a if (isinstance(a, int) and a == -1) or dims[d] == shape[d] else dims[d]
+                        for d, a in enumerate(flat)]
+                node.args = (node.args[0], *flat) if node.op == "call_method" else (node.args[0], tuple(flat))
+        elif kind == "unflatten":
+            shape = meta.tensor_info(node).shape
+            dim = node.args[1] % len(meta.tensor_info(node.args[0]).shape)
+            k = len(node.args[2])
+            sizes = tuple(new_size.get((node.name, dim + j), shape[dim + j]) for j in range(k))
+            if node.op == "call_module":
+                gm.get_submodule(node.target).unflattened_size = sizes
+            else:
+                node.args = (node.args[0], node.args[1], sizes)
+        elif kind == "split":
+            _rewrite_split(node, cg, new_size)
+        elif kind == "slice":
+            _rewrite_slice(node, cg, positions, new_size)
+        elif kind == "narrow":
+            x, dim, start = node.args[0], node.args[1], node.args[2]
+            dim %= len(meta.tensor_info(x).shape)
+            pos = positions.get((x.name, dim))
+            start = start % cg.sizes[(x.name, dim)]
+            new_start = start - (int((pos < start).sum()) if pos is not None else 0)
+            node.args = (x, dim, new_start, new_size[(node.name, dim)])
+        elif kind == "size":
+            _freeze_size(gm, node, positions)
+        elif kind == "layernorm":
+            _rewrite_layernorm(gm, node, new_size)
+        elif kind == "sdpa":
+            q = node.args[0] if node.args else node.kwargs["query"]
+            d = len(meta.tensor_info(q).shape) - 1
+            if (q.name, d) in positions and node.kwargs.get("scale") is None:
+                node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(cg.sizes[(q.name, d)])}
+
+
+def _rewrite_split(node: torch.fx.Node, cg: ChannelGraph, new_size: dict) -> None:
+    x = node.args[0]
+    outs = node.meta[meta.TENSOR]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim %= len(meta.tensor_info(x).shape)
+    sizes = [new_size[(f"{node.name}.{i}", dim)] for i in range(len(outs))]
+    if sizes == [o.shape[dim] for o in outs]:
+        return
+    if node.op == "call_method":
+        node.target = "split"
+        node.args = (x, sizes, dim)
+    else:
+        node.target = torch.split
+        node.args = (x, sizes, dim)
+    node.kwargs = {}
+
+
+def _rewrite_slice(node: torch.fx.Node, cg: ChannelGraph, positions: dict, new_size: dict) -> None:
+    src, index = node.args
+    shape = meta.tensor_info(src).shape
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(i is Ellipsis for i in items):
+        k = items.index(Ellipsis)
+        fill = len(shape) - (len(items) - 1 - sum(i is None for i in items))
+        items = items[:k] + [slice(None)] * fill + items[k + 1:]
+    d_in = d_out = 0
+    for j, item in enumerate(items):
+        if item is None:
+            d_out += 1
+            continue
+        if isinstance(item, slice):
+            pos = positions.get((src.name, d_in))
+            if pos is not None:
+                start = item.start or 0
+                start = start + shape[d_in] if start < 0 else min(start, shape[d_in])
+                new_start = start - int((pos < start).sum())
+                items[j] = slice(new_start, new_start + new_size[(node.name, d_out)])
+            d_out += 1
+        d_in += 1
+    node.args = (src, tuple(items) if isinstance(index, tuple) or len(items) > 1 else items[0])
+
+
+def _freeze_size(gm: torch.fx.GraphModule, node: torch.fx.Node, positions: dict) -> None:
+    """``x.size(d)`` / ``x.shape[d]`` of a pruned dim: the original value, so computed scales stay the same."""
+    x = node.args[0]
+    info = meta.tensor_info(x)
+    if node.op == "call_method":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        reads = [(node, dim)] if dim is not None else []
+    else:
+        reads = [(u, u.args[1]) for u in node.users if u.op == "call_function" and isinstance(u.args[1], int)]
+    for user, dim in reads:
+        dim %= len(info.shape)
+        if (x.name, dim) in positions:
+            _replace_with_constant(gm, user, info.shape[dim])
+
+
+def _replace_with_constant(gm: torch.fx.GraphModule, node: torch.fx.Node, value: int) -> None:
+    for user in list(node.users):
+        user.args = torch.fx.node.map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+    gm.graph.erase_node(node)
+
+
+def _rewrite_layernorm(gm: torch.fx.GraphModule, node: torch.fx.Node, new_size: dict) -> None:
+    shape = meta.tensor_info(node).shape
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        k = len(m.normalized_shape)
+        m.normalized_shape = tuple(new_size.get((node.name, len(shape) - k + j), shape[len(shape) - k + j])
+                                   for j in range(k))
+    else:
+        ns = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+        k = len(ns)
+        new = [new_size.get((node.name, len(shape) - k + j), shape[len(shape) - k + j]) for j in range(k)]
+        if len(node.args) > 1:
+            node.args = (node.args[0], new, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "normalized_shape": new}

@@ -1,0 +1,323 @@
+"""Structural pruning: dependency groups, selection, removal; mask and remove agree on exact groups."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxcompress as fxc
+from fxcompress.instruments import relative_error
+from fxcompress.modules import PrunedMultiheadAttention
+from fxcompress.passes.channel_deps import ChannelGraph
+from random_nets import random_nets
+from zoo import ZOO, build, randomize_bn
+
+
+def prune(model, inputs, mode="remove", **options):
+    return fxc.compile(model, inputs, [{"pass": "prune", "mode": mode, **options}])
+
+
+def mask_vs_remove(model, inputs, **options):
+    masked = prune(model, inputs, "mask", **options)
+    removed = prune(model, inputs, "remove", **options)
+    with torch.no_grad():
+        err = relative_error(removed.module(*inputs), masked.module(*inputs))
+    return err, masked, removed
+
+
+def groups(model, inputs) -> ChannelGraph:
+    return ChannelGraph(fxc.trace(model, inputs))
+
+
+# ---- property: random architectures ------------------------------------------------------------------------
+
+def _check_random(net, ratio, criterion, scope):
+    model, x = net
+    err, masked, removed = mask_vs_remove(model, x, ratio=ratio, criterion=criterion, scope=scope)
+    assert err <= 1e-5, err
+    sel = removed.history[1].stats
+    if sel["channels_removed"]:
+        assert removed.after.params < removed.before.params
+    assert masked.after.params == masked.before.params
+
+
+RANDOM_CASE = dict(net=random_nets(), ratio=st.sampled_from([0.1, 0.2, 0.3, 0.5, 0.7, 0.9]),
+                   criterion=st.sampled_from(["l1", "l2", "fpgm", "random", "slim"]),
+                   scope=st.sampled_from(["local", "global"]))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**RANDOM_CASE)
+def test_random_architectures_mask_equals_remove(net, ratio, criterion, scope):
+    _check_random(net, ratio, criterion, scope)
+
+
+@pytest.mark.slow
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(**RANDOM_CASE)
+def test_random_architectures_mask_equals_remove_long(net, ratio, criterion, scope):
+    _check_random(net, ratio, criterion, scope)
+
+
+# ---- the zoo -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_mask_equals_remove_on_exact_groups(name):
+    model, x = build(name)
+    cg = groups(model, x)
+    inexact = [m for g in cg.groups if g.inexact and g.n_prunable for m in g.modules]
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5, exclude=inexact)
+    assert err <= 1e-5, err
+    assert removed.module(*x) is not None
+
+
+def test_zoo_groups_found():
+    expected = {"residual": {"stem.0": 8, "a.0": 8, "down.0": 16}, "concat": {"stem.0": 8, "layers.0.0": 4},
+                "grouped_depthwise": {"stem.0": 16, "grouped.0": 32}, "functional": {"conv": 8, "proj": 5},
+                "shared_multi_user": {"stem.0": 8}, "unet": {"e1.0": 8, "e2.0": 16, "up": 8}}
+    for name, want in expected.items():
+        cg = groups(*build(name))
+        found = {g.name: g.size for g in cg.groups if g.n_prunable}
+        for group, size in want.items():
+            assert found.get(group) == size, (name, group, found)
+
+
+def test_recurrent_and_unknown_ops_left_whole_with_reason():
+    model, x = build("recurrent")
+    result = prune(model, x, ratio=0.5)
+    deps = result.history[0]
+    assert deps.stats["barrier_ops"] == 1
+    assert any("LSTM" in n and "recurrent" in n for n in deps.notes)
+
+    class Rolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            return self.c(torch.roll(self.b(y), 1, dims=1))
+
+    model, x = Rolled().eval(), (torch.randn(2, 3, 6, 6),)
+    result = prune(model, x, ratio=0.5)
+    deps, sel = result.history[0], result.history[1]
+    assert any("torch.roll is not in the channel rules" in n for n in deps.notes)
+    assert "b" not in sel.stats["layer_ratios"]  # b's output reaches the roll: left whole
+    assert sel.stats["layer_ratios"]["a"] == 0.5
+    assert result.module.b.out_channels == 8 and result.module.a.out_channels == 4
+    with torch.no_grad():
+        assert result.module(*x).shape == model(*x).shape
+
+
+# ---- the cases other tools get wrong -------------------------------------------------------------------------
+
+class Shuffle(nn.Module):
+    def __init__(self, groups=4):
+        super().__init__()
+        self.g = groups
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU())
+        self.c = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, self.g, c // self.g, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.c(self.b(y))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: split a conv's output in two, chain bottlenecks on the last piece, concat everything."""
+
+    def __init__(self, c=8, n=2):
+        super().__init__()
+        self.c = c
+        self.cv1 = nn.Sequential(nn.Conv2d(3, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.SiLU())
+        self.m = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.SiLU())
+                               for _ in range(n))
+        self.cv2 = nn.Conv2d((2 + n) * c, 6, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).split((self.c, self.c), 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class GLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 1)
+        self.b = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        p, q = self.a(x).chunk(2, dim=1)
+        return self.b(p * torch.sigmoid(q))
+
+
+class Pixel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.up = nn.PixelShuffle(2)
+        self.down = nn.PixelUnshuffle(2)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.c(self.down(F.relu(self.b(self.up(self.a(x))))))
+
+
+@pytest.mark.parametrize("cls", [Shuffle, C2f, GLU, Pixel])
+def test_tricky_structures_are_pruned_exactly(cls):
+    torch.manual_seed(0)
+    model, x = randomize_bn(cls()).eval(), (torch.randn(2, 3, 6, 6),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5
+    assert removed.history[1].stats["channels_removed"] > 0
+    assert removed.after.params < removed.before.params
+
+
+def test_channel_shuffle_removes_equally_per_shuffle_group():
+    torch.manual_seed(0)
+    result = prune(randomize_bn(Shuffle()).eval(), (torch.randn(2, 3, 6, 6),), ratio=0.5)
+    a, b = result.module.get_submodule("a.0"), result.module.get_submodule("b.0")
+    assert a.out_channels == 8 and b.out_channels == 8 and b.groups == 4
+
+
+def test_glu_chunk_removes_the_requested_share():
+    torch.manual_seed(0)
+    result = prune(GLU().eval(), (torch.randn(2, 3, 6, 6),), ratio=0.5)
+    assert result.module.a.out_channels == 32 and result.module.b.in_channels == 16
+    assert "split" in result.module.code  # chunk(2) became a split with the new sizes
+
+
+def test_pixel_shuffle_keeps_blocks():
+    torch.manual_seed(0)
+    result = prune(randomize_bn(Pixel()).eval(), (torch.randn(2, 3, 6, 6),), ratio=0.5)
+    a, b = result.module.get_submodule("a.0"), result.module.b
+    assert a.out_channels % 4 == 0 and b.in_channels == a.out_channels // 4
+
+
+def test_layernorm_group_reported_inexact():
+    class LN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.ln, self.b = nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.b(self.ln(self.a(x)))
+
+    result = prune(LN().eval(), (torch.randn(4, 6),), ratio=0.5)
+    deps, sel = result.history[0], result.history[1]
+    assert deps.stats["inexact_groups"] == 1
+    assert any("LayerNorm" in n for n in deps.notes) and any("inexact" in n for n in sel.notes)
+    assert result.module.ln.normalized_shape == (8,)
+
+
+def test_resnext_ratio_within_one_group():
+    model, x = fxc.golden.load("resnext50")
+    cg = groups(model, x)
+    grp = cg.group("layer1.0.conv2")
+    assert grp.blocks is not None and int(grp.blocks.max()) + 1 == 32
+    result = prune(model, x, ratio=0.3, exclude=["fc"])
+    conv = result.module.get_submodule("layer1.0.conv2")
+    assert conv.groups == 32
+    removed = 128 - conv.out_channels
+    assert abs(removed - 0.3 * 128) <= 32  # one channel per conv group
+    assert conv.out_channels % 32 == 0
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_vit_multihead_attention_equal_head_dims(ratio):
+    model, x = fxc.golden.load("vit-tiny-digits")
+    result = prune(model, x, ratio=ratio, exclude=["head"])
+    mhas = [m for m in result.module.modules() if isinstance(m, PrunedMultiheadAttention)]
+    orig = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(mhas) == len(orig) > 0
+    for new, old in zip(mhas, orig):
+        assert new.num_heads == old.num_heads
+        assert new.head_dim == old.head_dim - round(ratio * old.head_dim)
+        assert new.scale == pytest.approx(old.head_dim ** -0.5)
+    with torch.no_grad():
+        assert torch.isfinite(result.module(*x)).all()
+    # with the LayerNorm-coupled embedding left alone, removing head dims is exact
+    stream = [g.name for g in groups(model, x).groups if g.inexact and g.n_prunable]
+    err, _, _ = mask_vs_remove(model, x, ratio=ratio, exclude=["head", *stream])
+    assert err <= 1e-5
+
+
+# ---- the anchor ----------------------------------------------------------------------------------------------
+
+def test_resnet18_half_matches_anchor():
+    model, x = fxc.golden.load("resnet18")
+    result = prune(model, x, ratio=0.5, criterion="l1", exclude=["fc"])
+    assert result.after.params == 3_055_880  # Torch-Pruning 1.6.1: 3.06 M
+    assert result.after.macs == pytest.approx(0.487e9, rel=0.01)  # Torch-Pruning: 0.487 GMACs
+    assert result.module.fc.in_features == 256
+
+
+# ---- selection options ---------------------------------------------------------------------------------------
+
+def test_every_criterion_runs_and_honours_the_ratio():
+    model, x = build("residual")
+    calib = [(torch.randn(2, 3, 16, 16),) for _ in range(3)]
+    for criterion in ("l1", "l2", "fpgm", "slim", "taylor", "apoz", "mean_activation", "random"):
+        result = fxc.compile(model, x, [{"pass": "prune", "criterion": criterion, "ratio": 0.5}],
+                             calibration_data=calib)
+        ratios = result.history[1].stats["layer_ratios"]
+        assert ratios == {"down.0": 0.5, "stem.0": 0.5, "a.0": 0.5}, criterion
+
+
+def test_data_criteria_need_calibration_data():
+    with pytest.raises(fxc.FxCompressError, match="calibration_data"):
+        prune(*build("residual"), criterion="apoz")
+
+
+def test_opt_slim_removes_the_energy_share():
+    model, x = build("residual")
+    with torch.no_grad():
+        model.a[1].weight.copy_(torch.tensor([0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 1.0, 1.0]))
+    result = prune(model, x, criterion="opt_slim", ratio=0.05)
+    sel = result.history[1].stats
+    assert sel["layer_ratios"]["a.0"] == 0.5  # 4 x 0.01 energy of 4.04 is within 5%; the next one is not
+    assert sel["opt_slim_thresholds"]["a.0"] == pytest.approx((0.01 + 1.0) / 2)
+    full = prune(model, x, criterion="opt_slim", ratio=0.99).history[1].stats
+    assert all(r < 1 for r in full["layer_ratios"].values())
+
+
+def test_ratio_dict_round_to_min_channels_exclude_global():
+    model, x = build("residual")
+    sel = prune(model, x, ratio={"a.*": 0.25, "*": 0.5}).history[1].stats
+    assert sel["layer_ratios"] == {"down.0": 0.5, "stem.0": 0.5, "a.0": 0.25}
+    sel = prune(model, x, ratio=0.3, round_to=4).history[1].stats
+    assert sel["layer_ratios"] == {"down.0": 0.25, "stem.0": 0.5, "a.0": 0.5}
+    sel = prune(model, x, ratio=0.9, min_channels=3).history[1].stats
+    assert sel["layer_ratios"]["stem.0"] == 0.625
+    sel = prune(model, x, ratio=0.5, exclude=["stem.0"]).history[1].stats
+    assert "stem.0" not in sel["layer_ratios"] and sel["groups_excluded"] == 1
+    sel = prune(model, x, ratio=0.5, scope="global").history[1].stats
+    assert sel["channels_removed"] == 16
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"criterion": "l3"}, "l1"), ({"ratio": 1.0}, "ratio"), ({"scope": "everywhere"}, "scope"),
+    ({"exclude": ["nope"]}, "matches no module"), ({"mode": "zero"}, "mode"), ({"criteria": "l1"}, "no option"),
+])
+def test_bad_options_are_clear_errors(options, match):
+    model, x = build("residual")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxc.FxCompressError, match=match):
+        prune(model, x, **options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_user_model_untouched_and_report():
+    model, x = build("residual")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune(model, x, ratio=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "remove_channels" in result.report()
+    assert [h.name for h in result.history] == ["propagate_dependencies", "select_channels", "remove_channels"]
