@@ -122,7 +122,8 @@ class PassManager:
             t1 = time.perf_counter()
             ctx.require(p.name, p.requires)
             result = p.run(ctx)
-            ctx.gm.recompile()
+            if result.modified:
+                ctx.gm.recompile()
             t2 = time.perf_counter()
             record.seconds, record.modified = t2 - t1, result.modified
             record.stats, record.notes = dict(result.stats), tuple(result.notes)

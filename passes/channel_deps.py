@@ -20,7 +20,9 @@ softmax, a mean over channels), where removing differs from zeroing.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import gc
 from typing import Any
 
 import networkx as nx
@@ -74,13 +76,21 @@ class ChannelGraph:
         self.gm = gm
         self.rel = build_relations(gm)
         self.sizes = self.rel.sizes
-        self.graph = nx.Graph()
-        self.graph.add_nodes_from((s, {"size": n}) for s, n in self.sizes.items())
-        self.graph.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.edges)
-        self.graph.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.factor_edges)
+        self._graph: nx.Graph | None = None
         self._assign_units()
         self._controls()
         self._groups(attention)
+
+    @property
+    def graph(self) -> nx.Graph:
+        """Spaces as nodes (attribute ``size``), relations as edges (attribute ``map``), built on first use."""
+        if self._graph is None:
+            g = nx.Graph()
+            g.add_nodes_from((s, {"size": n}) for s, n in self.sizes.items())
+            g.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.edges)
+            g.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.factor_edges)
+            self._graph = g
+        return self._graph
 
     # -- units ------------------------------------------------------------------------------------------------
     def _assign_units(self) -> None:
@@ -112,7 +122,10 @@ class ChannelGraph:
                     else:  # s is the part, t the whole
                         cand, t_slice = us, slice(m.start, m.start + m.n)
                     if t in units:
-                        have = units[t][t_slice]
+                        have = units[t]
+                        if have is cand:
+                            continue
+                        have = have[t_slice]
                         if not torch.equal(have, cand):
                             conflicts.append((have, cand))
                         continue
@@ -123,9 +136,13 @@ class ChannelGraph:
                     comp[t] = n_comp
                     queue.append(t)
             n_comp += 1
-        labels = _union(nxt, conflicts)
         self.n_units = nxt
-        self.units = {s: labels[u] for s, u in units.items()}
+        if conflicts:
+            labels = _union(nxt, conflicts)
+            keys = list(units)
+            relabelled = torch.split(labels[torch.cat([units[k] for k in keys])], [units[k].numel() for k in keys])
+            units = dict(zip(keys, relabelled))
+        self.units = units
         self.component = comp
         self.n_components = n_comp
 
@@ -248,13 +265,14 @@ class ChannelGraph:
         Units of one connected set of spaces that come from different producers (the inputs of a concat) are
         independent choices, so they form different groups; units produced together (a residual stream) share one.
         """
-        big = len(self.rel.params) * 2 + 1
-        key = torch.full((self.n_units,), big, dtype=torch.long)
         params = list(self.rel.params.items())
-        for i, (s, p) in enumerate(params):
-            rank = i if p.role == "out" else len(params) + i
-            u = self.units[s]
-            key[u] = torch.minimum(key[u], torch.full_like(u, rank))
+        key = torch.full((self.n_units,), len(params) * 2 + 1, dtype=torch.long)
+        if params:
+            ranks = [i if p.role == "out" else len(params) + i for i, (_, p) in enumerate(params)]
+            units = [self.units[s] for s, _ in params]
+            flat = torch.cat(units)
+            rank = torch.repeat_interleave(torch.tensor(ranks), torch.tensor([u.numel() for u in units]))
+            key.scatter_reduce_(0, flat, rank, "amin")
         a, b = self.ctrl
         if a.numel():
             key.scatter_reduce_(0, b, key[a], "amin")
@@ -273,9 +291,15 @@ class ChannelGraph:
     def groups_of_space(self, s: Space) -> set[int]:
         u = self.units[s]
         direct = self.group_of[u]
-        out = set(direct[direct >= 0].tolist())
+        direct = direct[direct >= 0]
+        if not direct.numel():
+            out = set()
+        elif int(direct.min()) == int(direct.max()):
+            out = {int(direct[0])}
+        else:
+            out = set(direct.tolist())
         a, b = self.ctrl
-        if a.numel():
+        if a.numel() and bool(self.controlled[u].any()):
             mask = torch.isin(a, u)
             g = self.group_of[b[mask]]
             out |= set(g[g >= 0].tolist())
@@ -387,12 +411,16 @@ class ChannelGraph:
 
     def removed_positions(self, removed_units: torch.Tensor) -> dict[Space, torch.Tensor]:
         """For every space losing elements: the sorted positions removed (``removed_units`` after closure)."""
-        out = {}
-        for s, u in self.units.items():
-            hit = removed_units[u]
-            if bool(hit.any()):
-                out[s] = torch.nonzero(hit).flatten()
-        return out
+        if not hasattr(self, "_flat"):
+            keys = list(self.units)
+            sizes = torch.tensor([self.units[k].numel() for k in keys], dtype=torch.long)
+            self._flat = (keys, torch.cat([self.units[k] for k in keys]), torch.cumsum(sizes, 0) - sizes)
+        keys, flat, starts = self._flat
+        pos = torch.nonzero(removed_units[flat]).flatten()
+        space = torch.searchsorted(starts, pos, right=True) - 1
+        local = pos - starts[space]
+        ids, counts = torch.unique_consecutive(space, return_counts=True)
+        return {keys[i]: p for i, p in zip(ids.tolist(), torch.split(local, counts.tolist()))}
 
     def summary(self) -> str:
         return "\n".join(str(g) for g in self.groups)
@@ -479,8 +507,23 @@ def _get(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Building the graph allocates many small objects; full collections over the model would only slow it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def channel_graph(ctx: CompileContext, attention: str = "dims") -> ChannelGraph:
-    return ctx.analysis(ANALYSIS, lambda c: ChannelGraph(c.gm, attention))
+    def build(c: CompileContext) -> ChannelGraph:
+        with _gc_paused():
+            return ChannelGraph(c.gm, attention)
+    return ctx.analysis(ANALYSIS, build)
 
 
 class PropagateDependencies(Pass):
@@ -503,8 +546,8 @@ class PropagateDependencies(Pass):
         notes += [f"group {g.name}: left whole: {g.fixed[0]}" for g in groups if g.fixed and not g.n_prunable]
         notes += [f"group {g.name}: inexact: {g.inexact[0]}" for g in groups if g.inexact and g.n_prunable]
         stats = {
-            "spaces": cg.graph.number_of_nodes(),
-            "relations": cg.graph.number_of_edges(),
+            "spaces": len(cg.sizes),
+            "relations": len(cg.rel.edges) + len(cg.rel.factor_edges),
             "groups": len(groups),
             "prunable_groups": sum(1 for g in groups if g.n_prunable),
             "fixed_groups": sum(1 for g in groups if not g.n_prunable),

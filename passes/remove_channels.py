@@ -77,7 +77,6 @@ class RemoveChannels(Pass):
             touched = self._mask(cg, positions)
         else:
             touched = self._remove(ctx, cg, positions)
-            meta.propagate(ctx.gm, ctx.example_inputs)
         after = sum(p.numel() for p in ctx.gm.parameters())
         stats = {"mode": self.mode, "channels_removed": int(removed.sum()), "tensors_changed": touched,
                  "params_before": before, "params_after": after}
@@ -129,9 +128,28 @@ class RemoveChannels(Pass):
         _replace_attention(gm, cg, new_size, positions)
         _rewrite_graph(gm, cg, positions, new_size)
         gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        _update_meta(gm, new_size)
         return len(per_target)
+
+
+def _update_meta(gm: torch.fx.GraphModule, new_size: dict[Space, int]) -> None:
+    """Shapes after removal, from the plan: every pruned dim takes its new size (no forward pass needed)."""
+    def resize(owner: str, info):
+        if isinstance(info, meta.TensorInfo):
+            shape = tuple(new_size.get((owner, d), n) for d, n in enumerate(info.shape))
+            return info if shape == info.shape else meta.TensorInfo(shape, info.dtype)
+        return info
+
+    for node in gm.graph.nodes:
+        info = node.meta.get(meta.TENSOR)
+        if isinstance(info, meta.TensorInfo):
+            node.meta[meta.TENSOR] = resize(node.name, info)
+        elif type(info) in (tuple, list):
+            node.meta[meta.TENSOR] = type(info)(resize(f"{node.name}.{i}", t) for i, t in enumerate(info))
+        elif isinstance(info, meta.ValueInfo) and info.type_name == "Size" and node.op == "call_function":
+            src = node.args[0]
+            if isinstance(src, torch.fx.Node) and isinstance(src.meta.get(meta.TENSOR), meta.TensorInfo):
+                node.meta[meta.TENSOR] = meta.ValueInfo("Size", src.meta[meta.TENSOR].shape)
 
 
 def _get(gm: nn.Module, target: str) -> torch.Tensor:

@@ -62,8 +62,16 @@ class PruningPlan:
 
 # ---- scores --------------------------------------------------------------------------------------------------
 
-def _per_channel(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    return fn(t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1))
+def _per_channel(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor] | str) -> torch.Tensor:
+    """fn over each slice of ``t`` along ``dim``; "l1"/"l2sq" reduce in place without copying the tensor."""
+    t = t.detach().float()
+    if fn == "l1" or fn == "l2sq":
+        others = [d for d in range(t.dim()) if d != dim]
+        if not others:
+            return t.abs() if fn == "l1" else t.square()
+        norm = torch.linalg.vector_norm(t, 1 if fn == "l1" else 2, dim=others)
+        return norm if fn == "l1" else norm.square()
+    return fn(t.movedim(dim, 0).reshape(t.shape[dim], -1))
 
 
 def _param_scores(cg: ChannelGraph, roles: tuple[str, ...], fn,
@@ -71,19 +79,37 @@ def _param_scores(cg: ChannelGraph, roles: tuple[str, ...], fn,
     """Per-unit sum of fn(slice) over parameter members with the given roles, and which units had any."""
     score = torch.zeros(cg.n_units)
     seen = torch.zeros(cg.n_units, dtype=torch.bool)
+    members: dict[str, list] = {}
     for s, p in cg.rel.params.items():
-        if p.role not in roles or (weights_only and not p.target.endswith("weight")):
+        if p.role in roles and not (weights_only and not p.target.endswith("weight")):
+            members.setdefault(p.target, []).append((s, p.dim))
+    for target, dims in members.items():
+        t = _get(cg.gm, target)
+        if fn in ("l1", "l2sq"):
+            # one pass over the tensor: |w| (or w^2) summed over every dim no member indexes, then per member dim
+            kept = sorted({d for _, d in dims})
+            small = (t.detach().float().abs() if fn == "l1" else t.detach().float().square())
+            other = [d for d in range(t.dim()) if d not in kept]
+            small = small.sum(other) if other else small
+            for s, d in dims:
+                k = kept.index(d)
+                rest = [j for j in range(small.dim()) if j != k]
+                score.index_add_(0, cg.units[s], small.sum(rest) if rest else small)
+                seen[cg.units[s]] = True
             continue
-        t = _get(cg.gm, p.target)
-        score.index_add_(0, cg.units[s], _per_channel(t, p.dim, fn))
-        seen[cg.units[s]] = True
+        for s, d in dims:
+            score.index_add_(0, cg.units[s], _per_channel(t, d, fn))
+            seen[cg.units[s]] = True
     if "in" in roles:
         for s, g in cg.rel.grouped_inputs.items():
             w = cg.gm.get_submodule(g.module).weight.detach().float()
-            per = fn_grouped_in(w, g.groups, fn)
+            per = fn_grouped_in(w, g.groups, _ROW_FNS.get(fn, fn))
             score.index_add_(0, cg.units[s], per)
             seen[cg.units[s]] = True
     return cg.push_to_controllers(score), cg.push_to_controllers(seen, "or")
+
+
+_ROW_FNS = {"l1": lambda m: m.abs().sum(1), "l2sq": lambda m: m.pow(2).sum(1)}
 
 
 def fn_grouped_in(w: torch.Tensor, groups: int, fn) -> torch.Tensor:
@@ -104,8 +130,7 @@ WEIGHTS = ("out", "in", "attr")
 
 
 def magnitude(cg, ctx, opts, power: int) -> torch.Tensor:
-    fn = (lambda m: m.abs().sum(1)) if power == 1 else (lambda m: m.pow(2).sum(1))
-    score, _ = _param_scores(cg, WEIGHTS, fn)
+    score, _ = _param_scores(cg, WEIGHTS, "l1" if power == 1 else "l2sq")
     return score if power == 1 else score.sqrt()
 
 
@@ -117,8 +142,7 @@ def fpgm(cg, ctx, opts) -> torch.Tensor:
 
 
 def slim(cg, ctx, opts, square: bool = False) -> torch.Tensor:
-    score, seen = _param_scores(cg, ("norm",), (lambda m: m.pow(2).sum(1)) if square else (lambda m: m.abs().sum(1)),
-                                weights_only=True)
+    score, seen = _param_scores(cg, ("norm",), "l2sq" if square else "l1", weights_only=True)
     fallback = magnitude(cg, ctx, opts, 1)
     opts["_fallback"] = seen
     return torch.where(seen, score, fallback)

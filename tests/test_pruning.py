@@ -321,3 +321,20 @@ def test_user_model_untouched_and_report():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "remove_channels" in result.report()
     assert [h.name for h in result.history] == ["propagate_dependencies", "select_channels", "remove_channels"]
+
+
+# ---- golden CNNs ---------------------------------------------------------------------------------------------
+
+GOLDEN_FAST = ["resnet18", "resnet20-digits", "mobilenetv2-digits", "vgg-small-digits"]
+GOLDEN_SLOW = ["resnet50", "resnext50", "mobilenet_v2", "densenet121", "unet", "vgg11_bn", "resnet20-hard-digits",
+               "mobilenetv2-hard-digits", "vgg-small-hard-digits"]
+
+
+@pytest.mark.parametrize("name", GOLDEN_FAST + [pytest.param(n, marks=pytest.mark.slow) for n in GOLDEN_SLOW])
+def test_golden_cnn_mask_equals_remove(name):
+    model, x = fxc.golden.load(name)
+    randomize_bn(model)
+    last = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5, exclude=[last])
+    assert err <= 1e-5, err
+    assert removed.after.macs < 0.4 * removed.before.macs
