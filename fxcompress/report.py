@@ -21,7 +21,10 @@ def _ratio(after: float, before: float) -> str:
 
 
 def _stats(stats: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in stats.items() if v not in (0, None, [], {}, ()))
+    """Scalar stats in full; dict-valued ones (per-layer ratios) as their size, to keep the table readable."""
+    def show(v) -> str:
+        return f"<{len(v)} entries>" if isinstance(v, dict) else str(v)
+    return ", ".join(f"{k}={show(v)}" for k, v in stats.items() if v not in (0, None, [], {}, ()))
 
 
 def compile_report(model_name: str, before: Totals, after: Totals, history: Sequence[PassRecord],

@@ -72,10 +72,10 @@ class DenseBlock(nn.Module):
 
 
 def _model(spec: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
-    if spec.startswith("chain"):
+    if spec.startswith("chain") and spec[5:].isdigit():
         torch.manual_seed(0)
         return ResidualChain(int(spec[5:])).eval(), (torch.randn(1, 3, 8, 8),), "fc"
-    if spec.startswith("dense"):
+    if spec.startswith("dense") and spec[5:].isdigit():
         torch.manual_seed(0)
         return DenseBlock(int(spec[5:])).eval(), (torch.randn(1, 3, 8, 8),), "fc"
     model, x = fxc.golden.load(spec)
