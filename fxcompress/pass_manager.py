@@ -62,6 +62,7 @@ class PassManager:
         if self.dump is not None:
             self.instruments.append(self.dump)
         self.instruments.extend(instruments)
+        self._checked = any(isinstance(i, (Honesty, Verify)) for i in self.instruments)
         self.reproducer_dir = Path(reproducer_dir) if reproducer_dir is not None else None
 
     @property
@@ -122,7 +123,7 @@ class PassManager:
             t1 = time.perf_counter()
             ctx.require(p.name, p.requires)
             result = p.run(ctx)
-            if result.modified:
+            if result.modified or self._checked:  # checks read gm.code, so it must follow the graph
                 ctx.gm.recompile()
             t2 = time.perf_counter()
             record.seconds, record.modified = t2 - t1, result.modified
