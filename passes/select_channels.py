@@ -286,8 +286,15 @@ def _keep_every_space(cg: ChannelGraph, groups: list[ChannelGroup], removed: dic
             cand = b[torch.isin(a, u) & mask[b]]
         best = cand[torch.argmax(scores[cand])]
         grp = cg.groups[int(cg.group_of[best])]
-        local = int(cg.local[best])
-        removed[grp.name] = tuple(i for i in removed[grp.name] if i != local)
+        back = {int(cg.local[best])}
+        if grp.blocks is not None:  # give one back in every block, so removals stay equal per block
+            idx = torch.tensor(removed[grp.name], dtype=torch.long)
+            local_scores = scores[grp.units[idx]]
+            for b in range(int(grp.blocks.max()) + 1):
+                mine = grp.blocks[idx] == b
+                if bool(mine.any()):
+                    back.add(int(idx[mine][torch.argmax(local_scores[mine])]))
+        removed[grp.name] = tuple(i for i in removed[grp.name] if i not in back)
 
 
 # ---- counts ---------------------------------------------------------------------------------------------------

@@ -338,3 +338,26 @@ def test_golden_cnn_mask_equals_remove(name):
     err, masked, removed = mask_vs_remove(model, x, ratio=0.5, exclude=[last])
     assert err <= 1e-5, err
     assert removed.after.macs < 0.4 * removed.before.macs
+
+
+@pytest.mark.parametrize("name, classifier", [("vit-tiny-digits", "head"), ("resnet20-digits", "fc")])
+def test_pruned_models_export_and_run_in_ort(name, classifier, tmp_path):
+    from fxcompress.export import ort
+
+    model, x = fxc.golden.load(name)
+    result = prune(model, x, ratio=0.5, exclude=[classifier])
+    path = result.export_onnx(tmp_path / "pruned.onnx")
+    batch = torch.randn(3, *x[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scale = result.module(batch).abs().max().item()
+    assert ort.max_abs_diff(result.module, path, batch) <= 1e-4 * scale
+
+
+def test_attention_whole_heads():
+    model, x = fxc.golden.load("vit-tiny-digits")
+    result = prune(model, x, ratio=0.5, exclude=["head"], attention="heads")
+    orig = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    new = next(m for m in result.module.modules() if isinstance(m, PrunedMultiheadAttention))
+    assert new.head_dim == orig.head_dim and new.num_heads == orig.num_heads // 2
+    with torch.no_grad():
+        assert torch.isfinite(result.module(*x)).all()
