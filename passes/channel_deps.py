@@ -34,7 +34,7 @@ from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
 from fxcompress.pass_base import Contract, Pass, PassResult
 
-from .channel_rules import Factor, Identity, Offset, Relations, Space, rule_for
+from .channel_rules import Identity, Relations, Space, rule_for
 
 ANALYSIS = "channel_groups"
 ATTENTION_MODES = ("dims", "heads", "both")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx

@@ -1,0 +1,280 @@
+"""Channel rules of layers with parameters: convolutions, Linear, normalisations, Embedding, attention."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxcompress import meta
+
+from .channel_spaces import GroupedInput, Relations, _arg, unary
+
+
+def conv(r: Relations, node: torch.fx.Node, m: nn.modules.conv._ConvNd) -> None:
+    x = node.args[0]
+    shape = r.shape(x)
+    spatial = len(m.kernel_size)
+    c = len(shape) - spatial - 1  # channel dim (0 when unbatched)
+    for d in range(c):
+        r.equal(r.sp(x, d), r.out(d))
+    target = node.target
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    g = m.groups
+    w_out, w_in = (1, 0) if transposed else (0, 1)
+    cin, cout = m.in_channels, m.out_channels
+    if m.bias is not None:
+        r.equal(r.out(c), r.param_space(f"{target}.bias", 0, "out", target))
+    if g == 1:
+        r.equal(r.sp(x, c), r.param_space(f"{target}.weight", w_in, "in", target))
+        r.equal(r.out(c), r.param_space(f"{target}.weight", w_out, "out", target))
+        return
+    if cin == g:  # depthwise: input channel i feeds outputs i*mult .. (i+1)*mult - 1
+        mult = cout // g
+        weight = r.param_space(f"{target}.weight", 1 if transposed else 0, "out", target)
+        if transposed:  # weight (in, out/g, *k): dim 0 is per input channel
+            r.equal(r.sp(x, c), r.param_space(f"{target}.weight", 0, "out", target))
+        if mult == 1:
+            r.equal(r.sp(x, c), r.out(c))
+            if not transposed:
+                r.equal(r.out(c), weight)
+            return
+        virtual = r.space(f"~{target}.multiplier", 0, mult)
+        r.fixed(virtual, f"{target}: depthwise channel multiplier")
+        r.factors(r.out(c), [r.sp(x, c), virtual])
+        if not transposed:
+            r.factors(weight, [r.sp(x, c), virtual])
+        return
+    # grouped: per-group output channels are the weight's out dim; inputs are read per group
+    if transposed:
+        r.barrier(f"{target}: grouped transposed conv")
+        return
+    r.equal(r.out(c), r.param_space(f"{target}.weight", 0, "out", target))
+    r.grouped(r.out(c), g)
+    r.grouped(r.sp(x, c), g)
+    r.grouped_inputs[r.sp(x, c)] = GroupedInput(target, g, transposed)
+
+
+def functional_conv(r: Relations, node: torch.fx.Node, _=None) -> None:
+    x, w = node.args[0], _arg(node, 1, "weight")
+    b = _arg(node, 2, "bias")
+    groups = _arg(node, 6, "groups", 1)
+    transposed = "transpose" in node.target.__name__
+    if groups != 1 or not isinstance(w, torch.fx.Node):
+        return r.barrier(f"{r.where()}: functional conv with groups={groups}")
+    w_out, w_in = (1, 0) if transposed else (0, 1)
+    c = 1 if len(r.shape(x)) == len(r.shape(w)) else 0
+    for d in range(c):
+        r.equal(r.sp(x, d), r.out(d))
+    r.equal(r.sp(x, c), r.sp(w, w_in))
+    r.equal(r.out(c), r.sp(w, w_out))
+    if isinstance(b, torch.fx.Node):
+        r.equal(r.out(c), r.sp(b, 0))
+
+
+def linear(r: Relations, node: torch.fx.Node, m: nn.Linear) -> None:
+    x = node.args[0]
+    n = len(r.shape(x))
+    for d in range(n - 1):
+        r.equal(r.sp(x, d), r.out(d))
+    r.equal(r.sp(x, -1), r.param_space(f"{node.target}.weight", 1, "in", node.target))
+    r.equal(r.out(-1), r.param_space(f"{node.target}.weight", 0, "out", node.target))
+    if m.bias is not None:
+        r.equal(r.out(-1), r.param_space(f"{node.target}.bias", 0, "out", node.target))
+
+
+def functional_linear(r: Relations, node: torch.fx.Node, _=None) -> None:
+    x, w, b = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    for d in range(len(r.shape(x)) - 1):
+        r.equal(r.sp(x, d), r.out(d))
+    r.equal(r.sp(x, -1), r.sp(w, 1))
+    r.equal(r.out(-1), r.sp(w, 0))
+    if isinstance(b, torch.fx.Node):
+        r.equal(r.out(-1), r.sp(b, 0))
+
+
+def matmul(r: Relations, node: torch.fx.Node, _=None) -> None:
+    a, b = node.args[0], node.args[1]
+    sa, sb, so = r.shape(a), r.shape(b), r.shape(node)
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        return r.barrier(f"{r.where()}: matmul of a vector or a non-tensor")
+    r.equal(r.sp(a, -1), r.sp(b, -2))  # contracted
+    r.equal(r.sp(a, -2), r.out(-2))
+    r.equal(r.sp(b, -1), r.out(-1))
+    for x, s in ((a, sa), (b, sb)):
+        for k in range(len(s) - 2):
+            d = len(so) - len(s) + k
+            if s[k] == so[d]:
+                r.equal(r.sp(x, k), r.out(d))
+
+
+def batchnorm(r: Relations, node: torch.fx.Node, m: nn.Module) -> None:
+    unary(r, node)
+    x = node.args[0]
+    c = 1 if len(r.shape(x)) > 1 else 0
+    for name in ("weight", "bias"):
+        if getattr(m, name, None) is not None:
+            r.equal(r.out(c), r.param_space(f"{node.target}.{name}", 0, "norm", node.target))
+    for name in ("running_mean", "running_var"):
+        if getattr(m, name, None) is not None:
+            r.equal(r.out(c), r.param_space(f"{node.target}.{name}", 0, "buffer", node.target))
+
+
+def functional_batchnorm(r: Relations, node: torch.fx.Node, _=None) -> None:
+    unary(r, node)
+    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        p = _arg(node, i, name)
+        if isinstance(p, torch.fx.Node):
+            r.equal(r.out(1), r.sp(p, 0))
+
+
+def layernorm(r: Relations, node: torch.fx.Node, m: nn.LayerNorm) -> None:
+    unary(r, node)
+    k = len(m.normalized_shape)
+    n = len(r.shape(node))
+    for j in range(k):
+        d = n - k + j
+        r.inexact(r.out(d), f"{node.target} (LayerNorm) normalises over this dim")
+        for name in ("weight", "bias"):
+            if getattr(m, name, None) is not None:
+                r.equal(r.out(d), r.param_space(f"{node.target}.{name}", j, "norm", node.target))
+    r.hook("layernorm")
+
+
+def functional_layernorm(r: Relations, node: torch.fx.Node, _=None) -> None:
+    unary(r, node)
+    shape = _arg(node, 1, "normalized_shape")
+    k = len(shape)
+    n = len(r.shape(node))
+    for j in range(k):
+        r.inexact(r.out(n - k + j), f"{r.where()} normalises over this dim")
+        for i, name in ((2, "weight"), (3, "bias")):
+            p = _arg(node, i, name)
+            if isinstance(p, torch.fx.Node):
+                r.equal(r.out(n - k + j), r.sp(p, j))
+    r.hook("layernorm")
+
+
+def groupnorm(r: Relations, node: torch.fx.Node, m: nn.GroupNorm) -> None:
+    unary(r, node)
+    if m.num_groups != m.num_channels:
+        r.inexact(r.out(1), f"{node.target} (GroupNorm) normalises over groups of channels")
+    r.grouped(r.out(1), m.num_groups)
+    if m.affine:
+        for name in ("weight", "bias"):
+            r.equal(r.out(1), r.param_space(f"{node.target}.{name}", 0, "norm", node.target))
+
+
+def prelu(r: Relations, node: torch.fx.Node, m: nn.PReLU) -> None:
+    unary(r, node)
+    if m.num_parameters > 1:
+        r.equal(r.out(1), r.param_space(f"{node.target}.weight", 0, "norm", node.target))
+
+
+def embedding(r: Relations, node: torch.fx.Node, m: nn.Embedding) -> None:
+    x = node.args[0]
+    for d in range(len(r.shape(x))):
+        r.equal(r.sp(x, d), r.out(d))
+    r.equal(r.out(-1), r.param_space(f"{node.target}.weight", 1, "out", node.target))
+
+
+def pixel_shuffle(r: Relations, node: torch.fx.Node, m: Any = None) -> None:
+    """PixelShuffle(s): input channel c*s*s + k becomes output channel c; Unshuffle the reverse."""
+    x = node.args[0]
+    shape = r.shape(x)
+    shuffle = isinstance(m, nn.PixelShuffle) or node.target is F.pixel_shuffle
+    s = (m.upscale_factor if shuffle else m.downscale_factor) if isinstance(m, nn.Module) else node.args[1]
+    c = len(shape) - 3
+    for d in range(c):
+        r.equal(r.sp(x, d), r.out(d))
+    where = node.target if isinstance(node.target, str) else node.name
+    virtual = r.space(f"~{where}.block", 0, s * s)
+    r.fixed(virtual, f"{where}: sub-pixel position")
+    if shuffle:
+        r.factors(r.sp(x, c), [r.out(c), virtual])
+    else:
+        r.factors(r.out(c), [r.sp(x, c), virtual])
+
+
+def glu(r: Relations, node: torch.fx.Node, _=None) -> None:
+    x = node.args[0]
+    dim = _arg(node, 1, "dim", -1) % len(r.shape(x))
+    half = r.shape(node)[dim]
+    for d in range(len(r.shape(x))):
+        if d == dim:
+            r.part(r.out(d), r.sp(x, d), 0)
+            r.part(r.out(d), r.sp(x, d), half)
+        else:
+            r.equal(r.sp(x, d), r.out(d))
+
+
+def multihead_attention(r: Relations, node: torch.fx.Node, m: nn.MultiheadAttention) -> None:
+    """nn.MultiheadAttention: embed dims of query/key/value and output, heads and per-head dims as factors."""
+    t = node.target
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return r.barrier(f"{t}: MultiheadAttention with kdim/vdim, bias_k or add_zero_attn")
+    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    outs = node.meta.get(meta.TENSOR)
+    out = f"{node.name}.0"
+    sq = r.shape(q)
+    e_in = r.param_space(f"{t}.in_proj_weight", 1, "in", t)
+    for x in (q, k, v):
+        r.equal(r.sp(x, -1), e_in)
+    for d in range(len(sq) - 1):
+        r.equal(r.sp(q, d), r.space(out, d, outs[0].shape[d]))
+    out_e = r.space(out, len(sq) - 1, outs[0].shape[-1])
+    r.equal(out_e, r.param_space(f"{t}.out_proj.weight", 0, "out", t))
+    if m.out_proj.bias is not None:
+        r.equal(out_e, r.param_space(f"{t}.out_proj.bias", 0, "out", t))
+    heads = r.space(f"~{t}.heads", 0, m.num_heads)
+    head_dim = r.space(f"~{t}.head_dim", 0, m.head_dim)
+    which = r.space(f"~{t}.qkv", 0, 3)
+    r.fixed(which, f"{t}: query/key/value selector")
+    r.factors(r.param_space(f"{t}.in_proj_weight", 0, "out", t), [which, heads, head_dim])
+    if m.in_proj_bias is not None:
+        r.factors(r.param_space(f"{t}.in_proj_bias", 0, "out", t), [which, heads, head_dim])
+    r.factors(r.param_space(f"{t}.out_proj.weight", 1, "in", t), [heads, head_dim])
+    r.hook("attention")
+    if isinstance(outs[1], meta.TensorInfo):  # attention weights: heads averaged or per head
+        r.fix_all(node, f"{t}: attention weights are an output")
+        r.fixed_spaces.pop(out_e, None)
+        for d in range(len(sq) - 1):
+            r.fixed_spaces.pop((out, d), None)
+
+
+def sdpa(r: Relations, node: torch.fx.Node, _=None) -> None:
+    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    r.equal(r.sp(q, -1), r.sp(k, -1))
+    r.equal(r.sp(v, -1), r.out(-1))
+    r.equal(r.sp(q, -2), r.out(-2))
+    r.equal(r.sp(k, -2), r.sp(v, -2))
+    so = r.shape(node)
+    for x in (q, k, v):
+        s = r.shape(x)
+        for j in range(len(s) - 2):
+            d = len(so) - len(s) + j
+            if s[j] == so[d]:
+                r.equal(r.sp(x, j), r.out(d))
+    r.hook("sdpa")
+
+
+def repeat(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """Tiling: output element e of a repeated dim is input element e % n."""
+    x = node.args[0]
+    reps = node.args[1:] if len(node.args) > 2 or isinstance(node.args[1], int) else node.args[1]
+    shape, out = r.shape(x), r.shape(node)
+    extra = len(out) - len(shape)
+    for k, size in enumerate(shape):
+        d = k + extra
+        if reps[d] == 1:
+            r.equal(r.sp(x, k), r.out(d))
+        else:
+            tile = r.space(f"~{node.name}.tile{d}", 0, reps[d])
+            r.fixed(tile, f"{r.where()}: tile index")
+            r.factors(r.out(d), [tile, r.sp(x, k)])
+
+
+def recurrent(r: Relations, node: torch.fx.Node, m: nn.Module) -> None:
+    r.barrier(f"{node.target} ({type(m).__name__}): recurrent layers are not pruned")
