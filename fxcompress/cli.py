@@ -1,4 +1,4 @@
-"""The ``fxcompress`` command: ``passes``, ``compress``, ``inspect``.
+"""The ``fxcompress`` command: ``passes``, ``compress``, ``inspect``, ``groups``, ``bench``.
 
 MODEL is a golden model's name (``fxcompress inspect resnet18``) or ``package.module:factory``, where the factory
 returns a module or ``(module, example_inputs)``; with a bare module, give ``--input-shape 1,3,224,224``.
@@ -36,6 +36,23 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     ctx = pm.context(model, inputs, eval_mode=True)
     pm.run(ctx)
     print(node_table(counting.node_costs(ctx.gm), counting.totals(ctx.gm)))
+
+
+def cmd_groups(args: argparse.Namespace) -> None:
+    """The channel groups of MODEL: what would be pruned together, and what is left whole and why."""
+    from fxcompress.passes.channel_deps import ChannelGraph
+
+    model, inputs = load_model(args.model, args.input_shape)
+    pm = PassManager(args.recipe or [])
+    ctx = pm.context(model, inputs, eval_mode=True)
+    pm.run(ctx)
+    cg = ChannelGraph(ctx.gm, args.attention)
+    rows = [[g.name, g.size, g.n_prunable, len(g.members),
+             "inexact: " + g.inexact[0] if g.inexact else "", g.fixed[0] if g.fixed else ""] for g in cg.groups]
+    print(tabulate(rows, headers=["group", "channels", "prunable", "members", "exactness", "fixed because"],
+                   tablefmt="simple"))
+    for node, why in cg.rel.barriers.items():
+        print(f"barrier {node}: {why}")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -85,12 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("passes", help="list the passes: name, contract, options, one-line doc").set_defaults(fn=cmd_passes)
     for name, fn, help_text in (("compress", cmd_compress, "compile MODEL through a recipe"),
-                                ("inspect", cmd_inspect, "per-node params, MACs and bytes of MODEL")):
+                                ("inspect", cmd_inspect, "per-node params, MACs and bytes of MODEL"),
+                                ("groups", cmd_groups, "the channel groups pruning would remove together")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
         p.add_argument("--recipe", required=name == "compress", help="TOML recipe ([[passes]] tables)")
         p.add_argument("--input-shape", help="example input shape when the factory returns a bare module")
         p.set_defaults(fn=fn)
+        if name == "groups":
+            p.add_argument("--attention", default="dims", choices=("dims", "heads", "both"),
+                           help="which factor of attention heads x head dims is prunable")
         if name == "compress":
             p.add_argument("--export", metavar="OUT.onnx", help="write the result as ONNX and check it in ORT")
             p.add_argument("--dump-dir", help="write numbered code dumps and diffs of each pass here")

@@ -49,6 +49,21 @@ def test_inspect_golden_model_per_node(capsys):
     assert lines[-1].startswith("total") and "11689512" in lines[-1] and "1.814 G" in lines[-1]
 
 
+def test_groups_lists_channel_groups_and_barriers(capsys):
+    assert main(["groups", "zoo:small_resnet"]) == 0
+    out = capsys.readouterr().out
+    assert "prunable" in out and "model output" in out
+
+
+def test_compress_with_prune_recipe(tmp_path, capsys):
+    path = tmp_path / "prune.toml"
+    path.write_text('[[passes]]\npass = "prune"\nratio = 0.5\n\n[[passes]]\npass = "fold_bn"\n')
+    assert main(["compress", "resnet20-digits", "--recipe", str(path), "--export", str(tmp_path / "p.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "remove_channels" in out and "channels_removed" in out
+    assert float(out.split("max abs diff")[1].split()[0]) <= 1e-4
+
+
 def bare_factory():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
 

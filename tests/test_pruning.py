@@ -361,3 +361,17 @@ def test_attention_whole_heads():
     assert new.head_dim == orig.head_dim and new.num_heads == orig.num_heads // 2
     with torch.no_grad():
         assert torch.isfinite(result.module(*x)).all()
+
+
+def test_channel_graph_is_a_networkx_graph_of_named_spaces():
+    import networkx as nx
+
+    from fxcompress.passes.channel_spaces import Factor, Identity, Offset
+
+    cg = groups(*build("splits_views"))
+    g = cg.graph
+    assert isinstance(g, nx.Graph)
+    assert g.nodes[("conv_0", 1)]["size"] == 12 and ("@conv.0.weight", 0) in g
+    maps = {type(d["map"]) for _, _, d in g.edges(data=True)}
+    assert maps == {Identity, Offset, Factor}
+    assert g.edges[("split.0", 1), ("conv_2", 1)]["map"] == Offset(0, 4)
