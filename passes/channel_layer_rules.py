@@ -213,7 +213,8 @@ def glu(r: Relations, node: torch.fx.Node, _=None) -> None:
 def multihead_attention(r: Relations, node: torch.fx.Node, m: nn.MultiheadAttention) -> None:
     """nn.MultiheadAttention: embed dims of query/key/value and output, heads and per-head dims as factors."""
     t = node.target
-    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+    if not getattr(m, "_qkv_same_embed_dim", True) or getattr(m, "bias_k", None) is not None \
+            or getattr(m, "add_zero_attn", False):
         return r.barrier(f"{t}: MultiheadAttention with kdim/vdim, bias_k or add_zero_attn")
     q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     outs = node.meta.get(meta.TENSOR)

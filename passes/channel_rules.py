@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxcompress import meta
+from fxcompress.modules import PrunedMultiheadAttention
 
 from .channel_layer_rules import (batchnorm, conv, embedding, functional_batchnorm, functional_conv,
                                   functional_layernorm, functional_linear, glu, groupnorm, layernorm, linear,
@@ -373,7 +374,7 @@ RULES: dict[Any, Callable[..., None]] = {
     nn.PixelShuffle: pixel_shuffle, nn.PixelUnshuffle: pixel_shuffle, F.pixel_shuffle: pixel_shuffle,
     F.pixel_unshuffle: pixel_shuffle,
     F.glu: glu,
-    nn.MultiheadAttention: multihead_attention,
+    nn.MultiheadAttention: multihead_attention, PrunedMultiheadAttention: multihead_attention,
     F.scaled_dot_product_attention: sdpa,
     **{m: recurrent for m in (nn.LSTM, nn.GRU, nn.RNN)},
 }

@@ -375,3 +375,15 @@ def test_channel_graph_is_a_networkx_graph_of_named_spaces():
     maps = {type(d["map"]) for _, _, d in g.edges(data=True)}
     assert maps == {Identity, Offset, Factor}
     assert g.edges[("split.0", 1), ("conv_2", 1)]["map"] == Offset(0, 4)
+
+
+def test_pruning_twice_prunes_the_pruned_attention_again():
+    model, x = fxc.golden.load("vit-tiny-digits")
+    step = {"pass": "prune", "ratio": 0.5, "exclude": ["head"]}
+    result = fxc.compile(model, x, [step, step])
+    orig = next(m for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    new = next(m for m in result.module.modules() if isinstance(m, PrunedMultiheadAttention))
+    assert new.head_dim == orig.head_dim // 4
+    assert new.scale == pytest.approx(orig.head_dim ** -0.5)
+    with torch.no_grad():
+        assert torch.isfinite(result.module(*x)).all()
