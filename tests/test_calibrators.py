@@ -1,0 +1,93 @@
+"""Calibrators: exact histogram growth, and vectorised threshold searches equal to straightforward loops."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxcompress.passes.calibrators import Histogram, MinMax
+
+
+def _kl_loop(hist: np.ndarray, levels: int) -> list[float]:
+    """TensorRT entropy calibration written plainly, one candidate and one bin at a time."""
+    out = []
+    for i in range(levels, len(hist) + 1):
+        sliced = hist[:i].astype(np.float64)
+        p = sliced.copy()
+        p[i - 1] += hist[i:].sum()
+        merged = i // levels
+        q = np.zeros(i)
+        for g in range(levels):
+            start = g * merged
+            stop = i if g == levels - 1 else start + merged
+            nz = p[start:stop] > 0
+            if nz.sum():
+                q[start:stop][nz] = sliced[start:stop].sum() / nz.sum()
+        p /= p.sum()
+        q /= q.sum()
+        mask = p > 0
+        if (q[mask] == 0).any():
+            out.append(math.inf)
+            continue
+        out.append(float((p[mask] * np.log(p[mask] / q[mask])).sum()))
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), bins=st.sampled_from([256, 512]), levels=st.sampled_from([16, 128]),
+       heavy=st.booleans())
+def test_vectorised_kl_equals_loop(seed, bins, levels, heavy):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5000, generator=g)
+    if heavy:
+        x = x * torch.rand(5000, generator=g).pow(4) * 10  # a long tail
+    h = Histogram(bins)
+    h.update(x)
+    _, kl = h.kl_divergences(levels)
+    ref = _kl_loop(h.counts.numpy(), levels)
+    assert np.allclose(kl.numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_range_growth_is_exact():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(1000, generator=g) * s for s in (0.1, 1.0, 7.0)]
+    grown = Histogram(512)
+    for x in parts:
+        grown.update(x)
+    direct = Histogram(512)
+    direct.range = grown.range
+    direct.update(torch.cat(parts))
+    assert torch.equal(grown.counts, direct.counts)
+    assert grown.counts.sum() == 3000
+
+
+def test_kl_tolerance_takes_a_larger_threshold_and_one_is_plain_kl():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20000, generator=g) * torch.rand(20000, generator=g).pow(3) * 5
+    h = Histogram(2048)
+    h.update(x)
+    plain = h.kl(128)
+    assert h.kl(128, tolerance=1.0) == plain
+    loose = h.kl(128, tolerance=1.3)
+    assert plain <= loose <= h.range
+    cands, kl = h.kl_divergences(128)
+    i = round(loose / h.width - 0.5)
+    assert kl[cands == i].item() <= 1.3 * kl.min().item() + 1e-12
+
+
+def test_percentile_mse_minmax():
+    x = torch.linspace(-4, 4, 8001)
+    h = Histogram(2048)
+    h.update(x)
+    assert h.percentile(100) == pytest.approx(4.0, rel=1e-3)
+    assert h.percentile(50) == pytest.approx(2.0, rel=1e-2)
+    t = h.mse(256)
+    assert 0 < t <= 4.0 + h.width
+    m = MinMax(axis=0)
+    m.update(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    assert m.min.tolist() == [-2.0, 0.5] and m.max.tolist() == [1.0, 3.0]
+    assert not math.isnan(h.kl(128))
