@@ -91,3 +91,49 @@ def test_percentile_mse_minmax():
     m.update(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
     assert m.min.tolist() == [-2.0, 0.5] and m.max.tolist() == [1.0, 3.0]
     assert not math.isnan(h.kl(128))
+
+
+def _fake_quant(x, scale, zero, spec):
+    q = torch.clamp(torch.round(x / scale) + zero, spec.qmin, spec.qmax)
+    return (q - zero) * scale
+
+
+def test_qparams_per_channel_unsigned_affine_and_histogram_methods():
+    from fxcompress.passes.quant_spec import QuantSpec, qparams
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.01]).view(4, 1, 1, 1)
+    spec = QuantSpec(axis=0)
+    cal = spec.calibrator()
+    cal.update(w)
+    scale, zero = qparams(spec, cal)
+    assert scale.shape == (4,) and not zero.any()
+    assert torch.allclose(scale, w.abs().amax((1, 2, 3)) / 127)
+    err = (_fake_quant(w, scale.view(4, 1, 1, 1), 0, spec) - w).abs()
+    assert (err <= scale.view(4, 1, 1, 1) / 2 + 1e-7).all()
+
+    relu = torch.relu(torch.randn(1000, generator=g))
+    spec = QuantSpec(signed=False)
+    cal = spec.calibrator()
+    cal.update(relu)
+    scale, zero = qparams(spec, cal)
+    assert zero == 0 and scale == pytest.approx(relu.max().item() / 255)
+
+    x = torch.randn(1000, generator=g) + 2.0
+    spec = QuantSpec(signed=False, symmetric=False)
+    cal = spec.calibrator()
+    cal.update(x)
+    scale, zero = qparams(spec, cal)
+    assert 0 < zero < 255
+    assert (_fake_quant(x, scale, zero, spec) - x).abs().max() <= scale / 2 + 1e-6
+
+    for method in ("percentile", "mse", "kl", "kl_tolerance"):
+        spec = QuantSpec(method=method)
+        cal = spec.calibrator()
+        cal.update(torch.randn(20000, generator=g) * torch.rand(20000, generator=g).pow(3) * 5)
+        scale, zero = qparams(spec, cal)
+        assert 0 < scale.item() * 127 <= max(abs(cal.min), abs(cal.max)) + 1e-6, method
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=1)
+    with pytest.raises(ValueError, match="saw no data"):
+        qparams(QuantSpec(), QuantSpec().calibrator())

@@ -1,0 +1,103 @@
+"""Quantization specs as data, and the scale / zero point a calibrated observer gives for them.
+
+A ``QuantSpec`` says how one tensor is quantized: bit width, signed or unsigned integers, symmetric or affine,
+per tensor or per channel (``axis``), and how its range is chosen (``method``):
+
+    minmax        the observed range,
+    percentile    the ``percentile``-th percentile of |x|,
+    mse           the threshold minimising the expected squared error,
+    kl            TensorRT's entropy calibration,
+    kl_tolerance  the largest threshold whose KL is within ``tolerance`` x the smallest.
+
+Histogram methods give a threshold T on |x|: a symmetric spec maps [-T, T] (signed) or [0, T] (unsigned);
+an affine spec clips the observed [min, max] to [-T, T].  Every range contains 0, so zero is exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .calibrators import Histogram, MinMax
+
+METHODS = ("minmax", "percentile", "mse", "kl", "kl_tolerance")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    axis: int | None = None  # per-channel axis, None for per tensor
+    method: str = "minmax"
+    tolerance: float = 1.3
+    percentile: float = 99.999
+    bins: int = 2048
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be between 2 and 16, got {self.bits}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.axis is not None and self.method != "minmax":
+            raise ValueError("per-channel specs use the minmax method")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+    @property
+    def levels(self) -> int:
+        """Quantization levels on one side of zero, as the KL search counts them (128 int8, 256 uint8)."""
+        return 2 ** (self.bits - 1) if self.signed else 2 ** self.bits
+
+    def calibrator(self) -> MinMax | Histogram:
+        return MinMax(self.axis) if self.method == "minmax" else Histogram(self.bins)
+
+    def __str__(self) -> str:
+        kind = f"{'s' if self.signed else 'u'}{self.bits}"
+        where = f"axis={self.axis}" if self.axis is not None else "per-tensor"
+        extra = f", tolerance={self.tolerance}" if self.method == "kl_tolerance" else ""
+        return f"{kind} {'symmetric' if self.symmetric else 'affine'} {where} {self.method}{extra}"
+
+
+def threshold(spec: QuantSpec, hist: Histogram) -> float:
+    if spec.method == "percentile":
+        return hist.percentile(spec.percentile)
+    if spec.method == "mse":
+        return hist.mse(spec.levels)
+    if spec.method == "kl":
+        return hist.kl(spec.levels)
+    return hist.kl(spec.levels, spec.tolerance)
+
+
+def qparams(spec: QuantSpec, cal: MinMax | Histogram) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) for a calibrated observer: float32 scales, int32 zero points."""
+    if isinstance(cal, MinMax):
+        if cal.min is None:
+            raise ValueError("the observer saw no data")
+        lo, hi = cal.min.double(), cal.max.double()
+    else:
+        if hist_empty(cal):
+            raise ValueError("the observer saw no data")
+        t = threshold(spec, cal) if spec.method != "minmax" else max(abs(cal.min), abs(cal.max))
+        lo = torch.tensor(max(cal.min, -t), dtype=torch.float64)
+        hi = torch.tensor(min(cal.max, t), dtype=torch.float64)
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    tiny = torch.finfo(torch.float32).tiny
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)  # [-amax, amax] onto [-qmax, qmax] (signed) or [0, amax] onto [0, qmax]
+        scale = (amax / spec.qmax).clamp(min=tiny)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=tiny)
+        zero = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax).to(torch.int32)
+    return scale.float(), zero
+
+
+def hist_empty(h: Histogram) -> bool:
+    return float(h.counts.sum()) == 0
