@@ -1,5 +1,7 @@
 """Modules the rewrites put into a model: plain PyTorch, exportable to ONNX.
 
+``Observer`` passes its input through unchanged while a calibrator records its statistics.
+
 ``PrunedMultiheadAttention`` stands in for an ``nn.MultiheadAttention`` after channel removal: its embedding
 width (input and output) and its inner width (heads × head_dim) may differ, and it keeps the softmax scale of
 the original model rather than recomputing it from the (smaller) head dim.
@@ -86,3 +88,32 @@ class PrunedMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_proj_weight.shape[1]}, heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"out={self.out_proj.out_features}, scale={self.scale:.4g}, batch_first={self.batch_first}")
+
+
+class Observer(nn.Module):
+    """Records the statistics of the tensor flowing through it and returns that tensor unchanged.
+
+    ``spec`` is a ``QuantSpec``; the calibrator it names (``MinMax`` or ``Histogram``) accumulates every batch
+    while ``enabled``.  ``qparams()`` gives the scale and zero point for the spec.
+    """
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        self.calibrator = spec.calibrator()
+        self.enabled = True
+        self.batches = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and isinstance(x, torch.Tensor):
+            self.calibrator.update(x)
+            self.batches += 1
+        return x
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from fxcompress.passes.quant_spec import qparams
+
+        return qparams(self.spec, self.calibrator)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, batches={self.batches}"

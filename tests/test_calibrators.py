@@ -137,3 +137,21 @@ def test_qparams_per_channel_unsigned_affine_and_histogram_methods():
         QuantSpec(bits=1)
     with pytest.raises(ValueError, match="saw no data"):
         qparams(QuantSpec(), QuantSpec().calibrator())
+
+
+def test_observer_passes_tensors_through_and_calibrates():
+    from fxcompress.modules import Observer
+    from fxcompress.passes.quant_spec import QuantSpec
+
+    obs = Observer(QuantSpec(signed=False, method="kl"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.relu(torch.randn(2, 8, 4, 4, generator=g))
+        assert obs(x) is x
+    assert obs.batches == 3
+    scale, zero = obs.qparams()
+    assert zero == 0 and 0 < scale.item() * 255 <= obs.calibrator.max + 1e-6
+    obs.enabled = False
+    obs(torch.full((3,), 1e6))
+    assert obs.batches == 3 and obs.calibrator.max < 1e6
+    assert "u8" in repr(obs) and "kl" in repr(obs)
