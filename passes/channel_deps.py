@@ -35,6 +35,7 @@ from fxcompress.errors import RecipeError, did_you_mean
 from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .channel_rules import Identity, Relations, Space, rule_for
+from .channel_spaces import lookup
 
 ANALYSIS = "channel_groups"
 ATTENTION_MODES = ("dims", "heads", "both")
@@ -460,7 +461,7 @@ def build_relations(gm: torch.fx.GraphModule) -> Relations:
         elif node.op == "get_attr":
             info = meta.tensor_info(node)
             if info is not None:
-                t = _get(gm, node.target)
+                t = lookup(gm, node.target)
                 role = "attr" if isinstance(t, torch.nn.Parameter) else "buffer"
                 for d in range(len(info.shape)):
                     r.equal(r.out(d), r.param_space(node.target, d, role))
@@ -498,13 +499,6 @@ def _fix_untouched(r: Relations, values: list[torch.fx.Node], what: str) -> None
             for d, size in enumerate(t.shape):
                 if (owner, d) not in r.touched and size > 1:
                     r.fixed(r.space(owner, d, size), f"{what} uses dim {d} of {owner} without relating it")
-
-
-def _get(gm: torch.nn.Module, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 @contextlib.contextmanager

@@ -126,7 +126,7 @@ class Relations:
         return self.sp(self.node, dim)
 
     def param_space(self, target: str, dim: int, role: str, module: str = "") -> Space:
-        t = _lookup(self.gm, target)
+        t = lookup(self.gm, target)
         key = self.space("@" + target, dim, t.shape[dim])
         self.params.setdefault(key, ParamMember(target, dim, role, module))
         return key
@@ -191,7 +191,8 @@ class Relations:
                         self.fixed(self.space(f"{value.name}.{i}", d, item.shape[d]), why)
 
 
-def _lookup(gm: torch.nn.Module, target: str) -> torch.Tensor:
+def lookup(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The parameter, buffer or attribute at a dotted path (``layer1.0.conv1.weight``)."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -29,6 +29,7 @@ from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .channel_deps import ANALYSIS, ChannelGraph
 from .channel_rules import Space
+from .channel_spaces import lookup
 from .select_channels import PLAN, PruningPlan
 
 MODES = ("remove", "mask")
@@ -89,7 +90,7 @@ class RemoveChannels(Pass):
             for s, p in cg.rel.params.items():
                 if s not in positions or p.target.endswith("running_var"):
                     continue
-                t = _get(cg.gm, p.target)
+                t = lookup(cg.gm, p.target)
                 t.index_fill_(p.dim, positions[s], 0)
                 touched += 1
             for s, g in cg.rel.grouped_inputs.items():
@@ -150,11 +151,6 @@ def _update_meta(gm: torch.fx.GraphModule, new_size: dict[Space, int]) -> None:
             src = node.args[0]
             if isinstance(src, torch.fx.Node) and isinstance(src.meta.get(meta.TENSOR), meta.TensorInfo):
                 node.meta[meta.TENSOR] = meta.ValueInfo("Size", src.meta[meta.TENSOR].shape)
-
-
-def _get(gm: nn.Module, target: str) -> torch.Tensor:
-    owner, attr = _owner(gm, target)
-    return getattr(owner, attr)
 
 
 def _set(owner: nn.Module, attr: str, old: torch.Tensor, new: torch.Tensor) -> None:

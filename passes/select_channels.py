@@ -35,6 +35,7 @@ from fxcompress.errors import InputError, RecipeError, did_you_mean
 from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .channel_deps import ANALYSIS, ChannelGraph, ChannelGroup
+from .channel_spaces import lookup
 
 PLAN = "pruning_plan"
 CRITERIA = ("l1", "l2", "fpgm", "slim", "opt_slim", "taylor", "apoz", "mean_activation", "random")
@@ -62,16 +63,9 @@ class PruningPlan:
 
 # ---- scores --------------------------------------------------------------------------------------------------
 
-def _per_channel(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor] | str) -> torch.Tensor:
-    """fn over each slice of ``t`` along ``dim``; "l1"/"l2sq" reduce in place without copying the tensor."""
-    t = t.detach().float()
-    if fn == "l1" or fn == "l2sq":
-        others = [d for d in range(t.dim()) if d != dim]
-        if not others:
-            return t.abs() if fn == "l1" else t.square()
-        norm = torch.linalg.vector_norm(t, 1 if fn == "l1" else 2, dim=others)
-        return norm if fn == "l1" else norm.square()
-    return fn(t.movedim(dim, 0).reshape(t.shape[dim], -1))
+def _per_channel(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fn over the rows of ``t`` flattened per slice along ``dim``."""
+    return fn(t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1))
 
 
 def _param_scores(cg: ChannelGraph, roles: tuple[str, ...], fn,
@@ -84,7 +78,7 @@ def _param_scores(cg: ChannelGraph, roles: tuple[str, ...], fn,
         if p.role in roles and not (weights_only and not p.target.endswith("weight")):
             members.setdefault(p.target, []).append((s, p.dim))
     for target, dims in members.items():
-        t = _get(cg.gm, target)
+        t = lookup(cg.gm, target)
         if fn in ("l1", "l2sq"):
             # one pass over the tensor: |w| (or w^2) summed over every dim no member indexes, then per member dim
             kept = sorted({d for _, d in dims})
@@ -117,13 +111,6 @@ def fn_grouped_in(w: torch.Tensor, groups: int, fn) -> torch.Tensor:
     cout, cin_g = w.shape[0], w.shape[1]
     blocks = w.reshape(groups, cout // groups, cin_g, -1).permute(0, 2, 1, 3)  # (g, cin/g, out/g, k)
     return fn(blocks.reshape(groups * cin_g, -1))
-
-
-def _get(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 WEIGHTS = ("out", "in", "attr")
