@@ -27,7 +27,7 @@ from .channel_layer_rules import (batchnorm, conv, embedding, functional_batchno
                                   functional_layernorm, functional_linear, glu, groupnorm, layernorm, linear,
                                   matmul, multihead_attention, pixel_shuffle, prelu, recurrent, repeat, sdpa)
 from .channel_spaces import (Factor, GroupedInput, Identity, Offset, ParamMember, Relations, Space, _arg, _name,
-                             _tensors, unary)
+                             _tensors, index_items, slice_start, unary)
 
 __all__ = ["RULES", "rule_for", "Relations", "Space", "Identity", "Offset", "Factor", "ParamMember", "GroupedInput"]
 
@@ -239,14 +239,9 @@ def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
         return
     if not isinstance(info, meta.TensorInfo):
         return  # indexing a shape or a list: no tensor space
-    index = index if isinstance(index, tuple) else (index,)
-    if any(i is Ellipsis for i in index):
-        k = index.index(Ellipsis)
-        fill = len(info.shape) - (len(index) - 1 - sum(i is None for i in index))
-        index = index[:k] + (slice(None),) * fill + index[k + 1:]
     d_in = d_out = 0
     touched = False
-    for item in index:
+    for item in index_items(index, len(info.shape)):
         if item is None:
             d_out += 1
         elif isinstance(item, int):
@@ -254,8 +249,7 @@ def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
             d_in += 1
         elif isinstance(item, slice) and all(isinstance(v, (int, type(None))) for v in (item.start, item.stop)) \
                 and item.step in (None, 1):
-            start = item.start or 0
-            start = start + info.shape[d_in] if start < 0 else min(start, info.shape[d_in])
+            start = slice_start(item, info.shape[d_in])
             if r.shape(node)[d_out] != info.shape[d_in]:
                 touched = True
             r.part(r.out(d_out), r.sp(src, d_in), start)

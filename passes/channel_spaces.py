@@ -223,3 +223,19 @@ def unary(r: Relations, node: torch.fx.Node, _=None) -> None:
         return r.barrier(f"{r.where()}: not shape preserving")
     for d in range(len(r.shape(node))):
         r.equal(r.sp(x, d), r.out(d))
+
+
+def index_items(index: Any, rank: int) -> list:
+    """A getitem index as a list with one entry per indexed dim (``...`` expanded; ``None`` entries kept)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(i is Ellipsis for i in items):
+        k = items.index(Ellipsis)
+        fill = rank - (len(items) - 1 - sum(i is None for i in items))
+        items = items[:k] + [slice(None)] * fill + items[k + 1:]
+    return items
+
+
+def slice_start(item: slice, size: int) -> int:
+    """Where a constant slice starts along a dim of ``size`` (negative starts counted from the end)."""
+    start = item.start or 0
+    return start + size if start < 0 else min(start, size)

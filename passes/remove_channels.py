@@ -29,7 +29,7 @@ from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .channel_deps import ANALYSIS, ChannelGraph
 from .channel_rules import Space
-from .channel_spaces import lookup
+from .channel_spaces import index_items, lookup, slice_start
 from .select_channels import PLAN, PruningPlan
 
 MODES = ("remove", "mask")
@@ -303,11 +303,7 @@ def _rewrite_split(node: torch.fx.Node, cg: ChannelGraph, new_size: dict) -> Non
 def _rewrite_slice(node: torch.fx.Node, cg: ChannelGraph, positions: dict, new_size: dict) -> None:
     src, index = node.args
     shape = meta.tensor_info(src).shape
-    items = list(index) if isinstance(index, tuple) else [index]
-    if any(i is Ellipsis for i in items):
-        k = items.index(Ellipsis)
-        fill = len(shape) - (len(items) - 1 - sum(i is None for i in items))
-        items = items[:k] + [slice(None)] * fill + items[k + 1:]
+    items = index_items(index, len(shape))
     d_in = d_out = 0
     for j, item in enumerate(items):
         if item is None:
@@ -316,8 +312,7 @@ def _rewrite_slice(node: torch.fx.Node, cg: ChannelGraph, positions: dict, new_s
         if isinstance(item, slice):
             pos = positions.get((src.name, d_in))
             if pos is not None:
-                start = item.start or 0
-                start = start + shape[d_in] if start < 0 else min(start, shape[d_in])
+                start = slice_start(item, shape[d_in])
                 new_start = start - int((pos < start).sum())
                 items[j] = slice(new_start, new_start + new_size[(node.name, d_out)])
             d_out += 1

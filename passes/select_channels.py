@@ -385,13 +385,7 @@ class SelectChannels(Pass):
                 continue
             candidates.append(grp)
         counts, thresholds = self._counts(candidates, scores)
-        removed: dict[str, tuple[int, ...]] = {}
-        layer_ratios = {}
-        for grp in candidates:
-            local = scores[grp.units]
-            picked = _pick(grp, local, counts[grp.id])
-            removed[grp.name] = tuple(picked.tolist())
-            layer_ratios[grp.name] = round(len(picked) / grp.size, 4)
+        removed = {g.name: tuple(_pick(g, scores[g.units], counts[g.id]).tolist()) for g in candidates}
         _keep_every_space(cg, candidates, removed, scores)
         layer_ratios = {g.name: round(len(removed[g.name]) / g.size, 4) for g in candidates}
         plan = PruningPlan(self.criterion, removed, {g.name: g.size for g in cg.groups})
