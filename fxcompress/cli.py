@@ -80,17 +80,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
-    from .bench import BenchConfig, format_table, run_bench
+    from .bench import DEFAULT_RECIPES, BenchConfig, format_table, run_bench
 
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.runs:
         config = dataclasses.replace(config, runs=args.runs)
     with tempfile.TemporaryDirectory(prefix="fxcompress-recipe-") as tmp:
         recipes = args.recipe
-        if not recipes:  # the default fxcompress row: BatchNorm folding
-            default = Path(tmp) / "fold_bn.toml"
-            default.write_text('[[passes]]\npass = "fold_bn"\n')
-            recipes = [str(default)]
+        if not recipes:  # the default fxcompress rows (bench.DEFAULT_RECIPES)
+            recipes = []
+            for name, text in DEFAULT_RECIPES.items():
+                (Path(tmp) / f"{name}.toml").write_text(text)
+                recipes.append(str(Path(tmp) / f"{name}.toml"))
         report = run_bench(args.model, recipes, config, log=lambda m: print(m, file=sys.stderr))
     print(format_table(report))
     if args.json:
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--step", action="store_true", help="run one pass at a time, printing each diff")
     bench = sub.add_parser("bench", help="fxcompress against ONNX Runtime's own INT8 quantizer")
     bench.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
-    bench.add_argument("--recipe", action="append", help="a TOML recipe to benchmark (repeatable; default fold_bn)")
+    bench.add_argument("--recipe", action="append", help="a TOML recipe to benchmark (repeatable; default: fold_bn, int8 with kl_tolerance and with minmax)")
     bench.add_argument("--quick", action="store_true", help="batch 1, 1 thread, 10 runs, MinMax only: under a minute")
     bench.add_argument("--runs", type=int, help="latency runs per contender (default 30, quick 10)")
     bench.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")

@@ -183,7 +183,7 @@ class Verify(Instrument):
             return
         record.error = relative_error(out, before)
         if p.contract is Contract.EXACT:
-            rtol, atol = p.tolerance
+            rtol, atol = p.exact_tolerance
             if not within_tolerance(out, before, rtol, atol):
                 error64 = _float64_error(ctx, rtol, atol)
                 if error64 is None:

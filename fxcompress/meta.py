@@ -105,14 +105,22 @@ class _Recorder(torch.fx.Interpreter):
 
 @contextlib.contextmanager
 def side_effect_free(gm: torch.nn.Module) -> Iterator[None]:
-    """Run forwards without lasting effects: no autograd, fixed RNG, buffers (BN statistics) restored."""
+    """Run forwards without lasting effects: no autograd, fixed RNG, buffers (BN statistics) restored, observers
+    not recording."""
+    from .modules import Observer
+
     training = any(m.training for m in gm.modules())
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()} if training else None
+    observers = [m for m in gm.modules() if isinstance(m, Observer) and m.enabled]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        for m in observers:
+            m.enabled = False
         try:
             yield
         finally:
+            for m in observers:
+                m.enabled = True
             if saved is not None:
                 for k, v in gm.named_buffers():
                     if k in saved:

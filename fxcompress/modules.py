@@ -117,3 +117,79 @@ class Observer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec}, batches={self.batches}"
+
+
+class NarrowAccumulator(nn.Module):
+    """Saturates an integer accumulator of ``bits`` bits: the output of a quantized Conv/Linear computed without
+    its bias is ``acc * scale`` with ``acc`` the integer sum of products; ``acc`` is clamped to the signed range,
+    then the bias is added.  Counts how many accumulator values fell outside the range.
+
+    ``scale`` (input scale x weight scale) is 0-d or one value per output channel along ``axis``.
+    """
+
+    def __init__(self, scale: torch.Tensor, bits: int, axis: int):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().float())
+        self.bits, self.axis = bits, axis
+        self.limit = 2 ** (bits - 1)
+        self.overflows = 0
+        self.total = 0
+
+    def _along_axis(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            return t
+        shape = [1] * like.dim()
+        shape[self.axis] = -1
+        return t.view(shape)
+
+    def forward(self, y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self._along_axis(self.scale, y)
+        acc = torch.round(y / scale)
+        outside = (acc < -self.limit) | (acc > self.limit - 1)
+        self.overflows += int(outside.sum())
+        self.total += acc.numel()
+        out = acc.clamp(-self.limit, self.limit - 1) * scale
+        return out if bias is None else out + self._along_axis(bias, y)
+
+    def reset_counts(self) -> None:
+        self.overflows = self.total = 0
+
+    def overflow_rate(self) -> float:
+        return self.overflows / self.total if self.total else 0.0
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, axis={self.axis}"
+
+
+class _DynamicQuantLinear(torch.autograd.Function):
+    """Linear with int8 weights and activations quantized per batch, as ONNX Runtime computes it.
+
+    The activation is quantized like ONNX's DynamicQuantizeLinear (uint8, affine, range from the batch's min and
+    max widened to contain 0); the integer product is scaled back by activation scale x weight scale (per
+    output channel).  Exported as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> Add), the pattern ORT
+    fuses into its DynamicQuantizeMatMul kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_zero, scale, bias):
+        lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+        x_scale = (hi - lo) / 255.0
+        x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+        x_zero = torch.clamp(torch.round(-lo / x_scale), 0, 255)
+        xq = torch.clamp(torch.round(x / x_scale) + x_zero, 0, 255) - x_zero
+        out = torch.matmul(xq, weight.float().t()) * (x_scale * scale)
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def symbolic(g, x, weight, weight_zero, scale, bias):
+        xq, x_scale, x_zero = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", xq, g.op("Transpose", weight, perm_i=[1, 0]), x_zero, weight_zero)
+        out = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", x_scale, scale))  # to_i=1: FLOAT
+        return out if bias is None or bias.node().mustBeNone() else g.op("Add", out, bias)
+
+
+def dynamic_quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_zero: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with int8 ``weight`` (zero points ``weight_zero``, per-row ``scale``) and dynamically
+    quantized uint8 activations."""
+    return _DynamicQuantLinear.apply(x, weight, weight_zero, scale, bias)

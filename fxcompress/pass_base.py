@@ -44,7 +44,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid after this pass modifies the graph
     # For EXACT passes: |after - before| <= atol * max|before| + rtol * |before|, elementwise.
-    tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-5)
+    exact_tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-5)
 
     def run(self, ctx: CompileContext) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement run(ctx)")

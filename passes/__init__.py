@@ -11,8 +11,11 @@ from fxcompress.pass_base import Pass
 
 from fxcompress.errors import RecipeError
 
+from .calibrate import Calibrate
 from .channel_deps import PropagateDependencies
 from .fold_bn import FoldBatchNorm
+from .insert_observers import InsertObservers
+from .lower_quantized import LowerQuantized
 from .remove_channels import RemoveChannels
 from .select_channels import SelectChannels
 
@@ -21,6 +24,9 @@ PASSES: dict[str, type[Pass]] = {
     "propagate_dependencies": PropagateDependencies,
     "select_channels": SelectChannels,
     "remove_channels": RemoveChannels,
+    "insert_observers": InsertObservers,
+    "calibrate": Calibrate,
+    "lower_quantized": LowerQuantized,
 }
 
 
@@ -42,6 +48,12 @@ def prune(options: dict[str, Any]) -> list[Pass]:
     return _split_options("prune", options, [PropagateDependencies, SelectChannels, RemoveChannels])
 
 
+def quantize(options: dict[str, Any]) -> list[Pass]:
+    """``quantize`` = insert_observers + calibrate + lower_quantized."""
+    return _split_options("quantize", options, [InsertObservers, Calibrate, LowerQuantized])
+
+
 SHORTHANDS: dict[str, Callable[[dict[str, Any]], list[Pass]]] = {
     "prune": prune,
+    "quantize": quantize,
 }

@@ -23,6 +23,16 @@ import math
 import torch
 
 CANDIDATE_CHUNK = 256  # candidates evaluated per vectorised block (bounds memory to chunk x bins floats)
+HIST_CHUNK = 1 << 16  # values binned per step of a histogram update
+
+
+def dense_flat(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` as one dimension, in memory order: a view (no copy) for any dense layout, such as
+    channels-last (order does not matter to a histogram)."""
+    if x.is_contiguous() or x.dim() < 2:
+        return x.reshape(-1)
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return x.permute(order).reshape(-1)
 
 
 class MinMax:
@@ -61,19 +71,24 @@ class Histogram:
         return self.range / self.bins
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float().flatten()
+        x = dense_flat(x.detach().float())
         if not x.numel():
             return
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        a = x.abs()
-        top = float(a.max())
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        top = max(-lo, hi)
         if self.range == 0.0:
             self.range = top if top > 0 else 1.0
         while top >= self.range and top > 0:
             self._double()
-        idx = torch.clamp((a / self.width).long(), max=self.bins - 1)
-        self.counts += torch.bincount(idx, minlength=self.bins).double()
+        # bin = floor(|x| * bins / range); doubling the range halves the factor exactly, so bins merge exactly.
+        # Chunks of HIST_CHUNK values keep the temporaries in cache (int32 indices, then bincount).
+        factor = self.bins / self.range
+        counts = torch.zeros(self.bins, dtype=torch.int64)
+        for chunk in x.split(HIST_CHUNK):
+            idx = (chunk.abs() * factor).to(torch.int32).clamp_(max=self.bins - 1)
+            counts += torch.bincount(idx, minlength=self.bins)
+        self.counts += counts.double()
 
     def _double(self) -> None:
         """Range x2: pairs of bins merge exactly into one."""
@@ -106,8 +121,14 @@ class Histogram:
         return float(candidates[int(torch.argmin(torch.cat(errors)))])
 
     def kl_divergences(self, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidate thresholds in bins, KL(P || Q) for each), candidates from ``levels`` to ``bins``."""
-        h = self.counts
+        """(candidate thresholds in bins, KL(P || Q) for each), candidates from ``levels`` to ``bins``.
+
+        As in TensorRT's calibrator, the first bin's count is replaced by the second's: after a ReLU half of the
+        values can be exact zeros, and that spike, spread over the first quantization level's bins, would dominate
+        every divergence and pull the threshold down to the smallest candidate.
+        """
+        h = self.counts.clone()
+        h[0] = h[1]
         cands = torch.arange(levels, self.bins + 1)
         out = []
         for start in range(0, cands.numel(), CANDIDATE_CHUNK):

@@ -106,7 +106,7 @@ class FoldBatchNorm(Pass):
 
     name = "fold_bn"
     contract = Contract.EXACT
-    tolerance = (1e-5, 1e-5)
+    exact_tolerance = (1e-5, 1e-5)
 
     def __init__(self):
         pass

@@ -66,13 +66,21 @@ class QuantSpec:
 
 
 def threshold(spec: QuantSpec, hist: Histogram) -> float:
+    """The clipping threshold on |x| the spec's histogram method picks.
+
+    Levels per side of zero: an unsigned spec has all 2^bits on [0, T]; a signed one, and an affine one whose
+    data has both signs, 2^(bits-1) (an affine spec over non-negative data is unsigned in effect).
+    """
+    levels = spec.levels
+    if not spec.symmetric:
+        levels = 2 ** (spec.bits - 1) if hist.min < 0 else 2 ** spec.bits
     if spec.method == "percentile":
         return hist.percentile(spec.percentile)
     if spec.method == "mse":
-        return hist.mse(spec.levels)
+        return hist.mse(levels)
     if spec.method == "kl":
-        return hist.kl(spec.levels)
-    return hist.kl(spec.levels, spec.tolerance)
+        return hist.kl(levels)
+    return hist.kl(levels, spec.tolerance)
 
 
 def qparams(spec: QuantSpec, cal: MinMax | Histogram) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,3 +109,36 @@ def qparams(spec: QuantSpec, cal: MinMax | Histogram) -> tuple[torch.Tensor, tor
 
 def hist_empty(h: Histogram) -> bool:
     return float(h.counts.sum()) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeQuant:
+    """What a fake-quantize node needs: scale, zero point and integer range, per tensor or along ``axis``.
+
+    Activations are stored as uint8 (ONNX Runtime's fast U8S8 kernels): a signed activation spec is shifted by
+    2^(bits-1) (zero point and range), which gives the same values.
+    """
+
+    scale: torch.Tensor  # float32, 0-d or 1-d
+    zero: torch.Tensor  # int32, same shape
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    @classmethod
+    def of(cls, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor, storage_unsigned: bool) -> FakeQuant:
+        qmin, qmax = spec.qmin, spec.qmax
+        if storage_unsigned and spec.signed:
+            shift = 2 ** (spec.bits - 1)
+            qmin, qmax, zero = qmin + shift, qmax + shift, zero + shift
+        return cls(scale.float(), zero.to(torch.int32), qmin, qmax, spec.axis)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero), self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero, self.axis, self.qmin, self.qmax)
+
+    def __str__(self) -> str:
+        if self.axis is None:
+            return f"scale={float(self.scale):.4g} zero={int(self.zero)} [{self.qmin}, {self.qmax}]"
+        return f"{self.scale.numel()} scales along axis {self.axis} [{self.qmin}, {self.qmax}]"

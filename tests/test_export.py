@@ -80,8 +80,15 @@ def test_fake_quant_exports_as_qdq(exporter, tmp_path):
     x = torch.rand(2, 3, 8, 8) * 4 - 2
     gm = fxc.trace(model, x)
     path = fxc.export_onnx(gm, x, tmp_path / "q.onnx", exporter=exporter)
-    ops = [n.op_type for n in onnx.load(path).graph.node]
-    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 3
+    model_proto = onnx.load(path)
+    ops = [n.op_type for n in model_proto.graph.node]
+    # activations: QuantizeLinear + DequantizeLinear; the weight: an int8 initializer + DequantizeLinear; the bias:
+    # an int32 initializer (scale: input scale x weight scale) + DequantizeLinear
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 4
+    types = sorted(i.data_type for i in model_proto.graph.initializer if len(i.dims) == 1 and i.dims[0] == 4)
+    assert onnx.TensorProto.INT32 in types
+    assert any(i.data_type == onnx.TensorProto.INT8 and list(i.dims) == [4, 3, 3, 3]
+               for i in model_proto.graph.initializer)
     # The float conv before the output's fake-quant accumulates in another order in ORT, so a value lying on a
     # rounding boundary may land one output step (0.05) away; everything else is identical.
     other = torch.rand(5, 3, 8, 8) * 4 - 2  # dynamic batch, also through the QDQ nodes

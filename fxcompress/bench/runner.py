@@ -32,6 +32,12 @@ from ..errors import FxCompressError
 from .ort_int8 import METHODS
 
 ORT_INT8 = "ORT INT8 "
+_QUANTIZE = '[[passes]]\npass = "fold_bn"\n\n[[passes]]\npass = "quantize"\nactivation_observer = "{}"\n'
+DEFAULT_RECIPES = {  # row name -> TOML recipe: the fxcompress rows of `fxcompress bench` without --recipe
+    "fold_bn": '[[passes]]\npass = "fold_bn"\n',
+    "int8": _QUANTIZE.format("kl_tolerance"),
+    "int8-minmax": _QUANTIZE.format("minmax"),
+}
 HERE = Path(__file__).parent
 
 

@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import ExportError
 from ..tracing import normalize_inputs, run_example
+from .qdq import finalize_qdq, widen_fake_quant
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     batch = inputs[0].shape[0] if inputs[0].dim() else None
     # output names whose axis 0 is the batch; None: static shapes
     dynamic = {n for n, t in zip(out_names, leaves) if t.dim() and t.shape[0] == batch} if dynamic_batch else None
-    wrapper = _FlatOutputs(module).eval()
+    wrapper = _FlatOutputs(widen_fake_quant(module)).eval()
     functions = {"torchscript": _torchscript, "dynamo": _dynamo}
     failures = []
     for name in ("torchscript", "dynamo") if exporter == "auto" else (exporter,):
@@ -171,6 +172,9 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
         raise ExportError(f"cannot export {type(module).__name__} to ONNX:\n  " + "\n  ".join(failures) +
                           "\n  hint: an op without an ONNX translation is usually named above; replace it or keep it "
                           "out of the exported module.")
+    model = onnx.load(str(path))
+    if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        onnx.save(finalize_qdq(model), str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001

@@ -51,3 +51,19 @@ def max_abs_diff(module: torch.nn.Module, onnx_path: str | Path, inputs: Sequenc
     if len(got) != len(expected):
         return float("inf")
     return max((float(np.max(np.abs(g - e))) if e.size else 0.0) for g, e in zip(got, expected))
+
+
+def optimized_op_counts(path: str | Path) -> dict[str, int]:
+    """How many nodes of each op type ONNX Runtime's CPU graph optimizations leave in the model at ``path``
+    (basic and extended levels: the QDQ fusions into QLinearConv / QGemm / QLinearMatMul, without the
+    hardware-specific layout rewrites of the highest level)."""
+    import collections
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="fxcompress-ort-") as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        session(path, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, optimized_model_path=out)
+        model = onnx.load(str(out))
+    return dict(collections.Counter(n.op_type for n in model.graph.node))

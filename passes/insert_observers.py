@@ -1,0 +1,100 @@
+"""Insert observers where the quantization plan says, without changing the model's function.
+
+    before:  y = conv(x)                       after:  y = observers.act_1(relu(conv(observers.act_0(x))))
+             z = relu(y)
+
+The planner (``quant_plan.py``) decides, as data, which tensors share which ``QuantSpec``; this pass writes the
+plan to ``ctx.plans["quant_plan"]`` and puts one ``Observer`` per site under ``gm.observers``, called on every
+observed tensor of the site.  Observers return their input: outputs are unchanged bit for bit.
+
+Options (recipe keys of ``quantize``): ``activation_observer`` (minmax, percentile, mse, kl, kl_tolerance),
+``tolerance`` (kl_tolerance), ``percentile``, ``bins`` (histogram bins), ``bits`` (both widths, 2-8) or
+``weight_bits`` / ``activation_bits``, ``per_channel`` (weights), ``unsigned_after_relu`` (ReLU outputs on
+[0, T] with all 2^bits codes; off: a signed symmetric grid, half of it unused), ``quantize_add_inputs``,
+``exclude`` (module name patterns left float), ``mode`` (``static``; ``dynamic``: Linear layers get int8 weights and
+activations quantized per batch at run time, nothing to observe or calibrate, for Linear-heavy models).
+
+Requires: shape metadata.  Contract: EXACT, bit for bit.
+Skips (named in the notes): ops no rule quantizes (their weights stay float), unfolded BatchNorm.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from fxcompress import meta
+from fxcompress.context import CompileContext
+from fxcompress.errors import PassError, RecipeError
+from fxcompress.modules import Observer
+from fxcompress.pass_base import Contract, Pass, PassResult
+
+from .quant_plan import Options, plan_quantization
+from .quant_spec import METHODS
+
+PLAN = "quant_plan"
+HOLDER = "observers"
+
+
+def _bits(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        raise RecipeError(f"insert_observers: {what} must be an integer from 2 to 8, got {value!r}.")
+    return value
+
+
+class InsertObservers(Pass):
+    """Annotate which tensors get which quantization spec, then insert observers there (outputs unchanged)."""
+
+    name = "insert_observers"
+    contract = Contract.EXACT
+    exact_tolerance = (0.0, 0.0)
+
+    def __init__(self, activation_observer: str = "kl_tolerance", tolerance: float = 1.3, per_channel: bool = True,
+                 bits: int = 8, weight_bits: int | None = None, activation_bits: int | None = None,
+                 unsigned_after_relu: bool = True, quantize_add_inputs: bool = False, percentile: float = 99.999,
+                 bins: int = 2048, exclude: list | tuple | str = (), mode: str = "static"):
+        if activation_observer not in METHODS:
+            raise RecipeError(f"insert_observers: activation_observer must be one of {', '.join(METHODS)}, "
+                              f"got {activation_observer!r}.")
+        if not tolerance >= 1.0:
+            raise RecipeError(f"insert_observers: tolerance must be >= 1.0 (1.0 is plain KL), got {tolerance!r}.")
+        if not 0 < percentile <= 100:
+            raise RecipeError(f"insert_observers: percentile must be in (0, 100], got {percentile!r}.")
+        if bins < 256 or bins & (bins - 1):
+            raise RecipeError(f"insert_observers: bins must be a power of two >= 256, got {bins!r}.")
+        self.activation_observer, self.tolerance, self.per_channel = activation_observer, float(tolerance), per_channel
+        self.bits = _bits(bits, "bits")
+        self.weight_bits = _bits(weight_bits, "weight_bits") if weight_bits is not None else None
+        self.activation_bits = _bits(activation_bits, "activation_bits") if activation_bits is not None else None
+        self.unsigned_after_relu, self.quantize_add_inputs = unsigned_after_relu, quantize_add_inputs
+        self.percentile, self.bins = float(percentile), int(bins)
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        if mode not in ("static", "dynamic"):
+            raise RecipeError(f"insert_observers: mode must be 'static' or 'dynamic', got {mode!r}.")
+        self.mode = mode
+
+    def plan_options(self) -> Options:
+        return Options(activation_bits=self.activation_bits or self.bits, weight_bits=self.weight_bits or self.bits,
+                       method=self.activation_observer, tolerance=self.tolerance, percentile=self.percentile,
+                       bins=self.bins, per_channel=self.per_channel, unsigned_after_relu=self.unsigned_after_relu,
+                       quantize_add_inputs=self.quantize_add_inputs, exclude=self.exclude, mode=self.mode)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        gm = ctx.gm
+        if hasattr(gm, HOLDER):
+            raise PassError(f"[{self.name}] the module already has observers ({HOLDER!r}); quantize it once.")
+        plan = plan_quantization(gm, self.plan_options())
+        ctx.plans[PLAN] = plan
+        nodes = {n.name: n for n in gm.graph.nodes}
+        holder = nn.Module()
+        if plan.sites:
+            gm.add_submodule(HOLDER, holder)
+        for site in plan.sites.values():
+            holder.add_module(site.name, Observer(site.spec))
+            for value in site.values:
+                node = nodes[value]
+                with gm.graph.inserting_after(node):
+                    obs = gm.graph.call_module(f"{HOLDER}.{site.name}", (node,))
+                node.replace_all_uses_with(obs, delete_user_cb=lambda user, obs=obs: user is not obs)
+                obs.meta[meta.TENSOR] = node.meta[meta.TENSOR]
+                meta.add_provenance(obs, self.name, f"observes {value} for {site.reason}")
+        notes = tuple(f"left float: {why}" for why in plan.float_ops.values())
+        return PassResult(modified=bool(plan.sites), stats=plan.summary(), notes=notes)

@@ -1,0 +1,291 @@
+"""Replace observers by fake-quantization so that the PyTorch module computes what the INT8 model computes.
+
+    before:  y = observers.act_1(relu(conv1(observers.act_0(x))))
+    after:   x_q = fake_quantize_per_tensor_affine(x, 0.0187, 114, 0, 255)
+             w_q = fake_quantize_per_channel_affine(conv1.weight, qparams.conv1_w_scale, qparams.conv1_w_zero, 0, -128, 127)
+             y   = fake_quantize_per_tensor_affine(relu(conv2d(x_q, w_q, conv1.bias, ...)), 0.0411, 0, 0, 255)
+
+Each quantized tensor is rounded to its grid and clamped to its integer range; pass-through tensors (max-pool,
+flatten, cat inputs) get the same parameters as their source, which changes no value and gives ONNX Runtime the
+QuantizeLinear/DequantizeLinear pairs it needs to keep them in uint8.  Weights are fake-quantized from their own
+min/max (symmetric, per output channel unless ``per_channel=False``); biases are rounded to the int32 grid of
+input scale x weight scale, the bias QLinearConv/QGemm add.  Exported with ``export_onnx``, the module becomes QDQ
+ONNX: int8 weight initializers, int32 biases, uint8 activations.
+
+``accumulator_bits`` simulates a narrow integer accumulator (e.g. 16 with 6-bit weights): each quantized
+Conv/Linear's accumulator, sum(x_int * w_int) before the bias, saturates at the signed range of that width; the
+overflow rate of every layer (share of its accumulator values out of range) is measured on the example inputs and
+up to ``overflow_batches`` calibration batches and reported in the stats.  It simulates the final sum only, not
+the order of partial sums, and is meant for PyTorch: the export runs it as float ops.
+
+Requires: ``quant_plan`` and ``quant_params`` (insert_observers, calibrate).  Contract: BOUNDED: the outputs move
+by at most ``max_error`` x their scale on the example inputs (a sanity bound against a broken lowering: the
+measured error and the SQNR of the outputs are in the stats).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxcompress import meta
+from fxcompress.context import CompileContext
+from fxcompress.errors import RecipeError
+from fxcompress.modules import NarrowAccumulator, dynamic_quant_linear
+from fxcompress.pass_base import Contract, Pass, PassResult
+
+from .calibrate import PARAMS, checked_batches
+from .calibrators import MinMax
+from .insert_observers import HOLDER, PLAN
+from .quant_plan import QuantPlan, WeightSite
+from .quant_spec import FakeQuant, qparams
+
+CONSTANTS = "qparams"  # submodule holding per-channel scales, zero points and rounded biases
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def weight_fake_quant(site: WeightSite, weight: torch.Tensor) -> FakeQuant:
+    cal = MinMax(site.spec.axis)
+    cal.update(weight)
+    scale, zero = qparams(site.spec, cal)
+    return FakeQuant.of(site.spec, scale, zero, storage_unsigned=False)
+
+
+def _sqnr_db(after: Any, before: Any) -> float:
+    a = [t for t in torch.utils._pytree.tree_leaves(after) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    b = [t for t in torch.utils._pytree.tree_leaves(before) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    noise = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b))
+    signal = sum(float((y.double() ** 2).sum()) for y in b)
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+class LowerQuantized(Pass):
+    """Observers become fake-quantize nodes; weights and biases are quantized; export gives QDQ ONNX."""
+
+    name = "lower_quantized"
+    contract = Contract.BOUNDED
+    requires = (PLAN, PARAMS)
+
+    def __init__(self, accumulator_bits: int | None = None, overflow_batches: int = 8, max_error: float = 1.0):
+        if accumulator_bits is not None and (not isinstance(accumulator_bits, int) or not 8 <= accumulator_bits <= 32):
+            raise RecipeError(f"lower_quantized: accumulator_bits must be an integer from 8 to 32, "
+                              f"got {accumulator_bits!r}.")
+        self.accumulator_bits, self.overflow_batches, self.max_error = accumulator_bits, overflow_batches, max_error
+
+    def error_bound(self, ctx: CompileContext) -> float:
+        return self.max_error
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        gm, plan, params = ctx.gm, ctx.plans[PLAN], ctx.plans[PARAMS]
+        with meta.side_effect_free(gm):
+            before = gm(*ctx.example_inputs)
+        graph = gm.graph
+        nodes = {n.name: n for n in graph.nodes}
+        constants = nn.Module()
+        gm.add_submodule(CONSTANTS, constants)
+        stats: dict[str, Any] = {"activations": 0, "shared": 0, "weights": 0, "biases_rounded": 0}
+        quantized_inputs: dict[str, FakeQuant] = {}  # node name (of the value) -> its parameters
+        for node in list(graph.nodes):
+            if node.op == "call_module" and isinstance(node.target, str) and node.target.startswith(HOLDER + "."):
+                site = node.target.split(".", 1)[1]
+                source = node.args[0]
+                fq = params.get(site)
+                if fq is None:
+                    node.replace_all_uses_with(source)
+                else:
+                    self._fake_quant_after(gm, node, fq, replace=True)
+                    quantized_inputs[source.name] = fq
+                    stats["activations"] += 1
+                graph.erase_node(node)
+        for name, site in plan.sites.items():
+            fq = params.get(name)
+            for value in site.shared if fq is not None else ():
+                if value in nodes:
+                    self._fake_quant_after(gm, nodes[value], fq)
+                    quantized_inputs[value] = fq
+                    stats["shared"] += 1
+        accumulators: dict[str, NarrowAccumulator] = {}
+        for site in plan.weights.values():
+            if site.node in nodes and plan.mode == "dynamic":
+                stats["weights"] += 1
+                self._lower_dynamic(gm, nodes[site.node], site, constants)
+            elif site.node in nodes:
+                stats["weights"] += 1
+                stats["biases_rounded"] += self._lower_weighted(gm, nodes[site.node], site, quantized_inputs,
+                                                                constants, accumulators)
+        if hasattr(gm, HOLDER):
+            gm.delete_submodule(HOLDER)
+        graph.eliminate_dead_code()
+        gm.recompile()
+        meta.propagate(gm, ctx.example_inputs)
+        with meta.side_effect_free(gm):
+            after = gm(*ctx.example_inputs)
+        stats["output_sqnr_db"] = round(_sqnr_db(after, before), 2)
+        if accumulators:
+            stats["overflow_rate"] = self._overflow(gm, ctx, accumulators)
+            stats["layers_overflowing"] = sum(1 for r in stats["overflow_rate"].values() if r > 0)
+        return PassResult(modified=True, stats=stats)
+
+    def _fake_quant_after(self, gm: torch.fx.GraphModule, node: torch.fx.Node, fq: FakeQuant,
+                          replace: bool = False) -> torch.fx.Node:
+        """Insert fake-quantization of ``node``'s value (of an observer's input when ``replace``) and route every
+        use through it."""
+        value = node.args[0] if replace else node
+        with gm.graph.inserting_after(node):
+            q = gm.graph.call_function(torch.fake_quantize_per_tensor_affine,
+                                       (value, float(fq.scale), int(fq.zero), fq.qmin, fq.qmax))
+        q.meta[meta.TENSOR] = value.meta[meta.TENSOR]
+        meta.add_provenance(q, self.name, f"quantizes {value.name}: {fq}")
+        if replace:
+            node.replace_all_uses_with(q)
+        else:
+            node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+        return q
+
+    def _lower_weighted(self, gm: torch.fx.GraphModule, node: torch.fx.Node, site: WeightSite,
+                        quantized_inputs: dict[str, FakeQuant], constants: nn.Module,
+                        accumulators: dict[str, NarrowAccumulator]) -> int:
+        graph = gm.graph
+        weight = lookup_tensor(gm, site.weight)
+        wq = weight_fake_quant(site, weight.detach())
+        key = node.name
+        with graph.inserting_before(node):
+            w = graph.get_attr(site.weight)
+            if wq.axis is None:
+                wfq = graph.call_function(torch.fake_quantize_per_tensor_affine,
+                                          (w, float(wq.scale), int(wq.zero), wq.qmin, wq.qmax))
+            else:
+                constants.register_buffer(f"{key}_w_scale", wq.scale.clone())
+                constants.register_buffer(f"{key}_w_zero", wq.zero.clone())
+                scale = graph.get_attr(f"{CONSTANTS}.{key}_w_scale")
+                zero = graph.get_attr(f"{CONSTANTS}.{key}_w_zero")
+                wfq = graph.call_function(torch.fake_quantize_per_channel_affine,
+                                          (w, scale, zero, wq.axis, wq.qmin, wq.qmax))
+        for n in (w, wfq):
+            n.meta[meta.TENSOR] = meta.describe(weight)
+        meta.add_provenance(wfq, self.name, f"quantizes {site.weight}: {wq}")
+        if site.kind == "matmul":
+            args = list(node.args)
+            args[site.operand] = wfq
+            node.args = tuple(args)
+            return 0
+        x = node.args[0]
+        xq = quantized_inputs.get(x.name) if isinstance(x, torch.fx.Node) else None
+        if xq is None and isinstance(x, torch.fx.Node) and x.op == "call_function" and \
+                x.target is torch.fake_quantize_per_tensor_affine:
+            xq = FakeQuant(torch.tensor(x.args[1]), torch.tensor(x.args[2], dtype=torch.int32), x.args[3], x.args[4])
+        bias_node, rounded = self._bias(gm, node, site, wq, xq, constants)
+        fn, args, kwargs, pad = self._functional(gm, node, site)
+        acc = None
+        if self.accumulator_bits is not None and xq is not None:
+            acc_scale = (xq.scale * wq.scale).float()
+            acc = NarrowAccumulator(acc_scale, self.accumulator_bits, 1 if site.kind != "linear" else -1)
+            gm.add_submodule(f"accumulators_{key}", acc)
+            accumulators[node.target if node.op == "call_module" else key] = acc
+        with graph.inserting_before(node):
+            inp = x
+            if pad is not None:
+                inp = graph.call_function(F.pad, (x, pad[0]), {"mode": pad[1]})
+            new = graph.call_function(fn, (inp, wfq, None if acc is not None else bias_node, *args), kwargs)
+            out = new
+            if acc is not None:
+                out = graph.call_module(f"accumulators_{key}", (new, bias_node))
+        node.replace_all_uses_with(out)
+        for n in {inp, new, out}:
+            if n is not x:
+                n.meta[meta.TENSOR] = node.meta[meta.TENSOR]
+        meta.add_provenance(out, self.name, f"{node.target if node.op == 'call_module' else node.name} "
+                                            f"with int{wq.qmax.bit_length() + 1} weights")
+        graph.erase_node(node)
+        return int(rounded)
+
+    def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, constants: nn.Module) -> None:
+        """Linear -> dynamic_quant_linear(x, int8 weight, zero points, per-row scales, bias)."""
+        graph = gm.graph
+        weight = lookup_tensor(gm, site.weight)
+        wq = weight_fake_quant(site, weight.detach())
+        scale = wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0]).clone()
+        ints = torch.round(wq.apply(weight.detach()) / scale[:, None]).to(torch.int8)
+        key = node.name
+        constants.register_buffer(f"{key}_w_int8", ints)
+        constants.register_buffer(f"{key}_w_zero", torch.zeros(weight.shape[0], dtype=torch.int8))
+        constants.register_buffer(f"{key}_w_scale", scale.float().clone())
+        with graph.inserting_before(node):
+            args = [graph.get_attr(f"{CONSTANTS}.{key}_w_{part}") for part in ("int8", "zero", "scale")]
+            for a, part in zip(args, ("int8", "zero", "scale")):
+                a.meta[meta.TENSOR] = meta.describe(getattr(constants, f"{key}_w_{part}"))
+            bias = graph.get_attr(site.bias) if site.bias is not None else None
+            if bias is not None:
+                bias.meta[meta.TENSOR] = meta.describe(lookup_tensor(gm, site.bias))
+            new = graph.call_function(dynamic_quant_linear, (node.args[0], *args, bias))
+        new.meta[meta.TENSOR] = node.meta[meta.TENSOR]
+        meta.add_provenance(new, self.name, f"{site.weight}: int8 weights, activations quantized per batch")
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    def _bias(self, gm, node, site: WeightSite, wq: FakeQuant, xq: FakeQuant | None, constants: nn.Module):
+        """(bias node or None, whether it was rounded to the int32 grid of input scale x weight scale)."""
+        graph = gm.graph
+        if site.bias is None:
+            return None, False
+        bias = lookup_tensor(gm, site.bias)
+        with graph.inserting_before(node):
+            if xq is None:  # input not quantized: the bias stays as it is
+                b = graph.get_attr(site.bias)
+                b.meta[meta.TENSOR] = meta.describe(bias)
+                return b, False
+            step = (xq.scale * wq.scale).float()
+            rounded = (torch.round(bias.detach() / step) * step).float()
+            constants.register_buffer(f"{node.name}_bias", rounded)
+            b = graph.get_attr(f"{CONSTANTS}.{node.name}_bias")
+            b.meta[meta.TENSOR] = meta.describe(rounded)
+        return b, True
+
+    def _functional(self, gm, node, site: WeightSite):
+        """(function, positional args after (x, w, b), kwargs, (padding, mode) or None) for the weighted op."""
+        if node.op != "call_module":
+            rest = tuple(node.args[3:])
+            kwargs = {k: v for k, v in node.kwargs.items() if k not in ("weight", "bias")}
+            return node.target, rest, kwargs, None
+        m = gm.get_submodule(node.target)
+        if site.kind == "linear":
+            return F.linear, (), {}, None
+        dims = len(m.kernel_size)
+        if site.kind == "conv_transpose":
+            return _CONV_T[dims], (m.stride, m.padding, m.output_padding, m.groups, m.dilation), {}, None
+        if m.padding_mode != "zeros":
+            return _CONV[dims], (m.stride, 0, m.dilation, m.groups), {}, (m._reversed_padding_repeated_twice,
+                                                                           m.padding_mode)
+        return _CONV[dims], (m.stride, m.padding, m.dilation, m.groups), {}, None
+
+    def _overflow(self, gm, ctx: CompileContext, accumulators: dict[str, NarrowAccumulator]) -> dict[str, float]:
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        batches = [ctx.example_inputs]
+        if ctx.calibration_data is not None and self.overflow_batches:
+            for i, batch in enumerate(checked_batches(ctx.calibration_data, ctx.example_inputs, names)):
+                if i >= self.overflow_batches:
+                    break
+                batches.append(batch)
+        for acc in accumulators.values():
+            acc.reset_counts()
+        with torch.no_grad():
+            for batch in batches:
+                gm(*batch)
+        return {name: round(acc.overflow_rate(), 6) for name, acc in accumulators.items()}
+
+
+def lookup_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    return gm.get_parameter(target) if _is_param(gm, target) else gm.get_buffer(target)
+
+
+def _is_param(gm: torch.nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
