@@ -95,6 +95,27 @@ class Histogram:
         self.counts = torch.cat([self.counts.view(-1, 2).sum(1), torch.zeros(self.bins // 2, dtype=torch.float64)])
         self.range *= 2
 
+    def resampled(self, target: int) -> Histogram:
+        """This histogram over [0, max|x|] only, at ``target`` to 2 x ``target`` bins (merging bins exactly).
+
+        The stored range can be up to twice the data's (it doubles), so the data may cover as little as half the
+        stored bins; the threshold searches should see the data's own range at the stated resolution, as
+        TensorRT's 2048 bins over [0, amax] do.  Store more bins than the target (``QuantSpec`` stores 4x).
+        """
+        top = max(abs(self.min), abs(self.max))
+        counts, width = self.counts, self.width
+        if not math.isfinite(top) or width == 0:
+            return self
+        covered = min(int(top / width) + 1, counts.numel())
+        while covered >= 2 * target and counts.numel() % 2 == 0:
+            counts, width = counts.view(-1, 2).sum(1), width * 2
+            covered = min(int(top / width) + 1, counts.numel())
+        out = Histogram.__new__(Histogram)
+        out.bins, out.range, out.counts = covered, covered * width, counts[:covered].clone()
+        out.counts[-1] += counts[covered:].sum()  # nothing lies there; kept so the mass is exact
+        out.min, out.max = self.min, self.max
+        return out
+
     def edges(self) -> torch.Tensor:
         return torch.arange(1, self.bins + 1, dtype=torch.float64) * self.width
 

@@ -32,7 +32,7 @@ class QuantSpec:
     method: str = "minmax"
     tolerance: float = 1.3
     percentile: float = 99.999
-    bins: int = 2048
+    bins: int = 2048  # histogram resolution over the observed range of |x|
 
     def __post_init__(self):
         if not 2 <= self.bits <= 16:
@@ -56,7 +56,7 @@ class QuantSpec:
         return 2 ** (self.bits - 1) if self.signed else 2 ** self.bits
 
     def calibrator(self) -> MinMax | Histogram:
-        return MinMax(self.axis) if self.method == "minmax" else Histogram(self.bins)
+        return MinMax(self.axis) if self.method == "minmax" else Histogram(4 * self.bins)  # see Histogram.resampled
 
     def __str__(self) -> str:
         kind = f"{'s' if self.signed else 'u'}{self.bits}"
@@ -71,6 +71,7 @@ def threshold(spec: QuantSpec, hist: Histogram) -> float:
     Levels per side of zero: an unsigned spec has all 2^bits on [0, T]; a signed one, and an affine one whose
     data has both signs, 2^(bits-1) (an affine spec over non-negative data is unsigned in effect).
     """
+    hist = hist.resampled(spec.bins)
     levels = spec.levels
     if not spec.symmetric:
         levels = 2 ** (spec.bits - 1) if hist.min < 0 else 2 ** spec.bits
