@@ -59,7 +59,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     model, inputs = load_model(args.model, args.input_shape)
     if args.step:
         pm = PassManager(args.recipe, dump_dir=args.dump_dir)
-        ctx = pm.context(model, inputs, eval_mode=True)
+        from .golden import calibration_batches
+
+        ctx = pm.context(model, inputs, calibration_batches(args.model, inputs), eval_mode=True)
         while pm.pending(ctx):
             record = pm.step(ctx)
             print(record.summary())
@@ -67,7 +69,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
             for change in record.param_changes:
                 print(f"  {change}")
         return
-    result = compile_model(model, inputs, args.recipe, dump_dir=args.dump_dir)
+    from .golden import calibration_batches
+
+    calibration = calibration_batches(args.model, inputs)  # used by recipes that calibrate
+    result = compile_model(model, inputs, args.recipe, calibration, dump_dir=args.dump_dir)
     print(result.report())
     if args.export:
         path = result.export_onnx(args.export)

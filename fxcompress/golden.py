@@ -53,3 +53,17 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modu
     except ValueError as exc:
         raise InputError(f"--input-shape must be comma-separated integers, got {input_shape!r}.") from exc
     return made.eval(), (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
+
+
+def calibration_batches(spec: str, example_inputs: tuple, samples: int = 128) -> list[tuple]:
+    """Calibration data for the command line: the first ``samples`` training images (one per batch) of a trained
+    digits model, else seeded random inputs shaped like the example inputs."""
+    from fxcompress.golden_models import GOLDEN
+
+    golden = GOLDEN.get(spec)
+    if golden is not None and golden.trained:
+        images, _ = digits("train", golden.hard)
+        return [(images[i:i + 1],) for i in range(min(samples, len(images)))]
+    g = torch.Generator().manual_seed(1234)
+    return [tuple(torch.randn((1, *t.shape[1:]), generator=g) if t.is_floating_point() else t
+                  for t in example_inputs) for _ in range(samples)]
