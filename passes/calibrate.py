@@ -216,8 +216,7 @@ def _clips(obs: Observer, fq: FakeQuant) -> bool:
     """Whether the chosen per-tensor range cuts off observed values by more than half a step."""
     if fq.axis is not None:
         return False
-    lo, hi = obs.calibrator.min, obs.calibrator.max
-    lo, hi = float(lo), float(hi)
+    lo, hi = float(obs.calibrator.min), float(obs.calibrator.max)
     scale, zero = float(fq.scale), int(fq.zero)
     return lo < (fq.qmin - zero - 0.5) * scale or hi > (fq.qmax - zero + 0.5) * scale
 

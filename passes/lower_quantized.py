@@ -40,8 +40,9 @@ from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .calibrate import PARAMS, checked_batches
 from .calibrators import MinMax
+from .channel_spaces import lookup
 from .insert_observers import HOLDER, PLAN
-from .quant_plan import QuantPlan, WeightSite
+from .quant_plan import WeightSite
 from .quant_spec import FakeQuant, qparams
 
 CONSTANTS = "qparams"  # submodule holding per-channel scales, zero points and rounded biases
@@ -89,7 +90,6 @@ class LowerQuantized(Pass):
         constants = nn.Module()
         gm.add_submodule(CONSTANTS, constants)
         stats: dict[str, Any] = {"activations": 0, "shared": 0, "weights": 0, "biases_rounded": 0}
-        quantized_inputs: dict[str, FakeQuant] = {}  # node name (of the value) -> its parameters
         for node in list(graph.nodes):
             if node.op == "call_module" and isinstance(node.target, str) and node.target.startswith(HOLDER + "."):
                 site = node.target.split(".", 1)[1]
@@ -99,7 +99,6 @@ class LowerQuantized(Pass):
                     node.replace_all_uses_with(source)
                 else:
                     self._fake_quant_after(gm, node, fq, replace=True)
-                    quantized_inputs[source.name] = fq
                     stats["activations"] += 1
                 graph.erase_node(node)
         for name, site in plan.sites.items():
@@ -107,17 +106,16 @@ class LowerQuantized(Pass):
             for value in site.shared if fq is not None else ():
                 if value in nodes:
                     self._fake_quant_after(gm, nodes[value], fq)
-                    quantized_inputs[value] = fq
                     stats["shared"] += 1
         accumulators: dict[str, NarrowAccumulator] = {}
         for site in plan.weights.values():
-            if site.node in nodes and plan.mode == "dynamic":
-                stats["weights"] += 1
+            if site.node not in nodes:
+                continue
+            stats["weights"] += 1
+            if plan.mode == "dynamic":
                 self._lower_dynamic(gm, nodes[site.node], site, constants)
-            elif site.node in nodes:
-                stats["weights"] += 1
-                stats["biases_rounded"] += self._lower_weighted(gm, nodes[site.node], site, quantized_inputs,
-                                                                constants, accumulators)
+            else:
+                stats["biases_rounded"] += self._lower_weighted(gm, nodes[site.node], site, constants, accumulators)
         if hasattr(gm, HOLDER):
             gm.delete_submodule(HOLDER)
         graph.eliminate_dead_code()
@@ -147,11 +145,10 @@ class LowerQuantized(Pass):
             node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
         return q
 
-    def _lower_weighted(self, gm: torch.fx.GraphModule, node: torch.fx.Node, site: WeightSite,
-                        quantized_inputs: dict[str, FakeQuant], constants: nn.Module,
+    def _lower_weighted(self, gm: torch.fx.GraphModule, node: torch.fx.Node, site: WeightSite, constants: nn.Module,
                         accumulators: dict[str, NarrowAccumulator]) -> int:
         graph = gm.graph
-        weight = lookup_tensor(gm, site.weight)
+        weight = lookup(gm, site.weight)
         wq = weight_fake_quant(site, weight.detach())
         key = node.name
         with graph.inserting_before(node):
@@ -175,10 +172,10 @@ class LowerQuantized(Pass):
             node.args = tuple(args)
             return 0
         x = node.args[0]
-        xq = quantized_inputs.get(x.name) if isinstance(x, torch.fx.Node) else None
-        if xq is None and isinstance(x, torch.fx.Node) and x.op == "call_function" and \
-                x.target is torch.fake_quantize_per_tensor_affine:
-            xq = FakeQuant(torch.tensor(x.args[1]), torch.tensor(x.args[2], dtype=torch.int32), x.args[3], x.args[4])
+        xq = None  # the input's parameters, read from the fake-quant node every use of a quantized value goes through
+        if isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target is torch.fake_quantize_per_tensor_affine:
+            xq = FakeQuant(torch.tensor(x.args[1], dtype=torch.float32), torch.tensor(x.args[2], dtype=torch.int32),
+                           x.args[3], x.args[4])
         bias_node, rounded = self._bias(gm, node, site, wq, xq, constants)
         fn, args, kwargs, pad = self._functional(gm, node, site)
         acc = None
@@ -207,7 +204,7 @@ class LowerQuantized(Pass):
     def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, constants: nn.Module) -> None:
         """Linear -> dynamic_quant_linear(x, int8 weight, zero points, per-row scales, bias)."""
         graph = gm.graph
-        weight = lookup_tensor(gm, site.weight)
+        weight = lookup(gm, site.weight)
         wq = weight_fake_quant(site, weight.detach())
         scale = wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0]).clone()
         ints = torch.round(wq.apply(weight.detach()) / scale[:, None]).to(torch.int8)
@@ -221,7 +218,7 @@ class LowerQuantized(Pass):
                 a.meta[meta.TENSOR] = meta.describe(getattr(constants, f"{key}_w_{part}"))
             bias = graph.get_attr(site.bias) if site.bias is not None else None
             if bias is not None:
-                bias.meta[meta.TENSOR] = meta.describe(lookup_tensor(gm, site.bias))
+                bias.meta[meta.TENSOR] = meta.describe(lookup(gm, site.bias))
             new = graph.call_function(dynamic_quant_linear, (node.args[0], *args, bias))
         new.meta[meta.TENSOR] = node.meta[meta.TENSOR]
         meta.add_provenance(new, self.name, f"{site.weight}: int8 weights, activations quantized per batch")
@@ -233,7 +230,7 @@ class LowerQuantized(Pass):
         graph = gm.graph
         if site.bias is None:
             return None, False
-        bias = lookup_tensor(gm, site.bias)
+        bias = lookup(gm, site.bias)
         with graph.inserting_before(node):
             if xq is None:  # input not quantized: the bias stays as it is
                 b = graph.get_attr(site.bias)
@@ -279,13 +276,3 @@ class LowerQuantized(Pass):
         return {name: round(acc.overflow_rate(), 6) for name, acc in accumulators.items()}
 
 
-def lookup_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    return gm.get_parameter(target) if _is_param(gm, target) else gm.get_buffer(target)
-
-
-def _is_param(gm: torch.nn.Module, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fxcompress import counting, meta
 
+from .channel_spaces import _arg
 from .quant_spec import QuantSpec
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -155,10 +156,6 @@ def _param(gm: torch.fx.GraphModule, node: Any) -> str | None:
                 return None
         return node.target if value.is_floating_point() else None
     return None
-
-
-def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def is_relu(gm: torch.fx.GraphModule, node: Any) -> bool:

@@ -104,10 +104,7 @@ def finalize_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     consts = _constants(graph)
     inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    replaced: set[str] = set()  # float initializers whose consumers now read a quantized one
     rename: dict[str, str] = {}
     made: dict[str, np.ndarray] = {}  # quantized initializers written, by name
     for node in graph.node:
@@ -125,7 +122,7 @@ def finalize_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             made[name] = q
             graph.initializer.append(numpy_helper.from_array(q, name))
         rename[node.output[0]] = name
-        uses[node.input[0]] -= 1
+        replaced.add(node.input[0])
     for node in graph.node:
         for k, name in enumerate(node.input):
             if name in rename:
@@ -133,16 +130,11 @@ def finalize_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     for i in reversed(range(len(graph.node))):
         if graph.node[i].output[0] in rename:
             del graph.node[i]
-    _quantize_biases(graph, consts | {i.name: numpy_helper.to_array(i) for i in graph.initializer},
-                     {o: n for n in graph.node for o in n.output}, uses)
-    unused = [i for i in graph.initializer if uses.get(i.name, 1) == 0 and not _used(graph, i.name)]
-    for init in unused:
+    replaced |= _quantize_biases(graph, consts, {o: n for n in graph.node for o in n.output})
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name in replaced and i.name not in used]:
         graph.initializer.remove(init)
     return model
-
-
-def _used(graph: onnx.GraphProto, name: str) -> bool:
-    return any(name in n.input for n in graph.node) or any(o.name == name for o in graph.output)
 
 
 def _dq_scale(node: onnx.NodeProto | None, consts: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -151,8 +143,10 @@ def _dq_scale(node: onnx.NodeProto | None, consts: dict[str, np.ndarray]) -> np.
     return consts[node.input[1]].astype(np.float32)
 
 
-def _quantize_biases(graph: onnx.GraphProto, consts: dict[str, np.ndarray], producer: dict, uses: dict) -> None:
-    new_nodes = []
+def _quantize_biases(graph: onnx.GraphProto, consts: dict[str, np.ndarray], producer: dict) -> set[str]:
+    """Float biases of Conv/ConvTranspose/Gemm with dequantized input and weight -> int32 + DequantizeLinear;
+    returns the names of the float biases replaced."""
+    new_nodes, replaced = [], set()
     for node in graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or not node.input[2]:
             continue
@@ -182,7 +176,8 @@ def _quantize_biases(graph: onnx.GraphProto, consts: dict[str, np.ndarray], prod
                               [base + "_dequantized"], name=base + "_DequantizeLinear", axis=0)
         new_nodes.append((node, dq))
         node.input[2] = base + "_dequantized"
-        uses[bias_name] = uses.get(bias_name, 1) - 1
+        replaced.add(bias_name)
     for node, dq in new_nodes:  # a node's inputs must be produced before it: insert each DQ just ahead
         index = list(graph.node).index(node)
         graph.node.insert(index, dq)
+    return replaced
