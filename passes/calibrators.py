@@ -22,7 +22,6 @@ import math
 
 import torch
 
-CANDIDATE_CHUNK = 256  # candidates evaluated per vectorised block (bounds memory to chunk x bins floats)
 HIST_CHUNK = 1 << 16  # values binned per step of a histogram update
 
 
@@ -33,6 +32,10 @@ def dense_flat(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1)
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
     return x.permute(order).reshape(-1)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class MinMax:
@@ -83,12 +86,15 @@ class Histogram:
             self._double()
         # bin = floor(|x| * bins / range); doubling the range halves the factor exactly, so bins merge exactly.
         # Chunks of HIST_CHUNK values keep the temporaries in cache (int32 indices, then bincount).
+        # A value within rounding of the range can land one past the last bin: bincount grows, and the overflow
+        # folds back into the last bin.  Non-negative data (after a ReLU) skips the abs.
         factor = self.bins / self.range
-        counts = torch.zeros(self.bins, dtype=torch.int64)
+        counts = torch.zeros(self.bins + 1, dtype=torch.int64)
+        magnitude = torch.abs if lo < 0 else _identity
         for chunk in x.split(HIST_CHUNK):
-            idx = (chunk.abs() * factor).to(torch.int32).clamp_(max=self.bins - 1)
-            counts += torch.bincount(idx, minlength=self.bins)
-        self.counts += counts.double()
+            counts += torch.bincount(magnitude(chunk).mul(factor).to(torch.int32), minlength=self.bins + 1)
+        counts[-2] += counts[-1]
+        self.counts += counts[:-1].double()
 
     def _double(self) -> None:
         """Range x2: pairs of bins merge exactly into one."""
@@ -127,19 +133,30 @@ class Histogram:
         i = int(torch.searchsorted(cum, torch.tensor(p / 100.0 * total, dtype=torch.float64)))
         return float(self.edges()[min(i, self.bins - 1)])
 
-    def mse(self, levels: int) -> float:
-        """Threshold t minimising E[(x - q(x))^2]: rounding error t^2/(12 L^2) per clipped-in sample plus the
-        squared excess of clipped samples (bin centres as values)."""
+    def mse_errors(self, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate thresholds: the bin edges, E[(x - q(x))^2] x count for each).
+
+        With threshold t at the edge of bin k: every sample in bins [0, k] costs the rounding error step^2 / 12
+        (step = t / (levels - 1)); a clipped sample at bin centre c costs (c - t)^2.  Suffix sums of count, count x c
+        and count x c^2 over the clipped bins give every candidate at once: O(bins).
+        """
         centers = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.width
-        candidates = self.edges()
-        errors = []
-        for start in range(0, self.bins, CANDIDATE_CHUNK):
-            t = candidates[start:start + CANDIDATE_CHUNK, None]
-            step = t / (levels - 1 if levels > 1 else 1)
-            inside = centers[None] <= t
-            err = torch.where(inside, step ** 2 / 12, (centers[None] - t) ** 2) * self.counts[None]
-            errors.append(err.sum(1))
-        return float(candidates[int(torch.argmin(torch.cat(errors)))])
+        t = self.edges()
+        inside = torch.cumsum(self.counts, 0)
+
+        def clipped(values: torch.Tensor) -> torch.Tensor:  # sum over bins j > k, for each k
+            return torch.cat([torch.flip(torch.cumsum(torch.flip(values, [0]), 0), [0])[1:],
+                              torch.zeros(1, dtype=values.dtype)])
+
+        s0, s1, s2 = clipped(self.counts), clipped(self.counts * centers), clipped(self.counts * centers ** 2)
+        step = t / (levels - 1 if levels > 1 else 1)
+        return t, inside * step ** 2 / 12 + (s2 - 2 * t * s1 + t ** 2 * s0).clamp(min=0)
+
+    def mse(self, levels: int) -> float:
+        """Threshold t minimising E[(x - q(x))^2]: rounding error plus the squared excess of clipped samples
+        (bin centres as values)."""
+        t, errors = self.mse_errors(levels)
+        return float(t[int(torch.argmin(errors))])
 
     def kl_divergences(self, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(candidate thresholds in bins, KL(P || Q) for each), candidates from ``levels`` to ``bins``.
@@ -151,10 +168,7 @@ class Histogram:
         h = self.counts.clone()
         h[0] = h[1]
         cands = torch.arange(levels, self.bins + 1)
-        out = []
-        for start in range(0, cands.numel(), CANDIDATE_CHUNK):
-            out.append(_kl_block(h, cands[start:start + CANDIDATE_CHUNK], levels))
-        return cands, torch.cat(out)
+        return cands, _kl_all(h, cands, levels)
 
     def kl(self, levels: int, tolerance: float = 1.0) -> float:
         """TensorRT entropy threshold; with tolerance > 1, the largest threshold whose KL is within
@@ -168,40 +182,45 @@ class Histogram:
         return (i + 0.5) * self.width if i < self.bins else self.range
 
 
-def _kl_block(h: torch.Tensor, cands: torch.Tensor, levels: int) -> torch.Tensor:
+def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x * log(y), 0 where x is 0."""
+    return torch.where(x > 0, x * torch.log(y.clamp(min=1e-300)), torch.zeros((), dtype=x.dtype))
+
+
+def _kl_all(h: torch.Tensor, cands: torch.Tensor, levels: int) -> torch.Tensor:
     """KL(P || Q) for each candidate i in ``cands``, in closed form over the ``levels`` groups.
 
     P: bins [0, i) with the tail (bins >= i) folded into bin i-1.  Q: bins [0, i) without the tail merged into
-    ``levels`` groups of i // levels bins (the last takes the remainder), each group's mass spread evenly over the
-    bins where P is non-zero.  Because Q is constant on a group's non-zero bins,
-    KL = sum_j P_j log P_j - sum_g P(g) log(mass_g / (nonzero_g * C_i)), with C_i the mass of bins [0, i):
-    prefix sums give every term, so the search costs O(candidates x levels), not x bins.
-    A candidate where P has mass and Q none is infinitely bad.
+    ``levels`` groups of m = i // levels bins (the last takes the remainder), each group's mass spread evenly over
+    the bins where P is non-zero.  Because Q is constant on a group's non-zero bins,
+
+        KL = sum_j P_j log P_j - sum_g P(g) log(mass_g / nonzero_g) + log C_i,
+
+    with C_i the mass of bins [0, i) (the P(g) sum to 1).  Prefix sums give every term.  The first
+    ``levels - 1`` groups depend on i only through m, so their sum is computed once per m (i // levels takes
+    bins / levels values) and only the last group per candidate: the whole search is O(bins), not
+    O(candidates x levels).  A candidate where P has mass and Q none is infinitely bad.
     """
-    t = float(h.sum())
-    cum = torch.cat([torch.zeros(1, dtype=h.dtype), torch.cumsum(h, 0)])
-    hlogh = torch.where(h > 0, h * torch.log(h.clamp(min=1e-300)), torch.zeros((), dtype=h.dtype))
-    cum_hlogh = torch.cat([torch.zeros(1, dtype=h.dtype), torch.cumsum(hlogh, 0)])
-    cum_nz = torch.cat([torch.zeros(1, dtype=h.dtype), torch.cumsum((h > 0).to(h.dtype), 0)])
+    dtype = h.dtype
+    zero = torch.zeros(1, dtype=dtype)
+    t = h.sum()
+    cum = torch.cat([zero, torch.cumsum(h, 0)])
+    cum_nz = torch.cat([zero, torch.cumsum((h > 0).to(dtype), 0)])
+    cum_hlogh = torch.cat([zero, torch.cumsum(_xlogy(h, h), 0)])
     i = cands
     tail = cum[-1] - cum[i]
     last = h[i - 1] + tail  # P's last bin, unnormalised
-    # sum_j P_j log P_j with P = h / t (last bin folded)
-    plogp = (cum_hlogh[i - 1] + torch.where(last > 0, last * torch.log(last.clamp(min=1e-300)), 0.0)) / t \
-        - torch.log(torch.tensor(t, dtype=h.dtype))
-    m = torch.div(i, levels, rounding_mode="floor")[:, None]
-    g = torch.arange(levels)[None, :]
-    lo = g * m
-    hi = torch.where(g == levels - 1, i[:, None], lo + m)
-    mass = cum[hi] - cum[lo]
-    nonzero = cum_nz[hi] - cum_nz[lo]
-    is_last = g == levels - 1
-    extra = ((h[i - 1] == 0) & (tail > 0)).to(h.dtype)[:, None]  # the folded tail makes P non-zero there
-    nonzero = nonzero + torch.where(is_last, extra, torch.zeros((), dtype=h.dtype))
-    p_group = (mass + torch.where(is_last, tail[:, None], torch.zeros((), dtype=h.dtype))) / t
-    c_i = cum[i][:, None]
-    log_q = torch.log(mass.clamp(min=1e-300)) - torch.log(nonzero.clamp(min=1)) - torch.log(c_i.clamp(min=1e-300))
-    impossible = ((p_group > 0) & (mass == 0)).any(1)
-    cross = torch.where(p_group > 0, p_group * log_q, torch.zeros((), dtype=h.dtype)).sum(1)
+    plogp = (cum_hlogh[i - 1] + _xlogy(last, last)) / t - torch.log(t)
+    m = torch.div(i, levels, rounding_mode="floor")
+    widths = torch.arange(1, int(m.max()) + 1)[:, None]  # every group width m that occurs
+    lo = torch.arange(levels - 1)[None, :] * widths
+    mass = cum[lo + widths] - cum[lo]
+    body = (_xlogy(mass, mass) - _xlogy(mass, cum_nz[lo + widths] - cum_nz[lo])).sum(1)[m - 1]
+    start = (levels - 1) * m  # the last group: [start, i), with P's folded tail
+    mass_last = cum[i] - cum[start]
+    nz_last = cum_nz[i] - cum_nz[start] + ((h[i - 1] == 0) & (tail > 0)).to(dtype)
+    p_last = mass_last + tail
+    cross = (body + _xlogy(p_last, mass_last) - _xlogy(p_last, nz_last)) / t - torch.log(cum[i].clamp(min=1e-300))
     kl = plogp - cross
+    impossible = (p_last > 0) & (mass_last == 0)
     return torch.where(impossible, torch.full_like(kl, math.inf), kl)

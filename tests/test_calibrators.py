@@ -54,6 +54,36 @@ def test_vectorised_kl_equals_loop(seed, bins, levels, heavy):
     assert np.allclose(kl.numpy(), ref, rtol=1e-9, atol=1e-12)
 
 
+def _mse_loop(hist: Histogram, levels: int) -> list[float]:
+    """The expected squared error of every threshold, summed bin by bin."""
+    w = hist.width
+    out = []
+    for k in range(hist.bins):
+        t = (k + 1) * w
+        step = t / (levels - 1)
+        err = 0.0
+        for j, count in enumerate(hist.counts.tolist()):
+            c = (j + 0.5) * w
+            err += count * (step ** 2 / 12 if c <= t else (c - t) ** 2)
+        out.append(err)
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), levels=st.sampled_from([16, 128, 256]), heavy=st.booleans())
+def test_vectorised_mse_equals_loop(seed, levels, heavy):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3000, generator=g)
+    if heavy:
+        x = x * torch.rand(3000, generator=g).pow(4) * 10
+    h = Histogram(128)
+    h.update(x)
+    _, errors = h.mse_errors(levels)
+    ref = np.array(_mse_loop(h, levels))
+    assert np.allclose(errors.numpy(), ref, rtol=1e-9, atol=1e-9 * ref.max())
+    assert h.mse(levels) == pytest.approx((int(np.argmin(ref)) + 1) * h.width)
+
+
 def test_range_growth_is_exact():
     g = torch.Generator().manual_seed(0)
     parts = [torch.randn(1000, generator=g) * s for s in (0.1, 1.0, 7.0)]

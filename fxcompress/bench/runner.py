@@ -186,19 +186,22 @@ def _torch_forward(model: torch.nn.Module, x: torch.Tensor) -> None:
 def format_table(report: dict) -> str:
     keys = list(report["rows"][0]["latency_ms"])
     headers = ["", *[f"ms b{k.split('_')[0][1:]} t{k.split('_')[1][1:]}" for k in keys],
-               "size MB", "calib/compile s", "peak MB", "accuracy %", "agree %", "SQNR dB"]
+               "size MB", "calib s", "total s", "peak MB", "accuracy %", "agree %", "SQNR dB"]
     body = []
     for r in report["rows"]:
         mark = " *" if r["name"] == report["best_ort_int8"] else ""
         ratios = r.get("ratio_to_ort_int8", {})
         lat = [f"{r['latency_ms'][k]:.2f}" + (f" ({ratios[k]:.2f}x)" if k in ratios else "") for k in keys]
         seconds = f"{r['seconds']:.1f}" if "seconds" in r else ""
+        calib = f"{r['calibration_seconds']:.1f}" if r.get("calibration_seconds") is not None else ""
         peak = f"{r['peak_mb'] - r['base_mb']:.0f}" if "peak_mb" in r else ""
         acc = f"{r['accuracy']:.2f}" if r["accuracy"] is not None else "-"
         sqnr = "inf" if r["sqnr_db"] == float("inf") else f"{r['sqnr_db']:.1f}"
-        body.append([r["name"] + mark, *lat, f"{r['size_mb']:.2f}", seconds, peak, acc, f"{r['agreement']:.1f}", sqnr])
+        body.append([r["name"] + mark, *lat, f"{r['size_mb']:.2f}", calib, seconds, peak, acc, f"{r['agreement']:.1f}", sqnr])
     note = (f"{report['model']} on {report['eval']}; latency: median of {report['config']['runs']} alternated runs, "
-            f"(ratio to the best ORT INT8 row, marked *); peak MB: peak RSS of the calibration/compile process above "
+            f"(ratio to the best ORT INT8 row, marked *); calib s: the calibrator alone (ORT: create_calibrator, "
+            f"collect_data, compute_data; fxcompress: the calibrate pass); total s: calibration and quantization (ORT), "
+            f"compile and export (fxcompress); peak MB: peak RSS of that process above "
             f"its imports.")
     passes = [f"{r['name']}: " + ", ".join(f"{n} {sec * 1e3:.1f} ms" for n, sec in r["passes"])
               for r in report["rows"] if r.get("passes")]
