@@ -27,6 +27,7 @@ class CompileResult:
     before: Totals
     after: Totals
     trace: TraceInfo
+    plans: dict[str, Any] = dataclasses.field(default_factory=dict)  # the planners' decisions, by plan name
 
     def report(self) -> str:
         leaves = ", ".join(f"{k} ({v})" for k, v in self.trace.auto_leaves.items()) or "none"
@@ -58,4 +59,4 @@ def compile(
     pm.run(ctx)
     gm = ctx.gm.eval()
     return CompileResult(module=gm, history=ctx.history, example_inputs=ctx.example_inputs, before=before,
-                         after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO])
+                         after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO], plans=dict(ctx.plans))

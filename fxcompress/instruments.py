@@ -18,6 +18,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
@@ -129,6 +130,16 @@ def relative_error(after: Any, before: Any) -> float:
         diff = (x - y).abs().max().item() if y.numel() else 0.0
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def sqnr_db(after: Any, before: Any) -> float:
+    """Signal-to-noise ratio of ``after`` against ``before`` over all floating-point outputs, in dB."""
+    a, _ = _flat_tensors(after)
+    b, _ = _flat_tensors(before)
+    pairs = [(x, y) for x, y in zip(a, b) if y.is_floating_point()]
+    noise = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in pairs)
+    signal = sum(float((y.double() ** 2).sum()) for _, y in pairs)
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def within_tolerance(after: Any, before: Any, rtol: float, atol: float) -> bool:

@@ -16,6 +16,7 @@ from .channel_deps import PropagateDependencies
 from .fold_bn import FoldBatchNorm
 from .insert_observers import InsertObservers
 from .lower_quantized import LowerQuantized
+from .low_rank_svd import LowRankSVD
 from .remove_channels import RemoveChannels
 from .select_channels import SelectChannels
 
@@ -24,6 +25,7 @@ PASSES: dict[str, type[Pass]] = {
     "propagate_dependencies": PropagateDependencies,
     "select_channels": SelectChannels,
     "remove_channels": RemoveChannels,
+    "low_rank_svd": LowRankSVD,
     "insert_observers": InsertObservers,
     "calibrate": Calibrate,
     "lower_quantized": LowerQuantized,
@@ -53,7 +55,13 @@ def quantize(options: dict[str, Any]) -> list[Pass]:
     return _split_options("quantize", options, [InsertObservers, Calibrate, LowerQuantized])
 
 
+def low_rank(options: dict[str, Any]) -> list[Pass]:
+    """``low_rank`` = low_rank_svd."""
+    return _split_options("low_rank", options, [LowRankSVD])
+
+
 SHORTHANDS: dict[str, Callable[[dict[str, Any]], list[Pass]]] = {
     "prune": prune,
     "quantize": quantize,
+    "low_rank": low_rank,
 }

@@ -24,7 +24,6 @@ measured error and the SQNR of the outputs are in the stats).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError
+from fxcompress.instruments import sqnr_db
 from fxcompress.modules import NarrowAccumulator, dynamic_quant_linear
 from fxcompress.pass_base import Contract, Pass, PassResult
 
@@ -55,14 +55,6 @@ def weight_fake_quant(site: WeightSite, weight: torch.Tensor) -> FakeQuant:
     cal.update(weight)
     scale, zero = qparams(site.spec, cal)
     return FakeQuant.of(site.spec, scale, zero, storage_unsigned=False)
-
-
-def _sqnr_db(after: Any, before: Any) -> float:
-    a = [t for t in torch.utils._pytree.tree_leaves(after) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    b = [t for t in torch.utils._pytree.tree_leaves(before) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    noise = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b))
-    signal = sum(float((y.double() ** 2).sum()) for y in b)
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 class LowerQuantized(Pass):
@@ -123,7 +115,7 @@ class LowerQuantized(Pass):
         meta.propagate(gm, ctx.example_inputs)
         with meta.side_effect_free(gm):
             after = gm(*ctx.example_inputs)
-        stats["output_sqnr_db"] = round(_sqnr_db(after, before), 2)
+        stats["output_sqnr_db"] = round(sqnr_db(after, before), 2)
         if accumulators:
             stats["overflow_rate"] = self._overflow(gm, ctx, accumulators)
             stats["layers_overflowing"] = sum(1 for r in stats["overflow_rate"].values() if r > 0)
