@@ -193,3 +193,43 @@ def dynamic_quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_zero: tor
     """``F.linear`` with int8 ``weight`` (zero points ``weight_zero``, per-row ``scale``) and dynamically
     quantized uint8 activations."""
     return _DynamicQuantLinear.apply(x, weight, weight_zero, scale, bias)
+
+
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_FLOAT32_EXACT = 1 << 24  # integers up to 2^24 are exact in float32
+
+
+def requantized_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: float,
+                     w_scale: torch.Tensor | float, y_scale: float, y_zero: int, y_min: int, y_max: int,
+                     stride, padding, dilation, groups: int) -> torch.Tensor:
+    """A quantized convolution computed as ONNX Runtime's QLinearConv computes it, for the PyTorch simulation.
+
+    ``x``, ``weight`` and ``bias`` are fake-quantized (on their grids: x_scale, w_scale per output channel or per
+    tensor, x_scale x w_scale for the bias).  The integer accumulator sum(x_int w_int) + bias_int is exact (float32
+    when the largest possible sum fits in 24 bits, else float64); it is requantized with the float32 multiplier
+    (x_scale x w_scale) / y_scale, rounded half to even, shifted by the zero point and clamped: the result is the
+    output's grid value, so the activation and output fake-quantization after it change nothing.  Rounding the
+    float convolution instead differs from ONNX Runtime wherever a value lies within float error of a rounding
+    boundary, and in deep networks those flips grow.
+
+    Exported to ONNX it is the plain convolution of its (dequantized) inputs: ONNX Runtime fuses that with the
+    surrounding QuantizeLinear/DequantizeLinear into QLinearConv.
+    """
+    conv = _CONVS[weight.dim() - 2]
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+    channels = weight.shape[0]
+    shape = (1, channels) + (1,) * (weight.dim() - 2)
+    xs = torch.tensor(x_scale, dtype=torch.float32)
+    ws = torch.as_tensor(w_scale, dtype=torch.float32).reshape(-1)
+    ws = ws.expand(channels) if ws.numel() == 1 else ws
+    terms = weight[0].numel()
+    dtype = torch.float32 if terms * 255 * 127 < _FLOAT32_EXACT else torch.float64
+    x_int = torch.round(x / xs).to(dtype)
+    w_int = torch.round(weight / ws.reshape(-1, *([1] * (weight.dim() - 1)))).to(dtype)
+    acc = conv(x_int, w_int, None, stride, padding, dilation, groups)
+    if bias is not None:
+        acc = acc + torch.round(bias / (xs * ws)).to(dtype).reshape(shape)
+    multiplier = (xs * ws) / torch.tensor(y_scale, dtype=torch.float32)
+    q = torch.round(acc.to(torch.float32) * multiplier.reshape(shape))
+    return (torch.clamp(q + y_zero, y_min, y_max) - y_zero) * torch.tensor(y_scale, dtype=torch.float32)

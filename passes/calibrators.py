@@ -2,7 +2,8 @@
 
 ``MinMax`` keeps the running minimum and maximum (per tensor or per channel).  ``Histogram`` keeps a histogram
 of |x| with ``bins`` bins over [0, range); when a batch exceeds the range, the range doubles (as often as
-needed) and every 2^k old bins merge into one new bin, so re-binning is exact.  From the histogram:
+needed) and every 2^k old bins merge into one new bin, so re-binning is exact.  The threshold searches run on
+``resampled(n)``: n bins over the data's own range [0, max|x|].  From the histogram:
 
 - ``percentile(p)``: the p-th percentile of |x|,
 - ``mse(levels)``: the threshold minimising the expected squared quantization error (clipping + rounding),
@@ -102,23 +103,27 @@ class Histogram:
         self.range *= 2
 
     def resampled(self, target: int) -> Histogram:
-        """This histogram over [0, max|x|] only, at ``target`` to 2 x ``target`` bins (merging bins exactly).
+        """This histogram as exactly ``target`` bins over [0, max|x|], as TensorRT's 2048 bins over [0, amax].
 
         The stored range can be up to twice the data's (it doubles), so the data may cover as little as half the
-        stored bins; the threshold searches should see the data's own range at the stated resolution, as
-        TensorRT's 2048 bins over [0, amax] do.  Store more bins than the target (``QuantSpec`` stores 4x).
+        stored bins; the threshold searches should see the data's own range at the stated resolution (the KL of a
+        candidate depends on how many bins it merges).  The cumulative counts, linear within each stored bin, are
+        read at the new edges: a stored bin straddling two new ones splits its count in proportion.  Store several
+        times more bins than the target (``QuantSpec`` stores 4x) so that each stored bin is a small part of a new
+        one.  The total count is exact.
         """
         top = max(abs(self.min), abs(self.max))
-        counts, width = self.counts, self.width
-        if not math.isfinite(top) or width == 0:
+        if not math.isfinite(top) or top <= 0 or self.width == 0:
             return self
-        covered = min(int(top / width) + 1, counts.numel())
-        while covered >= 2 * target and counts.numel() % 2 == 0:
-            counts, width = counts.view(-1, 2).sum(1), width * 2
-            covered = min(int(top / width) + 1, counts.numel())
+        stored = torch.arange(self.bins + 1, dtype=torch.float64) * self.width
+        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.counts, 0)])
+        edges = torch.arange(target + 1, dtype=torch.float64) * (top / target)
+        j = torch.searchsorted(stored, edges, right=True).clamp(1, self.bins) - 1  # stored bin holding each edge
+        frac = ((edges - stored[j]) / self.width).clamp(0, 1)
+        at = cdf[j] + frac * self.counts[j]
+        at[-1] = cdf[-1]  # everything up to max|x| (and float dust beyond it) is in
         out = Histogram.__new__(Histogram)
-        out.bins, out.range, out.counts = covered, covered * width, counts[:covered].clone()
-        out.counts[-1] += counts[covered:].sum()  # nothing lies there; kept so the mass is exact
+        out.bins, out.range, out.counts = target, top, torch.diff(at).clamp(min=0)
         out.min, out.max = self.min, self.max
         return out
 

@@ -47,6 +47,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
+from fxcompress.counting import totals
 from fxcompress.errors import InputError, RecipeError, did_you_mean
 from fxcompress.instruments import sqnr_db
 from fxcompress.pass_base import Contract, Pass, PassResult
@@ -189,6 +190,7 @@ class LowRankSVD(Pass):
             return PassResult(False, stats, notes)
         with meta.side_effect_free(gm):
             before = gm(*ctx.example_inputs)
+        start = totals(gm)
         by_name = {c.name: c for c in found}
         errors = [apply_layer(gm, by_name[name], decision.rank) for name, decision in layers.items()]
         gm.graph.lint()
@@ -205,7 +207,18 @@ class LowRankSVD(Pass):
         }
         notes += tuple(f"{name}: rank {d.rank}/{d.full_rank}, energy {d.energy:.4f}, MACs {d.macs[0]} -> {d.macs[1]}"
                        for name, d in layers.items())
+        if self.target is not None:
+            kept = self._share(start, totals(gm))
+            stats["target_share"] = round(kept, 4)
+            if kept > self.target + 1e-9:
+                notes += (f"target {self.target} of the model's {self.target_metric} not reached: {kept:.3f} with every "
+                          f"factorizable layer at its smallest rank (layers not factorized keep their cost)",)
         return PassResult(True, stats, notes)
+
+    def _share(self, before, after) -> float:
+        if self.target_metric == "macs":
+            return after.macs / before.macs if before.macs else 1.0
+        return after.params / before.params if before.params else 1.0
 
     def _ranks(self, gm: torch.fx.GraphModule, layers: list[_Candidate]) -> dict[str, int]:
         if self.ranks is not None:
@@ -228,8 +241,6 @@ class LowRankSVD(Pass):
             return out
         if self.rank_ratio is not None:
             return {c.name: max(1, math.ceil(self.rank_ratio * c.full_rank - 1e-9)) for c in layers}
-        from fxcompress.counting import totals
-
         total = totals(gm)
         whole = total.macs if self.target_metric == "macs" else total.params
         return allocate(layers, whole, self.target * whole, self.target_metric)

@@ -12,6 +12,12 @@ min/max (symmetric, per output channel unless ``per_channel=False``); biases are
 input scale x weight scale, the bias QLinearConv/QGemm add.  Exported with ``export_onnx``, the module becomes QDQ
 ONNX: int8 weight initializers, int32 biases, uint8 activations.
 
+A convolution whose quantized input and output (directly or after its ReLU) are both on grids is simulated as ONNX
+Runtime's QLinearConv computes it (``modules.requantized_conv``): the integer accumulator exactly, requantized with
+the float32 multiplier and rounded half to even.  Rounding the float convolution instead flips values that lie
+within float error of a rounding boundary, and in deep depthwise stacks (MobileNetV2) those flips grow to several
+output steps.  Exported, it is the plain convolution that ORT fuses back into QLinearConv.
+
 ``accumulator_bits`` simulates a narrow integer accumulator (e.g. 16 with 6-bit weights): each quantized
 Conv/Linear's accumulator, sum(x_int * w_int) before the bias, saturates at the signed range of that width; the
 overflow rate of every layer (share of its accumulator values out of range) is measured on the example inputs and
@@ -35,14 +41,14 @@ from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError
 from fxcompress.instruments import sqnr_db
-from fxcompress.modules import NarrowAccumulator, dynamic_quant_linear
+from fxcompress.modules import NarrowAccumulator, dynamic_quant_linear, requantized_conv
 from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .calibrate import PARAMS, checked_batches
 from .calibrators import MinMax
 from .channel_spaces import lookup
 from .insert_observers import HOLDER, PLAN
-from .quant_plan import WeightSite
+from .quant_plan import RELU_FUNCS, RELU_METHODS, RELU_MODULES, WeightSite, _is
 from .quant_spec import FakeQuant, qparams
 
 CONSTANTS = "qparams"  # submodule holding per-channel scales, zero points and rounded biases
@@ -116,6 +122,7 @@ class LowerQuantized(Pass):
         with meta.side_effect_free(gm):
             after = gm(*ctx.example_inputs)
         stats["output_sqnr_db"] = round(sqnr_db(after, before), 2)
+        stats["convs_requantized_exactly"] = sum(1 for n in gm.graph.nodes if n.target is requantized_conv)
         if accumulators:
             stats["overflow_rate"] = self._overflow(gm, ctx, accumulators)
             stats["layers_overflowing"] = sum(1 for r in stats["overflow_rate"].values() if r > 0)
@@ -188,10 +195,29 @@ class LowerQuantized(Pass):
         for n in {inp, new, out}:
             if n is not x:
                 n.meta[meta.TENSOR] = node.meta[meta.TENSOR]
+        if acc is None and xq is not None and fn in _CONV.values() and not kwargs:
+            self._requantize_exactly(gm, new, xq, wq, scale if wq.axis is not None else float(wq.scale))
         meta.add_provenance(out, self.name, f"{node.target if node.op == 'call_module' else node.name} "
                                             f"with int{wq.qmax.bit_length() + 1} weights")
         graph.erase_node(node)
         return int(rounded)
+
+    def _requantize_exactly(self, gm: torch.fx.GraphModule, conv: torch.fx.Node, xq: FakeQuant, wq: FakeQuant,
+                            w_scale) -> None:
+        """A convolution whose output is quantized (directly or after its ReLU) computes its integer accumulator
+        exactly and requantizes it as ONNX Runtime's QLinearConv does (``modules.requantized_conv``)."""
+        users = list(conv.users)
+        if len(users) == 1 and _is(users[0], RELU_FUNCS, RELU_METHODS, RELU_MODULES, gm):
+            users = list(users[0].users)
+        if not (len(users) == 1 and users[0].op == "call_function"
+                and users[0].target is torch.fake_quantize_per_tensor_affine):
+            return
+        y_scale, y_zero, y_min, y_max = users[0].args[1:5]
+        x, w, b, *rest = conv.args
+        rest += [1, 0, 1, 1][len(rest):]  # F.conv*'s defaults: stride, padding, dilation, groups
+        conv.target = requantized_conv
+        conv.args = (x, w, b, float(xq.scale), w_scale, y_scale, y_zero, y_min, y_max, *rest)
+        meta.add_provenance(conv, self.name, "integer accumulator requantized as QLinearConv")
 
     def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, constants: nn.Module) -> None:
         """Linear -> dynamic_quant_linear(x, int8 weight, zero points, per-row scales, bias)."""

@@ -196,3 +196,19 @@ def test_observer_passes_tensors_through_and_calibrates():
     obs(torch.full((3,), 1e6))
     assert obs.batches == 3 and obs.calibrator.max < 1e6
     assert "u8" in repr(obs) and "kl" in repr(obs)
+
+
+def test_resampled_has_exactly_the_target_bins_over_the_data_range():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200_000, generator=g) * 2.0
+    h = Histogram(8192)
+    h.update(x[:1000] * 0.1)  # a small first batch: the range doubles several times afterwards
+    h.update(x)
+    top = float(x.abs().max())
+    r = h.resampled(2048)
+    assert r.bins == 2048 and r.counts.numel() == 2048
+    assert r.range == pytest.approx(top)
+    assert float(r.counts.sum()) == pytest.approx(float(h.counts.sum()), rel=1e-12)
+    direct = torch.histc(torch.cat([x[:1000] * 0.1, x]).abs().double(), bins=2048, min=0, max=top)
+    # each stored bin is at most half a new one, so a new bin's count is off by at most its neighbours' edges
+    assert float((r.counts - direct).abs().sum()) <= 0.02 * float(direct.sum())

@@ -241,3 +241,12 @@ def test_ranks_replay_a_plan_and_name_unknown_layers():
     torch.testing.assert_close(_outputs(again.module, inputs), _outputs(first.module, inputs), rtol=0, atol=0)
     with pytest.raises(fxc.RecipeError, match="not a layer"):
         fxc.compile(model, inputs, [{"pass": "low_rank", "ranks": {"nope": 2}}])
+
+
+def test_an_unreachable_target_is_reported():
+    model, x = _Mlp().eval(), torch.randn(3, 5, 32)
+    result = fxc.compile(model, (x,), [{"pass": "low_rank", "target": 0.01}])
+    record = result.history[-1]
+    assert record.stats["target_share"] > 0.01
+    assert any("not reached" in n for n in record.notes)
+    assert all(result.module.get_submodule(n)[0].out_features == 1 for n in ("low", "full", "shared"))

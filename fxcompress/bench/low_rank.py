@@ -4,7 +4,8 @@
 
 For each model (default: the trained ViT-tiny and VGG-small), on the digits test split:
 
-- fp32, then ``low_rank`` at ``energy`` 0.99, 0.95 and 0.9 (plain SVD of the weights);
+- fp32, then ``low_rank`` at ``energy`` 0.99, 0.95 and 0.9, and with ``target`` 0.8 and 0.7 of the model's MACs
+  (ranks allocated across layers), plain SVD of the weights;
 - data-aware SVD (whitened by the inputs' second moments from 256 training images) at the same per-layer ranks as
   each plain row (``ranks=``), so that the two differ only in the factors;
 - params and MACs (fxcompress's counter), ORT fp32 latency of the exported model at batch 1 and 8 with 1 thread
@@ -27,11 +28,11 @@ from fxcompress.passes.low_rank_svd import PLAN
 
 from .measure import alternated_latency, quality
 
-ENERGIES = (0.99, 0.95, 0.9)
+SETTINGS = (("energy", 0.99), ("energy", 0.95), ("energy", 0.9), ("target", 0.8), ("target", 0.7))
 MODELS = ("vit-tiny-digits", "vgg-small-digits")
 
 
-def evaluate(name: str, work: Path, runs: int = 30, samples: int = 256) -> list[dict]:
+def evaluate(name: str, work: Path, runs: int = 100, samples: int = 256) -> list[dict]:
     from fxcompress.golden_models import GOLDEN
 
     hard = GOLDEN[name].hard
@@ -42,12 +43,13 @@ def evaluate(name: str, work: Path, runs: int = 30, samples: int = 256) -> list[
     reference = run(fxc.export_onnx(model, example, work / f"{name}.onnx"), images)[0]
     base = fxc.compile(model, example, [])
     rows = [{"row": "fp32", "params": base.after.params, "macs": base.after.macs, "path": work / f"{name}.onnx"}]
-    for energy in ENERGIES:
-        plain = fxc.compile(model, example, [{"pass": "low_rank", "energy": energy}])
+    for option, value in SETTINGS:
+        plain = fxc.compile(model, example, [{"pass": "low_rank", option: value}])
         ranks = {k: v.rank for k, v in plain.plans[PLAN].layers.items()}
         aware = fxc.compile(model, example, [{"pass": "low_rank", "ranks": ranks, "data_aware": True}],
                             calibration_data=calib) if ranks else plain
-        for label, result in ((f"energy {energy}", plain), (f"energy {energy}, data-aware", aware)):
+        setting = f"energy {value}" if option == "energy" else f"MACs x{value}"
+        for label, result in ((setting, plain), (f"{setting}, data-aware", aware)):
             path = result.export_onnx(work / f"{name}_{len(rows)}.onnx")
             rows.append({"row": label, "params": result.after.params, "macs": result.after.macs, "path": path,
                          "layers": len(ranks), "seconds": result.history[-1].seconds})
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS),
                         choices=[n for n in fxc.golden.names() if n.endswith("-digits")])
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--json", metavar="OUT.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

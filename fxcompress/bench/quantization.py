@@ -16,6 +16,7 @@ exported files:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -59,7 +60,8 @@ def evaluate(name: str, work: Path, samples: int = 128) -> dict:
     ort = {}
     for method in ORT_METHODS:
         out = work / f"{name}_ort_{method}.onnx"
-        job = ort_quantize(str(fp32), str(work / "calib.npy"), str(out), method)
+        with contextlib.redirect_stdout(sys.stderr):  # ORT's calibrators print progress; the table goes to stdout
+            job = ort_quantize(str(fp32), str(work / "calib.npy"), str(out), method)
         ort[method] = _quality(reference, run(out, images)[0], labels) | {"seconds": job["seconds"]}
     best = max(ort, key=lambda m: ort[m]["sqnr_db"])
     row["ort"], row["ort_best"] = ort, best
