@@ -21,6 +21,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import meta
 from .meta import TensorInfo
+from .modules import dynamic_quant_linear, requantized_conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,8 @@ FUNCTION_MACS: dict[Any, Callable[[torch.fx.Node], int]] = {
     F.conv_transpose2d: _conv_fn(True),
     F.conv_transpose3d: _conv_fn(True),
     F.scaled_dot_product_attention: _sdpa,
+    requantized_conv: _conv_fn(False),  # the quantized simulation's convolutions and Linear layers
+    dynamic_quant_linear: _out_times_k(0, "input"),
 }
 
 METHOD_MACS: dict[str, Callable[[torch.fx.Node], int]] = {

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import onnx
 import pytest
@@ -62,6 +63,15 @@ def test_compress_with_prune_recipe(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "remove_channels" in out and "channels_removed" in out
     assert float(out.split("max abs diff")[1].split()[0]) <= 1e-4
+
+
+def test_shipped_prune_low_rank_quantize_recipe(tmp_path, capsys):
+    recipe = Path(__file__).parent.parent / "recipes" / "prune_low_rank_quantize.toml"
+    assert main(["compress", "vgg-small-digits", "--recipe", str(recipe), "--export", str(tmp_path / "q.onnx")]) == 0
+    out = capsys.readouterr().out
+    for name in ("remove_channels", "low_rank_svd", "lower_quantized"):
+        assert name in out
+    assert "layers_replaced=8" in out
 
 
 def bare_factory():

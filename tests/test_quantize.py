@@ -297,3 +297,12 @@ def test_dynamic_mode_runs_linear_layers_on_ort_integer_kernels(tmp_path):
         sim, reference = result.module(images).numpy(), model(images).numpy()
     assert np.abs(got - sim).max() <= 2 * (reference.max() - reference.min()) / 255
     assert np.mean(got.argmax(1) == labels.numpy()) >= np.mean(reference.argmax(1) == labels.numpy()) - 0.005
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "dynamic"}])
+def test_quantized_models_count_the_same_macs(options):
+    model, example = fxc.golden.load("vit-tiny-digits") if options else build("residual")
+    calib = None if options else _calib(example, 4)
+    result = fxc.compile(model, example, [{"pass": "fold_bn"}, {"pass": "quantize", **options}],
+                         calibration_data=calib)
+    assert result.after.macs == result.before.macs
