@@ -132,10 +132,11 @@ def relative_error(after: Any, before: Any) -> float:
     return worst
 
 
-def sqnr_db(after: Any, before: Any) -> float:
-    """Signal-to-noise ratio of ``after`` against ``before`` over all floating-point outputs, in dB."""
-    a, _ = _flat_tensors(after)
-    b, _ = _flat_tensors(before)
+def sqnr_db(reference: Any, output: Any) -> float:
+    """Signal-to-noise ratio of ``output`` against ``reference`` over all floating-point outputs, in dB (the
+    argument order of ``bench.measure.sqnr_db``)."""
+    b, _ = _flat_tensors(reference)
+    a, _ = _flat_tensors(output)
     pairs = [(x, y) for x, y in zip(a, b) if y.is_floating_point()]
     noise = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in pairs)
     signal = sum(float((y.double() ** 2).sum()) for _, y in pairs)

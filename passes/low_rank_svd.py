@@ -205,7 +205,7 @@ class LowRankSVD(Pass):
             "params_replaced": [sum(d.params[0] for d in layers.values()), sum(d.params[1] for d in layers.values())],
             "min_energy": min(d.energy for d in layers.values()),
             "max_weight_error": round(max(errors), 6),
-            "output_sqnr_db": round(sqnr_db(after, before), 2),
+            "output_sqnr_db": round(sqnr_db(before, after), 2),
         }
         notes += tuple(f"{name}: rank {d.rank}/{d.full_rank}, energy {d.energy:.4f}, MACs {d.macs[0]} -> {d.macs[1]}"
                        for name, d in layers.items())
