@@ -34,6 +34,8 @@ measured error and the SQNR of the outputs are in the stats).
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import torch
@@ -308,11 +310,9 @@ class LowerQuantized(Pass):
                     x = self.env[n.args[0]]
                     if pad is not None:
                         x = F.pad(x, pad[0], mode=pad[1])
-                    err = fn(x, deltas[n.name], None, *args, **kwargs).double()
-                    axis = -1 if fn is F.linear else 1
-                    total = err.movedim(axis, 0).reshape(err.shape[axis], -1).sum(1)
+                    total, count = _weight_error_sum(fn, x, deltas[n.name], args, kwargs)
                     sums[n.name] = sums[n.name] + total if n.name in sums else total
-                    counts[n.name] += err.numel() // err.shape[axis]
+                    counts[n.name] += count
                 return out
 
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
@@ -358,3 +358,41 @@ class LowerQuantized(Pass):
         return {name: round(acc.overflow_rate(), 6) for name, acc in accumulators.items()}
 
 
+
+
+def _weight_error_sum(fn, x: torch.Tensor, delta: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int]:
+    """(sum over every output position of op(x, delta) per output channel, number of positions), float64.
+
+    A convolution's output at a position is delta applied to the input patch there, so the sum over positions is
+    delta applied to the sum of the patches: one strided slice sum per kernel offset instead of a second
+    convolution.  Linear layers sum their inputs.  Anything else (transposed or string-padded convolutions,
+    keyword arguments) runs the op with ``delta``.
+    """
+    dims = delta.dim() - 2
+    if fn is F.linear and not args and not kwargs:
+        rows = x.reshape(-1, x.shape[-1])
+        return delta.double() @ rows.sum(0).double(), rows.shape[0]
+    if fn in _CONV.values() and not kwargs and len(args) == 4 and not isinstance(args[1], str):
+        stride, padding, dilation, groups = (_tuple(a, dims) if i < 3 else a for i, a in enumerate(args))
+        if x.dim() == dims + 1:
+            x = x.unsqueeze(0)
+        x = F.pad(x, [p for q in reversed(padding) for p in (q, q)])
+        kernel = delta.shape[2:]
+        out = [(x.shape[2 + d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
+        patch = torch.empty(x.shape[1], *kernel, dtype=torch.float64)
+        for offset in itertools.product(*(range(k) for k in kernel)):
+            window = tuple(slice(o * dil, o * dil + st * (n - 1) + 1, st)
+                           for o, dil, st, n in zip(offset, dilation, stride, out))
+            patch[(slice(None), *offset)] = x[(slice(None), slice(None), *window)].sum(
+                dim=[0, *range(2, 2 + dims)]).double()
+        per_group = delta.shape[1] * math.prod(kernel)
+        total = torch.einsum("goi,gi->go", delta.double().reshape(groups, -1, per_group),
+                             patch.reshape(groups, per_group)).reshape(-1)
+        return total, x.shape[0] * math.prod(out)
+    err = fn(x, delta, None, *args, **kwargs)
+    axis = -1 if fn is F.linear else 1
+    return err.movedim(axis, 0).reshape(err.shape[axis], -1).sum(1).double(), err.numel() // err.shape[axis]
+
+
+def _tuple(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims

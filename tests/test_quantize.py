@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxcompress as fxc
 from fxcompress.export.ort import max_abs_diff, optimized_op_counts, run
@@ -327,3 +328,25 @@ def test_bias_correction_removes_the_mean_shift_of_quantized_weights():
         with torch.no_grad():
             sqnr[on] = sqnr_db(reference, result.module(images))
     assert sqnr[True] > sqnr[False] + 0.5
+
+
+@settings(max_examples=25, deadline=None)
+@given(dims=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2),
+       padding=st.integers(0, 2), dilation=st.integers(1, 2), seed=st.integers(0, 1000))
+def test_bias_correction_sums_patches_as_the_convolution_does(dims, groups, k, stride, padding, dilation, seed):
+    import torch.nn.functional as F
+
+    from fxcompress.passes.lower_quantized import _weight_error_sum
+
+    g = torch.Generator().manual_seed(seed)
+    conv = {1: F.conv1d, 2: F.conv2d}[dims]
+    x = torch.randn(2, 4, *([7] * dims), generator=g)
+    delta = torch.randn(6, 4 // groups, *([k] * dims), generator=g)
+    if (7 + 2 * padding - dilation * (k - 1) - 1) < 0:
+        return
+    args = (stride, padding, dilation, groups)
+    total, count = _weight_error_sum(conv, x, delta, args, {})
+    out = conv(x, delta, None, *args).double()
+    want = conv(x.double(), delta.double(), None, *args).transpose(0, 1).reshape(6, -1).sum(1)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
+    assert count == out.numel() // 6
