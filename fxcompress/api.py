@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
@@ -45,6 +45,8 @@ def compile(
     recipe: Any,
     calibration_data: Iterable | None = None,
     *,
+    train_data: Iterable | None = None,
+    eval_fn: Callable[[torch.nn.Module], float] | None = None,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
     dump_dir: str | Path | None = None,
@@ -53,7 +55,8 @@ def compile(
 ) -> CompileResult:
     """Compile a copy of ``model`` (in eval mode) through ``recipe``; ``model`` itself is never modified."""
     pm = PassManager(recipe, verify=verify, check_numerics=check_numerics, dump_dir=dump_dir)
-    ctx = pm.context(model, example_inputs, calibration_data, leaf_modules=leaf_modules,
+    ctx = pm.context(model, example_inputs, calibration_data, train_data=train_data, eval_fn=eval_fn,
+                     leaf_modules=leaf_modules,
                      concrete_args=concrete_args, eval_mode=True)
     before = counting.totals(ctx.gm)
     pm.run(ctx)

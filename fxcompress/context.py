@@ -46,6 +46,8 @@ class CompileContext:
     gm: torch.fx.GraphModule
     example_inputs: tuple
     calibration_data: Iterable | None = None
+    train_data: Iterable | None = None  # (inputs, target) batches for the training passes
+    eval_fn: Callable[[torch.nn.Module], float] | None = None  # higher is better (accuracy); optional
     analyses: dict[str, Any] = dataclasses.field(default_factory=dict)
     plans: dict[str, Any] = dataclasses.field(default_factory=dict)
     history: list[PassRecord] = dataclasses.field(default_factory=list)

@@ -17,14 +17,14 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
 
 from . import recipe as recipes
 from .context import CompileContext, PassRecord
-from .errors import FxCompressError, PassError, RecipeError, unknown_name_message
+from .errors import FxCompressError, InputError, PassError, RecipeError, unknown_name_message
 from .instruments import CodeDiff, Dump, Honesty, Instrument, Verify, strict, write_reproducer
 from .pass_base import Pass
 from .tracing import normalize_inputs, trace
@@ -70,13 +70,18 @@ class PassManager:
         return [p.name for p in self.passes]
 
     def context(self, model: torch.nn.Module, example_inputs: Any, calibration_data: Iterable | None = None,
+                train_data: Iterable | None = None, eval_fn: Callable[[torch.nn.Module], float] | None = None,
                 **trace_options: Any) -> CompileContext:
         """Trace (a copy of) ``model`` and wrap it in a fresh context positioned before the first pass."""
+        if eval_fn is not None and not callable(eval_fn):
+            raise InputError(f"eval_fn must be a callable taking the module and returning a float, "
+                             f"got {type(eval_fn).__name__}.")
         inputs = normalize_inputs(example_inputs)
         gm = trace(model, inputs, **trace_options)
         if self.dump is not None:
             self.dump.write_initial(gm)
-        return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data)
+        return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,
+                              eval_fn=eval_fn)
 
     def pending(self, ctx: CompileContext) -> list[str]:
         return self.names[ctx.cursor:]

@@ -13,9 +13,11 @@ from fxcompress.errors import RecipeError
 
 from .calibrate import Calibrate
 from .channel_deps import PropagateDependencies
+from .finetune import Finetune
 from .fold_bn import FoldBatchNorm
 from .insert_observers import InsertObservers
 from .lower_quantized import LowerQuantized
+from .recalibrate_bn import RecalibrateBN
 from .low_rank_svd import LowRankSVD
 from .remove_channels import RemoveChannels
 from .select_channels import SelectChannels
@@ -29,6 +31,8 @@ PASSES: dict[str, type[Pass]] = {
     "insert_observers": InsertObservers,
     "calibrate": Calibrate,
     "lower_quantized": LowerQuantized,
+    "recalibrate_bn": RecalibrateBN,
+    "finetune": Finetune,
 }
 
 

@@ -46,6 +46,9 @@ def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).flatten()
 
 
+MASKS = "channel_masks"  # ctx.plans key: {tensor target: 0/1 mask} written in mask mode, kept by training passes
+
+
 class RemoveChannels(Pass):
     """Channel removal: real smaller layers, or zeroed channels in mask mode."""
 
@@ -75,7 +78,10 @@ class RemoveChannels(Pass):
         positions = cg.removed_positions(cg.closure(removed))
         before = sum(p.numel() for p in ctx.gm.parameters())
         if self.mode == "mask":
-            touched = self._mask(cg, positions)
+            touched, masks = self._mask(cg, positions)
+            previous = ctx.plans.get(MASKS, {})
+            ctx.plans[MASKS] = {k: previous[k] * m if k in previous and previous[k].shape == m.shape else m
+                                for k, m in masks.items()} | {k: v for k, v in previous.items() if k not in masks}
         else:
             touched = self._remove(ctx, cg, positions)
         after = sum(p.numel() for p in ctx.gm.parameters())
@@ -84,21 +90,29 @@ class RemoveChannels(Pass):
         return PassResult(modified=True, stats=stats)
 
     # -- mask --------------------------------------------------------------------------------------------------
-    def _mask(self, cg: ChannelGraph, positions: dict[Space, torch.Tensor]) -> int:
+    def _mask(self, cg: ChannelGraph, positions: dict[Space, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+        """Zero the planned channels; returns (tensors touched, {tensor target: 0/1 mask of its shape}), the masks
+        that training passes re-apply so that the zeroed channels stay zero."""
         touched = 0
+        masks: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for s, p in cg.rel.params.items():
                 if s not in positions or p.target.endswith("running_var"):
                     continue
                 t = lookup(cg.gm, p.target)
                 t.index_fill_(p.dim, positions[s], 0)
+                mask = masks.get(p.target, torch.ones_like(t))
+                masks[p.target] = mask.index_fill(p.dim, positions[s], 0)
                 touched += 1
             for s, g in cg.rel.grouped_inputs.items():
                 if s in positions:
+                    target = f"{g.module}.weight" if g.module else "weight"
                     w = cg.gm.get_submodule(g.module).weight
-                    w.copy_(_grouped_input_mask(w, g.groups, positions[s]) * w)
+                    keep = _grouped_input_mask(w, g.groups, positions[s])
+                    w.copy_(keep * w)
+                    masks[target] = masks.get(target, torch.ones_like(w)) * keep
                     touched += 1
-        return touched
+        return touched, masks
 
     # -- remove ------------------------------------------------------------------------------------------------
     def _remove(self, ctx: CompileContext, cg: ChannelGraph, positions: dict[Space, torch.Tensor]) -> int:
