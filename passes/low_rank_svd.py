@@ -172,7 +172,8 @@ class LowRankSVD(Pass):
         plain = self._whiten(ctx, found) if self.data_aware and found else []
         for c in found:
             decompose(c)
-        ranks = self._ranks(gm, found)
+        start = totals(gm)
+        ranks = self._ranks(start, found)
         seen = len(found) + len(skipped)
         layers: dict[str, LayerRank] = {}
         for c in found:
@@ -192,7 +193,6 @@ class LowRankSVD(Pass):
             return PassResult(False, stats, notes)
         with meta.side_effect_free(gm):
             before = gm(*ctx.example_inputs)
-        start = totals(gm)
         by_name = {c.name: c for c in found}
         errors = [apply_layer(gm, by_name[name], decision.rank) for name, decision in layers.items()]
         gm.graph.lint()
@@ -222,7 +222,7 @@ class LowRankSVD(Pass):
             return after.macs / before.macs if before.macs else 1.0
         return after.params / before.params if before.params else 1.0
 
-    def _ranks(self, gm: torch.fx.GraphModule, layers: list[_Candidate]) -> dict[str, int]:
+    def _ranks(self, total, layers: list[_Candidate]) -> dict[str, int]:
         if self.ranks is not None:
             names = {c.name: c for c in layers}
             for name, rank in self.ranks.items():
@@ -243,7 +243,6 @@ class LowRankSVD(Pass):
             return out
         if self.rank_ratio is not None:
             return {c.name: max(1, math.ceil(self.rank_ratio * c.full_rank - 1e-9)) for c in layers}
-        total = totals(gm)
         whole = total.macs if self.target_metric == "macs" else total.params
         return allocate(layers, whole, self.target * whole, self.target_metric)
 
