@@ -95,7 +95,13 @@ def checked_batches(data: Iterable | None, example_inputs: tuple, names: list[st
         raise InputError("[calibrate] calibration_data is empty: it yielded no batch.")
 
 
-def _grouped(batches: Iterator[tuple], batch_size: int) -> Iterator[tuple[tuple, int]]:
+def calibration_batches(ctx: CompileContext) -> Iterator[tuple]:
+    """``ctx.calibration_data`` checked batch by batch against the example inputs (``checked_batches``)."""
+    names = [n.target for n in ctx.gm.graph.nodes if n.op == "placeholder"]
+    return checked_batches(ctx.calibration_data, ctx.example_inputs, names)
+
+
+def grouped(batches: Iterator[tuple], batch_size: int) -> Iterator[tuple[tuple, int]]:
     """Consecutive batches concatenated to about ``batch_size`` samples: (inputs, number of batches)."""
     pending: list[tuple] = []
     samples = 0
@@ -140,7 +146,6 @@ class Calibrate(Pass):
             ctx.plans[PARAMS] = {}
             return PassResult(False, {"sites": 0}, ("nothing to calibrate: the plan has no quantized tensor",))
         observers: dict[str, Observer] = dict(holder.named_children())
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         for obs in observers.values():
             obs.enabled = True
         rss0, reset = _proc_status_mb("VmRSS"), _reset_peak_rss()
@@ -150,8 +155,7 @@ class Calibrate(Pass):
         layout = self._layout(gm, ctx.example_inputs)
         with torch.no_grad(), tqdm(total=total, unit="batch", desc="calibrate", disable=self.progress is False
                                           if self.progress is not None else None, leave=False) as bar:
-            for inputs, n in _grouped(checked_batches(ctx.calibration_data, ctx.example_inputs, names),
-                                      self.batch_size):
+            for inputs, n in grouped(calibration_batches(ctx), self.batch_size):
                 gm(*(layout(t) for t in inputs))
                 batches, samples = batches + n, samples + inputs[0].shape[0]
                 bar.update(n)

@@ -54,7 +54,7 @@ from fxcompress.errors import InputError, RecipeError, did_you_mean
 from fxcompress.instruments import sqnr_db
 from fxcompress.pass_base import Contract, Pass, PassResult
 
-from .calibrate import checked_batches
+from .calibrate import calibration_batches
 
 PLAN = "low_rank_plan"
 DAMPING = 1e-4  # added to E[x x^T]'s diagonal, relative to its mean: keeps R invertible (full rank stays exact)
@@ -103,10 +103,14 @@ class _Candidate:
     def params(self, rank: int | None) -> int:
         return self.rows * self.cols if rank is None else rank * (self.rows + self.cols)
 
-    def energy(self, rank: int) -> float:
+    def kept(self) -> torch.Tensor:
+        """Fraction of the squared singular values kept at each rank: kept()[r - 1] for rank r."""
         s2 = self.s.double() ** 2
         total = float(s2.sum())
-        return float(s2[:rank].sum()) / total if total > 0 else 1.0
+        return torch.cumsum(s2, 0) / total if total > 0 else torch.ones_like(s2)
+
+    def energy(self, rank: int) -> float:
+        return float(self.kept()[rank - 1])
 
 
 def matrix(module: nn.Module) -> torch.Tensor:
@@ -118,9 +122,7 @@ def factorize(w: torch.Tensor, rank: int, whitening: tuple[torch.Tensor, torch.T
               svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A: rank x cols, B: rows x rank) with B @ A the best rank-``rank`` approximation of ``w`` (in the metric of
     the whitening, if given); the singular values are split evenly between the factors."""
-    if svd is None:
-        svd = torch.linalg.svd(w if whitening is None else w @ whitening[0], full_matrices=False)
-    u, s, vh = svd
+    u, s, vh = svd if svd is not None else _svd(w, whitening)
     root = s[:rank].sqrt()
     a = root[:, None] * vh[:rank]
     if whitening is not None:
@@ -128,10 +130,13 @@ def factorize(w: torch.Tensor, rank: int, whitening: tuple[torch.Tensor, torch.T
     return a, u[:, :rank] * root[None, :]
 
 
+def _svd(w: torch.Tensor, whitening: tuple[torch.Tensor, torch.Tensor] | None):
+    return torch.linalg.svd(w if whitening is None else w @ whitening[0], full_matrices=False)
+
+
 def decompose(c: _Candidate) -> None:
     """The SVD of the candidate's weight matrix (whitened, if it has a whitening)."""
-    w = matrix(c.module)
-    c.u, c.s, c.vh = torch.linalg.svd(w if c.whitening is None else w @ c.whitening[0], full_matrices=False)
+    c.u, c.s, c.vh = _svd(matrix(c.module), c.whitening)
 
 
 class LowRankSVD(Pass):
@@ -217,10 +222,11 @@ class LowRankSVD(Pass):
                           f"factorizable layer at its smallest rank (layers not factorized keep their cost)",)
         return PassResult(True, stats, notes)
 
+    def _cost(self, total) -> int:
+        return total.macs if self.target_metric == "macs" else total.params
+
     def _share(self, before, after) -> float:
-        if self.target_metric == "macs":
-            return after.macs / before.macs if before.macs else 1.0
-        return after.params / before.params if before.params else 1.0
+        return self._cost(after) / self._cost(before) if self._cost(before) else 1.0
 
     def _ranks(self, total, layers: list[_Candidate]) -> dict[str, int]:
         if self.ranks is not None:
@@ -237,13 +243,13 @@ class LowRankSVD(Pass):
             out = {}
             for c in layers:
                 s2 = c.s.double() ** 2
-                kept = torch.cumsum(s2, 0) / s2.sum().clamp(min=1e-300)
+                kept = torch.cumsum(s2, 0) / s2.sum().clamp(min=1e-300)  # an all-zero weight keeps its full rank
                 out[c.name] = min(int(torch.searchsorted(kept, torch.tensor(self.energy - 1e-12,
                                                                              dtype=torch.float64))) + 1, c.full_rank)
             return out
         if self.rank_ratio is not None:
             return {c.name: max(1, math.ceil(self.rank_ratio * c.full_rank - 1e-9)) for c in layers}
-        whole = total.macs if self.target_metric == "macs" else total.params
+        whole = self._cost(total)
         return allocate(layers, whole, self.target * whole, self.target_metric)
 
     def _whiten(self, ctx: CompileContext, layers: list[_Candidate]) -> list[str]:
@@ -266,11 +272,10 @@ class LowRankSVD(Pass):
             counts[c.name] += rows.shape[0]
 
         handles = [c.module.register_forward_pre_hook(hook) for c in layers]
-        names = [n.target for n in ctx.gm.graph.nodes if n.op == "placeholder"]
         samples = 0
         try:
             with meta.side_effect_free(ctx.gm):
-                for batch in checked_batches(ctx.calibration_data, ctx.example_inputs, names):
+                for batch in calibration_batches(ctx):
                     ctx.gm(*batch)
                     samples += batch[0].shape[0]
                     if samples >= self.max_samples:
@@ -378,9 +383,7 @@ def allocate(layers: list[_Candidate], whole: float, budget: float, metric: str)
 def _hull(c: _Candidate, cost) -> list[tuple[float, int, float]]:
     """(slope: energy lost per unit of cost saved, rank, saving) along the lower convex hull from "not replaced"
     down to rank 1, over the ranks that save cost."""
-    s2 = c.s.double() ** 2
-    total = float(s2.sum())
-    lost = 1.0 - torch.cumsum(s2, 0) / total if total > 0 else torch.zeros_like(s2)  # lost[r - 1]: rank r
+    lost = 1.0 - c.kept()  # lost[r - 1]: rank r
     full = cost(c, None)
     ranks = [r for r in range(1, c.full_rank + 1) if cost(c, r) < full]
     if not ranks:

@@ -50,7 +50,7 @@ from fxcompress.instruments import sqnr_db
 from fxcompress.modules import NarrowAccumulator, dynamic_quant_linear, requantized_conv
 from fxcompress.pass_base import Contract, Pass, PassResult
 
-from .calibrate import PARAMS, _grouped, checked_batches
+from .calibrate import PARAMS, calibration_batches, grouped
 from .calibrators import MinMax
 from .channel_spaces import lookup
 from .insert_observers import HOLDER, PLAN
@@ -94,11 +94,13 @@ class LowerQuantized(Pass):
         gm, plan, params = ctx.gm, ctx.plans[PLAN], ctx.plans[PARAMS]
         with meta.side_effect_free(gm):
             before = gm(*ctx.example_inputs)
-        corrections = {}
-        if self.bias_correction and plan.mode == "static" and ctx.calibration_data is not None:
-            corrections = self._bias_corrections(gm, ctx, plan)
         graph = gm.graph
         nodes = {n.name: n for n in graph.nodes}
+        weights = {site.node: weight_fake_quant(site, lookup(gm, site.weight).detach())
+                   for site in plan.weights.values() if site.node in nodes}
+        corrections = {}
+        if self.bias_correction and plan.mode == "static" and ctx.calibration_data is not None:
+            corrections = self._bias_corrections(gm, ctx, plan, nodes, weights)
         constants = nn.Module()
         gm.add_submodule(CONSTANTS, constants)
         stats: dict[str, Any] = {"activations": 0, "shared": 0, "weights": 0, "biases_rounded": 0,
@@ -125,11 +127,12 @@ class LowerQuantized(Pass):
             if site.node not in nodes:
                 continue
             stats["weights"] += 1
+            wq = weights[site.node]
             if plan.mode == "dynamic":
-                self._lower_dynamic(gm, nodes[site.node], site, constants)
+                self._lower_dynamic(gm, nodes[site.node], site, wq, constants)
             else:
-                stats["biases_rounded"] += self._lower_weighted(gm, nodes[site.node], site, constants, accumulators,
-                                                                corrections.get(site.node))
+                stats["biases_rounded"] += self._lower_weighted(gm, nodes[site.node], site, wq, constants,
+                                                                accumulators, corrections.get(site.node))
         if hasattr(gm, HOLDER):
             gm.delete_submodule(HOLDER)
         graph.eliminate_dead_code()
@@ -160,11 +163,11 @@ class LowerQuantized(Pass):
             node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
         return q
 
-    def _lower_weighted(self, gm: torch.fx.GraphModule, node: torch.fx.Node, site: WeightSite, constants: nn.Module,
-                        accumulators: dict[str, NarrowAccumulator], correction: torch.Tensor | None = None) -> int:
+    def _lower_weighted(self, gm: torch.fx.GraphModule, node: torch.fx.Node, site: WeightSite, wq: FakeQuant,
+                        constants: nn.Module, accumulators: dict[str, NarrowAccumulator],
+                        correction: torch.Tensor | None = None) -> int:
         graph = gm.graph
         weight = lookup(gm, site.weight)
-        wq = weight_fake_quant(site, weight.detach())
         key = node.name
         with graph.inserting_before(node):
             w = graph.get_attr(site.weight)
@@ -235,11 +238,10 @@ class LowerQuantized(Pass):
         conv.args = (x, w, b, float(xq.scale), w_scale, y_scale, y_zero, y_min, y_max, *rest)
         meta.add_provenance(conv, self.name, "integer accumulator requantized as QLinearConv")
 
-    def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, constants: nn.Module) -> None:
+    def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, wq: FakeQuant, constants: nn.Module) -> None:
         """Linear -> dynamic_quant_linear(x, int8 weight, zero points, per-row scales, bias)."""
         graph = gm.graph
         weight = lookup(gm, site.weight)
-        wq = weight_fake_quant(site, weight.detach())
         scale = wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0]).clone()
         ints = torch.round(wq.apply(weight.detach()) / scale[:, None]).to(torch.int8)
         key = node.name
@@ -284,18 +286,18 @@ class LowerQuantized(Pass):
             b.meta[meta.TENSOR] = meta.describe(rounded)
         return b, xq is not None
 
-    def _bias_corrections(self, gm: torch.fx.GraphModule, ctx: CompileContext, plan) -> dict[str, torch.Tensor]:
+    def _bias_corrections(self, gm: torch.fx.GraphModule, ctx: CompileContext, plan, nodes: dict[str, torch.fx.Node],
+                          weights: dict[str, FakeQuant]) -> dict[str, torch.Tensor]:
         """Empirical bias correction: for every quantized Conv/ConvTranspose/Linear, the mean over the calibration
         data of what its weight's quantization error adds to each output channel, E[op(x, W_q - W)]; subtracting
         it from the bias removes the systematic shift (the errors of depthwise and low-bit weights do not average
         out).  ``x`` is the float input, as the calibration forwards see it."""
         deltas, ops = {}, {}
-        nodes = {n.name: n for n in gm.graph.nodes}
         for site in plan.weights.values():
             if site.kind == "matmul" or site.node not in nodes:
                 continue
             weight = lookup(gm, site.weight).detach()
-            deltas[site.node] = weight_fake_quant(site, weight).apply(weight) - weight
+            deltas[site.node] = weights[site.node].apply(weight) - weight
             ops[site.node] = self._functional(gm, nodes[site.node], site)
         if not deltas:
             return {}
@@ -315,10 +317,9 @@ class LowerQuantized(Pass):
                     counts[n.name] += count
                 return out
 
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         samples = 0
         with meta.side_effect_free(gm):
-            for inputs, _ in _grouped(checked_batches(ctx.calibration_data, ctx.example_inputs, names), 16):
+            for inputs, _ in grouped(calibration_batches(ctx), 16):
                 Collect(gm).run(*inputs)
                 samples += inputs[0].shape[0]
                 if samples >= self.bias_correction_samples:
@@ -343,10 +344,9 @@ class LowerQuantized(Pass):
         return _CONV[dims], (m.stride, m.padding, m.dilation, m.groups), {}, None
 
     def _overflow(self, gm, ctx: CompileContext, accumulators: dict[str, NarrowAccumulator]) -> dict[str, float]:
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         batches = [ctx.example_inputs]
         if ctx.calibration_data is not None and self.overflow_batches:
-            for i, batch in enumerate(checked_batches(ctx.calibration_data, ctx.example_inputs, names)):
+            for i, batch in enumerate(calibration_batches(ctx)):
                 if i >= self.overflow_batches:
                     break
                 batches.append(batch)

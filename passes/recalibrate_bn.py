@@ -24,7 +24,7 @@ from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.pass_base import Contract, Pass, PassResult
 
-from .calibrate import _grouped, checked_batches
+from .calibrate import calibration_batches, grouped
 from .training import evaluate, train_batches
 
 
@@ -60,7 +60,7 @@ class RecalibrateBN(Pass):
                 m.momentum = None  # cumulative moving average: the exact mean over all batches seen
                 m.train()
             with torch.no_grad():
-                for inputs, _ in _grouped(self._inputs(ctx), self.batch_size):
+                for inputs, _ in grouped(self._inputs(ctx), self.batch_size):
                     gm(*inputs)
                     samples += inputs[0].shape[0]
                     if samples >= self.max_samples:
@@ -76,9 +76,8 @@ class RecalibrateBN(Pass):
         return PassResult(True, stats, notes)
 
     def _inputs(self, ctx: CompileContext):
-        names = [n.target for n in ctx.gm.graph.nodes if n.op == "placeholder"]
         if ctx.calibration_data is not None:
-            yield from checked_batches(ctx.calibration_data, ctx.example_inputs, names)
+            yield from calibration_batches(ctx)
         elif ctx.train_data is not None:
             for inputs, _ in train_batches(ctx, self.name):
                 yield inputs
