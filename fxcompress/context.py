@@ -48,6 +48,7 @@ class CompileContext:
     calibration_data: Iterable | None = None
     train_data: Iterable | None = None  # (inputs, target) batches for the training passes
     eval_fn: Callable[[torch.nn.Module], float] | None = None  # higher is better (accuracy); optional
+    model: torch.nn.Module | None = None  # the user's model, read only (the default teacher of distill)
     analyses: dict[str, Any] = dataclasses.field(default_factory=dict)
     plans: dict[str, Any] = dataclasses.field(default_factory=dict)
     history: list[PassRecord] = dataclasses.field(default_factory=list)

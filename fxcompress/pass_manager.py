@@ -81,7 +81,7 @@ class PassManager:
         if self.dump is not None:
             self.dump.write_initial(gm)
         return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,
-                              eval_fn=eval_fn)
+                              eval_fn=eval_fn, model=model)
 
     def pending(self, ctx: CompileContext) -> list[str]:
         return self.names[ctx.cursor:]

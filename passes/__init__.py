@@ -13,6 +13,7 @@ from fxcompress.errors import RecipeError
 
 from .calibrate import Calibrate
 from .channel_deps import PropagateDependencies
+from .distill import Distill
 from .finetune import Finetune
 from .fold_bn import FoldBatchNorm
 from .insert_observers import InsertObservers
@@ -33,6 +34,7 @@ PASSES: dict[str, type[Pass]] = {
     "lower_quantized": LowerQuantized,
     "recalibrate_bn": RecalibrateBN,
     "finetune": Finetune,
+    "distill": Distill,
 }
 
 

@@ -9,7 +9,11 @@ optional.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import logging
 import math
+import os
 import random
 from typing import Any, Callable, Iterator
 
@@ -17,12 +21,16 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, PassError, RecipeError
 
 from .channel_spaces import lookup
 from .remove_channels import MASKS
+
+log = logging.getLogger(__name__)
+WEIGHT_MASKS = "weight_masks"  # ctx.plans key: {parameter target: 0/1 mask of its elements} (level pruning)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
@@ -130,10 +138,12 @@ def refuse_quantized(gm: torch.fx.GraphModule, pass_name: str) -> None:
 
 
 class Masks:
-    """The zero masks of mask-mode pruning (``ctx.plans["channel_masks"]``), re-applied after every step."""
+    """The zero masks of mask-mode pruning (``ctx.plans["channel_masks"]``, ``ctx.plans["weight_masks"]``),
+    re-applied after every step."""
 
     def __init__(self, ctx: CompileContext):
-        self.tensors = [(lookup(ctx.gm, target), mask) for target, mask in ctx.plans.get(MASKS, {}).items()]
+        masks = list(ctx.plans.get(MASKS, {}).items()) + list(ctx.plans.get(WEIGHT_MASKS, {}).items())
+        self.tensors = [(lookup(ctx.gm, target), mask) for target, mask in masks]
 
     def apply(self) -> None:
         with torch.no_grad():
@@ -169,3 +179,165 @@ def parameters(gm: nn.Module) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group the training passes share.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) without a process group, one is started with
+    the gloo backend (CPU); a group the caller started is used as it is.  One process: (0, 1).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(batch: tuple[tuple, Any], rank: int, size: int) -> tuple[tuple, Any]:
+    """This process's share of a batch: the rank-th of ``size`` near-equal slices along the batch axis."""
+    if size == 1:
+        return batch
+    inputs, target = batch
+    part = tuple(x.tensor_split(size)[rank] for x in inputs)
+    if isinstance(target, torch.Tensor) and target.dim() > 0 and target.shape[0] == inputs[0].shape[0]:
+        target = target.tensor_split(size)[rank]
+    return part, target
+
+
+@dataclasses.dataclass
+class Loop:
+    """The options every training pass shares (see ``finetune``)."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    seed: int = 0
+    patience: int | None = None
+    max_steps: int | None = None
+    progress: bool | None = None
+
+    def check(self, pass_name: str) -> None:
+        check_options(pass_name, lr=self.lr, epochs=self.epochs, optimizer_name=self.optimizer,
+                      schedule_name=self.schedule, weight_decay=self.weight_decay, momentum=self.momentum)
+        for key in ("patience", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise RecipeError(f"{pass_name}: {key} must be a positive integer or None, got {value!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise RecipeError(f"{pass_name}: seed must be an integer, got {self.seed!r}.")
+
+
+LossStep = Callable[[nn.Module, tuple, Any], torch.Tensor]
+
+
+def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
+        extra: nn.Module | None = None, on_step: Callable[[int, int], None] | None = None,
+        epoch_batches: Callable[[int], list] | None = None, restart: int | None = None) -> dict[str, Any]:
+    """Train ``ctx.gm`` by ``loss_step(model, inputs, target)`` for ``loop.epochs``; returns the stats.
+
+    Each epoch reads its batches afresh (``train_data`` by default, so a loader that augments gives new samples
+    every epoch) and visits them in a seeded random order.  ``extra`` holds further trainable parameters (e.g.
+    feature connectors); ``on_step(step, total)`` runs before every step (schedules of masks, BN freezing).  Masks
+    are re-applied after every step.  Under a process group (``world``) the module is wrapped in
+    ``DistributedDataParallel`` and every process trains on its slice of each batch, so the gradients are those
+    of the whole batch.  The module is left in eval mode; with ``patience``, the best epoch's weights are kept.
+    """
+    gm = ctx.gm
+    rank, size = world()
+    read = epoch_batches or (lambda epoch: list(train_batches(ctx, pass_name)))
+    batches = read(0)
+    total = loop.epochs * len(batches) if loop.max_steps is None else min(loop.max_steps, loop.epochs * len(batches))
+    masks = Masks(ctx)
+    stats: dict[str, Any] = {"epoch_loss": [], "masked_tensors": len(masks)}
+    evals: list[float] = []
+    best, best_state, best_epoch, stale, steps, samples = None, None, 0, 0, 0, 0
+    with seeded(loop.seed):
+        params = parameters(gm)
+        extra_params = [] if extra is None else parameters(extra)
+        opt = optimizer(loop.optimizer, params + extra_params, loop.lr, loop.weight_decay, loop.momentum)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _restarted(loop.schedule, total, restart))
+        model: nn.Module = gm
+        if size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(gm, broadcast_buffers=False)
+        masks.apply()
+        gm.train()
+        bar = tqdm(total=total, unit="step", desc=pass_name, leave=False,
+                   disable=(loop.progress is False or rank > 0) if loop.progress is not None or rank > 0 else None)
+        try:
+            for epoch in range(loop.epochs):
+                if epoch > 0:
+                    batches = read(epoch)
+                order = torch.randperm(len(batches)).tolist()
+                running, seen = 0.0, 0
+                for i in order:
+                    if steps >= total:
+                        break
+                    if on_step is not None:
+                        on_step(steps, total)
+                    inputs, target = shard(batches[i], rank, size)
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_step(model, inputs, target)
+                    loss.backward()
+                    if size > 1 and extra_params:
+                        _average_gradients(extra_params, size)
+                    opt.step()
+                    sched.step()
+                    masks.apply()
+                    n = inputs[0].shape[0]
+                    running, seen, steps, samples = running + loss.item() * n, seen + n, steps + 1, samples + n
+                    bar.update(1)
+                epoch_loss = running / max(seen, 1)
+                stats["epoch_loss"].append(round(epoch_loss, 6))
+                score = evaluate(ctx)
+                if score is not None:
+                    evals.append(round(score, 6))
+                log.info("%s epoch %d: loss %.4f%s", pass_name, epoch + 1, epoch_loss,
+                         f", eval {score:.4f}" if score is not None else "")
+                metric = score if score is not None else -epoch_loss  # higher is better
+                if best is None or metric > best:
+                    best, best_epoch, stale = metric, epoch + 1, 0
+                    if loop.patience is not None:
+                        best_state = copy.deepcopy(gm.state_dict())
+                else:
+                    stale += 1
+                if (loop.patience is not None and stale >= loop.patience) or steps >= total:
+                    break
+        finally:
+            bar.close()
+            gm.eval()
+    stopped_early = loop.patience is not None and stale >= loop.patience
+    if stopped_early and best_state is not None:
+        gm.load_state_dict(best_state)
+    stats |= {"epochs_run": len(stats["epoch_loss"]), "steps": steps, "samples": samples,
+              "best_epoch": best_epoch, "stopped_early": stopped_early}
+    if size > 1:
+        stats["processes"] = size
+    if evals:
+        stats["eval"] = evals
+    return stats
+
+
+def _restarted(name: str, total: int, restart: int | None) -> Callable[[int], float]:
+    if restart is None or not 0 < restart < total:
+        return schedule(name, total)
+    first, second = schedule(name, restart), schedule(name, total - restart)
+    return lambda step: first(step) if step < restart else second(step - restart)
+
+
+def _average_gradients(params: list[nn.Parameter], size: int) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)
