@@ -5,8 +5,8 @@
 
 ``variant``:
 - ``"offline"`` (default): loss = ``alpha`` x T^2 x KL(softmax(teacher / T) || softmax(student / T)) +
-  (1 - ``alpha``) x ``loss``(student, target), with ``temperature`` T and ``alpha`` 0.9 unless given (Hinton et al.).  The teacher is the model
-  given to ``compile`` (before any pass) unless a ``teacher`` module is given.
+  (1 - ``alpha``) x ``loss``(student, target), with ``temperature`` T and ``alpha`` 0.9 unless given (Hinton et
+  al.).  The teacher is the model given to ``compile`` (before any pass) unless a ``teacher`` module is given.
 - ``"semi_supervised"``: the teacher labels unlabeled inputs (``calibration_data``) with its argmax, keeping those
   whose top probability reaches ``confidence``; the student then trains on those pseudo-labels, together with
   ``train_data``'s labelled batches when there are any.
