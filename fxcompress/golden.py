@@ -67,3 +67,34 @@ def calibration_batches(spec: str, example_inputs: tuple, samples: int = 128) ->
     g = torch.Generator().manual_seed(1234)
     return [tuple(torch.randn((1, *t.shape[1:]), generator=g) if t.is_floating_point() else t
                   for t in example_inputs) for _ in range(samples)]
+
+
+class DigitsTraining:
+    """The digits training split as ``(images, labels)`` batches, re-iterable, for ``compile(train_data=...)``.
+
+    ``hard=True`` with ``augment=True`` draws freshly hardened images (seeded rotation, shift, scale, noise) on every
+    pass over the data, as the hard golden models were trained; the n-th iteration uses seed ``seed + n``, so a
+    new instance replays the same sequence.  Otherwise the fixed split is served, in order.
+    """
+
+    def __init__(self, hard: bool = False, batch_size: int = 64, augment: bool = True, seed: int = 0):
+        from .golden_models.digits import raw_split
+
+        self.hard, self.batch_size, self.augment, self.seed = hard, batch_size, augment and hard, seed
+        self.raw, self.labels = raw_split("train")
+        self.fixed = digits("train", hard)[0]
+        self.epoch = 0
+
+    def __iter__(self):
+        from .golden_models.digits import SEED, harden, standardize
+
+        if self.augment:
+            images = standardize(harden(self.raw, SEED + 7919 * (self.seed + self.epoch + 1)))
+        else:
+            images = self.fixed
+        self.epoch += 1
+        for i in range(0, len(self.labels), self.batch_size):
+            yield images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)

@@ -20,6 +20,7 @@ from .insert_observers import InsertObservers
 from .lower_quantized import LowerQuantized
 from .recalibrate_bn import RecalibrateBN
 from .low_rank_svd import LowRankSVD
+from .qat import QAT
 from .remove_channels import RemoveChannels
 from .select_channels import SelectChannels
 
@@ -35,6 +36,7 @@ PASSES: dict[str, type[Pass]] = {
     "recalibrate_bn": RecalibrateBN,
     "finetune": Finetune,
     "distill": Distill,
+    "qat": QAT,
 }
 
 

@@ -101,6 +101,39 @@ def _fold(m: nn.Module, bn: _BN) -> None:
     m.bias = nn.Parameter(new_bias.to(dtype), requires_grad=m.weight.requires_grad)
 
 
+FOLDED = "folded_bn"  # ctx.plans key: {producer module name: FoldedBN}, for qat's BN folding in training
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedBN:
+    """A folded Conv/Linear + BatchNorm pair as it was before folding (copies), so that ``qat`` can train the BN
+    folded into the weights (W * gamma / sigma) with statistics it keeps updating for a while."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+
+    @classmethod
+    def record(cls, m: nn.Module, bn: _BN) -> FoldedBN:
+        channels = bn.mean.numel()
+        copy = lambda t, fill: (t.detach().clone() if t is not None  # noqa: E731
+                                else torch.full((channels,), fill, dtype=m.weight.dtype))
+        return cls(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone(),
+                   copy(bn.weight, 1.0), copy(bn.bias, 0.0), bn.mean.detach().clone(), bn.var.detach().clone(),
+                   bn.eps)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) as fold_bn computed them."""
+        scale = self.gamma.double() / torch.sqrt(self.var.double() + self.eps)
+        w = self.weight.double() * scale.reshape(-1, *([1] * (self.weight.dim() - 1)))
+        b = self.bias.double() if self.bias is not None else torch.zeros_like(scale)
+        return w.to(self.weight.dtype), ((b - self.mean.double()) * scale + self.beta.double()).to(self.weight.dtype)
+
+
 class FoldBatchNorm(Pass):
     """Fold eval-mode BatchNorm into the preceding Conv/ConvTranspose/Linear."""
 
@@ -138,6 +171,7 @@ class FoldBatchNorm(Pass):
         calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         stats = {"bn_seen": 0, "bn_folded": 0} | {k: 0 for k in SKIP_REASONS}
         notes = []
+        folded = ctx.plans.setdefault(FOLDED, {})
         for node in list(gm.graph.nodes):
             bn = _as_batchnorm(gm, node)
             if bn is None:
@@ -151,7 +185,10 @@ class FoldBatchNorm(Pass):
                              + (f" ({where})" if where else ""))
                 continue
             producer = _bn_input(node)
-            _fold(gm.get_submodule(producer.target), bn)
+            m = gm.get_submodule(producer.target)
+            if not isinstance(m, nn.modules.conv._ConvTransposeNd):
+                folded[producer.target] = FoldedBN.record(m, bn)
+            _fold(m, bn)
             node.replace_all_uses_with(producer)
             gm.graph.erase_node(node)
             meta.add_provenance(producer, self.name, f"folded {bn.where}")
