@@ -16,6 +16,7 @@ from .channel_deps import PropagateDependencies
 from .distill import Distill
 from .finetune import Finetune
 from .fold_bn import FoldBatchNorm
+from .gradual_prune import GradualPrune
 from .insert_observers import InsertObservers
 from .lower_quantized import LowerQuantized
 from .recalibrate_bn import RecalibrateBN
@@ -37,6 +38,7 @@ PASSES: dict[str, type[Pass]] = {
     "finetune": Finetune,
     "distill": Distill,
     "qat": QAT,
+    "gradual_prune": GradualPrune,
 }
 
 

@@ -27,7 +27,7 @@ self_teacher_step (self: the step whose checkpoint teaches); feature_pairs, feat
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, did_you_mean
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.pass_base import PassResult
 
 from . import training
 from .calibrate import calibration_batches
@@ -52,23 +52,15 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
-class Distill(Pass):
+class Distill(training.TrainingPass):
     """Knowledge distillation: offline KD, semi-supervised pseudo-labels, self-distillation; optional features."""
 
     name = "distill"
-    contract = Contract.CHANGES
 
     def __init__(self, variant: str = "offline", temperature: float = 4.0, alpha: float | None = None,
                  teacher: nn.Module | None = None, self_epochs: int | None = None, confidence: float = 0.0,
-                 features: list | None = None, feature_weight: float = 1.0,
-                 epochs: int = 1, lr: float = 0.01, optimizer: str = "sgd", weight_decay: float = 5e-4,
-                 momentum: float = 0.9, schedule: str = "cosine", loss: str | Callable = "cross_entropy",
-                 seed: int = 0, patience: int | None = None, max_steps: int | None = None,
-                 progress: bool | None = None):
-        self.loop = training.Loop(epochs, lr, optimizer, weight_decay, momentum, schedule, seed, patience,
-                                  max_steps, progress)
-        self.loop.check("distill")
-        training.loss_function(loss, "distill")
+                 features: list | None = None, feature_weight: float = 1.0, **loop: Any):
+        self.set_loop(loop)
         if variant not in VARIANTS:
             raise RecipeError(f"distill: variant must be one of {', '.join(VARIANTS)}, got {variant!r}.")
         if not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -80,6 +72,7 @@ class Distill(Pass):
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise RecipeError(f"distill: teacher must be an nn.Module (or None: the model given to compile), "
                               f"got {type(teacher).__name__}.")
+        epochs = self.epochs
         if variant == "self":
             if epochs < 2:
                 raise RecipeError("distill: variant 'self' needs epochs >= 2 (a checkpoint, then epochs it teaches).")
@@ -93,9 +86,6 @@ class Distill(Pass):
         self.variant, self.temperature, self.alpha, self.teacher = variant, temperature, alpha, teacher
         self.self_epochs, self.confidence, self.features, self.feature_weight = self_epochs, confidence, features, \
             feature_weight
-        self.epochs, self.lr, self.optimizer, self.weight_decay = epochs, lr, optimizer, weight_decay
-        self.momentum, self.schedule, self.loss, self.seed = momentum, schedule, loss, seed
-        self.patience, self.max_steps, self.progress = patience, max_steps, progress
 
     def run(self, ctx: CompileContext) -> PassResult:
         training.refuse_quantized(ctx.gm, self.name)

@@ -20,7 +20,7 @@ stopped_early, masked_tensors; with bn_l1: bn_gamma_below_1e-2 (share of BN scal
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,30 +28,21 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.pass_base import PassResult
 
 from . import training
 
 
-class Finetune(Pass):
+class Finetune(training.TrainingPass):
     """Train the module on train_data (seeded, optional early stopping), keeping pruning masks."""
 
     name = "finetune"
-    contract = Contract.CHANGES
 
-    def __init__(self, epochs: int = 1, lr: float = 0.01, optimizer: str = "sgd", weight_decay: float = 5e-4,
-                 momentum: float = 0.9, schedule: str = "cosine", loss: str | Callable = "cross_entropy",
-                 seed: int = 0, patience: int | None = None, max_steps: int | None = None,
-                 progress: bool | None = None, bn_l1: float = 0.0):
-        self.loop = training.Loop(epochs, lr, optimizer, weight_decay, momentum, schedule, seed, patience,
-                                  max_steps, progress)
-        self.loop.check("finetune")
-        training.loss_function(loss, "finetune")
+    def __init__(self, bn_l1: float = 0.0, **loop: Any):
+        self.set_loop(loop)
         if not isinstance(bn_l1, (int, float)) or isinstance(bn_l1, bool) or bn_l1 < 0:
             raise RecipeError(f"finetune: bn_l1 must be a number >= 0, got {bn_l1!r}.")
-        self.epochs, self.lr, self.optimizer, self.weight_decay = epochs, lr, optimizer, weight_decay
-        self.momentum, self.schedule, self.loss, self.seed = momentum, schedule, loss, seed
-        self.patience, self.max_steps, self.progress, self.bn_l1 = patience, max_steps, progress, bn_l1
+        self.bn_l1 = bn_l1
 
     def run(self, ctx: CompileContext) -> PassResult:
         training.refuse_quantized(ctx.gm, self.name)

@@ -25,7 +25,7 @@ relative change of a learned scale).  Skips (notes): a folded layer whose weight
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.pass_base import PassResult
 
 from . import training
 from .calibrate import PARAMS
@@ -125,22 +125,15 @@ class _FoldedBias(nn.Module):
         return self.bn.beta + (b - self.bn.mean) * self.bn.scale()
 
 
-class QAT(Pass):
+class QAT(training.TrainingPass):
     """Quantization-aware training between calibrate and lower_quantized (STE, optional LSQ, BN folded)."""
 
     name = "qat"
-    contract = Contract.CHANGES
     requires = (PLAN, PARAMS)
 
     def __init__(self, learn_scales: bool = False, fold_bn_training: bool = True, freeze_bn_steps: int | None = None,
-                 bn_momentum: float = 0.1, epochs: int = 1, lr: float = 1e-3, optimizer: str = "sgd",
-                 weight_decay: float = 0.0, momentum: float = 0.9, schedule: str = "cosine",
-                 loss: str | Callable = "cross_entropy", seed: int = 0, patience: int | None = None,
-                 max_steps: int | None = None, progress: bool | None = None):
-        self.loop = training.Loop(epochs, lr, optimizer, weight_decay, momentum, schedule, seed, patience,
-                                  max_steps, progress)
-        self.loop.check("qat")
-        training.loss_function(loss, "qat")
+                 bn_momentum: float = 0.1, **loop: Any):
+        self.set_loop(loop, lr=1e-3, weight_decay=0.0)
         if freeze_bn_steps is not None and (not isinstance(freeze_bn_steps, int) or isinstance(freeze_bn_steps, bool)
                                             or freeze_bn_steps < 0):
             raise RecipeError(f"qat: freeze_bn_steps must be an integer >= 0 or None, got {freeze_bn_steps!r}.")
@@ -148,9 +141,6 @@ class QAT(Pass):
             raise RecipeError(f"qat: bn_momentum must be in (0, 1], got {bn_momentum!r}.")
         self.learn_scales, self.fold_bn_training = bool(learn_scales), bool(fold_bn_training)
         self.freeze_bn_steps, self.bn_momentum = freeze_bn_steps, bn_momentum
-        self.epochs, self.lr, self.optimizer, self.weight_decay = epochs, lr, optimizer, weight_decay
-        self.momentum, self.schedule, self.loss, self.seed = momentum, schedule, loss, seed
-        self.patience, self.max_steps, self.progress = patience, max_steps, progress
 
     def run(self, ctx: CompileContext) -> PassResult:
         gm, plan, params = ctx.gm, ctx.plans[PLAN], ctx.plans[PARAMS]

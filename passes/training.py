@@ -21,12 +21,13 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 from tqdm import tqdm
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, PassError, RecipeError
+from fxcompress.pass_base import Contract, Pass
 
-from .channel_spaces import lookup
 from .remove_channels import MASKS
 
 log = logging.getLogger(__name__)
@@ -138,21 +139,46 @@ def refuse_quantized(gm: torch.fx.GraphModule, pass_name: str) -> None:
 
 
 class Masks:
-    """The zero masks of mask-mode pruning (``ctx.plans["channel_masks"]``, ``ctx.plans["weight_masks"]``),
-    re-applied after every step."""
+    """The zero masks of mask-mode pruning (``ctx.plans["channel_masks"]``) and level pruning
+    (``ctx.plans["weight_masks"]``), re-applied after every step.
+
+    A parametrized weight (``qat``) is masked at its original; a target that no longer exists (a BatchNorm folded
+    since) or changed shape (removed channels) is passed over.  ``refresh`` re-reads the plans (gradual pruning
+    adds masks while it trains).
+    """
 
     def __init__(self, ctx: CompileContext):
-        masks = list(ctx.plans.get(MASKS, {}).items()) + list(ctx.plans.get(WEIGHT_MASKS, {}).items())
-        self.tensors = [(lookup(ctx.gm, target), mask) for target, mask in masks]
+        self.ctx = ctx
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        masks = list(self.ctx.plans.get(MASKS, {}).items()) + list(self.ctx.plans.get(WEIGHT_MASKS, {}).items())
+        self.tensors = []
+        for target, mask in masks:
+            t = _maskable(self.ctx.gm, target)
+            if t is not None and t.shape == mask.shape:
+                self.tensors.append((t, mask))
 
     def apply(self) -> None:
         with torch.no_grad():
             for t, mask in self.tensors:
-                if t.shape == mask.shape:
-                    t.mul_(mask.to(t.dtype))
+                t.mul_(mask.to(t.dtype))
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+
+def _maskable(gm: nn.Module, target: str) -> torch.Tensor | None:
+    owner_name, _, attr = target.rpartition(".")
+    try:
+        owner = gm.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if torch.nn.utils.parametrize.is_parametrized(owner, attr):
+        return getattr(owner.parametrizations, attr).original
+    t = getattr(owner, attr, None)
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def evaluate(ctx: CompileContext) -> float | None:
@@ -235,6 +261,37 @@ class Loop:
             raise RecipeError(f"{pass_name}: seed must be an integer, got {self.seed!r}.")
 
 
+LOOP_DEFAULTS: dict[str, Any] = {"epochs": 1, "lr": 0.01, "optimizer": "sgd", "weight_decay": 5e-4, "momentum": 0.9,
+                                 "schedule": "cosine", "loss": "cross_entropy", "seed": 0, "patience": None,
+                                 "max_steps": None, "progress": None}
+
+
+class TrainingPass(Pass):
+    """A pass that trains.  Besides its own ``__init__`` arguments it takes the loop options (``LOOP_DEFAULTS``:
+    epochs, lr, optimizer, weight_decay, momentum, schedule, loss, seed, patience, max_steps, progress) as
+    keywords, checked by ``set_loop``."""
+
+    contract = Contract.CHANGES
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        own = tuple(p for p in super().option_names() if p != "loop")
+        return own + tuple(k for k in LOOP_DEFAULTS if k not in own)
+
+    def set_loop(self, options: dict[str, Any], **defaults: Any) -> None:
+        """Set the loop options from ``options`` over this pass's ``defaults`` over ``LOOP_DEFAULTS``."""
+        unknown = [k for k in options if k not in LOOP_DEFAULTS]
+        if unknown:
+            raise RecipeError(f"{self.name}: unknown option {unknown[0]!r}. Valid options: "
+                              f"{', '.join(self.option_names())}.")
+        values = LOOP_DEFAULTS | defaults | options
+        for key, value in values.items():
+            setattr(self, key, value)
+        self.loop = Loop(**{k: v for k, v in values.items() if k != "loss"})
+        self.loop.check(self.name)
+        loss_function(self.loss, self.name)
+
+
 LossStep = Callable[[nn.Module, tuple, Any], torch.Tensor]
 
 
@@ -284,6 +341,7 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
                         break
                     if on_step is not None:
                         on_step(steps, total)
+                        masks.refresh()
                     inputs, target = shard(batches[i], rank, size)
                     opt.zero_grad(set_to_none=True)
                     loss = loss_step(model, inputs, target)

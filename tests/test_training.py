@@ -157,3 +157,21 @@ def test_pruned_resnet20_recovers_with_recalibration_and_finetuning():
     recal = result.history[-2].stats
     assert recal["eval_after"] > recal["eval_before"] + 30
     assert accuracy(result.module) >= accuracy(model) - 1.5
+
+
+def test_slim_sparsity_training_drives_batchnorm_scales_down_for_slim_selection():
+    model, example = _classifier()
+    data = _data(example[0], n=6)
+    recipe = lambda l1: [{"pass": "finetune", "epochs": 4, "lr": 0.05, "bn_l1": l1, "weight_decay": 0.0},  # noqa: E731
+                         {"pass": "prune", "criterion": "slim", "ratio": 0.5}]
+    plain = fxc.compile(model, example, recipe(0.0), train_data=data)
+    sparse = fxc.compile(model, example, recipe(0.5), train_data=data)
+
+    def gammas(history_module):
+        return torch.cat([m.weight.detach().abs() for m in history_module.modules() if isinstance(m, _BatchNorm)])
+
+    assert "bn_gamma_below_1e-2" not in plain.history[0].stats
+    assert sparse.history[0].stats["bn_gamma_below_1e-2"] > 0
+    assert float(gammas(sparse.module).mean()) < 0.8 * float(gammas(plain.module).mean())
+    with pytest.raises(fxc.FxCompressError, match="bn_l1"):
+        fxc.compile(model, example, [{"pass": "finetune", "bn_l1": -1}], train_data=data)
