@@ -59,9 +59,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     model, inputs = load_model(args.model, args.input_shape)
     if args.step:
         pm = PassManager(args.recipe, dump_dir=args.dump_dir)
-        from .golden import calibration_batches
+        from .golden import calibration_batches, training_data
 
-        ctx = pm.context(model, inputs, calibration_batches(args.model, inputs), eval_mode=True)
+        ctx = pm.context(model, inputs, calibration_batches(args.model, inputs), eval_mode=True,
+                         train_data=training_data(args.model))
         while pm.pending(ctx):
             record = pm.step(ctx)
             print(record.summary())
@@ -69,11 +70,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
             for change in record.param_changes:
                 print(f"  {change}")
         return
-    from .golden import calibration_batches
+    from .golden import calibration_batches, test_accuracy, training_data
 
     calibration = calibration_batches(args.model, inputs)  # used by recipes that calibrate
-    result = compile_model(model, inputs, args.recipe, calibration, dump_dir=args.dump_dir)
+    accuracy = test_accuracy(args.model)
+    result = compile_model(model, inputs, args.recipe, calibration, dump_dir=args.dump_dir,
+                           train_data=training_data(args.model))  # used by recipes that train
     print(result.report())
+    if accuracy is not None:
+        model.eval()
+        print(f"\ntest accuracy: {accuracy(model):.2f} % before, {accuracy(result.module):.2f} % after")
     if args.export:
         path = result.export_onnx(args.export)
         check = tuple(torch.randn((2, *t.shape[1:]), generator=torch.Generator().manual_seed(1)) for t in inputs)

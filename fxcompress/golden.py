@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import torch
 
@@ -67,6 +68,30 @@ def calibration_batches(spec: str, example_inputs: tuple, samples: int = 128) ->
     g = torch.Generator().manual_seed(1234)
     return [tuple(torch.randn((1, *t.shape[1:]), generator=g) if t.is_floating_point() else t
                   for t in example_inputs) for _ in range(samples)]
+
+
+def training_data(spec: str) -> DigitsTraining | None:
+    """Training batches for the command line: the augmenting digits loader for a trained digits model, else None."""
+    from fxcompress.golden_models import GOLDEN
+
+    golden = GOLDEN.get(spec)
+    return DigitsTraining(hard=golden.hard) if golden is not None and golden.trained else None
+
+
+def test_accuracy(spec: str) -> Callable[[torch.nn.Module], float] | None:
+    """``module -> test accuracy (%)`` for a trained digits model, else None."""
+    from fxcompress.golden_models import GOLDEN
+
+    golden = GOLDEN.get(spec)
+    if golden is None or not golden.trained:
+        return None
+    images, labels = digits("test", golden.hard)
+
+    def accuracy(module: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return 100.0 * float((module(images).argmax(1) == labels).float().mean())
+
+    return accuracy
 
 
 class DigitsTraining:

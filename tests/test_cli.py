@@ -74,6 +74,28 @@ def test_shipped_prune_low_rank_quantize_recipe(tmp_path, capsys):
     assert "layers_replaced=8" in out
 
 
+def test_shipped_sparsify_finetune_ptq_qat_recipe(tmp_path, capsys, monkeypatch):
+    """The full training pipeline runs end to end from the command line, keeps its sparsity through QAT and
+    lowering, and does not lose accuracy on the hard digits."""
+    import fxcompress.cli as cli
+
+    recipe = Path(__file__).parent.parent / "recipes" / "sparsify_finetune_ptq_qat.toml"
+    results = []
+    compile_model = cli.compile_model
+    monkeypatch.setattr(cli, "compile_model", lambda *a, **k: results.append(compile_model(*a, **k)) or results[-1])
+    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", str(tmp_path / "q.onnx")]) == 0
+    out = capsys.readouterr().out
+    for name in ("gradual_prune", "finetune", "calibrate", "qat", "lower_quantized"):
+        assert name in out
+    line = out.split("test accuracy:")[1].splitlines()[0]  # " 86.11 % before, 86.94 % after"
+    before, after = (float(part.split("%")[0]) for part in line.split(","))
+    assert after >= before - 1.0
+    gm = results[0].module
+    convs = [m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    zeros = sum(int((m.weight == 0).sum()) for m in convs) / sum(m.weight.numel() for m in convs)
+    assert 0.29 <= zeros <= 0.4  # the 30 % stays zero through fine-tuning, QAT and lowering
+
+
 def bare_factory():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
 
