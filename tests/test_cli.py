@@ -83,7 +83,8 @@ def test_shipped_sparsify_finetune_ptq_qat_recipe(tmp_path, capsys, monkeypatch)
     results = []
     compile_model = cli.compile_model
     monkeypatch.setattr(cli, "compile_model", lambda *a, **k: results.append(compile_model(*a, **k)) or results[-1])
-    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", str(tmp_path / "q.onnx")]) == 0
+    out_path = str(tmp_path / "q.onnx")
+    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", out_path]) == 0
     out = capsys.readouterr().out
     for name in ("gradual_prune", "finetune", "calibrate", "qat", "lower_quantized"):
         assert name in out
