@@ -9,13 +9,17 @@ from its current range), with the straight-through estimator: the rounding passe
 the range and stops them outside.  ``learn_scales=True`` makes the activation scales trainable (LSQ, Esser et al.,
 with its gradient scale 1/sqrt(numel x qmax)); the trained scales become the sites' parameters.
 
-BatchNorm folded in training (``fold_bn_training``, on by default, for the Conv/Linear layers ``fold_bn`` folded):
-the layer trains its unfolded weight W, bias b and the BN's gamma and beta, and computes with the folded
-W * gamma / sigma (fake-quantized) and bias beta + (b - mu) * gamma / sigma, mu and sigma the running statistics.
-Until ``freeze_bn_steps`` (half the steps unless given) the running statistics follow each batch's statistics of the
-float pre-BN output (momentum ``bn_momentum``); then they freeze, so the last steps train the exact weights
-inference will use.  Afterwards the layer holds the folded weight and bias again, and the observers are back in
-place for ``lower_quantized``.
+BatchNorm folded in training (``fold_bn_training``, on by default, for the Conv/Linear layers ``fold_bn`` folded),
+as in Jacob et al. and Krishnamoorthi's whitepaper: the layer trains its unfolded weight W, bias b and the BN's gamma
+and beta, and convolves with the fake-quantized folded weight W * gamma / sigma (sigma from the running variance).
+For the first ``freeze_bn_steps`` steps the output is rescaled by sigma / gamma and normalised with the batch's
+statistics, as BatchNorm trains (gradients through the batch statistics; running statistics updated with
+``bn_momentum``, 0.1, or None for the average of all batches); from then on the statistics are frozen and the layer
+computes exactly the folded conv with bias beta + (b - mu) * gamma / sigma that inference will use.  The default,
+0, freezes at once: QAT here starts from a trained, calibrated model whose statistics are already right, and on the
+hard-digits models (W4A8, 3 epochs) freezing at once gave 87.2 % (ResNet-20) and 76.4 % (MobileNetV2) against 86.1
+and 75.0 % when freezing at half the steps, and 84.7 / 76.7 % without BN in training.  Afterwards the layer holds
+the folded weight and bias again, and the observers are back in place for ``lower_quantized``.
 
 Options: ``finetune``'s (epochs, lr, optimizer, ...; lr 1e-3 by default), ``learn_scales``, ``fold_bn_training``,
 ``freeze_bn_steps``, ``bn_momentum``.  Requires: quant_plan, quant_params, train_data.  Contract: CHANGES.
@@ -29,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from fxcompress.context import CompileContext
@@ -75,26 +78,25 @@ class _ActFakeQuant(nn.Module):
 class _BNState(nn.Module):
     """A folded BatchNorm while training: gamma and beta trainable, running statistics updated until frozen."""
 
-    def __init__(self, rec: FoldedBN, momentum: float):
+    def __init__(self, rec: FoldedBN, momentum: float | None):
         super().__init__()
         self.gamma, self.beta = nn.Parameter(rec.gamma.clone()), nn.Parameter(rec.beta.clone())
         self.register_buffer("mean", rec.mean.clone())
         self.register_buffer("var", rec.var.clone())
-        self.eps, self.momentum, self.frozen = rec.eps, momentum, False
+        self.eps, self.momentum, self.frozen, self.updates = rec.eps, momentum, False, 0
 
     def scale(self) -> torch.Tensor:
         return self.gamma / torch.sqrt(self.var + self.eps)
 
     @torch.no_grad()
-    def update(self, y: torch.Tensor) -> None:
-        """Move the running statistics towards the batch's, per channel (dim 1, or the last dim of a Linear)."""
+    def update(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Move the running statistics towards a batch's (``var`` biased over ``n`` values per channel)."""
         if self.frozen:
             return
-        flat = y.transpose(0, 1).reshape(y.shape[1], -1)
-        n = flat.shape[1]
-        var = flat.var(1, unbiased=n > 1)
-        self.mean.mul_(1 - self.momentum).add_(flat.mean(1), alpha=self.momentum)
-        self.var.mul_(1 - self.momentum).add_(var, alpha=self.momentum)
+        self.updates += 1
+        rate = 1.0 / self.updates if self.momentum is None else self.momentum  # None: the average of all batches
+        self.mean.mul_(1 - rate).add_(mean, alpha=rate)
+        self.var.mul_(1 - rate).add_(var * n / max(n - 1, 1), alpha=rate)
 
 
 class _FoldedWeight(nn.Module):
@@ -131,14 +133,14 @@ class QAT(training.TrainingPass):
     name = "qat"
     requires = (PLAN, PARAMS)
 
-    def __init__(self, learn_scales: bool = False, fold_bn_training: bool = True, freeze_bn_steps: int | None = None,
-                 bn_momentum: float = 0.1, **loop: Any):
+    def __init__(self, learn_scales: bool = False, fold_bn_training: bool = True, freeze_bn_steps: int = 0,
+                 bn_momentum: float | None = 0.1, **loop: Any):
         self.set_loop(loop, lr=1e-3, weight_decay=0.0)
-        if freeze_bn_steps is not None and (not isinstance(freeze_bn_steps, int) or isinstance(freeze_bn_steps, bool)
-                                            or freeze_bn_steps < 0):
-            raise RecipeError(f"qat: freeze_bn_steps must be an integer >= 0 or None, got {freeze_bn_steps!r}.")
-        if not isinstance(bn_momentum, (int, float)) or not 0 < bn_momentum <= 1:
-            raise RecipeError(f"qat: bn_momentum must be in (0, 1], got {bn_momentum!r}.")
+        if not isinstance(freeze_bn_steps, int) or isinstance(freeze_bn_steps, bool) or freeze_bn_steps < 0:
+            raise RecipeError(f"qat: freeze_bn_steps must be an integer >= 0, got {freeze_bn_steps!r}.")
+        if bn_momentum is not None and (not isinstance(bn_momentum, (int, float)) or not 0 < bn_momentum <= 1):
+            raise RecipeError(f"qat: bn_momentum must be in (0, 1] or None (the average of all batches), "
+                              f"got {bn_momentum!r}.")
         self.learn_scales, self.fold_bn_training = bool(learn_scales), bool(fold_bn_training)
         self.freeze_bn_steps, self.bn_momentum = freeze_bn_steps, bn_momentum
 
@@ -162,8 +164,7 @@ class QAT(training.TrainingPass):
         frozen_at: dict[str, int] = {}
 
         def on_step(step: int, total: int) -> None:
-            freeze = self.freeze_bn_steps if self.freeze_bn_steps is not None else total // 2
-            if step >= freeze and bns and not bns[0].frozen:
+            if step >= self.freeze_bn_steps and bns and not bns[0].frozen:
                 for bn in bns:
                     bn.frozen = True
                 frozen_at["step"] = step
@@ -207,7 +208,7 @@ class QAT(training.TrainingPass):
                     owner.bias = nn.Parameter(rec.bias.clone() if rec.bias is not None
                                               else torch.zeros_like(rec.mean))
                 parametrize.register_parametrization(owner, "bias", _FoldedBias(bn))
-                hooks.append(owner.register_forward_pre_hook(self._statistics_hook(bn)))
+                hooks.append(owner.register_forward_hook(self._batch_norm_hook(bn)))
             parametrize.register_parametrization(owner, attr, _FoldedWeight(site, bn))
             layers.append((owner, site, bn))
         return layers
@@ -225,19 +226,25 @@ class QAT(training.TrainingPass):
         return _BNState(rec, self.bn_momentum)
 
     @staticmethod
-    def _statistics_hook(bn: _BNState):
-        def hook(module: nn.Module, args: tuple) -> None:
+    def _batch_norm_hook(bn: _BNState):
+        """Before the freeze, in training: undo the running-statistics fold of the output and normalise it with the
+        batch's statistics instead (the fake-quantized weights stay the folded ones)."""
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             if not module.training or bn.frozen:
-                return
-            with torch.no_grad():
-                w = module.parametrizations.weight.original
-                b = module.parametrizations.bias.original
-                if isinstance(module, nn.Linear):
-                    y = F.linear(args[0], w, b)
-                    y = y.reshape(-1, y.shape[-1]).t().unsqueeze(0)  # channels on dim 1
-                else:
-                    y = module._conv_forward(args[0], w, b)
-                bn.update(y)
+                return None
+            linear = isinstance(module, nn.Linear)
+            shape = (-1,) if linear else (-1, *([1] * (out.dim() - 2)))
+            scale = bn.scale()
+            tiny = torch.finfo(scale.dtype).tiny
+            scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+            b = module.parametrizations.bias.original
+            folded_bias = bn.beta + (b - bn.mean) * scale
+            z = (out - folded_bias.reshape(shape)) / scale.reshape(shape) + b.reshape(shape)
+            flat = z.reshape(-1, z.shape[-1]).t() if linear else z.transpose(0, 1).reshape(z.shape[1], -1)
+            mean, var = flat.mean(1), flat.var(1, unbiased=False)
+            bn.update(mean.detach(), var.detach(), flat.shape[1])
+            return (z - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + bn.eps) * bn.gamma.reshape(shape) \
+                + bn.beta.reshape(shape)
         return hook
 
     @staticmethod
