@@ -148,7 +148,7 @@ class Distill(training.TrainingPass):
                 matcher.close()
         if matcher is not None:
             stats |= {"feature_pairs": len(self.pairs), "feature_loss": round(matcher.mean(), 6)}
-        return PassResult(modified=stats["steps"] > 0, stats=stats)
+        return PassResult(modified=training.changed(stats), stats=stats)
 
     def _teacher(self, ctx: CompileContext) -> nn.Module | None:
         if self.variant == "self" and not self.pairs:

@@ -59,4 +59,4 @@ class Finetune(training.TrainingPass):
         if self.bn_l1 > 0 and gammas:
             flat = torch.cat([g.detach().abs().flatten() for g in gammas])
             stats["bn_gamma_below_1e-2"] = round(float((flat < 1e-2).float().mean()), 4)
-        return PassResult(modified=stats["steps"] > 0, stats=stats)
+        return PassResult(modified=training.changed(stats), stats=stats)

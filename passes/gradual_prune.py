@@ -61,6 +61,9 @@ class GradualPrune(training.TrainingPass):
                  end: float = 0.75, frequency: int | None = None, criterion: str = "l1", scope: str = "local",
                  exclude: list | tuple = (), round_to: int = 1, **loop: Any):
         self.set_loop(loop)
+        if self.patience is not None:
+            raise RecipeError("gradual_prune: patience is not available (the sparsity changes while it trains, so "
+                              "epochs do not compare); use it in a finetune after gradual_prune.")
         if granularity not in GRANULARITIES:
             raise RecipeError(f"gradual_prune: granularity must be 'channel' or 'level', got {granularity!r}.")
         for key, value in (("target", target), ("initial", initial)):

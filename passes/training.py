@@ -305,7 +305,8 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
     feature connectors); ``on_step(step, total)`` runs before every step (schedules of masks, BN freezing).  Masks
     are re-applied after every step.  Under a process group (``world``) the module is wrapped in
     ``DistributedDataParallel`` and every process trains on its slice of each batch, so the gradients are those
-    of the whole batch.  The module is left in eval mode; with ``patience``, the best epoch's weights are kept.
+    of the whole batch.  The module is left in eval mode.  With ``patience`` the best weights are kept: those of the
+    best epoch, or, with ``eval_fn``, the weights before training when no epoch scores better (best_epoch 0).
     """
     gm = ctx.gm
     rank, size = world()
@@ -316,6 +317,9 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
     stats: dict[str, Any] = {"epoch_loss": [], "masked_tensors": len(masks)}
     evals: list[float] = []
     best, best_state, best_epoch, stale, steps, samples = None, None, 0, 0, 0, 0
+    if loop.patience is not None and ctx.eval_fn is not None:
+        best, best_state = evaluate(ctx), copy.deepcopy(gm.state_dict())
+        stats["eval_before"] = round(best, 6)
     with seeded(loop.seed):
         params = parameters(gm)
         extra_params = [] if extra is None else parameters(extra)
@@ -374,7 +378,7 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
             bar.close()
             gm.eval()
     stopped_early = loop.patience is not None and stale >= loop.patience
-    if stopped_early and best_state is not None:
+    if best_state is not None and best_epoch != len(stats["epoch_loss"]):
         gm.load_state_dict(best_state)
     stats |= {"epochs_run": len(stats["epoch_loss"]), "steps": steps, "samples": samples,
               "best_epoch": best_epoch, "stopped_early": stopped_early}
@@ -383,6 +387,11 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
     if evals:
         stats["eval"] = evals
     return stats
+
+
+def changed(stats: dict[str, Any]) -> bool:
+    """Whether ``fit`` left different weights: it took steps and did not go back to the starting ones."""
+    return stats["steps"] > 0 and stats["best_epoch"] > 0
 
 
 def _restarted(name: str, total: int, restart: int | None) -> Callable[[int], float]:

@@ -85,12 +85,24 @@ def test_finetune_is_seeded_and_lowers_the_loss():
 
 def test_patience_stops_early_and_keeps_the_best_epoch():
     model, example = _classifier()
-    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
+    scores = iter([0.1, 0.9, 0.5, 0.4, 0.3, 0.2])  # before training, then one per epoch
     result = fxc.compile(model, example, [{"pass": "finetune", "epochs": 5, "patience": 2}],
                          train_data=_data(example[0]), eval_fn=lambda m: next(scores))
     stats = result.history[-1].stats
     assert stats["stopped_early"] and stats["epochs_run"] == 3 and stats["best_epoch"] == 1
-    assert stats["eval"] == [0.9, 0.5, 0.4]
+    assert stats["eval"] == [0.9, 0.5, 0.4] and stats["eval_before"] == 0.1
+
+
+def test_patience_keeps_the_starting_weights_when_no_epoch_beats_them():
+    model, example = _classifier()
+    scores = iter([0.9, 0.5, 0.4])
+    result = fxc.compile(model, example, [{"pass": "finetune", "epochs": 2, "patience": 5, "lr": 0.1}],
+                         train_data=_data(example[0]), eval_fn=lambda m: next(scores))
+    stats = result.history[-1].stats
+    assert stats["best_epoch"] == 0 and not stats["stopped_early"] and stats["epochs_run"] == 2
+    trained = result.module.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(trained[k], v), k
 
 
 def test_mask_mode_channels_stay_zero_through_finetune():
