@@ -189,7 +189,8 @@ class QAT(training.TrainingPass):
                   "bn_frozen_at": frozen_at.get("step")}
         if self.learn_scales:
             stats["scales_changed"] = round(changed, 4)
-        return PassResult(modified=training.changed(stats), stats=stats, notes=tuple(notes))
+        # the folded weights are recomputed from the unfolded ones even when the starting weights are kept
+        return PassResult(modified=stats["steps"] > 0, stats=stats, notes=tuple(notes))
 
     def _parametrize(self, gm: nn.Module, plan, folded: dict[str, FoldedBN], notes: list[str],
                      hooks: list) -> list[tuple[nn.Module, WeightSite, _BNState | None]]:
