@@ -11,8 +11,9 @@ slimming's sparsity training: ``bn_l1`` x the sum of |gamma| over every BatchNor
 unimportant channels' scales to zero before ``prune`` with ``criterion="slim"``).  ``train_data`` is read afresh
 every epoch, so a loader that augments gives new samples each time.  Shapes never change: after remove-mode
 pruning the smaller layers train as they are; after mask-mode pruning the zeroed channels (and level pruning's
-zeroed weights) are re-zeroed after every step, so they stay removable.  BatchNorm trains in train mode; the module is left in eval mode.  Under ``torchrun`` the processes
-share each batch through DistributedDataParallel (``training.fit``).
+zeroed weights) are re-zeroed after every step, so they stay removable.  BatchNorm trains in train mode; the
+module is left in eval mode.  Under ``torchrun`` the processes share each batch through DistributedDataParallel
+(``training.fit``).
 
 Requires: train_data.  Contract: CHANGES.  Refuses a module that is already quantized (use ``qat``).
 Stats: epochs_run, steps, samples, epoch_loss (one per epoch), eval (one per epoch, with eval_fn), best_epoch,
