@@ -92,7 +92,8 @@ class Distill(training.TrainingPass):
         loss_fn = training.loss_function(self.loss, self.name)
         stats: dict[str, Any] = {"variant": self.variant}
         teacher = self._teacher(ctx)
-        matcher = _FeatureMatcher(ctx, self.pairs, teacher) if self.pairs else None
+        with training.seeded(self.seed):  # the connectors' initial weights
+            matcher = _FeatureMatcher(ctx, self.pairs, teacher) if self.pairs else None
         epoch_batches = None
         if self.variant == "semi_supervised":
             pseudo, seen = self._pseudo_labeled(ctx, teacher)
