@@ -116,7 +116,7 @@ class Distill(training.TrainingPass):
 
         def on_step(step: int, total: int) -> None:
             if boundary is not None and step == boundary:
-                state["teacher"] = _checkpoint(ctx.gm)
+                state["teacher"] = frozen_copy(ctx.gm)  # the snapshot that teaches the rest
                 stats["self_teacher_step"] = step
 
         def step(model: nn.Module, inputs: tuple, target: Any) -> torch.Tensor:
@@ -158,10 +158,7 @@ class Distill(training.TrainingPass):
         if source is None:
             raise InputError("[distill] no teacher: pass teacher=module, or compile a model (its original is the "
                              "default teacher).")
-        teacher = copy.deepcopy(source).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
+        return frozen_copy(source)
 
     def _pseudo_labeled(self, ctx: CompileContext, teacher: nn.Module) -> tuple[list, int]:
         if ctx.calibration_data is None:
@@ -182,9 +179,9 @@ class Distill(training.TrainingPass):
         return batches, seen
 
 
-def _checkpoint(gm: nn.Module) -> nn.Module:
-    """A frozen eval-mode copy of the student at the end of its first learning-rate cycle, to teach the rest."""
-    teacher = copy.deepcopy(gm).eval()
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A teacher: an eval-mode copy of ``module`` whose parameters take no gradient."""
+    teacher = copy.deepcopy(module).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -22,23 +22,16 @@ PRE = [{"pass": "prune", "ratio": 0.5}, {"pass": "recalibrate_bn"}]
 def _setting(labelled: int):
     model, example = fxc.golden.load(NAME)
     x, y = fxc.golden.digits("train", hard=True)
-    xt, yt = fxc.golden.digits("test", hard=True)
     train = [(x[i:i + 32], y[i:i + 32]) for i in range(0, labelled, 32)]
     unlabeled = [x[i:i + 64] for i in range(labelled, len(x), 64)]
-    return model, example, train, unlabeled, (xt, yt)
-
-
-def _accuracy(module, test) -> float:
-    xt, yt = test
-    with torch.no_grad():
-        return 100.0 * float((module(xt).argmax(1) == yt).float().mean())
+    return model, example, train, unlabeled, fxc.golden.test_accuracy(NAME)
 
 
 def _run(step: dict, labelled: int = 256, **kwargs):
-    model, example, train, unlabeled, test = _setting(labelled)
+    model, example, train, unlabeled, accuracy = _setting(labelled)
     data = {"train_data": train, "calibration_data": unlabeled} | kwargs
     result = fxc.compile(model, example, PRE + [step], **data)
-    return _accuracy(result.module, test), result
+    return accuracy(result.module), result
 
 
 @functools.cache

@@ -27,23 +27,18 @@ def _recipe(bits: int = 8, **qat) -> list[dict]:
 def _digits():
     model, example = fxc.golden.load("resnet20-hard-digits")
     x, _ = fxc.golden.digits("train", hard=True)
-    return model, example, [x[i:i + 64] for i in range(0, 512, 64)], fxc.golden.digits("test", hard=True)
-
-
-def _accuracy(module, test) -> float:
-    with torch.no_grad():
-        return 100.0 * float((module(test[0]).argmax(1) == test[1]).float().mean())
+    return model, example, [x[i:i + 64] for i in range(0, 512, 64)], fxc.golden.test_accuracy("resnet20-hard-digits")
 
 
 @pytest.mark.parametrize("bits, margin", [(4, 1.0), (8, 0.0)])
 def test_qat_beats_ptq_on_the_hard_split(bits, margin):
-    model, example, calib, test = _digits()
+    model, example, calib, accuracy = _digits()
     ptq = fxc.compile(model, example, _recipe(bits), calibration_data=calib)
     train = fxc.golden.DigitsTraining(hard=True)
     qat = fxc.compile(model, example, _recipe(bits, epochs=2), calibration_data=calib, train_data=train)
     stats = qat.history[3].stats
     assert qat.history[3].name == "qat" and stats["bn_folded_in_training"] == 21 and stats["bn_frozen_at"] == 0
-    assert _accuracy(qat.module, test) >= _accuracy(ptq.module, test) + margin
+    assert accuracy(qat.module) >= accuracy(ptq.module) + margin
 
 
 def _small():
