@@ -80,22 +80,31 @@ def _bn_input(node: torch.fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
-def _fold(m: nn.Module, bn: _BN) -> None:
-    """Rewrite ``m``'s weight and bias (new Parameters; the old tensors are not touched)."""
-    w = m.weight.detach().double()
-    out_channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(out_channels, dtype=torch.float64)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
-    scale = gamma / torch.sqrt(bn.var.detach().double() + bn.eps)
-    bias = m.bias.detach().double() if m.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight: (in, out/groups, *k)
-        g = m.groups
-        spatial = w.shape[2:]
+def _folded_values(w: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
+                   mean: torch.Tensor, var: torch.Tensor, eps: float,
+                   transposed_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W' = W * s and b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps), in float64; a ConvTranspose weight
+    (in, out/groups, *k) is scaled along its output channels (``transposed_groups`` = its groups)."""
+    w, scale = w.double(), gamma.double() / torch.sqrt(var.double() + eps)
+    bias = bias.double() if bias is not None else torch.zeros_like(scale)
+    if transposed_groups is not None:
+        g, spatial = transposed_groups, w.shape[2:]
         w = (w.reshape(g, w.shape[0] // g, w.shape[1], *spatial)
              * scale.reshape(g, 1, w.shape[1], *([1] * len(spatial)))).reshape(w.shape)
     else:  # weight: (out, in/groups, *k)
         w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    new_bias = (bias - bn.mean.detach().double()) * scale + beta
+    return w, (bias - mean.double()) * scale + beta.double()
+
+
+def _fold(m: nn.Module, bn: _BN) -> None:
+    """Rewrite ``m``'s weight and bias (new Parameters; the old tensors are not touched)."""
+    out_channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+    ones = torch.ones(out_channels, dtype=torch.float64)
+    gamma = bn.weight.detach() if bn.weight is not None else ones
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(ones)
+    transposed = m.groups if isinstance(m, nn.modules.conv._ConvTransposeNd) else None
+    w, new_bias = _folded_values(m.weight.detach(), None if m.bias is None else m.bias.detach(), gamma, beta,
+                                 bn.mean.detach(), bn.var.detach(), bn.eps, transposed)
     dtype = m.weight.dtype
     m.weight = nn.Parameter(w.to(dtype), requires_grad=m.weight.requires_grad)
     m.bias = nn.Parameter(new_bias.to(dtype), requires_grad=m.weight.requires_grad)
@@ -128,10 +137,8 @@ class FoldedBN:
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) as fold_bn computed them."""
-        scale = self.gamma.double() / torch.sqrt(self.var.double() + self.eps)
-        w = self.weight.double() * scale.reshape(-1, *([1] * (self.weight.dim() - 1)))
-        b = self.bias.double() if self.bias is not None else torch.zeros_like(scale)
-        return w.to(self.weight.dtype), ((b - self.mean.double()) * scale + self.beta.double()).to(self.weight.dtype)
+        w, b = _folded_values(self.weight, self.bias, self.gamma, self.beta, self.mean, self.var, self.eps)
+        return w.to(self.weight.dtype), b.to(self.weight.dtype)
 
 
 class FoldBatchNorm(Pass):

@@ -93,16 +93,17 @@ class GradualPrune(training.TrainingPass):
         layers = self._level_layers(ctx.gm) if self.granularity == "level" else []
         history: list[float] = []
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, total: int) -> bool:
             frequency = self.frequency or max(1, total // 20)
             last = step == int(self.end * total)
             if step % frequency and not last:
-                return
+                return False
             sparsity = agp(step, total, self.initial, self.target, self.start, self.end)
             if history and sparsity <= history[-1]:
-                return
+                return False
             self._mask(ctx, sparsity, layers)
             history.append(round(sparsity, 4))
+            return True
 
         def step(model: nn.Module, inputs: tuple, target: Any) -> torch.Tensor:
             return loss_fn(model(*inputs), target)

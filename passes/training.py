@@ -296,16 +296,16 @@ LossStep = Callable[[nn.Module, tuple, Any], torch.Tensor]
 
 
 def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
-        extra: nn.Module | None = None, on_step: Callable[[int, int], None] | None = None,
+        extra: nn.Module | None = None, on_step: Callable[[int, int], bool | None] | None = None,
         epoch_batches: Callable[[int], list] | None = None, restart: int | None = None) -> dict[str, Any]:
     """Train ``ctx.gm`` by ``loss_step(model, inputs, target)`` for ``loop.epochs``; returns the stats.
 
     Each epoch reads its batches afresh (``train_data`` by default, so a loader that augments gives new samples
     every epoch) and visits them in a seeded random order.  ``extra`` holds further trainable parameters (e.g.
-    feature connectors); ``on_step(step, total)`` runs before every step (schedules of masks, BN freezing).  Masks
-    are re-applied after every step.  Under a process group (``world``) the module is wrapped in
-    ``DistributedDataParallel`` and every process trains on its slice of each batch, so the gradients are those
-    of the whole batch.  The module is left in eval mode.  With ``patience`` the best weights are kept: those of the
+    feature connectors); ``on_step(step, total)`` runs before every step (schedules of masks, BN freezing) and
+    returns True when it changed the masks.  Masks are re-applied after every step.  Under a process group
+    (``world``) the module is wrapped in ``DistributedDataParallel`` and every process trains on its slice of each
+    batch, so the gradients are those of the whole batch.  The module is left in eval mode.  With ``patience`` the best weights are kept: those of the
     best epoch, or, with ``eval_fn``, the weights before training when no epoch scores better (best_epoch 0).
     """
     gm = ctx.gm
@@ -343,9 +343,8 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
                 for i in order:
                     if steps >= total:
                         break
-                    if on_step is not None:
-                        on_step(steps, total)
-                        masks.refresh()
+                    if on_step is not None and on_step(steps, total):
+                        masks.refresh()  # the step changed the masks
                     inputs, target = shard(batches[i], rank, size)
                     opt.zero_grad(set_to_none=True)
                     loss = loss_step(model, inputs, target)
