@@ -305,8 +305,9 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
     feature connectors); ``on_step(step, total)`` runs before every step (schedules of masks, BN freezing) and
     returns True when it changed the masks.  Masks are re-applied after every step.  Under a process group
     (``world``) the module is wrapped in ``DistributedDataParallel`` and every process trains on its slice of each
-    batch, so the gradients are those of the whole batch.  The module is left in eval mode.  With ``patience`` the best weights are kept: those of the
-    best epoch, or, with ``eval_fn``, the weights before training when no epoch scores better (best_epoch 0).
+    batch, so the gradients are those of the whole batch.  The module is left in eval mode.  With ``patience`` the
+    best weights are kept: those of the best epoch, or, with ``eval_fn``, the weights before training when no epoch
+    scores better (best_epoch 0).
     """
     gm = ctx.gm
     rank, size = world()
