@@ -97,22 +97,6 @@ def schedule(name: str, steps: int) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
-def check_options(pass_name: str, *, lr: float, epochs: int, optimizer_name: str, schedule_name: str,
-                  weight_decay: float, momentum: float) -> None:
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise RecipeError(f"{pass_name}: epochs must be a positive integer, got {epochs!r}.")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise RecipeError(f"{pass_name}: lr must be a positive number, got {lr!r}.")
-    if optimizer_name not in OPTIMIZERS:
-        raise RecipeError(f"{pass_name}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer_name!r}.")
-    if schedule_name not in SCHEDULES:
-        raise RecipeError(f"{pass_name}: schedule must be one of {', '.join(SCHEDULES)}, got {schedule_name!r}.")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise RecipeError(f"{pass_name}: weight_decay must be a number >= 0, got {weight_decay!r}.")
-    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise RecipeError(f"{pass_name}: momentum must be in [0, 1), got {momentum!r}.")
-
-
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Deterministic CPU training: torch's and Python's generators forked and seeded, restored afterwards."""
@@ -237,7 +221,7 @@ def shard(batch: tuple[tuple, Any], rank: int, size: int) -> tuple[tuple, Any]:
 
 @dataclasses.dataclass
 class Loop:
-    """The options every training pass shares (see ``finetune``)."""
+    """The options every training pass shares (see ``finetune``), with their defaults."""
 
     epochs: int = 1
     lr: float = 0.01
@@ -245,14 +229,27 @@ class Loop:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     schedule: str = "cosine"
+    loss: str | Callable = "cross_entropy"
     seed: int = 0
     patience: int | None = None
     max_steps: int | None = None
     progress: bool | None = None
 
     def check(self, pass_name: str) -> None:
-        check_options(pass_name, lr=self.lr, epochs=self.epochs, optimizer_name=self.optimizer,
-                      schedule_name=self.schedule, weight_decay=self.weight_decay, momentum=self.momentum)
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise RecipeError(f"{pass_name}: epochs must be a positive integer, got {self.epochs!r}.")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise RecipeError(f"{pass_name}: lr must be a positive number, got {self.lr!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise RecipeError(f"{pass_name}: optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"got {self.optimizer!r}.")
+        if self.schedule not in SCHEDULES:
+            raise RecipeError(f"{pass_name}: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise RecipeError(f"{pass_name}: weight_decay must be a number >= 0, got {self.weight_decay!r}.")
+        if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise RecipeError(f"{pass_name}: momentum must be in [0, 1), got {self.momentum!r}.")
+        loss_function(self.loss, pass_name)
         for key in ("patience", "max_steps"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -261,9 +258,7 @@ class Loop:
             raise RecipeError(f"{pass_name}: seed must be an integer, got {self.seed!r}.")
 
 
-LOOP_DEFAULTS: dict[str, Any] = {"epochs": 1, "lr": 0.01, "optimizer": "sgd", "weight_decay": 5e-4, "momentum": 0.9,
-                                 "schedule": "cosine", "loss": "cross_entropy", "seed": 0, "patience": None,
-                                 "max_steps": None, "progress": None}
+LOOP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Loop)}
 
 
 class TrainingPass(Pass):
@@ -287,9 +282,8 @@ class TrainingPass(Pass):
         values = LOOP_DEFAULTS | defaults | options
         for key, value in values.items():
             setattr(self, key, value)
-        self.loop = Loop(**{k: v for k, v in values.items() if k != "loss"})
+        self.loop = Loop(**values)
         self.loop.check(self.name)
-        loss_function(self.loss, self.name)
 
 
 LossStep = Callable[[nn.Module, tuple, Any], torch.Tensor]
