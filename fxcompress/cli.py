@@ -70,10 +70,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
             for change in record.param_changes:
                 print(f"  {change}")
         return
-    from .golden import calibration_batches, test_accuracy, training_data
+    from .golden import accuracy as golden_accuracy, calibration_batches, training_data
 
     calibration = calibration_batches(args.model, inputs)  # used by recipes that calibrate
-    accuracy = test_accuracy(args.model)
+    accuracy = golden_accuracy(args.model)
     result = compile_model(model, inputs, args.recipe, calibration, dump_dir=args.dump_dir,
                            train_data=training_data(args.model))  # used by recipes that train
     print(result.report())

@@ -78,20 +78,20 @@ def training_data(spec: str) -> DigitsTraining | None:
     return DigitsTraining(hard=golden.hard) if golden is not None and golden.trained else None
 
 
-def test_accuracy(spec: str) -> Callable[[torch.nn.Module], float] | None:
-    """``module -> test accuracy (%)`` for a trained digits model, else None."""
+def accuracy(spec: str, split: str = "test") -> Callable[[torch.nn.Module], float] | None:
+    """``module -> accuracy (%)`` on a digits split for a trained digits model, else None."""
     from fxcompress.golden_models import GOLDEN
 
     golden = GOLDEN.get(spec)
     if golden is None or not golden.trained:
         return None
-    images, labels = digits("test", golden.hard)
+    images, labels = digits(split, golden.hard)
 
-    def accuracy(module: torch.nn.Module) -> float:
+    def score(module: torch.nn.Module) -> float:
         with torch.no_grad():
             return 100.0 * float((module(images).argmax(1) == labels).float().mean())
 
-    return accuracy
+    return score
 
 
 class DigitsTraining:

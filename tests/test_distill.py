@@ -24,7 +24,7 @@ def _setting(labelled: int):
     x, y = fxc.golden.digits("train", hard=True)
     train = [(x[i:i + 32], y[i:i + 32]) for i in range(0, labelled, 32)]
     unlabeled = [x[i:i + 64] for i in range(labelled, len(x), 64)]
-    return model, example, train, unlabeled, fxc.golden.test_accuracy(NAME)
+    return model, example, train, unlabeled, fxc.golden.accuracy(NAME)
 
 
 def _run(step: dict, labelled: int = 256, **kwargs):

@@ -27,7 +27,7 @@ def _recipe(bits: int = 8, **qat) -> list[dict]:
 def _digits():
     model, example = fxc.golden.load("resnet20-hard-digits")
     x, _ = fxc.golden.digits("train", hard=True)
-    return model, example, [x[i:i + 64] for i in range(0, 512, 64)], fxc.golden.test_accuracy("resnet20-hard-digits")
+    return model, example, [x[i:i + 64] for i in range(0, 512, 64)], fxc.golden.accuracy("resnet20-hard-digits")
 
 
 @pytest.mark.parametrize("bits, margin", [(4, 1.0), (8, 0.0)])

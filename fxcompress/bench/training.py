@@ -43,7 +43,7 @@ def _data(name: str):
     model, example = fxc.golden.load(name)
     train, _ = fxc.golden.digits("train", hard=hard)
     calib = [train[i:i + 64] for i in range(0, 512, 64)]
-    return model, example, calib, fxc.golden.test_accuracy(name), hard
+    return model, example, calib, fxc.golden.accuracy(name), hard
 
 
 def recovery(name: str) -> list[dict]:
@@ -79,10 +79,10 @@ def qat(name: str, bits: int) -> dict:
     ptq = fxc.compile(model, example, base + lower, calibration_data=calib)
     ptq_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    xv, yv = fxc.golden.digits("val", hard=hard)
-    val = lambda m: float((m(xv).argmax(1) == yv).float().mean())  # noqa: E731  (model selection, not the test)
+    val = fxc.golden.accuracy(name, "val")  # model selection, not the test split
     step = {"pass": "qat", "epochs": QAT_EPOCHS, "patience": QAT_EPOCHS}
-    trained = fxc.compile(model, example, base + [step] + lower, calibration_data=calib, train_data=fxc.golden.DigitsTraining(hard=hard), eval_fn=val)
+    trained = fxc.compile(model, example, base + [step] + lower, calibration_data=calib,
+                          train_data=fxc.golden.DigitsTraining(hard=hard), eval_fn=val)
     best_epoch = trained.history[3].stats["best_epoch"]
     return {"model": name, "bits": f"W{bits}A8", "fp32": accuracy(model), "ptq": accuracy(ptq.module),
             "qat": accuracy(trained.module), "best_epoch": best_epoch, "ptq_seconds": ptq_seconds,
