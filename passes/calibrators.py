@@ -50,10 +50,10 @@ class MinMax:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
         if self.axis is None:
-            lo, hi = x.min(), x.max()
+            lo, hi = torch.aminmax(dense_flat(x))  # as one dimension: reducing a channels-last 4-d tensor is slow
         else:
             flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
-            lo, hi = flat.min(1).values, flat.max(1).values
+            lo, hi = torch.aminmax(flat, dim=1)
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 

@@ -134,6 +134,21 @@ def test_percentile_mse_minmax():
     assert not math.isnan(h.kl(128))
 
 
+def test_minmax_of_a_channels_last_tensor_and_per_channel():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 4, 6, generator=g)
+    for axis in (None, 1):
+        plain, last = MinMax(axis), MinMax(axis)
+        plain.update(x)
+        last.update(x.contiguous(memory_format=torch.channels_last))
+        assert torch.equal(plain.min, last.min) and torch.equal(plain.max, last.max)
+    assert float(plain.min[2]) == float(x[:, 2].min()) and float(plain.max[4]) == float(x[:, 4].max())
+    whole = MinMax()
+    whole.update(x)
+    whole.update(x * 3)
+    assert float(whole.min) == float((x * 3).min()) and float(whole.max) == float((x * 3).max())
+
+
 def _fake_quant(x, scale, zero, spec):
     q = torch.clamp(torch.round(x / scale) + zero, spec.qmin, spec.qmax)
     return (q - zero) * scale
