@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch.nn as nn
 
+import fxcompress as fxc
 from fxcompress.cli import main
 
 RECIPE = '[[passes]]\npass = "fold_bn"\n'
@@ -95,6 +96,34 @@ def test_shipped_sparsify_finetune_ptq_qat_recipe(tmp_path, capsys, monkeypatch)
     convs = [m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     zeros = sum(int((m.weight == 0).sum()) for m in convs) / sum(m.weight.numel() for m in convs)
     assert 0.29 <= zeros <= 0.4  # the 30 % stays zero through fine-tuning, QAT and lowering
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_name_known_passes_and_options(recipe):
+    pm = fxc.PassManager(str(recipe))
+    assert pm.passes
+
+
+@pytest.mark.slow
+def test_shipped_prune_finetune_int8_recipe(tmp_path, capsys, monkeypatch):
+    """Half of every channel group removed in widths of 16 (ORT's int8 kernels pack 16 output channels), then
+    fine-tuned and quantized: about half the MACs, accuracy at least fp32's on the hard digits."""
+    import fxcompress.cli as cli
+
+    recipe = Path(__file__).parent.parent / "recipes" / "prune_finetune_int8.toml"
+    results = []
+    compile_model = cli.compile_model
+    monkeypatch.setattr(cli, "compile_model", lambda *a, **k: results.append(compile_model(*a, **k)) or results[-1])
+    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", str(tmp_path / "q.onnx")]) == 0
+    out = capsys.readouterr().out
+    line = out.split("test accuracy:")[1].splitlines()[0]
+    before, after = (float(part.split("%")[0]) for part in line.split(","))
+    assert after >= before
+    result = results[0]
+    assert 0.45 < result.after.macs / result.before.macs < 0.55
+    widths = {m.out_channels for m in result.module.modules() if isinstance(m, nn.Conv2d)}
+    assert widths and all(w % 16 == 0 for w in widths)
 
 
 def bare_factory():

@@ -2,8 +2,9 @@
 
     python compile_job.py MODEL RECIPE CALIBRATION.npy OUT.onnx
 
-compiles MODEL through RECIPE with the calibration samples, exports OUT.onnx, and prints one JSON line: total
-seconds, the calibrate pass's seconds, each pass's seconds, and peak RSS (with the RSS once the imports are done).
+compiles MODEL through RECIPE with the calibration samples (and, for a trained digits model, its training loader,
+for recipes that train), exports OUT.onnx, and prints one JSON line: total seconds, the calibrate pass's seconds,
+each pass's seconds, and peak RSS (with the RSS once the imports are done).
 """
 import json
 import sys
@@ -14,7 +15,7 @@ import torch
 
 import fxcompress as fxc
 from fxcompress.bench.ort_int8 import peak_mb
-from fxcompress.golden import load_model
+from fxcompress.golden import load_model, training_data
 
 
 def compile_job(spec: str, recipe: str, calibration_npy: str, out_path: str) -> dict:
@@ -22,7 +23,8 @@ def compile_job(spec: str, recipe: str, calibration_npy: str, out_path: str) -> 
     model, example = load_model(spec)
     samples = torch.from_numpy(np.load(calibration_npy))
     start = time.perf_counter()
-    result = fxc.compile(model, example, recipe, calibration_data=[samples[i:i + 1] for i in range(len(samples))])
+    result = fxc.compile(model, example, recipe, calibration_data=[samples[i:i + 1] for i in range(len(samples))],
+                         train_data=training_data(spec))
     result.export_onnx(out_path)
     seconds = time.perf_counter() - start
     calibration = [r.seconds for r in result.history if r.name == "calibrate"]
