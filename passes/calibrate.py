@@ -13,6 +13,7 @@ Stats: batches, samples, seconds (forwards and threshold search), peak memory gr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Iterable, Iterator
@@ -152,9 +153,9 @@ class Calibrate(Pass):
         start = time.perf_counter()
         batches = samples = 0
         total = len(ctx.calibration_data) if hasattr(ctx.calibration_data, "__len__") else None
-        layout = self._layout(gm, ctx.example_inputs)
-        with torch.no_grad(), tqdm(total=total, unit="batch", desc="calibrate", disable=self.progress is False
-                                          if self.progress is not None else None, leave=False) as bar:
+        with torch.no_grad(), forward_layout(gm, ctx.example_inputs, self.channels_last) as layout, \
+                tqdm(total=total, unit="batch", desc="calibrate", disable=self.progress is False
+                     if self.progress is not None else None, leave=False) as bar:
             for inputs, n in grouped(calibration_batches(ctx), self.batch_size):
                 gm(*(layout(t) for t in inputs))
                 batches, samples = batches + n, samples + inputs[0].shape[0]
@@ -162,8 +163,6 @@ class Calibrate(Pass):
                 if self.max_samples is not None and samples >= self.max_samples:
                     break
         forward_seconds = time.perf_counter() - start
-        if layout is not _same:
-            gm.to(memory_format=torch.contiguous_format)
         params, notes, clipped = {}, [], 0
         for name, obs in observers.items():
             site = plan.sites[name]
@@ -187,25 +186,33 @@ class Calibrate(Pass):
         return PassResult(modified=False, stats=stats, notes=tuple(notes))
 
 
-    def _layout(self, gm: torch.fx.GraphModule, example_inputs: tuple):
-        """The input layout for the calibration forwards: channels-last when the model has 4-d inputs and runs it
-        (PyTorch's CPU convolutions and pooling are faster so; values do not change), else unchanged.
+@contextlib.contextmanager
+def forward_layout(gm: torch.fx.GraphModule, example_inputs: tuple, channels_last: bool | None = None):
+    """For forwards over calibration data: yields the function that lays out each input, channels-last when the
+    model has 4-d inputs and runs so (PyTorch's CPU convolutions and pooling are faster; values do not change), else
+    the identity; the module's parameters go back to the default layout on exit.
 
-        ``channels_last=None`` decides by a forward of the example inputs with the observers off: a model whose
-        ``view`` needs contiguous tensors fails there, and stays in the default layout.
-        """
-        if self.channels_last is False or not any(t.dim() == 4 for t in example_inputs):
-            return _same
+    ``channels_last=None`` decides by a forward of the example inputs: a model whose ``view`` needs contiguous
+    tensors fails there and stays in the default layout.  ``True`` raises that failure, ``False`` never converts.
+    """
+    converted = False
+    if channels_last is not False and any(t.dim() == 4 for t in example_inputs):
         try:
             gm.to(memory_format=torch.channels_last)
             with meta.side_effect_free(gm):
                 gm(*(_channels_last(t) for t in example_inputs))
+            converted = True
         except Exception:  # noqa: BLE001 - any failure means: keep the default layout
             gm.to(memory_format=torch.contiguous_format)
-            if self.channels_last:
+            if channels_last:
                 raise
-            return _same
-        return _channels_last
+    if not converted:
+        yield _same
+        return
+    try:
+        yield _channels_last
+    finally:
+        gm.to(memory_format=torch.contiguous_format)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from fxcompress.instruments import sqnr_db
 from fxcompress.modules import NarrowAccumulator, dynamic_quant_linear, requantized_conv
 from fxcompress.pass_base import Contract, Pass, PassResult
 
-from .calibrate import PARAMS, calibration_batches, grouped
+from .calibrate import PARAMS, calibration_batches, forward_layout, grouped
 from .calibrators import MinMax
 from .channel_spaces import lookup
 from .insert_observers import HOLDER, PLAN
@@ -318,9 +318,9 @@ class LowerQuantized(Pass):
                 return out
 
         samples = 0
-        with meta.side_effect_free(gm):
+        with meta.side_effect_free(gm), forward_layout(gm, ctx.example_inputs) as layout:
             for inputs, _ in grouped(calibration_batches(ctx), 16):
-                Collect(gm).run(*inputs)
+                Collect(gm).run(*(layout(t) for t in inputs))
                 samples += inputs[0].shape[0]
                 if samples >= self.bias_correction_samples:
                     break
@@ -376,19 +376,23 @@ def _weight_error_sum(fn, x: torch.Tensor, delta: torch.Tensor, args: tuple, kwa
         stride, padding, dilation, groups = (_tuple(a, dims) if i < 3 else a for i, a in enumerate(args))
         if x.dim() == dims + 1:
             x = x.unsqueeze(0)
-        x = F.pad(x, [p for q in reversed(padding) for p in (q, q)])
+        batch = x.shape[0]
+        # The batch sum first (one pass), then the window sums on one sample's size.  A channels-last tensor is
+        # summed as its dense channels-last view: reducing it through its strides is an order of magnitude slower.
+        channels_last = x.dim() in (4, 5) and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+        summed = x.movedim(1, -1).sum(0).movedim(-1, 0) if channels_last else x.sum(0)
+        x = F.pad(summed.double(), [p for q in reversed(padding) for p in (q, q)])
         kernel = delta.shape[2:]
-        out = [(x.shape[2 + d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
-        patch = torch.empty(x.shape[1], *kernel, dtype=torch.float64)
+        out = [(x.shape[1 + d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
+        patch = torch.empty(x.shape[0], *kernel, dtype=torch.float64)
         for offset in itertools.product(*(range(k) for k in kernel)):
             window = tuple(slice(o * dil, o * dil + st * (n - 1) + 1, st)
                            for o, dil, st, n in zip(offset, dilation, stride, out))
-            patch[(slice(None), *offset)] = x[(slice(None), slice(None), *window)].sum(
-                dim=[0, *range(2, 2 + dims)]).double()
+            patch[(slice(None), *offset)] = x[(slice(None), *window)].sum(dim=list(range(1, 1 + dims)))
         per_group = delta.shape[1] * math.prod(kernel)
         total = torch.einsum("goi,gi->go", delta.double().reshape(groups, -1, per_group),
                              patch.reshape(groups, per_group)).reshape(-1)
-        return total, x.shape[0] * math.prod(out)
+        return total, batch * math.prod(out)
     err = fn(x, delta, None, *args, **kwargs)
     axis = -1 if fn is F.linear else 1
     return err.movedim(axis, 0).reshape(err.shape[axis], -1).sum(1).double(), err.numel() // err.shape[axis]

@@ -331,16 +331,19 @@ def test_bias_correction_removes_the_mean_shift_of_quantized_weights():
 
 
 @settings(max_examples=25, deadline=None)
-@given(dims=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2),
-       padding=st.integers(0, 2), dilation=st.integers(1, 2), seed=st.integers(0, 1000))
-def test_bias_correction_sums_patches_as_the_convolution_does(dims, groups, k, stride, padding, dilation, seed):
+@given(dims=st.sampled_from([1, 2, 3]), groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2),
+       padding=st.integers(0, 2), dilation=st.integers(1, 2), seed=st.integers(0, 1000), channels_last=st.booleans())
+def test_bias_correction_sums_patches_as_the_convolution_does(dims, groups, k, stride, padding, dilation, seed,
+                                                             channels_last):
     import torch.nn.functional as F
 
     from fxcompress.passes.lower_quantized import _weight_error_sum
 
     g = torch.Generator().manual_seed(seed)
-    conv = {1: F.conv1d, 2: F.conv2d}[dims]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
     x = torch.randn(2, 4, *([7] * dims), generator=g)
+    if channels_last and dims > 1:  # the layout of the calibration forwards
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     delta = torch.randn(6, 4 // groups, *([k] * dims), generator=g)
     if (7 + 2 * padding - dilation * (k - 1) - 1) < 0:
         return
@@ -350,3 +353,39 @@ def test_bias_correction_sums_patches_as_the_convolution_does(dims, groups, k, s
     want = conv(x.double(), delta.double(), None, *args).transpose(0, 1).reshape(6, -1).sum(1)
     torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
     assert count == out.numel() // 6
+
+
+class _FlattensByView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))  # a view that a channels-last tensor cannot give
+
+
+@pytest.mark.parametrize("model", ["residual", "view"])
+def test_calibration_layout_changes_no_statistic_and_is_restored(model):
+    """Calibration and bias-correction forwards run channels-last where the model allows it: the scales, zero points
+    and corrected biases are those of the default layout, and the parameters end in the default layout."""
+    if model == "view":
+        net, example = _FlattensByView().eval(), (torch.randn(1, 3, 6, 6),)
+    else:
+        net, example = build(model)
+    calib = _calib(example, n=6)
+    results = {}
+    for layout in (None, False):
+        recipe = [{"pass": "insert_observers"}, {"pass": "calibrate", "channels_last": layout},
+                  {"pass": "lower_quantized"}]
+        results[layout] = fxc.compile(net, example, recipe, calibration_data=calib)
+    auto, plain = (r.module for r in results.values())
+    for (name, a), (_, b) in zip(results[None].plans["quant_params"].items(),
+                                 results[False].plans["quant_params"].items()):
+        assert torch.equal(a.zero, b.zero), name
+        torch.testing.assert_close(a.scale, b.scale, rtol=1e-6, atol=0)
+    for (name, a), (_, b) in zip(auto.state_dict().items(), plain.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert a.is_contiguous(), name
+    with torch.no_grad():
+        torch.testing.assert_close(auto(*example), plain(*example), rtol=1e-4, atol=1e-5)
