@@ -115,7 +115,8 @@ def test_shipped_prune_finetune_int8_recipe(tmp_path, capsys, monkeypatch):
     results = []
     compile_model = cli.compile_model
     monkeypatch.setattr(cli, "compile_model", lambda *a, **k: results.append(compile_model(*a, **k)) or results[-1])
-    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", str(tmp_path / "q.onnx")]) == 0
+    out_path = str(tmp_path / "q.onnx")
+    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", out_path]) == 0
     out = capsys.readouterr().out
     line = out.split("test accuracy:")[1].splitlines()[0]
     before, after = (float(part.split("%")[0]) for part in line.split(","))
