@@ -75,24 +75,29 @@ def test_shipped_prune_low_rank_quantize_recipe(tmp_path, capsys):
     assert "layers_replaced=8" in out
 
 
-def test_shipped_sparsify_finetune_ptq_qat_recipe(tmp_path, capsys, monkeypatch):
-    """The full training pipeline runs end to end from the command line, keeps its sparsity through QAT and
-    lowering, and does not lose accuracy on the hard digits."""
+def _compress_shipped(recipe: str, tmp_path, capsys, monkeypatch):
+    """``fxcompress compress resnet20-hard-digits`` with a shipped recipe: (printed output, the compile result,
+    (test accuracy before, after))."""
     import fxcompress.cli as cli
 
-    recipe = Path(__file__).parent.parent / "recipes" / "sparsify_finetune_ptq_qat.toml"
     results = []
     compile_model = cli.compile_model
     monkeypatch.setattr(cli, "compile_model", lambda *a, **k: results.append(compile_model(*a, **k)) or results[-1])
-    out_path = str(tmp_path / "q.onnx")
-    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", out_path]) == 0
+    path = Path(__file__).parent.parent / "recipes" / recipe
+    assert main(["compress", "resnet20-hard-digits", "--recipe", str(path), "--export", str(tmp_path / "q.onnx")]) == 0
     out = capsys.readouterr().out
+    line = out.split("test accuracy:")[1].splitlines()[0]  # " 86.11 % before, 86.94 % after"
+    return out, results[0], tuple(float(part.split("%")[0]) for part in line.split(","))
+
+
+def test_shipped_sparsify_finetune_ptq_qat_recipe(tmp_path, capsys, monkeypatch):
+    """The full training pipeline runs end to end from the command line, keeps its sparsity through QAT and
+    lowering, and does not lose accuracy on the hard digits."""
+    out, result, (before, after) = _compress_shipped("sparsify_finetune_ptq_qat.toml", tmp_path, capsys, monkeypatch)
     for name in ("gradual_prune", "finetune", "calibrate", "qat", "lower_quantized"):
         assert name in out
-    line = out.split("test accuracy:")[1].splitlines()[0]  # " 86.11 % before, 86.94 % after"
-    before, after = (float(part.split("%")[0]) for part in line.split(","))
     assert after >= before - 1.0
-    gm = results[0].module
+    gm = result.module
     convs = [m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     zeros = sum(int((m.weight == 0).sum()) for m in convs) / sum(m.weight.numel() for m in convs)
     assert 0.29 <= zeros <= 0.4  # the 30 % stays zero through fine-tuning, QAT and lowering
@@ -109,19 +114,8 @@ def test_shipped_recipes_name_known_passes_and_options(recipe):
 def test_shipped_prune_finetune_int8_recipe(tmp_path, capsys, monkeypatch):
     """Half of every channel group removed in widths of 16 (ORT's int8 kernels pack 16 output channels), then
     fine-tuned and quantized: about half the MACs, accuracy at least fp32's on the hard digits."""
-    import fxcompress.cli as cli
-
-    recipe = Path(__file__).parent.parent / "recipes" / "prune_finetune_int8.toml"
-    results = []
-    compile_model = cli.compile_model
-    monkeypatch.setattr(cli, "compile_model", lambda *a, **k: results.append(compile_model(*a, **k)) or results[-1])
-    out_path = str(tmp_path / "q.onnx")
-    assert main(["compress", "resnet20-hard-digits", "--recipe", str(recipe), "--export", out_path]) == 0
-    out = capsys.readouterr().out
-    line = out.split("test accuracy:")[1].splitlines()[0]
-    before, after = (float(part.split("%")[0]) for part in line.split(","))
+    _, result, (before, after) = _compress_shipped("prune_finetune_int8.toml", tmp_path, capsys, monkeypatch)
     assert after >= before
-    result = results[0]
     assert 0.45 < result.after.macs / result.before.macs < 0.55
     widths = {m.out_channels for m in result.module.modules() if isinstance(m, nn.Conv2d)}
     assert widths and all(w % 16 == 0 for w in widths)
