@@ -380,8 +380,7 @@ def _weight_error_sum(fn, x: torch.Tensor, delta: torch.Tensor, args: tuple, kwa
         batch = x.shape[0]
         # The batch sum first (one pass), then the window sums on one sample's size.  A channels-last tensor is
         # summed as its dense channels-last view: reducing it through its strides is an order of magnitude slower.
-        channels_last = x.dim() in (4, 5) and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-        summed = x.movedim(1, -1).sum(0).movedim(-1, 0) if channels_last else x.sum(0)
+        summed = x.movedim(1, -1).sum(0).movedim(-1, 0) if x.movedim(1, -1).is_contiguous() else x.sum(0)
         x = F.pad(summed.double(), [p for q in reversed(padding) for p in (q, q)])
         kernel = delta.shape[2:]
         out = [(x.shape[1 + d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]

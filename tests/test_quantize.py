@@ -367,8 +367,9 @@ class _FlattensByView(nn.Module):
 
 @pytest.mark.parametrize("model", ["residual", "view"])
 def test_calibration_layout_changes_no_statistic_and_is_restored(model):
-    """Calibration and bias-correction forwards run channels-last where the model allows it: the scales, zero points
-    and corrected biases are those of the default layout, and the parameters end in the default layout."""
+    """Calibration forwards run channels-last where the model allows it (a ``view`` that needs contiguous tensors
+    falls back): the scales and zero points are those of the default layout, so are the lowered parameters, and
+    the parameters end in the default layout."""
     if model == "view":
         net, example = _FlattensByView().eval(), (torch.randn(1, 3, 6, 6),)
     else:
