@@ -8,11 +8,12 @@ from .export import export_onnx
 from .instruments import strict_checks
 from .pass_base import Contract, Pass, PassResult
 from .pass_manager import PassManager
+from .persist import CompiledModule, load
 from .tracing import trace
 
 __all__ = [
-    "CompileContext", "CompileResult", "Contract", "ExportError", "FxCompressError", "InputError", "Pass",
-    "PassError", "PassManager", "PassRecord", "PassResult", "RecipeError", "TracingError", "VerificationError",
-    "compile", "export_onnx", "golden", "strict_checks", "trace",
+    "CompileContext", "CompileResult", "CompiledModule", "Contract", "ExportError", "FxCompressError", "InputError",
+    "Pass", "PassError", "PassManager", "PassRecord", "PassResult", "RecipeError", "TracingError", "VerificationError",
+    "compile", "export_onnx", "golden", "load", "strict_checks", "trace",
 ]
 __version__ = "0.1.0"

@@ -8,12 +8,12 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
-from . import counting, meta
+from . import counting, meta, persist
 from .context import PassRecord
 from .counting import Totals
 from .export.onnx import export_onnx as _export_onnx
 from .pass_manager import PassManager
-from .report import compile_report
+from .report import Plans, compile_report
 from .tracing import TraceInfo
 
 
@@ -27,12 +27,17 @@ class CompileResult:
     before: Totals
     after: Totals
     trace: TraceInfo
-    plans: dict[str, Any] = dataclasses.field(default_factory=dict)  # the planners' decisions, by plan name
+    plans: Plans = dataclasses.field(default_factory=Plans)  # the planners' decisions, by name; prints summaries
 
     def report(self) -> str:
         leaves = ", ".join(f"{k} ({v})" for k, v in self.trace.auto_leaves.items()) or "none"
         line = f"traced {self.trace.nodes} nodes in {self.trace.seconds:.2f} s; submodules kept opaque: {leaves}"
         return compile_report(type(self.module).__name__, self.before, self.after, self.history, line)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the compiled module to ``path`` (its state_dict, which carries the architecture as plain data);
+        ``fxc.load(path)`` rebuilds it without running pickled code.  Returns the Path."""
+        return persist.save(self.module, path)
 
     def export_onnx(self, path: str | Path, **options: Any) -> Path:
         """Write the compiled module as ONNX (QDQ where quantized), checked with onnx.checker; returns the Path."""
@@ -62,4 +67,4 @@ def compile(
     pm.run(ctx)
     gm = ctx.gm.eval()
     return CompileResult(module=gm, history=ctx.history, example_inputs=ctx.example_inputs, before=before,
-                         after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO], plans=dict(ctx.plans))
+                         after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO], plans=Plans(ctx.plans))

@@ -13,11 +13,13 @@ from typing import Sequence
 import torch
 from tabulate import tabulate
 
-from . import counting
+from . import counting, data, persist
 from .api import compile as compile_model
 from .errors import FxCompressError
+from .export import export_onnx
 from .export.ort import max_abs_diff
-from .golden import load_model
+from .golden import accuracy as golden_accuracy
+from .golden import calibration_batches, load_model, training_data
 from .pass_manager import PassManager
 from .report import node_table
 
@@ -55,35 +57,55 @@ def cmd_groups(args: argparse.Namespace) -> None:
         print(f"barrier {node}: {why}")
 
 
+def _user_data(args: argparse.Namespace, inputs: tuple) -> tuple:
+    """(calibration data, training data, eval_fn) from the command line, else a trained golden model's own; random
+    calibration inputs as the last resort, announced when a pass reads them."""
+    if args.calibration_data:
+        calibration = data.input_batches(args.calibration_data, inputs, args.batch_size, "--calibration-data")
+    else:
+        calibration = calibration_batches(args.model) or data.RandomCalibration(
+            inputs, 128, lambda message: print(f"fxcompress: warning: {message}", file=sys.stderr))
+    train = data.training_batches(args.train_data, inputs, args.batch_size, "--train-data") if args.train_data \
+        else training_data(args.model)
+    eval_fn = data.eval_function(args.eval_fn, inputs, args.batch_size) if args.eval_fn else None
+    return calibration, train, eval_fn
+
+
+def _export(module: torch.nn.Module, inputs: tuple, path: str) -> None:
+    written = export_onnx(module, inputs, path)
+    check = tuple(torch.randn((2, *t.shape[1:]), generator=torch.Generator().manual_seed(1), dtype=t.dtype)
+                  if t.is_floating_point() else t for t in inputs)
+    print(f"\nwrote {written}; ONNX Runtime vs PyTorch at batch 2: max abs diff "
+          f"{max_abs_diff(module, written, check):.2e}")
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     model, inputs = load_model(args.model, args.input_shape)
+    calibration, train, eval_fn = _user_data(args, inputs)
     if args.step:
         pm = PassManager(args.recipe, dump_dir=args.dump_dir)
-        from .golden import calibration_batches, training_data
-
-        ctx = pm.context(model, inputs, calibration_batches(args.model, inputs), eval_mode=True,
-                         train_data=training_data(args.model))
+        ctx = pm.context(model, inputs, calibration, eval_mode=True, train_data=train, eval_fn=eval_fn)
         while pm.pending(ctx):
             record = pm.step(ctx)
             print(record.summary())
             print(record.diff or "(graph unchanged)")
             for change in record.param_changes:
                 print(f"  {change}")
-        return
-    from .golden import accuracy as golden_accuracy, calibration_batches, training_data
-
-    calibration = calibration_batches(args.model, inputs)  # used by recipes that calibrate
-    accuracy = golden_accuracy(args.model)
-    result = compile_model(model, inputs, args.recipe, calibration, dump_dir=args.dump_dir,
-                           train_data=training_data(args.model))  # used by recipes that train
-    print(result.report())
-    if accuracy is not None:
+        module = ctx.gm.eval()
+    else:
+        result = compile_model(model, inputs, args.recipe, calibration, dump_dir=args.dump_dir, train_data=train,
+                               eval_fn=eval_fn)
+        print(result.report())
+        module = result.module
+    score, what, unit = (eval_fn, "eval_fn", "") if eval_fn is not None else \
+        (golden_accuracy(args.model), "test accuracy", " %")
+    if score is not None:
         model.eval()
-        print(f"\ntest accuracy: {accuracy(model):.2f} % before, {accuracy(result.module):.2f} % after")
+        print(f"\n{what}: {score(model):.2f}{unit} before, {score(module):.2f}{unit} after")
+    if args.save:
+        print(f"\nsaved {persist.save(module, args.save)} (load it with fxc.load)")
     if args.export:
-        path = result.export_onnx(args.export)
-        check = tuple(torch.randn((2, *t.shape[1:]), generator=torch.Generator().manual_seed(1)) for t in inputs)
-        print(f"\nwrote {path}; ONNX Runtime vs PyTorch at batch 2: max abs diff {max_abs_diff(result.module, path, check):.2e}")
+        _export(module, inputs, args.export)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -128,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--export", metavar="OUT.onnx", help="write the result as ONNX and check it in ORT")
             p.add_argument("--dump-dir", help="write numbered code dumps and diffs of each pass here")
             p.add_argument("--step", action="store_true", help="run one pass at a time, printing each diff")
+            p.add_argument("--save", metavar="OUT.pt", help="save the compiled module (load it with fxc.load)")
+            p.add_argument("--calibration-data", metavar="SPEC",
+                           help="calibration inputs: a .pt/.npy tensor file or package.module:function "
+                                "(default: a trained golden model's digits, else random inputs, with a warning)")
+            p.add_argument("--train-data", metavar="SPEC",
+                           help="training data: a .pt file of (inputs, targets) or package.module:function "
+                                "returning (inputs, target) batches")
+            p.add_argument("--eval-fn", metavar="SPEC",
+                           help="package.module:function(module) -> float, or a .pt file of (inputs, labels) "
+                                "scored by top-1 accuracy")
+            p.add_argument("--batch-size", type=int, default=16,
+                           help="samples per batch when a tensor file is split (default 16)")
     bench = sub.add_parser("bench", help="fxcompress against ONNX Runtime's own INT8 quantizer")
     bench.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
     bench.add_argument("--recipe", action="append", help="a TOML recipe to benchmark (repeatable; default: fold_bn, int8 with kl_tolerance and with minmax)")

@@ -2,7 +2,6 @@
 ``golden_models`` package), and ``load_model`` for a MODEL argument of the command line."""
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
@@ -36,13 +35,18 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modu
     """A golden model's name or ``package.module:factory`` (returning a module or ``(module, inputs)``)."""
     if ":" not in spec:
         return load(spec)
-    module_name, _, attr = spec.partition(":")
+    from .data import import_object
+
+    factory = import_object(spec, "MODEL")
+    if not callable(factory):
+        raise InputError(f"{spec} is a {type(factory).__name__}; MODEL is a golden model name or "
+                         f"package.module:factory, a function of no arguments returning a module or (module, inputs).")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"cannot load {spec!r}: {exc}. MODEL is a golden model name ({', '.join(names())}) "
-                         f"or package.module:factory.") from exc
-    made = factory()
+        made = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed: say how, and what a factory is
+        raise InputError(f"calling {spec}() failed: {type(exc).__name__}: {exc}. MODEL's factory is called with no "
+                         f"arguments and returns a module or (module, example_inputs); write a small function that "
+                         f"builds your model.") from exc
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         return made
     if not isinstance(made, torch.nn.Module):
@@ -56,18 +60,16 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modu
     return made.eval(), (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
 
 
-def calibration_batches(spec: str, example_inputs: tuple, samples: int = 128) -> list[tuple]:
+def calibration_batches(spec: str, samples: int = 128) -> list[tuple] | None:
     """Calibration data for the command line: the first ``samples`` training images (one per batch) of a trained
-    digits model, else seeded random inputs shaped like the example inputs."""
+    digits model, else None."""
     from fxcompress.golden_models import GOLDEN
 
     golden = GOLDEN.get(spec)
     if golden is not None and golden.trained:
         images, _ = digits("train", golden.hard)
         return [(images[i:i + 1],) for i in range(min(samples, len(images)))]
-    g = torch.Generator().manual_seed(1234)
-    return [tuple(torch.randn((1, *t.shape[1:]), generator=g) if t.is_floating_point() else t
-                  for t in example_inputs) for _ in range(samples)]
+    return None
 
 
 def training_data(spec: str) -> DigitsTraining | None:

@@ -208,7 +208,8 @@ class Verify(Instrument):
         elif p.contract is Contract.BOUNDED:
             bound = p.error_bound(ctx)
             if not record.error <= bound:
-                raise VerificationError(f"[{p.name}] exceeded its error bound: {record.error:.3e} > {bound:.3e}.")
+                raise VerificationError(f"[{p.name}] exceeded its error bound: {record.error:.3e} > {bound:.3e}."
+                                        + (f"\n  hint: {p.bound_hint(ctx)}" if p.bound_hint(ctx) else ""))
 
 
 def _float64_error(ctx: CompileContext, rtol: float, atol: float) -> float | None:

@@ -199,8 +199,9 @@ _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _FLOAT32_EXACT = 1 << 24  # integers up to 2^24 are exact in float32
 
 
-def requantized_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: float,
-                     w_scale: torch.Tensor | float, y_scale: float, y_zero: int, y_min: int, y_max: int,
+def requantized_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: torch.Tensor | float,
+                     w_scale: torch.Tensor | float, y_scale: torch.Tensor | float, y_zero: torch.Tensor | int,
+                     y_min: int, y_max: int,
                      stride, padding, dilation, groups: int) -> torch.Tensor:
     """A quantized convolution computed as ONNX Runtime's QLinearConv computes it, for the PyTorch simulation.
 
@@ -220,7 +221,8 @@ def requantized_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return conv(x, weight, bias, stride, padding, dilation, groups)
     channels = weight.shape[0]
     shape = (1, channels) + (1,) * (weight.dim() - 2)
-    xs = torch.tensor(x_scale, dtype=torch.float32)
+    xs = torch.as_tensor(x_scale, dtype=torch.float32)
+    ys = torch.as_tensor(y_scale, dtype=torch.float32)
     ws = torch.as_tensor(w_scale, dtype=torch.float32).reshape(-1)
     ws = ws.expand(channels) if ws.numel() == 1 else ws
     terms = weight[0].numel()
@@ -230,6 +232,56 @@ def requantized_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     acc = conv(x_int, w_int, None, stride, padding, dilation, groups)
     if bias is not None:
         acc = acc + torch.round(bias / (xs * ws)).to(dtype).reshape(shape)
-    multiplier = (xs * ws) / torch.tensor(y_scale, dtype=torch.float32)
+    multiplier = (xs * ws) / ys
     q = torch.round(acc.to(torch.float32) * multiplier.reshape(shape))
-    return (torch.clamp(q + y_zero, y_min, y_max) - y_zero) * torch.tensor(y_scale, dtype=torch.float32)
+    return (torch.clamp(q + y_zero, y_min, y_max) - y_zero) * ys
+
+
+def _integer_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The integer codes (float64) of a tensor that lies on the grid of ``scale`` and ``zero``."""
+    return (torch.round(x / scale) + zero).to(torch.float64)
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fused multiply-add: a * b + c rounded once.  Exact in float64 first (an 8-bit code times a float32
+    and a float32 of similar magnitude need fewer than 53 bits), then one rounding to float32."""
+    return (a.to(torch.float64) * b.to(torch.float64) + c.to(torch.float64)).to(torch.float32)
+
+
+def quantized_add(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor,
+                  b_scale: torch.Tensor, b_zero: torch.Tensor, y_scale: torch.Tensor, y_zero: torch.Tensor,
+                  y_min: int, y_max: int) -> torch.Tensor:
+    """The sum of two quantized tensors, requantized as ONNX Runtime's QLinearAdd (x86) computes it.
+
+    ORT fuses DequantizeLinear, DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, which works on the integer
+    codes with float32 ratios r_a = s_a / s_y, r_b = s_b / s_y and fused multiply-adds:
+    ``y = rint(fma(q_a, r_a, fma(q_b, r_b, z_y - fma(r_a, z_a, r_b z_b))))``, clamped.  Adding the dequantized
+    floats and quantizing the sum differs from that in a few values per million, and deep residual stacks grow those
+    flips into whole output steps.  Exported, it is the plain add that ORT fuses back.
+    """
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return a + b
+    f32 = torch.float32
+    sa, sb, sy = (t.to(f32) for t in (a_scale, b_scale, y_scale))
+    za, zb, zy = (t.to(f32) for t in (a_zero, b_zero, y_zero))
+    ra, rb = sa / sy, sb / sy
+    fixed = zy - _fma32(ra, za, rb * zb)
+    acc = _fma32(_integer_codes(a, sa, za), ra, _fma32(_integer_codes(b, sb, zb), rb, fixed))
+    q = torch.clamp(torch.round(acc), y_min, y_max)
+    return (q - zy) * sy
+
+
+# Functions the rewrites put into graphs: ``fxc.load`` accepts them by name (``persist``), tracing keeps them whole.
+GRAPH_FUNCTIONS = (requantized_conv, quantized_add, dynamic_quant_linear)
+_QUANTIZED_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine, *GRAPH_FUNCTIONS)
+
+
+def quantization_stage(gm: torch.fx.GraphModule) -> tuple[str, torch.fx.Node] | None:
+    """``("observed", node)`` when observers sit in the graph, ``("quantized", node)`` when it computes quantized
+    values (fake-quantization, the integer simulations), else None; ``node`` is the first such node."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer):
+            return "observed", node
+        if node.op == "call_function" and node.target in _QUANTIZED_TARGETS:
+            return "quantized", node
+    return None

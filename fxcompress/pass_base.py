@@ -17,10 +17,25 @@ import enum
 import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import RecipeError, did_you_mean
+import torch.fx
+
+from .errors import PassError, RecipeError, did_you_mean
+from .options import typed_init
 
 if TYPE_CHECKING:
     from .context import CompileContext
+
+
+def refuse_quantized(gm: torch.fx.GraphModule, pass_name: str, order: str) -> None:
+    """A PassError when ``gm`` is already observed or quantized: ``pass_name`` cannot apply to it; ``order`` says
+    where it belongs (\"prune before quantize\")."""
+    from .modules import quantization_stage
+
+    stage = quantization_stage(gm)
+    if stage is not None:
+        what, node = stage
+        raise PassError(f"[{pass_name}] the module is already {what} (node {node.name!r}), so {pass_name} cannot "
+                        f"apply to it. {order}")
 
 
 class Contract(enum.Enum):
@@ -37,7 +52,8 @@ class PassResult:
 
 
 class Pass:
-    """Base of every pass.  Subclasses set ``name``, ``contract``, ``doc``; options go in ``__init__``."""
+    """Base of every pass.  Subclasses set ``name``, ``contract``, ``doc``; options go in ``__init__``, whose
+    annotations are checked against every value given (``options.typed_init``)."""
 
     name: ClassVar[str]
     contract: ClassVar[Contract]
@@ -45,6 +61,12 @@ class Pass:
     preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid after this pass modifies the graph
     # For EXACT passes: |after - before| <= atol * max|before| + rtol * |before|, elementwise.
     exact_tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-5)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__fxc_typed__", False):
+            cls.__init__ = typed_init(lambda: getattr(cls, "name", cls.__name__), init)
 
     def run(self, ctx: CompileContext) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement run(ctx)")
@@ -56,6 +78,10 @@ class Pass:
         """For BOUNDED passes: the largest allowed max|after - before| / max|before|."""
         raise NotImplementedError(f"{type(self).__name__} is BOUNDED but states no error_bound")
 
+    def bound_hint(self, ctx: CompileContext) -> str:
+        """For BOUNDED passes: what usually makes the error exceed the bound, and what to do (empty: nothing)."""
+        return ""
+
     @classmethod
     def doc(cls) -> str:
         """The first line of the pass module's or class's docstring."""
@@ -64,8 +90,8 @@ class Pass:
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
-        params = inspect.signature(cls.__init__).parameters
-        return tuple(p for p in params if p != "self")
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.option_names()}

@@ -12,6 +12,7 @@ directory is written; the error names the pass and the directory.
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import logging
 import tempfile
@@ -76,7 +77,12 @@ class PassManager:
         if eval_fn is not None and not callable(eval_fn):
             raise InputError(f"eval_fn must be a callable taking the module and returning a float, "
                              f"got {type(eval_fn).__name__}.")
-        inputs = normalize_inputs(example_inputs)
+        inputs = tuple(t.detach().clone() for t in normalize_inputs(example_inputs))  # the caller's stay untouched
+        for what, data in (("calibration_data", calibration_data), ("train_data", train_data)):
+            if isinstance(data, collections.abc.Iterator):
+                raise InputError(f"{what} is a {type(data).__name__}, which can be read only once; the passes read "
+                                 f"it several times (calibration, bias correction, every epoch). Pass a list "
+                                 f"(list(batches)) or a re-iterable loader such as a DataLoader.")
         gm = trace(model, inputs, **trace_options)
         if self.dump is not None:
             self.dump.write_initial(gm)

@@ -8,10 +8,12 @@ traced, a ``TracingError`` names the module, the user's source line and what to 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import logging
+import sys
 import time
 from typing import Any, Iterable, Sequence
 
@@ -20,7 +22,9 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from . import meta
-from .errors import InputError, TracingError, unknown_name_message, user_frame_from_exception
+from .errors import InputError, TracingError, did_you_mean, unknown_name_message, user_frame_from_exception
+from .modules import GRAPH_FUNCTIONS
+from .persist import CompiledModule
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,38 @@ class TraceInfo:
     nodes: int
     leaf_modules: tuple[str, ...]  # asked for by the user
     auto_leaves: dict[str, str]  # qualified name -> why it could not be traced
+    inlined_functions: tuple[str, ...] = ()  # custom autograd.Functions traced through (their backward is lost)
+    copied_inputs: tuple[str, ...] = ()  # inputs the forward modifies in place: the graph copies them first
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64)  # float16/bfloat16 would fail the float32 tolerances of every check
+
+
+class _CustomFunctionCall(Exception):
+    """A submodule's forward called a custom ``torch.autograd.Function`` on traced values."""
+
+
+@contextlib.contextmanager
+def _watch_autograd_functions(tracer: _Tracer):
+    """While tracing, a custom ``torch.autograd.Function`` called inside a submodule makes that submodule an
+    opaque leaf (inlined, its forward would be kept and its backward lost); called from the top-level forward, it is
+    inlined and recorded in ``tracer.inlined`` so that the training passes can refuse the graph."""
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if any(isinstance(a, torch.fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+            if tracer.depth > 0:
+                raise _CustomFunctionCall(f"it calls the custom autograd.Function {cls.__qualname__}, whose backward "
+                                          f"tracing cannot keep")
+            tracer.inlined.append(cls.__qualname__)
+        return original.__func__(cls, *args, **kwargs)
+
+    base.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        base.apply = original
 
 
 class _SubmoduleUntraceable(Exception):
@@ -44,8 +80,10 @@ class _SubmoduleUntraceable(Exception):
 class _Tracer(torch.fx.Tracer):
     # Defaults are needed: unpickling a GraphModule re-creates its tracer class with no arguments.
     def __init__(self, leaves: set[str] | None = None, leaf_types: tuple[type, ...] = ()):
-        super().__init__()
+        super().__init__(autowrap_functions=GRAPH_FUNCTIONS)  # a compiled module traces again as it is
         self.record_stack_traces = True
+        self.depth = 0  # submodule calls being traced through
+        self.inlined: list[str] = []
         self.leaves = leaves if leaves is not None else set()
         self.leaf_types = leaf_types
 
@@ -69,6 +107,7 @@ class _Tracer(torch.fx.Tracer):
             qualname = self.path_of_module(m)
         except NameError:  # not a registered submodule: let fx inline it as it always does
             return super().call_module(m, forward, args, kwargs)
+        self.depth += 1
         try:
             return super().call_module(m, forward, args, kwargs)
         except _SubmoduleUntraceable:
@@ -77,6 +116,8 @@ class _Tracer(torch.fx.Tracer):
             if self.is_leaf_module(m, qualname):
                 raise
             raise _SubmoduleUntraceable(qualname, m, exc) from exc
+        finally:
+            self.depth -= 1
 
 
 class _Proxy(torch.fx.Proxy):
@@ -154,6 +195,7 @@ def trace(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     inputs = normalize_inputs(example_inputs)
+    check_model(model, inputs, concrete_args)
     start = time.perf_counter()
     try:
         root = copy.deepcopy(model)
@@ -179,7 +221,8 @@ def trace(
     for _ in range(len(known) + 1):
         tracer = _Tracer(leaves, types)
         try:
-            graph = tracer.trace(root, concrete_args=concrete_args)
+            with _watch_autograd_functions(tracer):
+                graph = tracer.trace(root, concrete_args=concrete_args)
             break
         except _SubmoduleUntraceable as failure:
             reason = _describe_cause(failure.cause)
@@ -192,7 +235,59 @@ def trace(
     else:  # pragma: no cover - each retry adds a new leaf, so this needs more retries than modules
         raise TracingError(f"cannot trace {type(model).__name__}: retried with every submodule as a leaf.")
 
-    return _finish(model, root, graph, root, inputs, names, auto, start)
+    return _finish(model, root, graph, root, inputs, names, auto, start, tuple(tracer.inlined))
+
+
+def check_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None = None) -> None:
+    """What fxcompress cannot compile, said before it is tried: wrappers (torch.compile, TorchScript), weights
+    without values (meta) or off the CPU, dtypes other than float32, forwards that take no positional inputs,
+    concrete_args naming no argument."""
+    name = type(model).__name__
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        raise InputError(f"{name} is the wrapper torch.compile returns; fxcompress traces the module itself: pass "
+                         f"model._orig_mod (and torch.compile the compressed result if you like).")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(f"{name} is a TorchScript module, which torch.fx cannot trace; pass the original "
+                         f"nn.Module it was scripted from.")
+    for what, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, t in tensors:
+            if t.is_meta:
+                raise InputError(f"{what} {key!r} of {name} is on the meta device (it has no values); load the "
+                                 f"weights first (model.to_empty(device='cpu') and load_state_dict).")
+            if t.device.type != "cpu":
+                raise InputError(f"{what} {key!r} of {name} is on {t.device}; fxcompress compiles on the CPU: "
+                                 f"pass model.cpu() (and CPU example inputs).")
+            if t.is_floating_point() and t.dtype not in FLOAT_DTYPES:
+                raise InputError(f"{what} {key!r} of {name} is {t.dtype}; fxcompress compiles float32 (or float64) "
+                                 f"models, whose passes are checked at that precision: pass model.float() and "
+                                 f"float32 example inputs.")
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers(), *inputs] if t.is_floating_point()}
+    if len(dtypes) > 1:
+        raise InputError(f"{name} mixes floating-point dtypes ({', '.join(sorted(map(str, dtypes)))} among its "
+                         f"parameters, buffers and example inputs); pass model.float() and float32 inputs.")
+    for i, t in enumerate(inputs):
+        if t.device.type != "cpu":
+            raise InputError(f"example input {i} is on {t.device}; pass CPU tensors (x.cpu()).")
+        if t.is_floating_point() and t.dtype not in FLOAT_DTYPES:
+            raise InputError(f"example input {i} is {t.dtype}; fxcompress compiles float32 models: pass x.float() "
+                             f"(and model.float()).")
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required_kw = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if required_kw and not any(p.kind is p.VAR_POSITIONAL for p in params) and len(positional) < len(inputs):
+        raise InputError(f"{name}.forward takes {', '.join(required_kw)} as keyword-only arguments; fxcompress calls "
+                         f"forward with the example inputs by position. Wrap the model in a module whose forward "
+                         f"takes them positionally (def forward(self, x): return self.model(x=x)).")
+    if concrete_args:
+        names = [p.name for p in params]
+        for key in concrete_args:
+            if key not in names:
+                raise InputError(f"concrete_args names {key!r}, which {name}.forward does not take."
+                                 f"{did_you_mean(key, names)} Its arguments: {', '.join(names) or '(none)'}.")
 
 
 def _wrap_leaf_root(module: torch.nn.Module, n_inputs: int) -> tuple[torch.nn.Module, torch.fx.Graph]:
@@ -212,9 +307,10 @@ def _wrap_leaf_root(module: torch.nn.Module, n_inputs: int) -> tuple[torch.nn.Mo
     return holder, graph
 
 
-def _finish(model, root, graph, reference, inputs, names, auto, start) -> torch.fx.GraphModule:
+def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=()) -> torch.fx.GraphModule:
     """The GraphModule over ``root``'s (copied) submodules, checked against ``reference`` on the inputs."""
-    gm = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm = CompiledModule(root, graph, class_name=type(model).__name__)
+    copied = _copy_modified_inputs(gm, inputs)
     # GraphModule makes fresh containers for intermediate paths (training=True); copy every flag by name.
     source = dict(root.named_modules())
     for name, module in gm.named_modules():
@@ -223,12 +319,35 @@ def _finish(model, root, graph, reference, inputs, names, auto, start) -> torch.
         if node.op == "call_module" and node.target in auto:
             node.meta[meta.AUTO_LEAF] = auto[node.target]
     _check_against_model(reference, gm, inputs)
-    info = TraceInfo(time.perf_counter() - start, len(gm.graph.nodes), tuple(sorted(names)), auto)
+    info = TraceInfo(time.perf_counter() - start, len(gm.graph.nodes), tuple(sorted(names)), auto, tuple(inlined),
+                     copied)
     gm.meta[meta.TRACE_INFO] = info
     return gm
 
 
+def _copy_modified_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple[str, ...]:
+    """Make the graph copy every input its forward modifies in place (``x.mul_(2)``), so that running the compiled
+    module never writes to the caller's tensors; returns the names of those inputs."""
+    probe = tuple(t.clone() for t in inputs)
+    versions = [t._version for t in probe]
+    try:
+        with meta.side_effect_free(gm):
+            gm(*probe)
+    except Exception:  # noqa: BLE001 - the check against the model reports a failing graph
+        return ()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    changed = [p for p, t, v in zip(placeholders, probe, versions) if t._version != v]
+    for p in changed:
+        with gm.graph.inserting_after(p):
+            copy_node = gm.graph.call_method("clone", (p,))
+        p.replace_all_uses_with(copy_node, delete_user_cb=lambda user: user is not copy_node)
+    if changed:
+        gm.recompile()
+    return tuple(p.target for p in changed)
+
+
 def run_example(module: torch.nn.Module, inputs: Sequence[torch.Tensor], what: str) -> Any:
+    inputs = tuple(t.clone() for t in inputs)  # a forward may modify its inputs in place: never the caller's
     try:
         with meta.side_effect_free(module):
             return module(*inputs)
@@ -242,7 +361,7 @@ def run_example(module: torch.nn.Module, inputs: Sequence[torch.Tensor], what: s
 def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> None:
     expected = run_example(root, inputs, type(root).__name__)
     try:
-        got = meta.propagate(gm, inputs)
+        got = meta.propagate(gm, tuple(t.clone() for t in inputs))
     except Exception as exc:  # noqa: BLE001
         raise TracingError(f"the traced graph of {type(root).__name__} fails on the example inputs: "
                            f"{_describe_cause(exc)}") from exc

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from fxcompress.pass_base import Pass
 
 from fxcompress.errors import RecipeError
+from fxcompress.options import check_value
 
 from .calibrate import Calibrate
 from .channel_deps import PropagateDependencies
@@ -48,7 +49,8 @@ def _split_options(shorthand: str, options: dict[str, Any], parts: list[type[Pas
     for key, value in options.items():
         owners = [i for i, cls in enumerate(parts) if key in cls.option_names()]
         if not owners:
-            valid = sorted({o for cls in parts for o in cls.option_names()})
+            valid = sorted({o for cls in parts for o in cls.option_names()} | ({"fold_bn"} if shorthand == "quantize"
+                                                                               else set()))
             raise RecipeError(f"recipe shorthand {shorthand!r} has no option {key!r}. "
                               f"Valid options: {', '.join(valid)}.")
         buckets[owners[0]][key] = value
@@ -61,8 +63,12 @@ def prune(options: dict[str, Any]) -> list[Pass]:
 
 
 def quantize(options: dict[str, Any]) -> list[Pass]:
-    """``quantize`` = insert_observers + calibrate + lower_quantized."""
-    return _split_options("quantize", options, [InsertObservers, Calibrate, LowerQuantized])
+    """``quantize`` = fold_bn + insert_observers + calibrate + lower_quantized (``fold_bn=false`` keeps BatchNorm)."""
+    options = dict(options)
+    fold = options.pop("fold_bn", True)
+    check_value("quantize", "fold_bn", fold, bool)
+    passes = _split_options("quantize", options, [InsertObservers, Calibrate, LowerQuantized])
+    return [FoldBatchNorm(), *passes] if fold else passes
 
 
 def low_rank(options: dict[str, Any]) -> list[Pass]:

@@ -5,8 +5,8 @@
 Every batch of ``calibration_data`` is checked against the example inputs (count, dtype, shape after the batch
 axis, finite values): a bad batch is an ``InputError`` naming the batch and the input.  Consecutive batches are
 concatenated up to ``batch_size`` samples per forward (statistics do not depend on how samples are grouped; large
-forwards are much faster than many small ones).  ``max_samples`` stops early.  A progress bar (tqdm) shows on a
-terminal; ``progress=False`` hides it.
+forwards are much faster than many small ones).  ``max_samples`` stops early.  Progress shows as a tqdm bar on a
+terminal and as a line every 30 s in logs (``fxcompress.progress``); ``progress=False`` hides it.
 
 Requires: ``quant_plan`` (insert_observers).  Contract: EXACT (the graph is not changed; observers record).
 Stats: batches, samples, seconds (forwards and threshold search), peak memory growth, clipped sites.
@@ -20,12 +20,12 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
-from tqdm import tqdm
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, PassError, RecipeError
 from fxcompress.modules import Observer
+from fxcompress.progress import progress
 from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .insert_observers import HOLDER, PLAN
@@ -90,10 +90,26 @@ def checked_batches(data: Iterable | None, example_inputs: tuple, names: list[st
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 bad = int((~torch.isfinite(x)).sum())
                 raise InputError(f"{where} contains {bad} NaN/Inf values; calibration needs finite data.")
+            if count == 0 and x.is_floating_point():
+                _check_scale(where, x, ex)
         count += 1
-        yield tuple(inputs)
+        yield tuple(x.clone() for x in inputs)  # the model may write to its inputs: never to the caller's batches
     if count == 0:
         raise InputError("[calibrate] calibration_data is empty: it yielded no batch.")
+
+
+SCALE_RATIO = 30.0  # calibration data this many times larger or smaller than the example inputs is a mistake
+
+
+def _check_scale(where: str, x: torch.Tensor, example: torch.Tensor) -> None:
+    """Calibration data on another scale than the example inputs (images in 0..255 for a model traced on
+    normalised ones) would give scales that fit neither: an InputError naming both ranges."""
+    got, want = float(x.abs().max()), float(example.abs().max())
+    if got > 0 and want > 0 and not 1 / SCALE_RATIO <= got / want <= SCALE_RATIO:
+        raise InputError(f"{where} reaches |x| = {got:.4g}, the example input {want:.4g}: a factor of "
+                         f"{max(got / want, want / got):.0f} apart. Calibration data must be preprocessed as the model's "
+                         f"inputs are (same normalisation); if it is, trace with an example drawn from it "
+                         f"(example_inputs = the first calibration batch).")
 
 
 def calibration_batches(ctx: CompileContext) -> Iterator[tuple]:
@@ -154,8 +170,7 @@ class Calibrate(Pass):
         batches = samples = 0
         total = len(ctx.calibration_data) if hasattr(ctx.calibration_data, "__len__") else None
         with torch.no_grad(), forward_layout(gm, ctx.example_inputs, self.channels_last) as layout, \
-                tqdm(total=total, unit="batch", desc="calibrate", disable=self.progress is False
-                     if self.progress is not None else None, leave=False) as bar:
+                progress(total, "calibrate", "batch", self.progress) as bar:
             for inputs, n in grouped(calibration_batches(ctx), self.batch_size):
                 gm(*(layout(t) for t in inputs))
                 batches, samples = batches + n, samples + inputs[0].shape[0]

@@ -32,7 +32,7 @@ import torch.fx
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 
 from .channel_rules import Identity, Relations, Space, rule_for
 from .channel_spaces import lookup
@@ -169,6 +169,7 @@ class ChannelGraph:
             pairs_b.append(self.units[factor][(e // f.stride) % f.size])
         self.controlled = torch.zeros(self.n_units, dtype=torch.bool)
         self.cycle_units = torch.zeros(self.n_units, dtype=torch.bool)
+        self.regrouped_units = self._regrouped()
         if not pairs_a:
             self.ctrl = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
             return
@@ -194,6 +195,23 @@ class ChannelGraph:
         self.cycle_units[a[~keep]] = True
         pairs = torch.unique(torch.stack([a[keep], b[keep]]), dim=1)
         self.ctrl = (pairs[0], pairs[1])
+
+    def _regrouped(self) -> torch.Tensor:
+        """Units that two views split into factors differently (ShuffleNet's shuffled channels, which the next
+        block's concat and shuffle regroup): removing them through either view's factors would leave the other view
+        with uneven factors, so they are left whole (with their controllers).  Views that split the same units the
+        same way agree."""
+        structure: dict[Space, list] = collections.defaultdict(list)
+        for merged, _, f in self.rel.factor_edges:
+            structure[merged].append((f.stride, f.size))
+        signature = {m: (tuple(sorted(s)), tuple(self.units[m].tolist())) for m, s in structure.items()}
+        seen: dict[int, tuple] = {}
+        out = torch.zeros(self.n_units, dtype=torch.bool)
+        for m, sig in signature.items():
+            for u in sig[1]:
+                if seen.setdefault(u, sig) != sig:
+                    out[u] = True
+        return out
 
     def push_to_controllers(self, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         """Per-unit values with each controlled unit's value added (or or-ed) into its controllers."""
@@ -223,7 +241,7 @@ class ChannelGraph:
         inexact = torch.zeros(n, dtype=torch.bool)
         for s in self.rel.fixed_spaces:
             barred[self.units[s]] = True
-        barred |= self.cycle_units
+        barred |= self.cycle_units | self.regrouped_units
         for s in self.rel.inexact_spaces:
             inexact[self.units[s]] = True
         barred = self.push_to_controllers(barred, "or")
@@ -237,6 +255,10 @@ class ChannelGraph:
         inexact_reasons = collections.defaultdict(set)
         for s, why in self.rel.fixed_spaces.items():
             reasons[self.component[s]].add(why)
+        for s, c in self.component.items():
+            if bool(self.regrouped_units[self.units[s]].any()):
+                reasons[c].add("channels that two views group differently (a channel shuffle whose halves are "
+                               "concatenated and shuffled again)")
         for s, why in self.rel.inexact_spaces.items():
             inexact_reasons[self.component[s]].add(why)
         for merged, factor, _ in self.rel.factor_edges:  # reasons reach controllers through products
@@ -480,7 +502,22 @@ def build_relations(gm: torch.fx.GraphModule) -> Relations:
                 r.barrier(f"{what}: its rule could not read this call ({type(exc).__name__}: {exc})")
                 continue
             _fix_untouched(r, [x for x in tensors_in if meta.tensor_info(x) is not None] + [node], what)
+    _tie_aliases(r, gm)
     return r
+
+
+def _tie_aliases(r: Relations, gm: torch.fx.GraphModule) -> None:
+    """A tensor held under several names (an embedding tied to the output layer) is one tensor: each of its dims is
+    one channel space under every name, so that pruning removes the same channels at all of its uses."""
+    names: dict[int, list[str]] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    r.node = None
+    for group in names.values():
+        for d in range(max((len(lookup(gm, n).shape) for n in group), default=0)):
+            spaces = [("@" + n, d) for n in group if ("@" + n, d) in r.sizes]
+            for a, b in zip(spaces, spaces[1:]):
+                r.equal(a, b)
 
 
 def _has_tensor(node: torch.fx.Node) -> bool:
@@ -520,6 +557,9 @@ def channel_graph(ctx: CompileContext, attention: str = "dims") -> ChannelGraph:
     return ctx.analysis(ANALYSIS, build)
 
 
+PRUNE_ORDER = 'Prune before quantizing: [{"pass": "prune", ...}, {"pass": "quantize"}].'
+
+
 class PropagateDependencies(Pass):
     """Channel-dependency propagation: groups of channels that must be removed together."""
 
@@ -533,6 +573,7 @@ class PropagateDependencies(Pass):
         self.attention = attention
 
     def run(self, ctx: CompileContext) -> PassResult:
+        refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
         ctx.analyses.pop(ANALYSIS, None)
         cg = channel_graph(ctx, self.attention)
         groups = cg.groups

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import user_frame_from_stack_trace
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 SKIP_REASONS = ("skipped_multi_user", "skipped_shared_module", "skipped_training_bn", "skipped_no_running_stats",
@@ -175,6 +175,8 @@ class FoldBatchNorm(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
+        refuse_quantized(gm, self.name, "Fold BatchNorm before quantizing (quantize folds it first unless "
+                                        "fold_bn=false).")
         calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         stats = {"bn_seen": 0, "bn_folded": 0} | {k: 0 for k in SKIP_REASONS}
         notes = []

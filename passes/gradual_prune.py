@@ -23,7 +23,6 @@ schedule (sparsity at each update).
 """
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn as nn
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
+from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import PassResult
 
 from . import training
@@ -59,7 +59,7 @@ class GradualPrune(training.TrainingPass):
 
     def __init__(self, target: float = 0.5, granularity: str = "channel", initial: float = 0.0, start: float = 0.0,
                  end: float = 0.75, frequency: int | None = None, criterion: str = "l1", scope: str = "local",
-                 exclude: list | tuple = (), round_to: int = 1, **loop: Any):
+                 exclude: str | list[str] | tuple[str, ...] = (), round_to: int = 1, **loop: Any):
         self.set_loop(loop)
         if self.patience is not None:
             raise RecipeError("gradual_prune: patience is not available (the sparsity changes while it trains, so "
@@ -82,7 +82,7 @@ class GradualPrune(training.TrainingPass):
             raise RecipeError(f"gradual_prune: criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}.")
         self.target, self.granularity, self.initial, self.start, self.end = target, granularity, initial, start, end
         self.frequency, self.criterion, self.scope, self.round_to = frequency, criterion, scope, round_to
-        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.exclude = as_patterns(self.name, "exclude", exclude)
 
     def run(self, ctx: CompileContext) -> PassResult:
         training.refuse_quantized(ctx.gm, self.name)
@@ -90,6 +90,7 @@ class GradualPrune(training.TrainingPass):
             raise PassError("[gradual_prune] channel granularity needs the dependency groups: run "
                             "propagate_dependencies first (and remove_channels after, to delete the channels).")
         loss_fn = training.loss_function(self.loss, self.name)
+        check_patterns(self.name, "exclude", self.exclude, [n for n, _ in ctx.gm.named_modules() if n])
         layers = self._level_layers(ctx.gm) if self.granularity == "level" else []
         history: list[float] = []
 
@@ -144,7 +145,7 @@ class GradualPrune(training.TrainingPass):
 
     def _level_layers(self, gm: nn.Module) -> list[tuple[str, nn.Module]]:
         layers = [(name, m) for name, m in gm.named_modules() if isinstance(m, _WEIGHTED)
-                  and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
+                  and not any(matches(name, p) for p in self.exclude)]
         if not layers:
             raise PassError("[gradual_prune] level granularity found no Conv/Linear weight to sparsify "
                             "(all excluded, or none in the model).")

@@ -19,13 +19,15 @@ Skips (named in the notes): ops no rule quantizes (their weights stay float), un
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import PassError, RecipeError
+from fxcompress.errors import InputError, RecipeError
 from fxcompress.modules import Observer
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.options import as_patterns, check_patterns
+from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 
 from .quant_plan import Options, plan_quantization
 from .quant_spec import METHODS
@@ -50,7 +52,7 @@ class InsertObservers(Pass):
     def __init__(self, activation_observer: str = "kl_tolerance", tolerance: float = 1.3, per_channel: bool = True,
                  bits: int = 8, weight_bits: int | None = None, activation_bits: int | None = None,
                  unsigned_after_relu: bool = True, quantize_add_inputs: bool = False, percentile: float = 99.999,
-                 bins: int = 2048, exclude: list | tuple | str = (), mode: str = "static"):
+                 bins: int = 2048, exclude: str | list[str] | tuple[str, ...] = (), mode: str = "static"):
         if activation_observer not in METHODS:
             raise RecipeError(f"insert_observers: activation_observer must be one of {', '.join(METHODS)}, "
                               f"got {activation_observer!r}.")
@@ -66,7 +68,7 @@ class InsertObservers(Pass):
         self.activation_bits = _bits(activation_bits, "activation_bits") if activation_bits is not None else None
         self.unsigned_after_relu, self.quantize_add_inputs = unsigned_after_relu, quantize_add_inputs
         self.percentile, self.bins = float(percentile), int(bins)
-        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.exclude = as_patterns(self.name, "exclude", exclude)
         if mode not in ("static", "dynamic"):
             raise RecipeError(f"insert_observers: mode must be 'static' or 'dynamic', got {mode!r}.")
         self.mode = mode
@@ -79,8 +81,13 @@ class InsertObservers(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
-        if hasattr(gm, HOLDER):
-            raise PassError(f"[{self.name}] the module already has observers ({HOLDER!r}); quantize it once.")
+        refuse_quantized(gm, self.name, "Quantize a model once; to change the quantization, compile the float "
+                                        "model again with the new options.")
+        check_patterns(self.name, "exclude", self.exclude, [n for n, _ in gm.named_modules() if n])
+        wide = next((k for k, t in [*gm.named_parameters(), *gm.named_buffers()] if t.dtype == torch.float64), None)
+        if wide is not None or any(t.dtype == torch.float64 for t in ctx.example_inputs):
+            raise InputError(f"[{self.name}] the model computes in float64 ({wide or 'its inputs'}); quantization "
+                             f"simulates ONNX Runtime's float32 arithmetic. Compile model.float() with float32 inputs.")
         plan = plan_quantization(gm, self.plan_options())
         ctx.plans[PLAN] = plan
         nodes = {n.name: n for n in gm.graph.nodes}

@@ -52,7 +52,8 @@ from fxcompress.context import CompileContext
 from fxcompress.counting import totals
 from fxcompress.errors import InputError, RecipeError, did_you_mean
 from fxcompress.instruments import sqnr_db
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.options import as_patterns, check_patterns, matches
+from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 
 from .calibrate import calibration_batches
 
@@ -147,7 +148,7 @@ class LowRankSVD(Pass):
 
     def __init__(self, energy: float | None = None, rank_ratio: float | None = None, target: float | None = None,
                  target_metric: str = "macs", ranks: dict[str, int] | None = None, data_aware: bool = False,
-                 max_samples: int = 512, exclude: tuple[str, ...] | list[str] = ()):
+                 max_samples: int = 512, exclude: str | list[str] | tuple[str, ...] = ()):
         given = [k for k, v in (("energy", energy), ("rank_ratio", rank_ratio), ("target", target), ("ranks", ranks))
                  if v is not None]
         if len(given) > 1:
@@ -164,15 +165,17 @@ class LowRankSVD(Pass):
             raise RecipeError(f"low_rank_svd: target_metric must be 'macs' or 'params', got {target_metric!r}.")
         if not isinstance(max_samples, int) or max_samples < 1:
             raise RecipeError(f"low_rank_svd: max_samples must be a positive integer, got {max_samples!r}.")
-        if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
-            raise RecipeError("low_rank_svd: exclude must be a list of module names.")
         self.energy = 0.95 if not given else energy
         self.rank_ratio, self.target, self.target_metric = rank_ratio, target, target_metric
         self.ranks = dict(ranks) if ranks is not None else None
-        self.data_aware, self.max_samples, self.exclude = bool(data_aware), max_samples, tuple(exclude)
+        self.data_aware, self.max_samples = bool(data_aware), max_samples
+        self.exclude = as_patterns(self.name, "exclude", exclude)
 
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
+        refuse_quantized(gm, self.name, "Factorize before quantizing: [{\"pass\": \"low_rank\", ...}, "
+                                        "{\"pass\": \"quantize\"}].")
+        check_patterns(self.name, "exclude", self.exclude, [n for n, _ in gm.named_modules() if n])
         found, skipped = candidates(gm, self.exclude)
         plain = self._whiten(ctx, found) if self.data_aware and found else []
         for c in found:
@@ -309,7 +312,7 @@ def candidates(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> tuple
     for name, nodes in calls.items():
         m = gm.get_submodule(name)
         reason = None
-        if any(name == e or name.startswith(e + ".") for e in exclude):
+        if any(matches(name, e) for e in exclude):
             reason = "excluded"
         elif isinstance(m, _ConvTransposeNd):
             reason = "transposed (ConvTranspose is not factorized)"

@@ -21,7 +21,6 @@ its quantized value.  Ops the tables do not know are float; those with weights o
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import operator
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxcompress import counting, meta
+from fxcompress.options import matches
 
 from .channel_spaces import _arg
 from .quant_spec import QuantSpec
@@ -197,7 +197,7 @@ class Planner:
         if target is None and node.op == "call_function":
             w = _arg(node, 1, "weight")
             target = w.target.rsplit(".", 1)[0] if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
-        return target is not None and any(fnmatch.fnmatchcase(target, p) for p in self.o.exclude)
+        return target is not None and any(matches(target, p) for p in self.o.exclude)
 
     def demand(self, node: Any, reason: str) -> None:
         """``node``'s value must be quantized; a pass-through op hands the demand on to its inputs."""

@@ -71,6 +71,8 @@ def threshold(spec: QuantSpec, hist: Histogram) -> float:
     Levels per side of zero: an unsigned spec has all 2^bits on [0, T]; a signed one, and an affine one whose
     data has both signs, 2^(bits-1) (an affine spec over non-negative data is unsigned in effect).
     """
+    if max(abs(hist.min), abs(hist.max)) == 0:
+        return 0.0  # the tensor was zero on every sample: a zero range, quantized exactly
     hist = hist.resampled(spec.bins)
     levels = spec.levels
     if not spec.symmetric:
@@ -97,15 +99,21 @@ def qparams(spec: QuantSpec, cal: MinMax | Histogram) -> tuple[torch.Tensor, tor
         lo = torch.tensor(max(cal.min, -t), dtype=torch.float64)
         hi = torch.tensor(min(cal.max, t), dtype=torch.float64)
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    tiny = torch.finfo(torch.float32).tiny
     if spec.symmetric:
         amax = torch.maximum(-lo, hi)  # [-amax, amax] onto [-qmax, qmax] (signed) or [0, amax] onto [0, qmax]
-        scale = (amax / spec.qmax).clamp(min=tiny)
+        scale = _nonzero(amax / spec.qmax)
         zero = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=tiny)
+        scale = _nonzero((hi - lo) / (spec.qmax - spec.qmin))
         zero = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax).to(torch.int32)
     return scale.float(), zero
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """A zero range (a tensor, or a weight channel, that is zero everywhere) gets scale 1, as ONNX Runtime's
+    quantizer gives it: zero stays exact, and no multiplier or bias step underflows (a scale of float32's tiny made
+    the requantization multiplier of the next layer overflow to infinity)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def hist_empty(h: Histogram) -> bool:

@@ -25,9 +25,9 @@ from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
 from fxcompress.modules import PrunedMultiheadAttention
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 
-from .channel_deps import ANALYSIS, ChannelGraph
+from .channel_deps import ANALYSIS, PRUNE_ORDER, ChannelGraph
 from .channel_rules import Space
 from .channel_spaces import index_items, lookup, slice_start
 from .select_channels import PLAN, PruningPlan
@@ -62,6 +62,7 @@ class RemoveChannels(Pass):
         self.mode = mode
 
     def run(self, ctx: CompileContext) -> PassResult:
+        refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
         cg: ChannelGraph = ctx.analyses[ANALYSIS]
         plan: PruningPlan = ctx.plans[PLAN]
         removed = torch.zeros(cg.n_units, dtype=torch.bool)
@@ -122,14 +123,34 @@ class RemoveChannels(Pass):
             if s in positions:
                 per_target.setdefault(p.target, []).append((p.dim, positions[s]))
         old_modules = {}
+        aliases = _aliases(gm)
+        done: dict[int, tuple] = {}  # id of a tensor -> its cuts: a tied tensor is cut once, the same way everywhere
+        originals = {target: getattr(*_owner(gm, target)) for target in per_target}
         for target, cuts in per_target.items():
             owner, attr = _owner(gm, target)
-            t = getattr(owner, attr)
-            old_modules.setdefault(target.rpartition(".")[0], _snapshot(owner))
+            t = originals[target]
+            key = tuple(sorted((d, tuple(p.tolist())) for d, p in cuts))
+            names = aliases.get(id(t), [target])
+            if id(t) in done:
+                if done[id(t)] != key:
+                    raise PassError(f"[remove_channels] {' and '.join(names)} are one tied tensor, and its uses "
+                                    f"would lose different channels; exclude one of those modules from pruning.")
+                continue
+            done[id(t)] = key
+            uncut = [n for n in names if n not in per_target]
+            if uncut:
+                raise PassError(f"[remove_channels] {target} is tied to {', '.join(uncut)}, whose uses keep every "
+                                f"channel; pruning would untie them. Exclude {target.rpartition('.')[0] or target} "
+                                f"from pruning.")
             new = t.detach()
             for dim, pos in cuts:
                 new = new.index_select(dim, _keep(new.shape[dim], pos))
-            _set(owner, attr, t, new.contiguous())
+            new = _set(owner, attr, t, new.contiguous())
+            for name in names:
+                other_owner, other_attr = _owner(gm, name)
+                old_modules.setdefault(name.rpartition(".")[0], _snapshot(other_owner))
+                if other_owner is not owner or other_attr != attr:
+                    _set(other_owner, other_attr, t, new, made=new)
         for s, g in cg.rel.grouped_inputs.items():
             if s in positions:
                 m = gm.get_submodule(g.module)
@@ -161,19 +182,34 @@ def _update_meta(gm: torch.fx.GraphModule, new_size: dict[Space, int]) -> None:
             node.meta[meta.TENSOR] = resize(node.name, info)
         elif type(info) in (tuple, list):
             node.meta[meta.TENSOR] = type(info)(resize(f"{node.name}.{i}", t) for i, t in enumerate(info))
-        elif isinstance(info, meta.ValueInfo) and info.type_name == "Size" and node.op == "call_function":
+        elif isinstance(info, meta.ValueInfo) and info.type_name == "Size" and (
+                node.op == "call_function" or node.op == "call_method" and len(node.args) == 1 and not node.kwargs):
             src = node.args[0]
             if isinstance(src, torch.fx.Node) and isinstance(src.meta.get(meta.TENSOR), meta.TensorInfo):
                 node.meta[meta.TENSOR] = meta.ValueInfo("Size", src.meta[meta.TENSOR].shape)
 
 
-def _set(owner: nn.Module, attr: str, old: torch.Tensor, new: torch.Tensor) -> None:
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+def _aliases(gm: nn.Module) -> dict[int, list[str]]:
+    """Tensors held under several names (tied parameters): id -> every name."""
+    names: dict[int, list[str]] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _set(owner: nn.Module, attr: str, old: torch.Tensor, new: torch.Tensor,
+         made: torch.Tensor | None = None) -> torch.Tensor:
+    """Put ``new`` (a Parameter like ``old`` when it was one) in place of ``old``; ``made``: the object already made
+    for a tied tensor.  Returns the object set."""
+    if made is None:
+        made = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    if isinstance(made, nn.Parameter):
+        setattr(owner, attr, made)
     elif attr in owner._buffers:
-        owner._buffers[attr] = new
+        owner._buffers[attr] = made
     else:
-        setattr(owner, attr, new)
+        setattr(owner, attr, made)
+    return made
 
 
 def _snapshot(m: nn.Module) -> dict:

@@ -22,7 +22,6 @@ Requires: channel_groups.  Contract: EXACT (plans only; the module is not touche
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from typing import Callable
 
@@ -32,9 +31,10 @@ import torch.fx
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, did_you_mean
-from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.options import as_patterns, check_patterns, matches
+from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 
-from .channel_deps import ANALYSIS, ChannelGraph, ChannelGroup
+from .channel_deps import ANALYSIS, PRUNE_ORDER, ChannelGraph, ChannelGroup
 from .channel_spaces import lookup
 
 PLAN = "pruning_plan"
@@ -336,9 +336,9 @@ class SelectChannels(Pass):
     contract = Contract.EXACT
     requires = (ANALYSIS,)
 
-    def __init__(self, criterion: str = "l1", ratio: float | dict = 0.5, scope: str = "local", round_to: int = 1,
-                 exclude: list | tuple = (), min_channels: int = 1, calibration_batches: int = 8, seed: int = 0,
-                 loss: Callable | None = None):
+    def __init__(self, criterion: str = "l1", ratio: float | dict[str, float] = 0.5, scope: str = "local",
+                 round_to: int = 1, exclude: str | list[str] | tuple[str, ...] = (), min_channels: int = 1,
+                 calibration_batches: int = 8, seed: int = 0, loss: Callable | None = None):
         if criterion not in CRITERIA:
             raise RecipeError(f"select_channels: unknown criterion {criterion!r}.{did_you_mean(criterion, CRITERIA)}"
                               f" Valid criteria: {', '.join(CRITERIA)}.")
@@ -353,37 +353,39 @@ class SelectChannels(Pass):
             raise RecipeError("select_channels: a per-module ratio dict needs scope='local'.")
         if not isinstance(round_to, int) or round_to < 1 or not isinstance(min_channels, int) or min_channels < 1:
             raise RecipeError("select_channels: round_to and min_channels must be integers >= 1.")
-        if isinstance(exclude, str):
-            exclude = [exclude]
+        if isinstance(ratio, dict):
+            as_patterns(self.name, "ratio", list(ratio))
         self.criterion, self.ratio, self.scope, self.round_to = criterion, ratio, scope, round_to
-        self.exclude, self.min_channels = tuple(exclude), min_channels
+        self.exclude, self.min_channels = as_patterns(self.name, "exclude", exclude), min_channels
         self.calibration_batches, self.seed, self.loss = calibration_batches, seed, loss
 
     def _ratio_for(self, grp: ChannelGroup) -> float:
         if not isinstance(self.ratio, dict):
             return float(self.ratio)
         for pattern, r in self.ratio.items():
-            if any(fnmatch.fnmatchcase(m, pattern) for m in grp.modules or (grp.name,)):
+            if any(matches(m, pattern) for m in grp.modules or (grp.name,)):
                 return float(r)
         return 0.0
 
     def run(self, ctx: CompileContext) -> PassResult:
+        refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
         cg: ChannelGraph = ctx.analyses[ANALYSIS]
-        modules = {name for name, _ in ctx.gm.named_modules()}
-        for pattern in self.exclude:
-            if not any(fnmatch.fnmatchcase(m, pattern) for m in modules):
-                raise RecipeError(f"select_channels: exclude pattern {pattern!r} matches no module."
-                                  f"{did_you_mean(pattern, sorted(modules))}")
+        modules = {name for name, _ in ctx.gm.named_modules() if name}
+        check_patterns(self.name, "exclude", self.exclude, modules)
+        if isinstance(self.ratio, dict):
+            check_patterns(self.name, "ratio", self.ratio, modules)
         opts = {"seed": self.seed, "loss": self.loss, "calibration_batches": self.calibration_batches}
         scores = SCORERS[self.criterion](cg, ctx, opts)
         candidates, excluded = [], 0
         for grp in cg.groups:
             if grp.n_prunable == 0 or grp.size < 2:
                 continue
-            if any(fnmatch.fnmatchcase(m, p) for m in grp.modules for p in self.exclude):
+            if any(matches(m, p) for m in grp.modules for p in self.exclude):
                 excluded += 1
                 continue
             candidates.append(grp)
+        if isinstance(self.ratio, dict):
+            self._check_ratio_patterns(cg, candidates)
         counts, thresholds = self._counts(candidates, scores)
         removed = {g.name: tuple(_pick(g, scores[g.units], counts[g.id]).tolist()) for g in candidates}
         _keep_every_space(cg, candidates, removed, scores)
@@ -404,6 +406,17 @@ class SelectChannels(Pass):
         notes = [f"group {g.name}: inexact removal ({g.inexact[0]})" for g in candidates
                  if g.inexact and removed.get(g.name)]
         return PassResult(modified=False, stats=stats, notes=tuple(notes))
+
+    def _check_ratio_patterns(self, cg: ChannelGraph, candidates: list[ChannelGroup]) -> None:
+        """A ratio pattern that reaches no prunable group would prune nothing: say which groups it names."""
+        for pattern in self.ratio:
+            if any(matches(m, pattern) for g in candidates for m in g.modules or (g.name,)):
+                continue
+            named = [g for g in cg.groups if any(matches(m, pattern) for m in g.modules or (g.name,))]
+            why = "; ".join(f"group {g.name}: {(g.fixed or ('excluded',))[0]}" for g in named[:3]) or \
+                "no channel group has a member there"
+            raise RecipeError(f"{self.name}: ratio pattern {pattern!r} matches no prunable group ({why}), so it "
+                              f"would prune nothing. Name the layers whose output channels you want removed.")
 
     def _counts(self, groups: list[ChannelGroup], scores: torch.Tensor) -> tuple[dict[int, int], dict[str, float]]:
         counts, thresholds = {}, {}

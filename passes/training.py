@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import typing
 from typing import Any, Callable, Iterator
 
 import torch
@@ -22,11 +23,14 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize
-from tqdm import tqdm
 
+from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, PassError, RecipeError
+from fxcompress.options import check_value
 from fxcompress.pass_base import Contract, Pass
+from fxcompress.progress import progress
+from fxcompress.pass_base import refuse_quantized as core_refuse
 
 from .remove_channels import MASKS
 
@@ -36,7 +40,6 @@ WEIGHT_MASKS = "weight_masks"  # ctx.plans key: {parameter target: 0/1 mask of i
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
-_QUANTIZED = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine)
 
 
 def train_batches(ctx: CompileContext, pass_name: str) -> Iterator[tuple[tuple, Any]]:
@@ -66,7 +69,7 @@ def train_batches(ctx: CompileContext, pass_name: str) -> Iterator[tuple[tuple, 
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise InputError(f"[{pass_name}] train_data batch {i}, input {j} contains NaN/Inf values.")
         count += 1
-        yield inputs, target
+        yield tuple(x.clone() for x in inputs), target  # a forward (a teacher's) may write to its inputs
     if count == 0:
         raise InputError(f"[{pass_name}] train_data is empty: it yielded no batch.")
 
@@ -111,15 +114,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def refuse_quantized(gm: torch.fx.GraphModule, pass_name: str) -> None:
-    from fxcompress.modules import Observer
-
-    if any(isinstance(m, Observer) for m in gm.modules()):
-        raise PassError(f"[{pass_name}] the module holds quantization observers; run {pass_name} before "
-                        f"insert_observers (or quantize).")
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _QUANTIZED:
-            raise PassError(f"[{pass_name}] the module is already quantized (node {node.name!r}); run {pass_name} "
-                            f"before quantize, or train the quantized model with qat.")
+    core_refuse(gm, pass_name, f"Run {pass_name} before insert_observers (or quantize), or train the quantized model "
+                               f"with qat between calibrate and lower_quantized.")
 
 
 class Masks:
@@ -177,17 +173,23 @@ def evaluate(ctx: CompileContext) -> float | None:
     finally:
         ctx.gm.train(training)
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise InputError(f"eval_fn returned {type(value).__name__}; it must return a number "
                          f"(higher is better).") from None
+    if not math.isfinite(number):
+        raise InputError(f"eval_fn returned {number}; it must return a finite number (higher is better). A NaN "
+                         f"would make every comparison false and the training silently discarded.")
+    return number
 
 
-def parameters(gm: nn.Module) -> list[nn.Parameter]:
-    """The floating-point parameters, set to require gradients."""
-    params = [p for p in gm.parameters() if p.is_floating_point()]
-    for p in params:
-        p.requires_grad_(True)
+def parameters(gm: nn.Module, pass_name: str) -> list[nn.Parameter]:
+    """The floating-point parameters that require gradients: parameters the user froze stay frozen."""
+    params = [p for p in gm.parameters() if p.is_floating_point() and p.requires_grad]
+    if not params and any(p.is_floating_point() for p in gm.parameters()):
+        raise InputError(f"[{pass_name}] every parameter of the model is frozen (requires_grad=False), so there is "
+                         f"nothing to train. Unfreeze the parameters to train (p.requires_grad_(True)) before "
+                         f"compiling.")
     return params
 
 
@@ -279,6 +281,9 @@ class TrainingPass(Pass):
         if unknown:
             raise RecipeError(f"{self.name}: unknown option {unknown[0]!r}. Valid options: "
                               f"{', '.join(self.option_names())}.")
+        hints = typing.get_type_hints(Loop)
+        for key, value in options.items():
+            check_value(self.name, key, value, hints[key])
         values = LOOP_DEFAULTS | defaults | options
         for key, value in values.items():
             setattr(self, key, value)
@@ -304,6 +309,12 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
     scores better (best_epoch 0).
     """
     gm = ctx.gm
+    info = gm.meta.get(meta.TRACE_INFO)
+    if info is not None and info.inlined_functions:
+        raise PassError(f"[{pass_name}] the model's forward calls the custom autograd.Function "
+                        f"{', '.join(info.inlined_functions)} directly; tracing inlined its forward and lost its "
+                        f"backward, so training would compute wrong gradients. Call it from a submodule (which "
+                        f"fxcompress keeps opaque, backward included) or keep that code out of the traced forward.")
     rank, size = world()
     read = epoch_batches or (lambda epoch: list(train_batches(ctx, pass_name)))
     batches = read(0)
@@ -316,8 +327,8 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
         best, best_state = evaluate(ctx), copy.deepcopy(gm.state_dict())
         stats["eval_before"] = round(best, 6)
     with seeded(loop.seed):
-        params = parameters(gm)
-        extra_params = [] if extra is None else parameters(extra)
+        params = parameters(gm, pass_name)
+        extra_params = [] if extra is None else parameters(extra, pass_name)
         opt = optimizer(loop.optimizer, params + extra_params, loop.lr, loop.weight_decay, loop.momentum)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _restarted(loop.schedule, total, restart))
         model: nn.Module = gm
@@ -327,9 +338,8 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
             model = DistributedDataParallel(gm, broadcast_buffers=False)
         masks.apply()
         gm.train()
-        bar = tqdm(total=total, unit="step", desc=pass_name, leave=False,
-                   disable=(loop.progress is False or rank > 0) if loop.progress is not None or rank > 0 else None)
-        try:
+        shown = False if rank > 0 else loop.progress
+        with progress(total, pass_name, "step", shown) as bar:
             for epoch in range(loop.epochs):
                 if epoch > 0:
                     batches = read(epoch)
@@ -368,8 +378,6 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
                     stale += 1
                 if (loop.patience is not None and stale >= loop.patience) or steps >= total:
                     break
-        finally:
-            bar.close()
             gm.eval()
     stopped_early = loop.patience is not None and stale >= loop.patience
     if best_state is not None and best_epoch != len(stats["epoch_loss"]):

@@ -135,7 +135,8 @@ def test_bare_module_factory_needs_input_shape(recipe, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["compress", "resnet19", "--recipe", "x.toml"], "Did you mean 'resnet18'"),
     (["compress", "zoo:small_resnet", "--recipe", "missing.toml"], "does not exist"),
-    (["inspect", "no_such_module:factory"], "cannot load"),
+    (["inspect", "no_such_module:factory"], "cannot import module 'no_such_module'"),
+    (["inspect", "torch.nn:Linear"], "factory is called with no arguments"),
 ])
 def test_errors_are_one_line_messages(argv, message, capsys):
     assert main(argv) == 2

@@ -111,9 +111,9 @@ def test_kd_loss_is_t_squared_kl_and_zero_on_equal_outputs():
     ({"alpha": 1.5}, "alpha must be in"),
     ({"variant": "self", "epochs": 1}, "needs epochs >= 2"),
     ({"variant": "self", "epochs": 4, "self_epochs": 4}, "self_epochs must be"),
-    ({"features": "layer1"}, "features must be a list"),
+    ({"features": "layer1"}, "features. must be a list"),
     ({"features": [["a", "b", "c"]]}, "each features entry"),
-    ({"teacher": "resnet"}, "teacher must be an nn.Module"),
+    ({"teacher": "resnet"}, "teacher. must be a Module"),
 ])
 def test_bad_options_are_recipe_errors(options, match):
     with pytest.raises(RecipeError, match=match):

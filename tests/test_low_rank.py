@@ -177,7 +177,8 @@ def test_excluded_layers_stay_and_model_is_untouched():
     ({"target": 0.0}, "target"),
     ({"target": 0.5, "target_metric": "flops"}, "target_metric"),
     ({"max_samples": 0}, "max_samples"),
-    ({"exclude": "fc"}, "exclude"),
+    ({"exclude": [3]}, "exclude"),
+    ({"exclude": ["nope"]}, "matches no module"),
     ({"rank": 3}, "no option"),
     ({"ranks": {"fc": 0}}, "ranks"),
 ])

@@ -85,6 +85,21 @@ def test_zoo_groups_found():
             assert found.get(group) == size, (name, group, found)
 
 
+def test_shufflenet_prunes_exactly_and_keeps_the_regrouped_channels_whole():
+    """torchvision's ShuffleNet V2 unit (chunk, branch, cat, shuffle with sizes read from x.size()): the branches'
+    inner widths are pruned, the channels that a shuffle and the next unit's chunk + shuffle group differently are
+    left whole with the reason, and removing equals masking."""
+    model, x = build("shufflenet")
+    cg = groups(model, x)
+    whole = [g for g in cg.groups if not g.n_prunable and any("two views group" in f for f in g.fixed)]
+    assert whole
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5, err
+    inner = [removed.module.get_submodule(f"stage.{i}.branch2.{j}") for i, j in ((1, 0), (2, 3))]
+    assert inner[0].out_channels == 4 and inner[1].groups == 4  # inner width 8 -> 4
+    assert removed.after.params < 0.8 * removed.before.params
+
+
 def test_recurrent_and_unknown_ops_left_whole_with_reason():
     model, x = build("recurrent")
     result = prune(model, x, ratio=0.5)

@@ -77,8 +77,9 @@ def test_learned_scales_reach_the_lowered_graph_and_the_export_runs(tmp_path):
                           train_data=data)
     assert learned.history[3].stats["scales_changed"] > 0
 
-    def scales(gm):
-        return [n.args[1] for n in gm.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine]
+    def scales(gm):  # activation scales: buffers the fake-quant nodes read
+        return [float(gm.get_buffer(n.args[1].target)) for n in gm.graph.nodes
+                if n.target is torch.fake_quantize_per_tensor_affine and n.args[0].op != "get_attr"]
 
     assert len(scales(learned.module)) == len(scales(fixed.module))
     assert scales(learned.module) != scales(fixed.module)

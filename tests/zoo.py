@@ -238,6 +238,52 @@ class Recurrent(nn.Module):
         return self.fc(self.bn(h[-1])), out
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNet V2 channel shuffle: sizes read from x.size(), view / transpose / contiguous / view."""
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batch, channels, height, width)
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet V2's unit as torchvision builds it: stride 2 runs two branches on the input, stride 1 chunks it in
+    two and runs a branch on the second half; both concatenate and shuffle."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, half = stride, cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                                         nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(cin if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNet(nn.Module):
+    """A small ShuffleNet V2: stem, a stride-2 unit and two stride-1 units, a 1x1 conv, global pooling, classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8, stride=2)
+        self.stage = nn.Sequential(ShuffleBlock(8, 16, 2), ShuffleBlock(16, 16, 1), ShuffleBlock(16, 16, 1))
+        self.head = cbr(16, 24, k=1)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.fc(self.head(self.stage(self.stem(x))).mean([2, 3]))
+
+
 ZOO = {
     "residual": lambda: (Residual(), (_x(2, 3, 16, 16),)),
     "concat": lambda: (Concat(), (_x(2, 3, 8, 8),)),
@@ -250,6 +296,7 @@ ZOO = {
     "linear_bn": lambda: (LinearBN(), (_x(2, 3, 2, 2),)),
     "attention": lambda: (Attention(), (_x(2, 3, 16, 16),)),
     "splits_views": lambda: (SplitsAndViews(), (_x(2, 3, 8, 8),)),
+    "shufflenet": lambda: (ShuffleNet(), (_x(2, 3, 16, 16),)),
     "recurrent": lambda: (Recurrent(), (torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1)),)),
 }
 

@@ -67,7 +67,7 @@ def evaluate(name: str, work: Path, samples: int = 128) -> dict:
     row["ort"], row["ort_best"] = ort, best
     step = float(reference.max() - reference.min()) / 255
     for column, (observer, bits) in OURS.items():
-        result = fxc.compile(model, example, [{"pass": "fold_bn"}, {"pass": "quantize", "weight_bits": bits,
+        result = fxc.compile(model, example, [{"pass": "quantize", "weight_bits": bits,
                                                                      "activation_observer": observer}],
                              calibration_data=[calib[i:i + 1] for i in range(samples)])
         path = result.export_onnx(work / f"{name}_{column.replace(' ', '_')}.onnx")

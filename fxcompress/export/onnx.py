@@ -24,6 +24,7 @@ import copy
 import importlib
 import inspect
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,14 @@ def export_onnx(
         raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}.")
     inputs = normalize_inputs(example_inputs)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ExportError(f"{str(path)!r} is a directory; give the path of the .onnx file to write.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}. Choose a writable path.") from None
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise ExportError(f"cannot write {str(path)!r}: permission denied. Choose a writable path.")
     was_training = module.training
     module.eval()
     try:

@@ -58,7 +58,7 @@ def widen_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
             node.args = (const, *rest[1:], *wide)
             continue
         if node.target is torch.fake_quantize_per_tensor_affine:
-            scale, zero = rest[1], rest[2]
+            scale, zero = (float(_attr(gm, a)) if isinstance(a, torch.fx.Node) else a for a in rest[1:3])
             lo, hi = (qmin - zero) * scale, (qmax - zero) * scale
             with gm.graph.inserting_before(node):
                 clamped = gm.graph.call_function(torch.clamp, (x, lo, hi))
