@@ -101,7 +101,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         (golden_accuracy(args.model), "test accuracy", " %")
     if score is not None:
         model.eval()
-        print(f"\n{what}: {score(model):.2f}{unit} before, {score(module):.2f}{unit} after")
+        with torch.no_grad():
+            print(f"\n{what}: {score(model):.2f}{unit} before, {score(module):.2f}{unit} after")
     if args.save:
         print(f"\nsaved {persist.save(module, args.save)} (load it with fxc.load)")
     if args.export:
@@ -114,6 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import DEFAULT_RECIPES, BenchConfig, format_table, run_bench
+    from .bench.measure import cpu_model
 
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.runs:
@@ -126,6 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 (Path(tmp) / f"{name}.toml").write_text(text)
                 recipes.append(str(Path(tmp) / f"{name}.toml"))
         report = run_bench(args.model, recipes, config, log=lambda m: print(m, file=sys.stderr))
+    print(f"CPU: {cpu_model()}")
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

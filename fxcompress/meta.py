@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from typing import Any, Iterator
 
 import torch
@@ -166,6 +167,32 @@ def mismatches(gm: torch.fx.GraphModule, observed: dict[str, Any]) -> list[str]:
                 f"but produces {format_info(observed.get(node.name))}"
             )
     return problems
+
+
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                                operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                                operator.ilshift, operator.irshift, operator.imatmul, operator.setitem})
+
+
+def writes_in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node`` modifies a tensor it reads: ``x.mul_(2)``, ``torch.relu_``, ``x += y``, ``x[i] = v``,
+    ``inplace=True`` (an argument or a module's attribute, nn.ReLU(inplace=True))."""
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_") or node.target == "__setitem__"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> bool:
+    """torch.fx's dead-code elimination, keeping nodes that write to a tensor in place: fx treats method calls as
+    pure and would drop ``x.mul_(2)`` when its result is unused, changing what later uses of ``x`` read."""
+    return graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or writes_in_place(n))
 
 
 def _target_name(node: torch.fx.Node) -> str:

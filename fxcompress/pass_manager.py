@@ -158,6 +158,8 @@ class PassManager:
     def _fail(self, ctx: CompileContext, p: Pass, snapshot: torch.fx.GraphModule, exc: Exception) -> None:
         """Restore the module the pass received, write a reproducer, and raise a PassError naming both."""
         ctx.gm, ctx.stage_outputs = snapshot, None
+        if isinstance(exc, (InputError, RecipeError)):  # the user's data or options: the message says what to fix
+            raise exc
         base = self.reproducer_dir or Path(tempfile.mkdtemp(prefix="fxcompress-repro-"))
         where = write_reproducer(base / f"{len(ctx.history):02d}_{p.name}", snapshot, ctx.example_inputs, p, exc)
         if isinstance(exc, FxCompressError):

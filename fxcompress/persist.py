@@ -67,6 +67,11 @@ class SaveError(FxCompressError):
     """The module holds something the portable format cannot describe."""
 
 
+class ArchitectureMismatch(InputError, RuntimeError):
+    """``load_state_dict`` of a state_dict from another compiled architecture (a RuntimeError, as torch raises for
+    a state_dict that does not fit)."""
+
+
 # ----------------------------------------------------------------------------------------------- allow lists
 @functools.cache
 def _allowed_functions() -> dict[str, Any]:
@@ -500,9 +505,6 @@ def _rebuild_trusted(state: dict[str, Any]) -> CompiledModule:
 class CompiledModule(torch.fx.GraphModule):
     """A GraphModule whose ``state_dict`` carries its architecture, so that it saves and loads (``fxc.load``)."""
 
-    def architecture(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        return describe(self)
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         try:
@@ -524,8 +526,9 @@ class CompiledModule(torch.fx.GraphModule):
             other = _from_bytes(theirs)
             difference = _graph_difference(mine["root"], other["root"])
             if difference:
-                error_msgs.append(f"the state_dict comes from another compiled architecture ({difference}); "
-                                  f"rebuild it with fxc.load(path) instead of loading it into this module")
+                raise ArchitectureMismatch(f"the state_dict comes from another compiled architecture "
+                                           f"({difference}); rebuild it with fxc.load(path) instead of loading it "
+                                           f"into this module")
             else:
                 with torch.no_grad():
                     for key, t in tensors.items():
@@ -549,7 +552,7 @@ def _graph_difference(a: dict, b: dict, path: str = "") -> str:
         na, nb = a.get("graph", {}).get("nodes", []), b.get("graph", {}).get("nodes", [])
         for x, y in zip(na, nb):
             if x != y:
-                return f"node {x[0]!r}: {y[1]} {y[2]} {y[3]} there, {x[1]} {x[2]} {x[3]} here"
+                return f"node {x[0]!r} is {_node_text(y)} there, {_node_text(x)} here"
         if len(na) != len(nb):
             return f"{len(nb)} nodes there, {len(na)} here"
     for name in sorted(set(a.get("children", {})) | set(b.get("children", {}))):
@@ -563,15 +566,12 @@ def _graph_difference(a: dict, b: dict, path: str = "") -> str:
     return ""
 
 
-def as_compiled(gm: torch.fx.GraphModule) -> CompiledModule:
-    """``gm`` itself, its class switched to a CompiledModule of the same name (modules and graph unchanged)."""
-    if isinstance(gm, CompiledModule):
-        return gm
-    name = type(gm).__name__
-    gm.__class__ = type("GraphModuleImpl", (CompiledModule,), {})
-    gm.__class__.__name__ = name
-    gm.recompile()
-    return gm
+def _node_text(record: list) -> str:
+    """``op target(args)`` of an encoded node, shortened: for messages."""
+    _, op, target, args, _ = record
+    name = target["~fn"] if isinstance(target, dict) else target
+    text = f"{op} {name}{json.dumps(args, separators=(',', ':'))}"
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:

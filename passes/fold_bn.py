@@ -175,8 +175,9 @@ class FoldBatchNorm(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
-        refuse_quantized(gm, self.name, "Fold BatchNorm before quantizing (quantize folds it first unless "
-                                        "fold_bn=false).")
+        if any(_as_batchnorm(gm, n) is not None for n in gm.graph.nodes):  # folding would change quantized weights
+            refuse_quantized(gm, self.name, "Fold BatchNorm before quantizing (quantize folds it first unless "
+                                            "fold_bn=false).")
         calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         stats = {"bn_seen": 0, "bn_folded": 0} | {k: 0 for k in SKIP_REASONS}
         notes = []
@@ -203,6 +204,6 @@ class FoldBatchNorm(Pass):
             meta.add_provenance(producer, self.name, f"folded {bn.where}")
             stats["bn_folded"] += 1
         if stats["bn_folded"]:
-            gm.graph.eliminate_dead_code()
+            meta.eliminate_dead_code(gm.graph)
             gm.delete_all_unused_submodules()
         return PassResult(modified=stats["bn_folded"] > 0, stats=stats, notes=tuple(notes))

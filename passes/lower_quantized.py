@@ -189,7 +189,7 @@ class LowerQuantized(Pass):
         stats["adds_requantized_exactly"] = sum(self._requantize_add(gm, n, quantizers) for n in list(graph.nodes))
         if hasattr(gm, HOLDER):
             gm.delete_submodule(HOLDER)
-        graph.eliminate_dead_code()
+        meta.eliminate_dead_code(graph)
         gm.recompile()
         meta.propagate(gm, ctx.example_inputs)
         with meta.side_effect_free(gm):

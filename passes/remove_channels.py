@@ -163,7 +163,7 @@ class RemoveChannels(Pass):
         new_size = {s: cg.sizes[s] - (positions[s].numel() if s in positions else 0) for s in cg.sizes}
         _replace_attention(gm, cg, new_size, positions)
         _rewrite_graph(gm, cg, positions, new_size)
-        gm.graph.eliminate_dead_code()
+        meta.eliminate_dead_code(gm.graph)
         _update_meta(gm, new_size)
         return len(per_target)
 

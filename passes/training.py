@@ -75,11 +75,23 @@ def train_batches(ctx: CompileContext, pass_name: str) -> Iterator[tuple[tuple, 
 
 
 def loss_function(loss: str | Callable, pass_name: str) -> Callable[..., torch.Tensor]:
-    if callable(loss):
-        return loss
-    if loss not in LOSSES:
+    """The loss ``(output, target) -> tensor``; a call that fails on the data is an InputError naming both shapes."""
+    if not callable(loss) and loss not in LOSSES:
         raise RecipeError(f"{pass_name}: loss must be one of {', '.join(LOSSES)} or a callable, got {loss!r}.")
-    return LOSSES[loss]
+    fn = loss if callable(loss) else LOSSES[loss]
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+
+    def checked(output: Any, target: Any) -> torch.Tensor:
+        try:
+            return fn(output, target)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
+            raise InputError(f"[{pass_name}] the loss {name!r} fails on the model's output {shape(output)} and the "
+                             f"target {shape(target)} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}). "
+                             f"Give train_data targets this loss accepts, or choose the loss (loss=\"mse\" or a "
+                             f"callable).") from exc
+
+    return checked
 
 
 def optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,

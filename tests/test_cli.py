@@ -90,6 +90,7 @@ def _compress_shipped(recipe: str, tmp_path, capsys, monkeypatch):
     return out, results[0], tuple(float(part.split("%")[0]) for part in line.split(","))
 
 
+@pytest.mark.slow
 def test_shipped_sparsify_finetune_ptq_qat_recipe(tmp_path, capsys, monkeypatch):
     """The full training pipeline runs end to end from the command line, keeps its sparsity through QAT and
     lowering, and does not lose accuracy on the hard digits."""
@@ -150,3 +151,69 @@ def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "fxcompress.cli", "passes"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "fold_bn" in done.stdout
+
+
+def _user_model(tmp_path):
+    (tmp_path / "usermodel.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),\n"
+        "                      nn.Linear(8 * 8 * 8, 4))\n"
+        "    return m.eval(), (torch.randn(1, 3, 8, 8),)\n"
+        "def calibration():\n"
+        "    return torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(1))\n"
+        "def score(module):\n"
+        "    return float(module(torch.ones(2, 3, 8, 8)).sum())\n")
+    return tmp_path
+
+
+def test_compress_takes_the_users_data_and_says_when_it_falls_back(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(_user_model(tmp_path))
+    recipe = str(Path(__file__).parent.parent / "recipes" / "quantize.toml")
+    assert main(["compress", "usermodel:make", "--recipe", recipe]) == 0
+    assert "calibrating on 128 random N(0, 1) inputs" in capsys.readouterr().err
+    torch.save(torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(2)), tmp_path / "calib.pt")
+    torch.save((torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))), tmp_path / "eval.pt")
+    for calibration, score in (("calib.pt", "eval.pt"), ("usermodel:calibration", "usermodel:score")):
+        assert main(["compress", "usermodel:make", "--recipe", recipe, "--calibration-data", calibration,
+                     "--eval-fn", score, "--save", "m.pt", "--export", "m.onnx"]) == 0
+        out, err = capsys.readouterr()
+        assert "random" not in err and "eval_fn:" in out and "before" in out
+        assert "samples=40" in out if calibration == "calib.pt" else "samples=48" in out
+        loaded = fxc.load(tmp_path / "m.pt")
+        assert (tmp_path / "m.onnx").is_file() and loaded.training is False
+
+
+def test_compress_trains_on_the_users_data(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(_user_model(tmp_path))
+    (tmp_path / "train.toml").write_text('[[passes]]\npass = "finetune"\nepochs = 2\n')
+    torch.save((torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))), tmp_path / "train.pt")
+    assert main(["compress", "usermodel:make", "--recipe", "train.toml", "--train-data", "train.pt",
+                 "--batch-size", "8"]) == 0
+    assert "steps=8" in capsys.readouterr().out  # 2 epochs of 32 samples in batches of 8
+
+
+def test_step_mode_exports_and_saves(recipe, tmp_path, capsys):
+    assert main(["compress", "zoo:small_resnet", "--recipe", recipe, "--step", "--export", str(tmp_path / "s.onnx"),
+                 "--save", str(tmp_path / "s.pt")]) == 0
+    assert "[00 fold_bn]" in capsys.readouterr().out
+    onnx.checker.check_model(str(tmp_path / "s.onnx"))
+    assert isinstance(fxc.load(tmp_path / "s.pt"), fxc.CompiledModule)
+
+
+def test_bad_data_files_are_clear_errors(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(_user_model(tmp_path))
+    torch.save({"not": "tensors"}, tmp_path / "dict.pt")
+    for argv, message in ((["--calibration-data", "missing.pt"], "neither a file nor package.module:function"),
+                          (["--calibration-data", "dict.pt"], "holds a dict"),
+                          (["--eval-fn", "usermodel:nothing"], "has no attribute 'nothing'")):
+        assert main(["compress", "usermodel:make", "--recipe", str(Path(__file__).parent.parent / "recipes" /
+                                                                   "quantize.toml"), *argv]) == 2
+        assert message in capsys.readouterr().err

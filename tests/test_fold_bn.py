@@ -40,6 +40,7 @@ EXPECTED = {  # name: (folded, {skip reason: count})
     "linear_bn": (1, {"skipped_channel_layout": 1}),
     "attention": (0, {}),
     "splits_views": (1, {}),
+    "shufflenet": (13, {}),
     "recurrent": (0, {"skipped_no_foldable_producer": 1}),
 }
 

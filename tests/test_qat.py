@@ -30,15 +30,27 @@ def _digits():
     return model, example, [x[i:i + 64] for i in range(0, 512, 64)], fxc.golden.accuracy("resnet20-hard-digits")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits, margin", [(4, 1.0), (8, 0.0)])
-def test_qat_beats_ptq_on_the_hard_split(bits, margin):
+def test_qat_beats_ptq_on_the_hard_split_across_seeds(bits, margin):
+    """Two epochs of QAT beat PTQ on the hard digits on average over three training seeds (by a point at W4A8)."""
     model, example, calib, accuracy = _digits()
-    ptq = fxc.compile(model, example, _recipe(bits), calibration_data=calib)
-    train = fxc.golden.DigitsTraining(hard=True)
-    qat = fxc.compile(model, example, _recipe(bits, epochs=2), calibration_data=calib, train_data=train)
+    ptq = accuracy(fxc.compile(model, example, _recipe(bits), calibration_data=calib).module)
+    gains = []
+    for seed in (0, 1, 2):
+        qat = fxc.compile(model, example, _recipe(bits, epochs=2, seed=seed), calibration_data=calib,
+                          train_data=fxc.golden.DigitsTraining(hard=True, seed=seed))
+        gains.append(accuracy(qat.module) - ptq)
+    assert sum(gains) / len(gains) >= margin and min(gains) >= margin - 1.5, gains
+
+
+def test_qat_trains_through_folded_batchnorm_from_the_calibrated_model():
+    model, example, calib, accuracy = _digits()
+    train = [batch for batch, _ in zip(fxc.golden.DigitsTraining(hard=True), range(4))]
+    qat = fxc.compile(model, example, _recipe(4, epochs=1), calibration_data=calib, train_data=train)
     stats = qat.history[3].stats
     assert qat.history[3].name == "qat" and stats["bn_folded_in_training"] == 21 and stats["bn_frozen_at"] == 0
-    assert accuracy(qat.module) >= accuracy(ptq.module) + margin
+    assert stats["steps"] == 4 and accuracy(qat.module) > 60
 
 
 def _small():

@@ -149,6 +149,7 @@ def test_bad_finetune_options_are_recipe_errors(options):
         fxc.compile(model, example, [{"pass": "finetune", **options}], train_data=_data(example[0]))
 
 
+@pytest.mark.slow
 def test_pruned_resnet20_recovers_with_recalibration_and_finetuning():
     """Hard digits, half the MACs pruned: recalibrating BN alone recovers most of the accuracy, five epochs of
     fine-tuning bring it back near fp32."""

@@ -26,7 +26,7 @@ import fxcompress as fxc
 from fxcompress.export.ort import run, session
 from fxcompress.passes.low_rank_svd import PLAN
 
-from .measure import alternated_latency, quality
+from .measure import alternated_latency, cpu_model, quality
 
 SETTINGS = (("energy", 0.99), ("energy", 0.95), ("energy", 0.9), ("target", 0.8), ("target", 0.7))
 MODELS = ("vit-tiny-digits", "vgg-small-digits")
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             print(f"{name} ...", file=sys.stderr)
             rows += evaluate(name, Path(tmp), args.runs)
+    print(f"CPU: {cpu_model()}")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=float))

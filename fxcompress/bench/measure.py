@@ -1,11 +1,25 @@
 """Measurements: latency with contenders alternated, and output quality against the fp32 model."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable
 
 import numpy as np
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo``), for the line every benchmark table carries:
+    ONNX Runtime's integer kernels differ between Intel and AMD."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def alternated_latency(contenders: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:

@@ -28,7 +28,7 @@ from tabulate import tabulate
 import fxcompress as fxc
 from fxcompress import counting
 
-from .measure import alternated_latency
+from .measure import alternated_latency, cpu_model
 
 GOLDEN = ["resnet18", "resnet50", "mobilenet_v2", "resnext50", "densenet121", "vgg11_bn", "unet"]
 CHAINS = [8, 16, 32, 64, 128, 256, 512]
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = items(args.models) + items(args.chains, "chain") + items(args.dense, "dense")
     report = run(specs, args.ratio, args.runs, args.latency_runs, args.budget,
                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"CPU: {cpu_model()}")
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

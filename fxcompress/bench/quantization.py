@@ -8,8 +8,8 @@ exported files:
 - fp32 accuracy;
 - ORT ``quantize_static`` (QDQ, per-channel, U8S8) with MinMax, Entropy and Percentile calibration on the same 128
   training images: the best of them by logit SQNR;
-- fxcompress ``fold_bn`` + ``quantize`` with ``kl_tolerance`` and with ``minmax`` activations at W8A8, and at W6A8
-  and W4A8 (ORT has no such mode: our own minmax at that width is the comparison);
+- fxcompress ``quantize`` alone (it folds BatchNorm first) with ``kl_tolerance`` and ``minmax`` activations at W8A8,
+  and at W6A8 and W4A8 (ORT has no such mode: our own minmax at that width is the comparison);
 - how far ORT's INT8 output of our export is from our PyTorch simulation, in output steps (the logits' range on
   the test split / 255).
 """
@@ -29,7 +29,7 @@ from tabulate import tabulate
 import fxcompress as fxc
 from fxcompress.export.ort import run
 
-from .measure import sqnr_db
+from .measure import cpu_model, sqnr_db
 from .ort_int8 import quantize as ort_quantize
 
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -68,7 +68,7 @@ def evaluate(name: str, work: Path, samples: int = 128) -> dict:
     step = float(reference.max() - reference.min()) / 255
     for column, (observer, bits) in OURS.items():
         result = fxc.compile(model, example, [{"pass": "quantize", "weight_bits": bits,
-                                                                     "activation_observer": observer}],
+                                               "activation_observer": observer}],
                              calibration_data=[calib[i:i + 1] for i in range(samples)])
         path = result.export_onnx(work / f"{name}_{column.replace(' ', '_')}.onnx")
         got = run(path, images)[0]
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             print(f"{name} ...", file=sys.stderr)
             rows.append(evaluate(name, Path(tmp)))
+    print(f"CPU: {cpu_model()}")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

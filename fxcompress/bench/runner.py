@@ -31,7 +31,7 @@ from ..errors import FxCompressError
 from .ort_int8 import METHODS
 
 ORT_INT8 = "ORT INT8 "
-_QUANTIZE = '[[passes]]\npass = "fold_bn"\n\n[[passes]]\npass = "quantize"\nactivation_observer = "{}"\n'
+_QUANTIZE = '[[passes]]\npass = "quantize"\nactivation_observer = "{}"\n'  # folds BatchNorm first
 DEFAULT_RECIPES = {  # row name -> TOML recipe: the fxcompress rows of `fxcompress bench` without --recipe
     "fold_bn": '[[passes]]\npass = "fold_bn"\n',
     "int8": _QUANTIZE.format("kl_tolerance"),

@@ -26,6 +26,7 @@ import torch
 from tabulate import tabulate
 
 import fxcompress as fxc
+from fxcompress.bench.measure import cpu_model
 
 # model -> (prune ratio giving about half the MACs, epochs, optimizer, lr, weight decay), close to how it was trained
 RECOVERY = {
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     keep = (lambda n: n in args.models) if args.models else (lambda n: True)
     out: dict[str, list[dict]] = {}
+    print(f"CPU: {cpu_model()}")
     if args.section in ("recovery", "all"):
         out["recovery"] = []
         for name in filter(keep, RECOVERY):

@@ -24,6 +24,8 @@ import torch
 import torch.fx
 from onnx import helper, numpy_helper
 
+from .. import meta
+
 ONNX_RANGES = {(0, 255), (-128, 127), (0, 127)}  # integer ranges torch.onnx can express as QuantizeLinear
 _FQ = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine)
 
@@ -66,7 +68,7 @@ def widen_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
         else:
             raise ValueError(f"{node.name}: a per-channel fake-quant of a computed tensor below 8 bits cannot be "
                              f"exported to ONNX")
-    gm.graph.eliminate_dead_code()
+    meta.eliminate_dead_code(gm.graph)
     gm.recompile()
     return gm
 
