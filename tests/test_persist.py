@@ -17,7 +17,7 @@ import torch.nn as nn
 import fxcompress as fxc
 from fxcompress import persist
 from fxcompress.errors import InputError
-from zoo import ZOO, build
+from zoo import ZOO, TiedEmbedding, build
 
 FAST = ["resnet20-hard-digits", "mobilenetv2-hard-digits", "vit-tiny-digits"]  # residual, depthwise, attention
 OTHERS = [n for n in fxc.golden.names() if n not in FAST]
@@ -156,21 +156,8 @@ def test_zoo_architectures_round_trip(name, tmp_path):
                 assert torch.equal(a, b), name
 
 
-class _Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.proj = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 20, bias=False)
-        self.head.weight = self.embed.weight
-        self.register_buffer("offset", torch.linspace(0, 1, 8), persistent=False)
-
-    def forward(self, tokens):
-        return self.head(torch.relu(self.proj(self.embed(tokens)) + self.offset))
-
-
 def test_tied_frozen_and_non_persistent_state_survive(tmp_path):
-    model = _Tied()
+    model = TiedEmbedding(8)
     model.proj.weight.requires_grad_(False)
     tokens = torch.randint(0, 20, (2, 5))
     result = fxc.compile(model, (tokens,), [{"pass": "fold_bn"}])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fxcompress as fxc
 from fxcompress.errors import InputError, PassError, RecipeError
 from fxcompress.passes import PASSES
-from zoo import build, randomize_bn
+from zoo import TiedEmbedding, build, randomize_bn
 
 
 def _net() -> nn.Module:
@@ -183,18 +183,6 @@ def test_a_custom_autograd_function_in_the_top_level_forward_is_refused_by_train
         fxc.compile(Top(), x, [{"pass": "finetune"}], train_data=[(x, torch.arange(16) % 3)])
 
 
-class _Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 16)
-        self.proj = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 20, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        return self.head(torch.relu(self.proj(self.embed(tokens))))
-
-
 @pytest.mark.parametrize("recipe", [
     [{"pass": "prune", "ratio": 0.5}], [{"pass": "prune", "ratio": 0.5, "mode": "mask"}], [{"pass": "fold_bn"}],
     [{"pass": "low_rank", "rank_ratio": 0.5}], [{"pass": "quantize"}],
@@ -204,16 +192,16 @@ def test_tied_parameters_stay_one_parameter(recipe):
     torch.manual_seed(0)
     tokens = torch.randint(0, 20, (4, 5))
     target = torch.randn(4, 5, 20)
-    result = fxc.compile(_Tied(), tokens, recipe, calibration_data=[tokens], train_data=[(tokens, target)])
+    result = fxc.compile(TiedEmbedding(), tokens, recipe, calibration_data=[tokens], train_data=[(tokens, target)])
     m = result.module
     assert m.head.weight is m.embed.weight
-    assert len(list(m.parameters())) == len(list(_Tied().parameters()))
+    assert len(list(m.parameters())) == len(list(TiedEmbedding().parameters()))
 
 
 def test_pruning_a_tied_embedding_removes_the_same_channels_at_every_use():
     torch.manual_seed(0)
     tokens = torch.randint(0, 20, (4, 5))
-    model = _Tied().eval()
+    model = TiedEmbedding().eval()
     masked = fxc.compile(model, tokens, [{"pass": "prune", "ratio": 0.5, "mode": "mask"}])
     removed = fxc.compile(model, tokens, [{"pass": "prune", "ratio": 0.5}])
     assert removed.module.embed.weight.shape == (20, 8)

@@ -284,6 +284,21 @@ class ShuffleNet(nn.Module):
         return self.fc(self.head(self.stage(self.stem(x))).mean([2, 3]))
 
 
+class TiedEmbedding(nn.Module):
+    """A language-model head: the output Linear shares the Embedding's weight; a non-persistent buffer."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(20, width)
+        self.proj = nn.Linear(width, width)
+        self.head = nn.Linear(width, 20, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("offset", torch.linspace(0, 1, width), persistent=False)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.proj(self.embed(tokens)) + self.offset))
+
+
 ZOO = {
     "residual": lambda: (Residual(), (_x(2, 3, 16, 16),)),
     "concat": lambda: (Concat(), (_x(2, 3, 8, 8),)),
