@@ -509,7 +509,7 @@ class CompiledModule(torch.fx.GraphModule):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         try:
             arch, tensors = describe(self)
-        except SaveError as exc:
+        except Exception as exc:  # noqa: BLE001 - a state_dict never fails for want of the architecture
             log.warning("the state_dict of %s carries no architecture: %s", type(self).__name__, exc)
             return
         destination[prefix + ARCH_KEY] = _to_bytes(arch)
@@ -522,18 +522,19 @@ class CompiledModule(torch.fx.GraphModule):
         extra = {k[len(prefix + TENSOR_PREFIX):]: state_dict.pop(k) for k in list(state_dict)
                  if k.startswith(prefix + TENSOR_PREFIX)}
         if theirs is not None:
-            mine, tensors = describe(self)
-            other = _from_bytes(theirs)
-            difference = _graph_difference(mine["root"], other["root"])
+            try:
+                mine, tensors = describe(self)
+            except Exception:  # noqa: BLE001 - this module cannot describe itself (see _save_to_state_dict)
+                mine, tensors = None, {}
+            difference = _graph_difference(mine["root"], _from_bytes(theirs)["root"]) if mine else ""
             if difference:
                 raise ArchitectureMismatch(f"the state_dict comes from another compiled architecture "
                                            f"({difference}); rebuild it with fxc.load(path) instead of loading it "
                                            f"into this module")
-            else:
-                with torch.no_grad():
-                    for key, t in tensors.items():
-                        if key in extra and extra[key].shape == t.shape:
-                            t.copy_(extra[key])
+            with torch.no_grad():
+                for key, t in tensors.items():
+                    if key in extra and extra[key].shape == t.shape:
+                        t.copy_(extra[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

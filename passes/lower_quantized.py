@@ -60,6 +60,7 @@ from fxcompress.errors import PassError, RecipeError
 from fxcompress.instruments import sqnr_db
 from fxcompress.modules import (NarrowAccumulator, dynamic_quant_linear, quantization_stage, quantized_add,
                                 requantized_conv)
+from fxcompress.progress import progress
 from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .calibrate import PARAMS, calibration_batches, forward_layout, grouped
@@ -392,10 +393,12 @@ class LowerQuantized(Pass):
                 return out
 
         samples = 0
-        with meta.side_effect_free(gm), forward_layout(gm, ctx.example_inputs) as layout:
+        with meta.side_effect_free(gm), forward_layout(gm, ctx.example_inputs) as layout, \
+                progress(self.bias_correction_samples, "bias correction", "sample") as bar:
             for inputs, _ in grouped(calibration_batches(ctx), 16):
                 Collect(gm).run(*(layout(t) for t in inputs))
                 samples += inputs[0].shape[0]
+                bar.update(inputs[0].shape[0])
                 if samples >= self.bias_correction_samples:
                     break
         return {name: sums[name] / counts[name] for name in sums if counts[name]}

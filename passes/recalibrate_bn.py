@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError
+from fxcompress.progress import progress
 from fxcompress.pass_base import Contract, Pass, PassResult
 
 from .calibrate import calibration_batches, grouped
@@ -59,10 +60,11 @@ class RecalibrateBN(Pass):
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average: the exact mean over all batches seen
                 m.train()
-            with torch.no_grad():
+            with torch.no_grad(), progress(self.max_samples, self.name, "sample") as bar:
                 for inputs, _ in grouped(self._inputs(ctx), self.batch_size):
                     gm(*inputs)
                     samples += inputs[0].shape[0]
+                    bar.update(inputs[0].shape[0])
                     if samples >= self.max_samples:
                         break
         finally:
