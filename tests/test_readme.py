@@ -2,7 +2,6 @@
 holds the recipes), and the shell commands it shows name real recipes."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
