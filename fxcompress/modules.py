@@ -279,8 +279,9 @@ _QUANTIZED_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize
 def quantization_stage(gm: torch.fx.GraphModule) -> tuple[str, torch.fx.Node] | None:
     """``("observed", node)`` when observers sit in the graph, ``("quantized", node)`` when it computes quantized
     values (fake-quantization, the integer simulations), else None; ``node`` is the first such node."""
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer):
+        if node.op == "call_module" and isinstance(modules.get(node.target), Observer):
             return "observed", node
         if node.op == "call_function" and node.target in _QUANTIZED_TARGETS:
             return "quantized", node

@@ -310,7 +310,6 @@ def _wrap_leaf_root(module: torch.nn.Module, n_inputs: int) -> tuple[torch.nn.Mo
 def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=()) -> torch.fx.GraphModule:
     """The GraphModule over ``root``'s (copied) submodules, checked against ``reference`` on the inputs."""
     gm = CompiledModule(root, graph, class_name=type(model).__name__)
-    copied = _copy_modified_inputs(gm, inputs)
     # GraphModule makes fresh containers for intermediate paths (training=True); copy every flag by name.
     source = dict(root.named_modules())
     for name, module in gm.named_modules():
@@ -318,23 +317,17 @@ def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=(
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in auto:
             node.meta[meta.AUTO_LEAF] = auto[node.target]
-    _check_against_model(reference, gm, inputs)
+    copied = _check_against_model(reference, gm, inputs)
     info = TraceInfo(time.perf_counter() - start, len(gm.graph.nodes), tuple(sorted(names)), auto, tuple(inlined),
                      copied)
     gm.meta[meta.TRACE_INFO] = info
     return gm
 
 
-def _copy_modified_inputs(gm: torch.fx.GraphModule, inputs: tuple) -> tuple[str, ...]:
-    """Make the graph copy every input its forward modifies in place (``x.mul_(2)``), so that running the compiled
-    module never writes to the caller's tensors; returns the names of those inputs."""
-    probe = tuple(t.clone() for t in inputs)
-    versions = [t._version for t in probe]
-    try:
-        with meta.side_effect_free(gm):
-            gm(*probe)
-    except Exception:  # noqa: BLE001 - the check against the model reports a failing graph
-        return ()
+def _copy_modified_inputs(gm: torch.fx.GraphModule, probe: tuple, versions: list[int]) -> tuple[str, ...]:
+    """Make the graph copy every input its forward modified in place (``x.mul_(2)``) in a run on ``probe`` (whose
+    tensors had ``versions`` before), so that running the compiled module never writes to the caller's tensors;
+    returns the names of those inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     changed = [p for p, t, v in zip(placeholders, probe, versions) if t._version != v]
     for p in changed:
@@ -358,10 +351,17 @@ def run_example(module: torch.nn.Module, inputs: Sequence[torch.Tensor], what: s
         ) from exc
 
 
-def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> None:
+def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> tuple[str, ...]:
+    """Compare the graph with the model on the inputs; returns the inputs the graph now copies because the forward
+    writes to them (``_copy_modified_inputs``)."""
     expected = run_example(root, inputs, type(root).__name__)
+    probe = tuple(t.clone() for t in inputs)
+    versions = [t._version for t in probe]
     try:
-        got = meta.propagate(gm, tuple(t.clone() for t in inputs))
+        got = meta.propagate(gm, probe)
+        copied = _copy_modified_inputs(gm, probe, versions)
+        if copied:
+            got = meta.propagate(gm, tuple(t.clone() for t in inputs))
     except Exception as exc:  # noqa: BLE001
         raise TracingError(f"the traced graph of {type(root).__name__} fails on the example inputs: "
                            f"{_describe_cause(exc)}") from exc
@@ -377,3 +377,4 @@ def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs
                 f"(the forward depends on state tracing cannot see, such as self.training or a Python counter). "
                 f"Keep the offending submodule opaque with leaf_modules=[...] or fix the branch with concrete_args."
             )
+    return copied

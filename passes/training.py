@@ -9,7 +9,6 @@ optional.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -306,6 +305,18 @@ class TrainingPass(Pass):
 LossStep = Callable[[nn.Module, tuple, Any], torch.Tensor]
 
 
+def _snapshot(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer by name (the weights to go back to; not a state_dict, which would also
+    describe the architecture every epoch)."""
+    return {k: t.detach().clone() for k, t in [*gm.named_parameters(), *gm.named_buffers()]}
+
+
+def _restore(gm: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, t in [*gm.named_parameters(), *gm.named_buffers()]:
+            t.copy_(snapshot[k])
+
+
 def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
         extra: nn.Module | None = None, on_step: Callable[[int, int], bool | None] | None = None,
         epoch_batches: Callable[[int], list] | None = None, restart: int | None = None) -> dict[str, Any]:
@@ -336,7 +347,7 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
     evals: list[float] = []
     best, best_state, best_epoch, stale, steps, samples = None, None, 0, 0, 0, 0
     if loop.patience is not None and ctx.eval_fn is not None:
-        best, best_state = evaluate(ctx), copy.deepcopy(gm.state_dict())
+        best, best_state = evaluate(ctx), _snapshot(gm)
         stats["eval_before"] = round(best, 6)
     with seeded(loop.seed):
         params = parameters(gm, pass_name)
@@ -385,7 +396,7 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
                 if best is None or metric > best:
                     best, best_epoch, stale = metric, epoch + 1, 0
                     if loop.patience is not None:
-                        best_state = copy.deepcopy(gm.state_dict())
+                        best_state = _snapshot(gm)
                 else:
                     stale += 1
                 if (loop.patience is not None and stale >= loop.patience) or steps >= total:
@@ -393,7 +404,7 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
             gm.eval()
     stopped_early = loop.patience is not None and stale >= loop.patience
     if best_state is not None and best_epoch != len(stats["epoch_loss"]):
-        gm.load_state_dict(best_state)
+        _restore(gm, best_state)
     stats |= {"epochs_run": len(stats["epoch_loss"]), "steps": steps, "samples": samples,
               "best_epoch": best_epoch, "stopped_early": stopped_early}
     if size > 1:
