@@ -8,6 +8,8 @@ import torch
 import torch.fx
 
 from .errors import PassError
+from .snapshot import RestorePoint
+from .tree import named_tensors
 
 
 @dataclasses.dataclass
@@ -54,7 +56,18 @@ class CompileContext:
     history: list[PassRecord] = dataclasses.field(default_factory=list)
     cursor: int = 0  # index of the next pass of the pipeline to run
     stage_outputs: Any = None  # outputs of gm on example_inputs as it stands, for numeric checks (None: unknown)
-    previous: torch.fx.GraphModule | None = None  # while a pass runs: a copy of the module as it received it
+    restore_point: RestorePoint | None = None  # while a pass runs: the module as it received it
+    _tensors: list[tuple[str, torch.Tensor]] | None = dataclasses.field(default=None, repr=False)
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """``tree.named_tensors(gm)``, computed once until ``forget_tensors`` (the manager calls it whenever a pass
+        may have changed the module)."""
+        if self._tensors is None:
+            self._tensors = named_tensors(self.gm)
+        return self._tensors
+
+    def forget_tensors(self) -> None:
+        self._tensors = None
 
     def analysis(self, name: str, compute: Callable[[CompileContext], Any]) -> Any:
         """The cached analysis ``name``, computed by ``compute(ctx)`` if absent or invalidated."""

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import linecache
 import os
 import re
 import traceback
+import types
 from typing import Iterable
 
 import torch
@@ -56,8 +59,21 @@ def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}.{did_you_mean(name, valid)} Valid {plural}: {', '.join(valid) or '(none)'}."
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_library_file(filename: str) -> bool:
     return os.path.abspath(filename).startswith(_LIBRARY_DIRS) or filename.startswith("<eval_with_key>")
+
+
+def user_frame_text(frame: types.FrameType | None) -> str | None:
+    """The innermost frame from ``frame`` outwards that is the user's code, in a traceback's ``File "...", line N,
+    in f`` form with its source line (None when every frame is library code)."""
+    while frame is not None and _is_library_file(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    code = frame.f_code
+    text = linecache.getline(code.co_filename, frame.f_lineno).strip()
+    return f'File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n    {text}'
 
 
 def user_frame_from_stack_trace(stack_trace: str | None) -> str | None:

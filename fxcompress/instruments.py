@@ -31,6 +31,7 @@ from . import meta
 from .context import CompileContext, PassRecord
 from .errors import VerificationError
 from .pass_base import Contract, Pass, PassResult
+from .tree import named_modules, named_tensors
 
 _STRICT = contextvars.ContextVar("fxcompress_strict_checks", default=False)
 
@@ -59,14 +60,13 @@ class Instrument:
         pass
 
 
-def _shapes(gm: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in [*gm.named_parameters(remove_duplicate=False),
-                                            *gm.named_buffers(remove_duplicate=False)]}
+def _shapes(tensors: list[tuple[str, torch.Tensor]]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors}
 
 
 class CodeDiff(Instrument):
     def before(self, ctx, p, index):
-        self.code, self.shapes = ctx.gm.code, _shapes(ctx.gm)
+        self.code, self.shapes = ctx.gm.code, _shapes(ctx.tensors())
 
     def after(self, ctx, p, result, record):
         code = ctx.gm.code
@@ -74,7 +74,7 @@ class CodeDiff(Instrument):
             record.diff = "".join(difflib.unified_diff(
                 self.code.splitlines(keepends=True), code.splitlines(keepends=True),
                 fromfile=f"before {p.name}", tofile=f"after {p.name}"))
-        shapes = _shapes(ctx.gm)
+        shapes = _shapes(ctx.tensors())
         changes = [f"-{k} {list(v)}" for k, v in self.shapes.items() if k not in shapes]
         changes += [f"+{k} {list(v)}" for k, v in shapes.items() if k not in self.shapes]
         changes += [f"{k}: {list(self.shapes[k])} -> {list(v)}" for k, v in shapes.items()
@@ -82,24 +82,25 @@ class CodeDiff(Instrument):
         record.param_changes = tuple(changes)
 
 
-def fingerprint(gm: torch.fx.GraphModule) -> str:
-    """A digest of the code, the module tree and every parameter and buffer value."""
+def fingerprint(gm: torch.fx.GraphModule, tensors: list[tuple[str, torch.Tensor]] | None = None) -> str:
+    """A digest of the code, the module tree and every parameter and buffer value (``tensors``: the module's
+    ``tree.named_tensors`` if the caller has them)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(gm.code.encode())
-    for name, mod in gm.named_modules():
-        h.update(f"{name}:{type(mod).__qualname__}:{mod.training};".encode())
-    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    h.update("".join(f"{name}:{type(mod).__qualname__}:{mod.training};" for name, mod in named_modules(gm)).encode())
+    tensors = named_tensors(gm) if tensors is None else tensors
+    h.update("".join(f"{name}:{tuple(t.shape)}:{t.dtype};" for name, t in tensors).encode())
+    for _, t in tensors:
         h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()
 
 
 class Honesty(Instrument):
     def before(self, ctx, p, index):
-        self.digest = fingerprint(ctx.gm)
+        self.digest = fingerprint(ctx.gm, ctx.tensors())
 
     def after(self, ctx, p, result, record):
-        changed = fingerprint(ctx.gm) != self.digest
+        changed = fingerprint(ctx.gm, ctx.tensors()) != self.digest
         if changed and not result.modified:
             raise VerificationError(
                 f"[{p.name}] returned modified=False but changed the module"
@@ -219,12 +220,12 @@ def _float64_error(ctx: CompileContext, rtol: float, atol: float) -> float | Non
     float32 computations of one function can differ by more than an EXACT tolerance.  In float64 that noise is
     gone and what is left is the function's change (plus the rounding of float32 weights).
     """
-    if ctx.previous is None:
+    if ctx.restore_point is None:
         return None
     inputs = tuple(t.double() if t.is_floating_point() else t for t in ctx.example_inputs)
     try:
         outs = []
-        for gm in (ctx.previous, ctx.gm):
+        for gm in (ctx.restore_point.module(), ctx.gm):
             wide = copy.deepcopy(gm).double()
             with meta.side_effect_free(wide):
                 outs.append(wide(*inputs))

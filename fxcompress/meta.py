@@ -110,8 +110,13 @@ def side_effect_free(gm: torch.nn.Module) -> Iterator[None]:
     not recording."""
     from .modules import Observer
 
+    # In training mode forwards update buffers (BN statistics): they run on clones, and the module's own tensors
+    # are put back afterwards untouched (never written, so restore points sharing them stay valid).
     training = any(m.training for m in gm.modules())
-    saved = {k: v.detach().clone() for k, v in gm.named_buffers()} if training else None
+    swapped = {m: m._buffers for m in gm.modules() if m._buffers} if training else {}
+    clones: dict[int, torch.Tensor] = {}
+    for m, buffers in swapped.items():
+        m._buffers = {k: None if v is None else clones.setdefault(id(v), v.clone()) for k, v in buffers.items()}
     observers = [m for m in gm.modules() if isinstance(m, Observer) and m.enabled]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -122,10 +127,8 @@ def side_effect_free(gm: torch.nn.Module) -> Iterator[None]:
         finally:
             for m in observers:
                 m.enabled = True
-            if saved is not None:
-                for k, v in gm.named_buffers():
-                    if k in saved:
-                        v.copy_(saved[k])
+            for m, buffers in swapped.items():
+                m._buffers = buffers
 
 
 def _plain(value: Any) -> Any:

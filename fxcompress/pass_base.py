@@ -59,6 +59,9 @@ class Pass:
     contract: ClassVar[Contract]
     requires: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid after this pass modifies the graph
+    # Whether the pass writes into existing parameter/buffer tensors (training, calibration, masks) rather than
+    # replacing them: the manager's restore point then clones the tensors instead of sharing them.
+    writes_tensors: ClassVar[bool] = False
     # For EXACT passes: |after - before| <= atol * max|before| + rtol * |before|, elementwise.
     exact_tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-5)
 

@@ -13,7 +13,6 @@ directory is written; the error names the pass and the directory.
 from __future__ import annotations
 
 import collections.abc
-import copy
 import logging
 import tempfile
 import time
@@ -25,9 +24,25 @@ import torch.fx
 
 from . import recipe as recipes
 from .context import CompileContext, PassRecord
-from .errors import FxCompressError, InputError, PassError, RecipeError, unknown_name_message
-from .instruments import CodeDiff, Dump, Honesty, Instrument, Verify, strict, write_reproducer
+from .errors import (
+    FxCompressError,
+    InputError,
+    PassError,
+    RecipeError,
+    unknown_name_message,
+)
+from .instruments import (
+    CodeDiff,
+    Dump,
+    Honesty,
+    Instrument,
+    Verify,
+    strict,
+    write_reproducer,
+)
 from .pass_base import Pass
+from .snapshot import RestorePoint
+from .tree import sync_code
 from .tracing import normalize_inputs, trace
 
 log = logging.getLogger(__name__)
@@ -63,7 +78,6 @@ class PassManager:
         if self.dump is not None:
             self.instruments.append(self.dump)
         self.instruments.extend(instruments)
-        self._checked = any(isinstance(i, (Honesty, Verify)) for i in self.instruments)
         self.reproducer_dir = Path(reproducer_dir) if reproducer_dir is not None else None
 
     @property
@@ -123,19 +137,26 @@ class PassManager:
 
     def _run_one(self, ctx: CompileContext, index: int) -> PassRecord:
         p = self.passes[index]
-        snapshot = ctx.previous = copy.deepcopy(ctx.gm)
+        restore = ctx.restore_point = RestorePoint(ctx.gm, clone_tensors=p.writes_tensors)
         record = PassRecord(index=len(ctx.history), name=p.name, seconds=0.0, modified=False, stats={},
                             contract=p.contract.value, options=p.options())
         checks = 0.0
         try:
             t0 = time.perf_counter()
+            ctx.forget_tensors()
             for inst in self.instruments:
                 inst.before(ctx, p, index)
+            restore.mark(ctx.tensors())
             t1 = time.perf_counter()
             ctx.require(p.name, p.requires)
             result = p.run(ctx)
-            if result.modified or self._checked:  # checks read gm.code, so it must follow the graph
-                ctx.gm.recompile()
+            ctx.forget_tensors()
+            written = restore.written()
+            if written:
+                raise PassError(f"[{p.name}] wrote {', '.join(written[:3])}{' ...' if len(written) > 3 else ''} in "
+                                f"place but does not declare writes_tensors, so its restore point shares them.")
+            for changed in restore.changed_graphs(ctx.gm):  # the code must follow the graph (checks read it)
+                sync_code(changed)
             t2 = time.perf_counter()
             record.seconds, record.modified = t2 - t1, result.modified
             record.stats, record.notes = dict(result.stats), tuple(result.notes)
@@ -143,9 +164,9 @@ class PassManager:
                 inst.after(ctx, p, result, record)
             checks = (t1 - t0) + (time.perf_counter() - t2)
         except Exception as exc:
-            self._fail(ctx, p, snapshot, exc)
+            self._fail(ctx, p, restore, exc)
         finally:
-            ctx.previous = None
+            ctx.restore_point = None
         record.check_seconds = checks
         if record.modified:
             ctx.invalidate(keep=p.preserves)
@@ -155,9 +176,10 @@ class PassManager:
         log.info(record.summary())
         return record
 
-    def _fail(self, ctx: CompileContext, p: Pass, snapshot: torch.fx.GraphModule, exc: Exception) -> None:
+    def _fail(self, ctx: CompileContext, p: Pass, restore: RestorePoint, exc: Exception) -> None:
         """Restore the module the pass received, write a reproducer, and raise a PassError naming both."""
-        ctx.gm, ctx.stage_outputs = snapshot, None
+        snapshot = ctx.gm = restore.restore()
+        ctx.stage_outputs = None
         if isinstance(exc, (InputError, RecipeError)):  # the user's data or options: the message says what to fix
             raise exc
         base = self.reproducer_dir or Path(tempfile.mkdtemp(prefix="fxcompress-repro-"))

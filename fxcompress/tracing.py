@@ -9,7 +9,6 @@ traced, a ``TracingError`` names the module, the user's source line and what to 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import inspect
 import logging
@@ -22,9 +21,17 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from . import meta
-from .errors import InputError, TracingError, did_you_mean, unknown_name_message, user_frame_from_exception
+from .errors import (
+    InputError,
+    TracingError,
+    did_you_mean,
+    unknown_name_message,
+    user_frame_from_exception,
+    user_frame_text,
+)
 from .modules import GRAPH_FUNCTIONS
 from .persist import CompiledModule
+from .tree import copy_tree
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,7 @@ class _Tracer(torch.fx.Tracer):
     # Defaults are needed: unpickling a GraphModule re-creates its tracer class with no arguments.
     def __init__(self, leaves: set[str] | None = None, leaf_types: tuple[type, ...] = ()):
         super().__init__(autowrap_functions=GRAPH_FUNCTIONS)  # a compiled module traces again as it is
-        self.record_stack_traces = True
+        self.record_stack_traces = False  # torch's full stack capture costs 1 ms a node; create_node keeps one frame
         self.depth = 0  # submodule calls being traced through
         self.inlined: list[str] = []
         self.leaves = leaves if leaves is not None else set()
@@ -94,6 +101,12 @@ class _Tracer(torch.fx.Tracer):
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
+
+    def create_node(self, *args, **kwargs) -> torch.fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if not node.stack_trace and node.op not in ("placeholder", "output"):  # made outside the forward
+            node.stack_trace = user_frame_text(sys._getframe(1))
+        return node
 
     def iter(self, obj):
         """Iterating the result of split/chunk/unbind with a known count (``list(x.split((a, b), 1))``)."""
@@ -198,10 +211,10 @@ def trace(
     check_model(model, inputs, concrete_args)
     start = time.perf_counter()
     try:
-        root = copy.deepcopy(model)
+        root = copy_tree(model)
     except Exception as exc:  # noqa: BLE001
         raise InputError(
-            f"cannot copy {type(model).__name__} (copy.deepcopy failed: {exc}); fxcompress works on a copy so that "
+            f"cannot copy {type(model).__name__} (copying failed: {exc}); fxcompress works on a copy so that "
             f"your model is never modified. Make the module deep-copyable (no open files, locks or generators)."
         ) from exc
     if eval_mode:

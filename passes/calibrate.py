@@ -143,6 +143,7 @@ class Calibrate(Pass):
 
     name = "calibrate"
     contract = Contract.EXACT
+    writes_tensors = True  # observers record ranges into their buffers
     requires = (PLAN,)
 
     def __init__(self, batch_size: int = 16, max_samples: int | None = None, progress: bool | None = None,

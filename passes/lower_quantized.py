@@ -115,6 +115,7 @@ class LowerQuantized(Pass):
 
     name = "lower_quantized"
     contract = Contract.BOUNDED
+    writes_tensors = True  # bias correction runs channels-last: the parameters' storage is swapped and back
     requires = (PLAN, PARAMS)
 
     def __init__(self, accumulator_bits: int | None = None, overflow_batches: int = 8, max_error: float = 1.0,

@@ -34,6 +34,7 @@ class RecalibrateBN(Pass):
 
     name = "recalibrate_bn"
     contract = Contract.CHANGES
+    writes_tensors = True  # running statistics are updated in place
 
     def __init__(self, max_samples: int = 1024, batch_size: int = 64):
         for key, value in (("max_samples", max_samples), ("batch_size", batch_size)):

@@ -61,6 +61,10 @@ class RemoveChannels(Pass):
             raise RecipeError(f"remove_channels: mode must be 'remove' or 'mask', got {mode!r}.")
         self.mode = mode
 
+    @property
+    def writes_tensors(self) -> bool:  # mask mode zeroes channels of the existing tensors
+        return self.mode == "mask"
+
     def run(self, ctx: CompileContext) -> PassResult:
         refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
         cg: ChannelGraph = ctx.analyses[ANALYSIS]

@@ -280,6 +280,7 @@ class TrainingPass(Pass):
     keywords, checked by ``set_loop``."""
 
     contract = Contract.CHANGES
+    writes_tensors = True  # the optimizer steps the parameters in place
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

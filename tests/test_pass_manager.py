@@ -60,14 +60,24 @@ class ZeroWeight(Pass):
 
     name = "zero_weight"
     contract = Contract.CHANGES
+    writes_tensors = True
 
-    def __init__(self):
-        pass
+    def __init__(self, fail: bool = False):
+        self.fail = fail
 
     def run(self, ctx):
         with torch.no_grad():
             ctx.gm.get_submodule("fc").weight.zero_()
+        if self.fail:
+            raise RuntimeError("failed after writing")
         return PassResult(modified=False)
+
+
+class UndeclaredWrite(ZeroWeight):
+    """Writes a parameter in place without saying so: the restore point shares it."""
+
+    name = "undeclared_write"
+    writes_tensors = False
 
 
 class StaleMeta(ScaleOutput):
@@ -145,6 +155,23 @@ def test_honesty_parameter_values_count_as_changes():
     model, inputs = _residual()
     with pytest.raises(fxc.VerificationError, match="parameter/buffer values"):
         fxc.compile(model, inputs, [ZeroWeight()])
+
+
+def test_in_place_write_without_declaring_it_is_named():
+    model, inputs = _residual()
+    with pytest.raises(fxc.PassError, match=r"\[undeclared_write\] wrote fc.weight in place"):
+        fxc.compile(model, inputs, [UndeclaredWrite()])
+
+
+def test_failure_after_a_declared_in_place_write_restores_the_values(tmp_path):
+    model, inputs = _residual()
+    pm = fxc.PassManager([ZeroWeight(fail=True)], reproducer_dir=tmp_path)
+    ctx = pm.context(model, inputs)
+    before = ctx.gm.get_submodule("fc").weight.detach().clone()
+    with pytest.raises(fxc.PassError, match="failed after writing"):
+        pm.step(ctx)
+    assert torch.equal(ctx.gm.get_submodule("fc").weight, before) and bool(before.abs().sum() > 0)
+    assert torch.equal(ctx.gm(*inputs), model(*inputs))
 
 
 def test_honesty_said_modified_but_changed_nothing():

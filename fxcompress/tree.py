@@ -1,0 +1,154 @@
+"""Fast walks and copies of a module tree.
+
+``torch.nn.Module.named_modules``/``named_parameters`` and ``copy.deepcopy`` are generic and slow on deep trees (a
+512-block residual chain has 5,000 modules: one ``deepcopy`` takes longer than pruning it).  These do the same for
+the common case and fall back to ``copy.deepcopy`` for anything unusual:
+
+- ``named_tensors(m)``: every parameter and buffer with its qualified name, duplicates (tied tensors) included,
+  in ``named_parameters`` then ``named_buffers`` order.
+- ``copy_tree(m, share_tensors)``: a copy of the module tree.  Modules get their own ``__dict__`` and tables;
+  tensors are cloned (``share_tensors=False``, a deep copy) or shared; ties and modules used twice stay one object.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import functools
+import types
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+
+_IMMUTABLE = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.layout,
+              torch.memory_format, torch.Size, type, types.FunctionType, types.BuiltinFunctionType)
+_MODULE_STATE = {torch.nn.Module.__getstate__}
+
+
+def named_modules(m: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.nn.Module]]:
+    """``m.named_modules(remove_duplicate=False)`` without the generator-per-level overhead (pre-order)."""
+    stack = [(prefix, m)]
+    while stack:
+        name, mod = stack.pop()
+        yield name, mod
+        children = [(f"{name}.{k}" if name else k, c) for k, c in mod._modules.items() if c is not None]
+        stack.extend(reversed(children))
+
+
+def named_tensors(m: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter, then every buffer, with qualified names; tied tensors appear under each name."""
+    modules = list(named_modules(m))
+    params = [(f"{n}.{k}" if n else k, p) for n, mod in modules for k, p in mod._parameters.items() if p is not None]
+    buffers = [(f"{n}.{k}" if n else k, b) for n, mod in modules for k, b in mod._buffers.items() if b is not None]
+    return params + buffers
+
+
+@functools.cache
+def _plain_module(cls: type) -> bool:
+    """Whether copying ``cls``'s ``__dict__`` is what ``copy.deepcopy`` does (no custom copy or pickling hooks)."""
+    return ("__deepcopy__" not in dir(cls) and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ in _MODULE_STATE
+            and (cls.__setstate__ is torch.nn.Module.__setstate__ or cls.__setstate__.__module__.startswith("torch.")))
+
+
+class _Copier:
+    def __init__(self, share_tensors: bool):
+        self.share = share_tensors
+        self.memo: dict[int, Any] = {}
+        self.keep: list[Any] = []  # originals stay alive while copying, so ids are not reused (as deepcopy does)
+
+    def value(self, v: Any) -> Any:
+        if isinstance(v, _IMMUTABLE):
+            return v
+        key = id(v)
+        if key in self.memo:
+            return self.memo[key]
+        if isinstance(v, torch.Tensor):
+            if self.share:
+                return v
+            if type(v) is torch.nn.Parameter and not v._is_view():
+                out = torch.nn.Parameter(v.detach().clone(), v.requires_grad)
+            elif type(v) is torch.Tensor and not v._is_view() and not v.requires_grad:
+                out = v.clone()
+            else:  # views keep sharing their base's storage, subclasses their extra state
+                out = v.__deepcopy__(self.memo)
+        elif isinstance(v, torch.nn.Module):
+            return self.module(v)
+        elif type(v) in (dict, collections.OrderedDict):
+            out = self.memo[key] = type(v)()
+            out.update((k, self.value(x)) for k, x in v.items())
+        elif type(v) is list:
+            out = self.memo[key] = []
+            out.extend(self.value(x) for x in v)
+        elif type(v) is tuple:
+            out = tuple(self.value(x) for x in v)
+        elif type(v) in (set, frozenset):
+            out = type(v)(self.value(x) for x in v)
+        else:
+            return copy.deepcopy(v, self.memo)
+        self.memo[key] = out
+        self.keep.append(v)
+        return out
+
+    def module(self, m: torch.nn.Module) -> torch.nn.Module:
+        key = id(m)
+        if key in self.memo:
+            return self.memo[key]
+        cls = type(m)
+        if isinstance(m, torch.fx.GraphModule):
+            new = torch.fx.GraphModule.__new__(cls)  # a singleton class of its own, as GraphModule makes
+        elif _plain_module(cls):
+            new = object.__new__(cls)
+        else:
+            return copy.deepcopy(m, self.memo)
+        self.memo[key] = new
+        self.keep.append(m)
+        state = {}
+        for k, v in m.__dict__.items():
+            if k == "_graph":
+                state[k] = copy_graph(v)
+                state[k].owning_module = new
+            elif k == "_modules":
+                state[k] = {name: None if c is None else self.module(c) for name, c in v.items()}
+            elif k in ("_parameters", "_buffers"):
+                state[k] = {name: self.value(t) for name, t in v.items()}
+            elif type(v) in (dict, collections.OrderedDict, set, list) and not v:
+                state[k] = type(v)()  # hook tables and the like: mostly empty
+            else:
+                state[k] = self.value(v)
+        new.__dict__ = state
+        return new
+
+
+def copy_tree(m: torch.nn.Module, share_tensors: bool = False, runnable: bool = True) -> torch.nn.Module:
+    """A copy of ``m``'s module tree: a deep copy, or with ``share_tensors`` one whose parameters and buffers are
+    the same tensor objects.  GraphModules in the tree get a copy of their graph; their code is generated now, or
+    (``runnable=False``) only when the caller runs ``recompile``."""
+    with torch.no_grad():
+        new = _Copier(share_tensors).module(m)
+    if runnable:
+        for mod in new.modules():
+            if isinstance(mod, torch.fx.GraphModule) and "forward" not in vars(type(mod)):
+                mod.recompile()
+    return new
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A node-for-node copy of ``graph`` (node names, metadata dicts and codegen kept)."""
+    new = torch.fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
+    new._codegen = graph._codegen
+    old_output = next(iter(reversed(graph.nodes)))
+    out = new.graph_copy(graph, {})
+    new.output(out, type_expr=old_output.type)
+    next(iter(reversed(new.nodes))).meta = dict(old_output.meta)
+    return new
+
+
+def sync_code(gm: torch.fx.GraphModule) -> bool:
+    """Regenerate ``gm``'s code from its graph when they differ (``recompile`` compiles the code even when it is the
+    same, which on a graph of thousands of nodes costs as much as generating it); returns whether it changed."""
+    code = gm.graph.python_code(root_module="self").src
+    if code == getattr(gm, "_code", None) and "forward" in vars(type(gm)):
+        return False
+    gm.recompile()
+    return True
