@@ -17,6 +17,8 @@ import contextvars
 import copy
 import difflib
 import hashlib
+import io
+import itertools
 import json
 import math
 import traceback
@@ -256,27 +258,80 @@ class Dump(Instrument):
         record.dump_path = str(stem.with_suffix(".py"))
 
 
-def write_reproducer(directory: Path, gm: torch.fx.GraphModule, inputs: tuple, p: Pass, exc: BaseException) -> Path:
-    """Everything needed to rerun the failing pass on the module it received."""
+REPRO_BATCHES = 32  # calibration/training batches a reproducer keeps
+
+
+def write_reproducer(directory: Path, ctx: CompileContext, gm: torch.fx.GraphModule, p: Pass, exc: BaseException,
+                     analyses: list[Pass] = ()) -> Path:
+    """Everything needed to rerun the failing pass on the module it received: the module, the example inputs, the
+    plans earlier passes made (``plans.pt``), the first batches of the data, and the passes that recompute the
+    analyses it requires (``setup.json``); ``python repro.py`` resumes from them without tracing again."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "code.py").write_text(gm.code)
     (directory / "graph.txt").write_text(str(gm.graph))
     (directory / "error.txt").write_text("".join(traceback.format_exception(exc)))
     (directory / "pass.json").write_text(json.dumps({"pass": p.name, **p.options()}, default=repr, indent=2))
     torch.save(gm.state_dict(), directory / "state_dict.pt")
-    torch.save(inputs, directory / "inputs.pt")
+    torch.save(ctx.example_inputs, directory / "inputs.pt")
+    problems = []
     try:
         torch.save(gm, directory / "module.pt")
     except Exception as save_exc:  # noqa: BLE001 - a module with unpicklable parts still gets the rest
-        (directory / "module.pt.error").write_text(f"could not save the module: {save_exc}")
-    (directory / "repro.py").write_text(
-        "# Reruns the failing pass on the module it received: python repro.py\n"
-        "import json, pathlib\nimport torch\nimport fxcompress as fxc\n\n"
-        "here = pathlib.Path(__file__).parent\n"
-        "gm = torch.load(here / 'module.pt', weights_only=False)\n"
-        "inputs = torch.load(here / 'inputs.pt')\n"
-        "spec = json.loads((here / 'pass.json').read_text())\n"
-        "pm = fxc.PassManager([spec])\n"
-        "ctx = pm.context(gm, inputs)\n"
-        "print(pm.step(ctx).summary())\n")
+        problems.append(f"module.pt: could not save the module: {save_exc}")
+    if ctx.model is not None:
+        try:
+            torch.save(ctx.model, directory / "model.pt")
+        except Exception as save_exc:  # noqa: BLE001
+            problems.append(f"model.pt: could not save the original model: {save_exc}")
+    plans = {}
+    for name, plan in ctx.plans.items():
+        try:
+            torch.save(plan, io.BytesIO())
+            plans[name] = plan
+        except Exception as save_exc:  # noqa: BLE001
+            problems.append(f"plan {name!r} not saved: {save_exc}")
+    torch.save(plans, directory / "plans.pt")
+    data = []
+    for what in ("calibration_data", "train_data"):
+        batches = getattr(ctx, what)
+        if batches is not None:
+            torch.save(list(itertools.islice(batches, REPRO_BATCHES)), directory / f"{what}.pt")
+            data.append(what)
+    setup = {"analyses": [{"pass": q.name, **q.options()} for q in analyses], "data": data,
+             "eval_fn": ctx.eval_fn is not None}
+    (directory / "setup.json").write_text(json.dumps(setup, default=repr, indent=2))
+    if setup["eval_fn"]:
+        problems.append("eval_fn is not saved (a function); the rerun goes without it")
+    if problems:
+        (directory / "problems.txt").write_text("\n".join(problems) + "\n")
+    (directory / "repro.py").write_text(REPRO_SCRIPT)
     return directory
+
+
+REPRO_SCRIPT = """\
+# Reruns the failing pass on the module it received, with the plans earlier passes made: python repro.py
+import json
+import pathlib
+
+import torch
+
+import fxcompress as fxc
+
+here = pathlib.Path(__file__).parent
+gm = torch.load(here / "module.pt", weights_only=False)
+inputs = torch.load(here / "inputs.pt")
+spec = json.loads((here / "pass.json").read_text())
+setup = json.loads((here / "setup.json").read_text())
+plans = torch.load(here / "plans.pt", weights_only=False)
+data = {what: torch.load(here / f"{what}.pt", weights_only=False) for what in setup["data"]}
+model = None
+if (here / "model.pt").exists():  # the original model (distill's teacher): its class must be importable here
+    try:
+        model = torch.load(here / "model.pt", weights_only=False)
+    except Exception as exc:
+        print(f"model.pt not loaded ({type(exc).__name__}: {exc}); the rerun goes without the original model")
+pm = fxc.PassManager([*setup["analyses"], spec], reproducer_dir=here / "rerun")
+ctx = pm.resume(gm, inputs, plans=plans, model=model, **data)
+for record in pm.run(ctx):
+    print(record.summary())
+"""

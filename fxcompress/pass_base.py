@@ -58,6 +58,7 @@ class Pass:
     name: ClassVar[str]
     contract: ClassVar[Contract]
     requires: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[tuple[str, ...]] = ()  # names of the analyses and plans this pass leaves in the context
     preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid after this pass modifies the graph
     # Whether the pass writes into existing parameter/buffer tensors (training, calibration, masks) rather than
     # replacing them: the manager's restore point then clones the tensors instead of sharing them.

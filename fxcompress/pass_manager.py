@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
+from . import meta
 from . import recipe as recipes
 from .context import CompileContext, PassRecord
 from .errors import (
@@ -42,10 +43,24 @@ from .instruments import (
 )
 from .pass_base import Pass
 from .snapshot import RestorePoint
-from .tree import sync_code
-from .tracing import normalize_inputs, trace
+from .tree import copy_tree, sync_code
+from .tracing import TraceInfo, normalize_inputs, trace
 
 log = logging.getLogger(__name__)
+
+
+def _check_data(example_inputs: Any, calibration_data: Iterable | None, train_data: Iterable | None,
+                eval_fn: Callable | None) -> tuple:
+    """The example inputs as a tuple of copies (the caller's stay untouched), after checking the data arguments."""
+    if eval_fn is not None and not callable(eval_fn):
+        raise InputError(f"eval_fn must be a callable taking the module and returning a float, "
+                         f"got {type(eval_fn).__name__}.")
+    for what, data in (("calibration_data", calibration_data), ("train_data", train_data)):
+        if isinstance(data, collections.abc.Iterator):
+            raise InputError(f"{what} is a {type(data).__name__}, which can be read only once; the passes read "
+                             f"it several times (calibration, bias correction, every epoch). Pass a list "
+                             f"(list(batches)) or a re-iterable loader such as a DataLoader.")
+    return tuple(t.detach().clone() for t in normalize_inputs(example_inputs))
 
 
 class PassManager:
@@ -88,20 +103,34 @@ class PassManager:
                 train_data: Iterable | None = None, eval_fn: Callable[[torch.nn.Module], float] | None = None,
                 **trace_options: Any) -> CompileContext:
         """Trace (a copy of) ``model`` and wrap it in a fresh context positioned before the first pass."""
-        if eval_fn is not None and not callable(eval_fn):
-            raise InputError(f"eval_fn must be a callable taking the module and returning a float, "
-                             f"got {type(eval_fn).__name__}.")
-        inputs = tuple(t.detach().clone() for t in normalize_inputs(example_inputs))  # the caller's stay untouched
-        for what, data in (("calibration_data", calibration_data), ("train_data", train_data)):
-            if isinstance(data, collections.abc.Iterator):
-                raise InputError(f"{what} is a {type(data).__name__}, which can be read only once; the passes read "
-                                 f"it several times (calibration, bias correction, every epoch). Pass a list "
-                                 f"(list(batches)) or a re-iterable loader such as a DataLoader.")
+        inputs = _check_data(example_inputs, calibration_data, train_data, eval_fn)
         gm = trace(model, inputs, **trace_options)
         if self.dump is not None:
             self.dump.write_initial(gm)
         return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,
                               eval_fn=eval_fn, model=model)
+
+    def resume(self, gm: torch.fx.GraphModule, example_inputs: Any, calibration_data: Iterable | None = None,
+               train_data: Iterable | None = None, eval_fn: Callable[[torch.nn.Module], float] | None = None,
+               plans: dict[str, Any] | None = None, model: torch.nn.Module | None = None) -> CompileContext:
+        """A context over a module that is already a compiled GraphModule (a reproducer's ``module.pt``, the
+        result of ``fxc.load``), without tracing it again: its node names, which plans refer to, stay as they are.
+        ``plans`` are decisions earlier passes made for it; ``model`` is the original model (distill's default
+        teacher).  ``gm`` itself is never modified (a copy is used)."""
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise InputError(f"resume takes a compiled GraphModule, got {type(gm).__name__}; use context() to "
+                             f"trace a model.")
+        inputs = _check_data(example_inputs, calibration_data, train_data, eval_fn)
+        gm = copy_tree(gm)
+        try:
+            meta.propagate(gm, tuple(t.clone() for t in inputs))
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"the module fails on the example inputs: {type(exc).__name__}: {exc}") from exc
+        gm.meta.setdefault(meta.TRACE_INFO, TraceInfo(0.0, len(gm.graph.nodes), (), {}))
+        if self.dump is not None:
+            self.dump.write_initial(gm)
+        return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,
+                              eval_fn=eval_fn, model=model, plans=dict(plans or {}))
 
     def pending(self, ctx: CompileContext) -> list[str]:
         return self.names[ctx.cursor:]
@@ -183,7 +212,9 @@ class PassManager:
         if isinstance(exc, (InputError, RecipeError)):  # the user's data or options: the message says what to fix
             raise exc
         base = self.reproducer_dir or Path(tempfile.mkdtemp(prefix="fxcompress-repro-"))
-        where = write_reproducer(base / f"{len(ctx.history):02d}_{p.name}", snapshot, ctx.example_inputs, p, exc)
+        index = self.passes.index(p) if p in self.passes else len(self.passes)
+        analyses = [q for q in self.passes[:index] if set(q.produces) & set(ctx.analyses)]  # still valid
+        where = write_reproducer(base / f"{len(ctx.history):02d}_{p.name}", ctx, snapshot, p, exc, analyses)
         if isinstance(exc, FxCompressError):
             raise type(exc)(f"{exc}\n  reproducer: {where}") from exc
         raise PassError(f"[{p.name}] failed with {type(exc).__name__}: {exc}\n  reproducer: {where}\n"

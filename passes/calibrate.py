@@ -142,6 +142,7 @@ class Calibrate(Pass):
     """Run calibration data through the observers and compute every site's scale and zero point."""
 
     name = "calibrate"
+    produces = (PARAMS,)
     contract = Contract.EXACT
     writes_tensors = True  # observers record ranges into their buffers
     requires = (PLAN,)

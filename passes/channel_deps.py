@@ -564,6 +564,7 @@ class PropagateDependencies(Pass):
     """Channel-dependency propagation: groups of channels that must be removed together."""
 
     name = "propagate_dependencies"
+    produces = (ANALYSIS,)
     contract = Contract.EXACT
 
     def __init__(self, attention: str = "dims"):

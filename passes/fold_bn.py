@@ -145,6 +145,7 @@ class FoldBatchNorm(Pass):
     """Fold eval-mode BatchNorm into the preceding Conv/ConvTranspose/Linear."""
 
     name = "fold_bn"
+    produces = (FOLDED,)
     contract = Contract.EXACT
     exact_tolerance = (1e-5, 1e-5)
 

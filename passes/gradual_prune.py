@@ -55,6 +55,7 @@ class GradualPrune(training.TrainingPass):
     """AGP gradual pruning during training, channels (mask mode with dependency groups) or single weights."""
 
     name = "gradual_prune"
+    produces = (training.WEIGHT_MASKS,)
     preserves = (ANALYSIS,)
 
     def __init__(self, target: float = 0.5, granularity: str = "channel", initial: float = 0.0, start: float = 0.0,

@@ -46,6 +46,7 @@ class InsertObservers(Pass):
     """Annotate which tensors get which quantization spec, then insert observers there (outputs unchanged)."""
 
     name = "insert_observers"
+    produces = (PLAN,)
     contract = Contract.EXACT
     exact_tolerance = (0.0, 0.0)
 

@@ -144,6 +144,7 @@ class LowRankSVD(Pass):
     """Low-rank SVD replacement of Linear and Conv layers (plain or data-aware)."""
 
     name = "low_rank_svd"
+    produces = (PLAN,)
     contract = Contract.CHANGES
 
     def __init__(self, energy: float | None = None, rank_ratio: float | None = None, target: float | None = None,

@@ -53,6 +53,7 @@ class RemoveChannels(Pass):
     """Channel removal: real smaller layers, or zeroed channels in mask mode."""
 
     name = "remove_channels"
+    produces = (MASKS,)
     contract = Contract.CHANGES
     requires = (ANALYSIS, PLAN)
 

@@ -333,6 +333,7 @@ class SelectChannels(Pass):
     """Channel selection: score channels per group and plan which to remove."""
 
     name = "select_channels"
+    produces = (PLAN,)
     contract = Contract.EXACT
     requires = (ANALYSIS,)
 
