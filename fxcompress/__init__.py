@@ -2,8 +2,15 @@
 from . import golden
 from .api import CompileResult, compile
 from .context import CompileContext, PassRecord
-from .errors import (ExportError, FxCompressError, InputError, PassError, RecipeError, TracingError,
-                     VerificationError)
+from .errors import (
+                     ExportError,
+                     FxCompressError,
+                     InputError,
+                     PassError,
+                     RecipeError,
+                     TracingError,
+                     VerificationError,
+)
 from .export import export_onnx
 from .instruments import strict_checks
 from .pass_base import Contract, Pass, PassResult

@@ -42,7 +42,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_groups(args: argparse.Namespace) -> None:
     """The channel groups of MODEL: what would be pruned together, and what is left whole and why."""
-    from fxcompress.passes.channel_deps import ChannelGraph
+    from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 
     model, inputs = load_model(args.model, args.input_shape)
     pm = PassManager(args.recipe or [])

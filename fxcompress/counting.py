@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import meta
+from .fxutil import arg
 from .meta import TensorInfo
 from .modules import dynamic_quant_linear, requantized_conv
 
@@ -48,10 +49,6 @@ def _info(arg: Any) -> TensorInfo | None:
     return meta.tensor_info(arg) if isinstance(arg, torch.fx.Node) else None
 
 
-def _arg(node: torch.fx.Node, index: int, name: str) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
-
-
 def _prod(xs: Iterable[int]) -> int:
     return math.prod(int(x) for x in xs)
 
@@ -60,7 +57,7 @@ def _out_times_k(a_index: int, a_name: str) -> Callable[[torch.fx.Node], int]:
     """MACs of a product whose output has numel elements each reducing over k = a.shape[-1]."""
 
     def rule(node: torch.fx.Node) -> int:
-        a, out = _info(_arg(node, a_index, a_name)), meta.tensor_info(node)
+        a, out = _info(arg(node, a_index, a_name)), meta.tensor_info(node)
         return out.numel * a.shape[-1] if a is not None and out is not None and a.shape else 0
 
     return rule
@@ -68,7 +65,7 @@ def _out_times_k(a_index: int, a_name: str) -> Callable[[torch.fx.Node], int]:
 
 def _conv_fn(transposed: bool) -> Callable[[torch.fx.Node], int]:
     def rule(node: torch.fx.Node) -> int:
-        x, w, out = _info(_arg(node, 0, "input")), _info(_arg(node, 1, "weight")), meta.tensor_info(node)
+        x, w, out = _info(arg(node, 0, "input")), _info(arg(node, 1, "weight")), meta.tensor_info(node)
         if x is None or w is None or out is None:
             return 0
         per_out = w.shape[1] * _prod(w.shape[2:])
@@ -78,7 +75,7 @@ def _conv_fn(transposed: bool) -> Callable[[torch.fx.Node], int]:
 
 
 def _sdpa(node: torch.fx.Node) -> int:
-    q, k, v = (_info(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    q, k, v = (_info(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     if q is None or k is None or v is None:
         return 0
     batch = _prod(q.shape[:-2])
@@ -126,7 +123,7 @@ def _linear_module(node: torch.fx.Node, m: nn.Linear) -> int:
 
 
 def _conv_module(node: torch.fx.Node, m: _ConvNd) -> int:
-    x, out = _info(_arg(node, 0, "input")), meta.tensor_info(node)
+    x, out = _info(arg(node, 0, "input")), meta.tensor_info(node)
     if x is None or out is None:
         return 0
     if isinstance(m, _ConvTransposeNd):
@@ -135,7 +132,7 @@ def _conv_module(node: torch.fx.Node, m: _ConvNd) -> int:
 
 
 def _mha_module(node: torch.fx.Node, m: nn.MultiheadAttention) -> int:
-    q, k, v = (_info(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    q, k, v = (_info(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     if q is None or k is None or v is None:
         return 0
     seq = 1 if m.batch_first and len(q.shape) == 3 else 0  # index of the sequence axis

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import torch
 import torch.fx
 
+from .modules import Observer
+
 TENSOR = "fxc.tensor"  # TensorInfo | ValueInfo | tuple/list/dict of them: what the node produces
 PROVENANCE = "fxc.provenance"  # tuple[str, ...]: "pass: what it did" lines, oldest first
 AUTO_LEAF = "fxc.auto_leaf"  # str on call_module nodes: why tracing kept this submodule opaque
@@ -108,8 +110,6 @@ class _Recorder(torch.fx.Interpreter):
 def side_effect_free(gm: torch.nn.Module) -> Iterator[None]:
     """Run forwards without lasting effects: no autograd, fixed RNG, buffers (BN statistics) restored, observers
     not recording."""
-    from .modules import Observer
-
     # In training mode forwards update buffers (BN statistics): they run on clones, and the module's own tensors
     # are put back afterwards untouched (never written, so restore points sharing them stay valid).
     training = any(m.training for m in gm.modules())

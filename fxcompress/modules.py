@@ -110,11 +110,6 @@ class Observer(nn.Module):
             self.batches += 1
         return x
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from fxcompress.passes.quant_spec import qparams
-
-        return qparams(self.spec, self.calibrator)
-
     def extra_repr(self) -> str:
         return f"{self.spec}, batches={self.batches}"
 

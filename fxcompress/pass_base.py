@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.fx
 
 from .errors import PassError, RecipeError, did_you_mean
+from .modules import quantization_stage
 from .options import typed_init
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 def refuse_quantized(gm: torch.fx.GraphModule, pass_name: str, order: str) -> None:
     """A PassError when ``gm`` is already observed or quantized: ``pass_name`` cannot apply to it; ``order`` says
     where it belongs (\"prune before quantize\")."""
-    from .modules import quantization_stage
-
     stage = quantization_stage(gm)
     if stage is not None:
         what, node = stage

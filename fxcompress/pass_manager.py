@@ -43,8 +43,8 @@ from .instruments import (
 )
 from .pass_base import Pass
 from .snapshot import RestorePoint
-from .tree import copy_tree, sync_code
 from .tracing import TraceInfo, normalize_inputs, trace
+from .tree import copy_tree, sync_code
 
 log = logging.getLogger(__name__)
 

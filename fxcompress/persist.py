@@ -42,6 +42,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.node import _get_qualified_name
 
+from . import modules
 from .errors import FxCompressError, InputError
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,6 @@ class ArchitectureMismatch(InputError, RuntimeError):
 def _allowed_functions() -> dict[str, Any]:
     """Graph functions a file may name, by qualified name: PyTorch tensor ops, operator, math, a few builtins and
     fxcompress's own graph functions."""
-    from . import modules  # noqa: F401 - its functions register below
-
     found: list[Any] = []
     for group in torch.overrides.get_overridable_functions().values():
         found.extend(f for f in group if callable(f) and not isinstance(f, type))

@@ -10,9 +10,10 @@ Shorthand names (``SHORTHANDS`` in ``fxcompress.passes``) expand into several fi
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Iterable
+
+import tomllib
 
 from .errors import RecipeError, did_you_mean, unknown_name_message
 from .pass_base import Pass

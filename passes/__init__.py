@@ -7,24 +7,23 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from fxcompress.pass_base import Pass
+from fxcompress.passes.low_rank.low_rank_svd import LowRankSVD
+from fxcompress.passes.pruning.gradual_prune import GradualPrune
+from fxcompress.passes.pruning.propagate_dependencies import PropagateDependencies
+from fxcompress.passes.pruning.remove_channels import RemoveChannels
+from fxcompress.passes.pruning.select_channels import SelectChannels
+from fxcompress.passes.quant.calibrate import Calibrate
+from fxcompress.passes.quant.fold_bn import FoldBatchNorm
+from fxcompress.passes.quant.insert_observers import InsertObservers
+from fxcompress.passes.quant.lower_quantized import LowerQuantized
+from fxcompress.passes.train.distill import Distill
+from fxcompress.passes.train.finetune import Finetune
+from fxcompress.passes.train.qat import QAT
+from fxcompress.passes.train.recalibrate_bn import RecalibrateBN
 
 from fxcompress.errors import RecipeError
 from fxcompress.options import check_value
-
-from .calibrate import Calibrate
-from .channel_deps import PropagateDependencies
-from .distill import Distill
-from .finetune import Finetune
-from .fold_bn import FoldBatchNorm
-from .gradual_prune import GradualPrune
-from .insert_observers import InsertObservers
-from .lower_quantized import LowerQuantized
-from .recalibrate_bn import RecalibrateBN
-from .low_rank_svd import LowRankSVD
-from .qat import QAT
-from .remove_channels import RemoveChannels
-from .select_channels import SelectChannels
+from fxcompress.pass_base import Pass
 
 PASSES: dict[str, type[Pass]] = {
     "fold_bn": FoldBatchNorm,

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
-
 from zoo import randomize_bn
 
 BLOCKS = ("cbr", "residual", "concat", "split", "chunk", "grouped", "depthwise", "shuffle", "se", "glu", "pixel")

@@ -2,9 +2,9 @@ import json
 import math
 
 import pytest
+from fxcompress.golden_models import EXPECTED
 
 from fxcompress.bench import BenchConfig, format_table, run_bench
-from fxcompress.golden_models import EXPECTED
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zoo
 
 import fxcompress as fxc
 from fxcompress import counting
-
-import zoo
 
 
 def _macs_by_node(gm):

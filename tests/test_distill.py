@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.train.distill import kd_loss
 
 import fxcompress as fxc
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.passes.distill import kd_loss
 
 NAME = "resnet20-hard-digits"
 PRE = [{"pass": "prune", "ratio": 0.5}, {"pass": "recalibrate_bn"}]

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 import ddp_job
+import torch
 
 HERE = Path(__file__).parent
 

@@ -2,12 +2,11 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+import zoo
 
 import fxcompress as fxc
 from fxcompress.export import max_abs_diff, run, session
 from fxcompress.export import onnx as onnx_export
-
-import zoo
 
 
 def _other_batch(inputs, batch=3):

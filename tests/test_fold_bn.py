@@ -2,13 +2,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+import zoo
+from fxcompress.passes import PASSES
+from fxcompress.passes.quant.fold_bn import SKIP_REASONS
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxcompress as fxc
-from fxcompress.passes import PASSES
-from fxcompress.passes.fold_bn import SKIP_REASONS
-
-import zoo
 
 FOLD = [{"pass": "fold_bn"}]
 

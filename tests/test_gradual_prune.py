@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
+from fxcompress.passes.pruning.gradual_prune import agp
 
 import fxcompress as fxc
 from fxcompress.errors import PassError, RecipeError
-from fxcompress.passes.gradual_prune import agp
-
-import zoo
 
 
 def _data(model, example, n=6, seed=0):

@@ -9,6 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zoo
+from fxcompress.passes.low_rank.low_rank_svd import (
+    PLAN,
+    allocate,
+    apply_layer,
+    candidates,
+    decompose,
+    factorize,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,9 +25,6 @@ import fxcompress as fxc
 from fxcompress.counting import totals
 from fxcompress.export.ort import run as ort_run
 from fxcompress.instruments import sqnr_db
-from fxcompress.passes.low_rank_svd import PLAN, allocate, apply_layer, candidates, decompose, factorize
-
-import zoo
 
 
 def _outputs(module, inputs):

@@ -2,9 +2,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fxcompress
 import fxcompress.golden_models
 import fxcompress.passes
+
+import fxcompress
 
 ROOT = Path(__file__).resolve().parents[1]
 

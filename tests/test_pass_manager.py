@@ -3,12 +3,11 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import zoo
 
 import fxcompress as fxc
 from fxcompress import meta
 from fxcompress.pass_base import Contract, Pass, PassResult
-
-import zoo
 
 
 class ScaleOutput(Pass):

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from zoo import ZOO, TiedEmbedding, build
 
 import fxcompress as fxc
 from fxcompress import persist
 from fxcompress.errors import InputError
-from zoo import ZOO, TiedEmbedding, build
 
 FAST = ["resnet20-hard-digits", "mobilenetv2-hard-digits", "vit-tiny-digits"]  # residual, depthwise, attention
 OTHERS = [n for n in fxc.golden.names() if n not in FAST]

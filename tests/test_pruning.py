@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from random_nets import random_nets
+from zoo import ZOO, build, randomize_bn
 
 import fxcompress as fxc
 from fxcompress.instruments import relative_error
 from fxcompress.modules import PrunedMultiheadAttention
-from fxcompress.passes.channel_deps import ChannelGraph
-from random_nets import random_nets
-from zoo import ZOO, build, randomize_bn
 
 
 def prune(model, inputs, mode="remove", **options):
@@ -380,8 +380,7 @@ def test_attention_whole_heads():
 
 def test_channel_graph_is_a_networkx_graph_of_named_spaces():
     import networkx as nx
-
-    from fxcompress.passes.channel_spaces import Factor, Identity, Offset
+    from fxcompress.passes.pruning.lib.channel_spaces import Factor, Identity, Offset
 
     cg = groups(*build("splits_views"))
     g = cg.graph

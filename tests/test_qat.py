@@ -10,11 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+import zoo
 
 import fxcompress as fxc
 from fxcompress.errors import PassError, RecipeError
-
-import zoo
 
 
 def _recipe(bits: int = 8, **qat) -> list[dict]:

@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_nets import random_nets
+from zoo import ZOO, build
 
 import fxcompress as fxc
 from fxcompress.export.ort import max_abs_diff, optimized_op_counts, run
 from fxcompress.instruments import sqnr_db
 from fxcompress.modules import Observer
-from random_nets import random_nets
-from zoo import ZOO, build
 
 FLOAT_COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -379,8 +379,7 @@ def test_bias_correction_removes_the_mean_shift_of_quantized_weights():
 def test_bias_correction_sums_patches_as_the_convolution_does(dims, groups, k, stride, padding, dilation, seed,
                                                              channels_last):
     import torch.nn.functional as F
-
-    from fxcompress.passes.lower_quantized import _weight_error_sum
+    from fxcompress.passes.quant.lower_quantized import _weight_error_sum
 
     g = torch.Generator().manual_seed(seed)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]

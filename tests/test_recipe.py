@@ -1,11 +1,10 @@
 import pytest
 import torch
+import zoo
+from fxcompress.passes import PASSES
+from fxcompress.passes.quant.fold_bn import FoldBatchNorm
 
 import fxcompress as fxc
-from fxcompress.passes import PASSES
-from fxcompress.passes.fold_bn import FoldBatchNorm
-
-import zoo
 
 
 def _unchanged(model, state):

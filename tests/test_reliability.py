@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes import PASSES
+from zoo import TiedEmbedding, build, randomize_bn
 
 import fxcompress as fxc
 from fxcompress.errors import InputError, PassError, RecipeError
-from fxcompress.passes import PASSES
-from zoo import TiedEmbedding, build, randomize_bn
 
 
 def _net() -> nn.Module:
@@ -50,7 +50,7 @@ def test_every_option_of_every_pass_is_type_checked(name):
     options = [p for p in inspect.signature(init).parameters.values()
                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if hasattr(cls, "set_loop"):  # training passes: the loop options too
-        from fxcompress.passes.training import Loop
+        from fxcompress.passes.train.lib.training import Loop
         hints |= typing.get_type_hints(Loop)
         options += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in typing.get_type_hints(Loop)]
     for p in options:

@@ -10,12 +10,11 @@ import runpy
 
 import pytest
 import torch
+import zoo
+from fxcompress.passes import PASSES
 
 import fxcompress as fxc
 from fxcompress.instruments import fingerprint
-from fxcompress.passes import PASSES
-
-import zoo
 
 TRAIN = {"epochs": 1, "max_steps": 2, "lr": 1e-3}
 PRUNE = [{"pass": "propagate_dependencies"}, {"pass": "select_channels", "ratio": 0.5}]

@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zoo
 
 import fxcompress as fxc
 from fxcompress import meta
 from fxcompress.meta import TensorInfo
-
-import zoo
 
 
 def _snapshot(model: nn.Module):

@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import zoo
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import fxcompress as fxc
-
-import zoo
 
 
 def _data(example, n=4, batch=8, classes=10, seed=0):

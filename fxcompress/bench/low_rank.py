@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 import fxcompress as fxc
 from fxcompress.export.ort import run, session
-from fxcompress.passes.low_rank_svd import PLAN
+from fxcompress.passes.low_rank.low_rank_svd import PLAN
 
 from .measure import alternated_latency, cpu_model, quality
 

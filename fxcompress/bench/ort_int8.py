@@ -81,8 +81,13 @@ def quantize(fp32_path: str, calibration_npy: str, out_path: str, method: str) -
 
 def _quantize(work: Path, fp32_path: str, calibration_npy: str, out_path: str, method: str) -> tuple[float, float, str]:
     import onnx
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        create_calibrator,
+        quantize_static,
+    )
     from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -23,11 +23,11 @@ import onnxruntime as ort
 import torch
 from tabulate import tabulate
 
+from ..errors import FxCompressError
 from ..export.onnx import export_onnx
 from ..export.ort import session
 from ..golden import load_model
 from .measure import alternated_latency, quality
-from ..errors import FxCompressError
 from .ort_int8 import METHODS
 
 ORT_INT8 = "ORT INT8 "

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from fxcompress.golden_models import EXPECTED, GOLDEN
 
 import fxcompress as fxc
 from fxcompress.export import max_abs_diff
-from fxcompress.golden_models import EXPECTED, GOLDEN
 
 IMAGENET = sorted(n for n, s in GOLDEN.items() if not s.trained)
 DIGITS = sorted(n for n, s in GOLDEN.items() if s.trained)

@@ -27,16 +27,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fxcompress.passes.pruning.lib.channel_deps import ANALYSIS
+from fxcompress.passes.pruning.remove_channels import RemoveChannels
+from fxcompress.passes.pruning.select_channels import (
+    CRITERIA,
+    PLAN,
+    SCOPES,
+    SelectChannels,
+)
+from fxcompress.passes.train.lib import training
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import PassResult
-
-from . import training
-from .channel_deps import ANALYSIS
-from .remove_channels import RemoveChannels
-from .select_channels import CRITERIA, PLAN, SCOPES, SelectChannels
 
 GRANULARITIES = ("channel", "level")
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)

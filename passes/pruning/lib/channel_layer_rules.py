@@ -7,10 +7,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.pruning.lib.channel_spaces import GroupedInput, Relations, unary
 
 from fxcompress import meta
-
-from .channel_spaces import GroupedInput, Relations, _arg, unary
+from fxcompress.fxutil import arg
 
 
 def conv(r: Relations, node: torch.fx.Node, m: nn.modules.conv._ConvNd) -> None:
@@ -58,9 +58,9 @@ def conv(r: Relations, node: torch.fx.Node, m: nn.modules.conv._ConvNd) -> None:
 
 
 def functional_conv(r: Relations, node: torch.fx.Node, _=None) -> None:
-    x, w = node.args[0], _arg(node, 1, "weight")
-    b = _arg(node, 2, "bias")
-    groups = _arg(node, 6, "groups", 1)
+    x, w = node.args[0], arg(node, 1, "weight")
+    b = arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
     transposed = "transpose" in node.target.__name__
     if groups != 1 or not isinstance(w, torch.fx.Node):
         return r.barrier(f"{r.where()}: functional conv with groups={groups}")
@@ -86,7 +86,7 @@ def linear(r: Relations, node: torch.fx.Node, m: nn.Linear) -> None:
 
 
 def functional_linear(r: Relations, node: torch.fx.Node, _=None) -> None:
-    x, w, b = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
     for d in range(len(r.shape(x)) - 1):
         r.equal(r.sp(x, d), r.out(d))
     r.equal(r.sp(x, -1), r.sp(w, 1))
@@ -125,7 +125,7 @@ def batchnorm(r: Relations, node: torch.fx.Node, m: nn.Module) -> None:
 def functional_batchnorm(r: Relations, node: torch.fx.Node, _=None) -> None:
     unary(r, node)
     for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        p = _arg(node, i, name)
+        p = arg(node, i, name)
         if isinstance(p, torch.fx.Node):
             r.equal(r.out(1), r.sp(p, 0))
 
@@ -145,13 +145,13 @@ def layernorm(r: Relations, node: torch.fx.Node, m: nn.LayerNorm) -> None:
 
 def functional_layernorm(r: Relations, node: torch.fx.Node, _=None) -> None:
     unary(r, node)
-    shape = _arg(node, 1, "normalized_shape")
+    shape = arg(node, 1, "normalized_shape")
     k = len(shape)
     n = len(r.shape(node))
     for j in range(k):
         r.inexact(r.out(n - k + j), f"{r.where()} normalises over this dim")
         for i, name in ((2, "weight"), (3, "bias")):
-            p = _arg(node, i, name)
+            p = arg(node, i, name)
             if isinstance(p, torch.fx.Node):
                 r.equal(r.out(n - k + j), r.sp(p, j))
     r.hook("layernorm")
@@ -200,7 +200,7 @@ def pixel_shuffle(r: Relations, node: torch.fx.Node, m: Any = None) -> None:
 
 def glu(r: Relations, node: torch.fx.Node, _=None) -> None:
     x = node.args[0]
-    dim = _arg(node, 1, "dim", -1) % len(r.shape(x))
+    dim = arg(node, 1, "dim", -1) % len(r.shape(x))
     half = r.shape(node)[dim]
     for d in range(len(r.shape(x))):
         if d == dim:
@@ -216,7 +216,7 @@ def multihead_attention(r: Relations, node: torch.fx.Node, m: nn.MultiheadAttent
     if not getattr(m, "_qkv_same_embed_dim", True) or getattr(m, "bias_k", None) is not None \
             or getattr(m, "add_zero_attn", False):
         return r.barrier(f"{t}: MultiheadAttention with kdim/vdim, bias_k or add_zero_attn")
-    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     outs = node.meta.get(meta.TENSOR)
     out = f"{node.name}.0"
     sq = r.shape(q)
@@ -246,7 +246,7 @@ def multihead_attention(r: Relations, node: torch.fx.Node, m: nn.MultiheadAttent
 
 
 def sdpa(r: Relations, node: torch.fx.Node, _=None) -> None:
-    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     r.equal(r.sp(q, -1), r.sp(k, -1))
     r.equal(r.sp(v, -1), r.out(-1))
     r.equal(r.sp(q, -2), r.out(-2))

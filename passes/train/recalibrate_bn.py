@@ -18,15 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fxcompress.passes.quant.calibrate import calibration_batches, grouped
+from fxcompress.passes.train.lib.training import evaluate, train_batches
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.progress import progress
 from fxcompress.pass_base import Contract, Pass, PassResult
-
-from .calibrate import calibration_batches, grouped
-from .training import evaluate, train_batches
+from fxcompress.progress import progress
 
 
 class RecalibrateBN(Pass):

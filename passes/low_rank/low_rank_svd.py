@@ -45,6 +45,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.quant.calibrate import calibration_batches
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from fxcompress import meta
@@ -54,8 +55,6 @@ from fxcompress.errors import InputError, RecipeError, did_you_mean
 from fxcompress.instruments import sqnr_db
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
-
-from .calibrate import calibration_batches
 
 PLAN = "low_rank_plan"
 DAMPING = 1e-4  # added to E[x x^T]'s diagonal, relative to its mean: keeps R invertible (full rank stays exact)

@@ -27,15 +27,19 @@ from typing import Callable
 
 import torch
 import torch.fx
+from fxcompress.passes.pruning.lib.channel_deps import (
+    ANALYSIS,
+    PRUNE_ORDER,
+    ChannelGraph,
+    ChannelGroup,
+)
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, did_you_mean
+from fxcompress.fxutil import lookup
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
-
-from .channel_deps import ANALYSIS, PRUNE_ORDER, ChannelGraph, ChannelGroup
-from .channel_spaces import lookup
 
 PLAN = "pruning_plan"
 CRITERIA = ("l1", "l2", "fpgm", "slim", "opt_slim", "taylor", "apoz", "mean_activation", "random")

@@ -33,13 +33,12 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.quant.calibrate import calibration_batches
+from fxcompress.passes.train.lib import training
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, did_you_mean
 from fxcompress.pass_base import PassResult
-
-from . import training
-from .calibrate import calibration_batches
 
 VARIANTS = ("offline", "semi_supervised", "self")
 

@@ -22,16 +22,15 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize
+from fxcompress.passes.pruning.remove_channels import MASKS
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, PassError, RecipeError
 from fxcompress.options import check_value
 from fxcompress.pass_base import Contract, Pass
-from fxcompress.progress import progress
 from fxcompress.pass_base import refuse_quantized as core_refuse
-
-from .remove_channels import MASKS
+from fxcompress.progress import progress
 
 log = logging.getLogger(__name__)
 WEIGHT_MASKS = "weight_masks"  # ctx.plans key: {parameter target: 0/1 mask of its elements} (level pruning)

@@ -53,22 +53,37 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.quant.calibrate import (
+    PARAMS,
+    calibration_batches,
+    forward_layout,
+    grouped,
+)
+from fxcompress.passes.quant.insert_observers import HOLDER, PLAN
+from fxcompress.passes.quant.lib.calibrators import MinMax
+from fxcompress.passes.quant.lib.quant_plan import (
+    RELU_FUNCS,
+    RELU_METHODS,
+    RELU_MODULES,
+    WeightSite,
+    is_op,
+)
+from fxcompress.passes.quant.lib.quant_spec import FakeQuant, qparams
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
+from fxcompress.fxutil import lookup
 from fxcompress.instruments import sqnr_db
-from fxcompress.modules import (NarrowAccumulator, dynamic_quant_linear, quantization_stage, quantized_add,
-                                requantized_conv)
-from fxcompress.progress import progress
+from fxcompress.modules import (
+    NarrowAccumulator,
+    dynamic_quant_linear,
+    quantization_stage,
+    quantized_add,
+    requantized_conv,
+)
 from fxcompress.pass_base import Contract, Pass, PassResult
-
-from .calibrate import PARAMS, calibration_batches, forward_layout, grouped
-from .calibrators import MinMax
-from .channel_spaces import lookup
-from .insert_observers import HOLDER, PLAN
-from .quant_plan import RELU_FUNCS, RELU_METHODS, RELU_MODULES, WeightSite, _is
-from .quant_spec import FakeQuant, qparams
+from fxcompress.progress import progress
 
 CONSTANTS = "qparams"  # submodule holding per-channel scales, zero points and rounded biases
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -279,7 +294,7 @@ class LowerQuantized(Pass):
         """A convolution whose output is quantized (directly or after its ReLU) computes its integer accumulator
         exactly and requantizes it as ONNX Runtime's QLinearConv does (``modules.requantized_conv``)."""
         users = list(conv.users)
-        if len(users) == 1 and _is(users[0], RELU_FUNCS, RELU_METHODS, RELU_MODULES, gm):
+        if len(users) == 1 and is_op(users[0], RELU_FUNCS, RELU_METHODS, RELU_MODULES, gm):
             users = list(users[0].users)
         if not (len(users) == 1 and users[0] in quantizers):
             return

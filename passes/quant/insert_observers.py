@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from fxcompress.passes.quant.lib.quant_plan import Options, plan_quantization
+from fxcompress.passes.quant.lib.quant_spec import METHODS
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
@@ -28,9 +30,6 @@ from fxcompress.errors import InputError, RecipeError
 from fxcompress.modules import Observer
 from fxcompress.options import as_patterns, check_patterns
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
-
-from .quant_plan import Options, plan_quantization
-from .quant_spec import METHODS
 
 PLAN = "quant_plan"
 HOLDER = "observers"

@@ -17,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
-from .calibrators import Histogram, MinMax
+from fxcompress.passes.quant.lib.calibrators import Histogram, MinMax
 
 METHODS = ("minmax", "percentile", "mse", "kl", "kl_tolerance")
 

@@ -19,15 +19,44 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.pruning.lib.channel_layer_rules import (
+    batchnorm,
+    conv,
+    embedding,
+    functional_batchnorm,
+    functional_conv,
+    functional_layernorm,
+    functional_linear,
+    glu,
+    groupnorm,
+    layernorm,
+    linear,
+    matmul,
+    multihead_attention,
+    pixel_shuffle,
+    prelu,
+    recurrent,
+    repeat,
+    sdpa,
+)
+from fxcompress.passes.pruning.lib.channel_spaces import (
+    Factor,
+    GroupedInput,
+    Identity,
+    Offset,
+    ParamMember,
+    Relations,
+    Space,
+    index_items,
+    op_name,
+    slice_start,
+    tensor_args,
+    unary,
+)
 
 from fxcompress import meta
+from fxcompress.fxutil import arg
 from fxcompress.modules import PrunedMultiheadAttention
-
-from .channel_layer_rules import (batchnorm, conv, embedding, functional_batchnorm, functional_conv,
-                                  functional_layernorm, functional_linear, glu, groupnorm, layernorm, linear,
-                                  matmul, multihead_attention, pixel_shuffle, prelu, recurrent, repeat, sdpa)
-from .channel_spaces import (Factor, GroupedInput, Identity, Offset, ParamMember, Relations, Space, _arg, _name,
-                             _tensors, index_items, slice_start, unary)
 
 __all__ = ["RULES", "rule_for", "Relations", "Space", "Identity", "Offset", "Factor", "ParamMember", "GroupedInput"]
 
@@ -39,7 +68,7 @@ def broadcast(r: Relations, node: torch.fx.Node, _=None) -> None:
     out = r.shape(node)
     if out is None:
         return r.barrier(f"{r.where()}: output is not a tensor")
-    for x in _tensors([*node.args, *node.kwargs.values()]):
+    for x in tensor_args([*node.args, *node.kwargs.values()]):
         shape = r.shape(x)
         if len(shape) > len(out):
             return r.barrier(f"{r.where()}: unexpected broadcast")
@@ -64,7 +93,7 @@ def leading(r: Relations, node: torch.fx.Node, _=None, spatial: int | None = Non
 
 def softmax_like(r: Relations, node: torch.fx.Node, module: Any = None) -> None:
     unary(r, node)
-    dim = module.dim if isinstance(module, nn.Module) else _arg(node, 1, "dim")
+    dim = module.dim if isinstance(module, nn.Module) else arg(node, 1, "dim")
     if dim is not None and r.shape(node) is not None:
         r.inexact(r.out(dim), f"{r.where()} normalises over this dim")
 
@@ -73,8 +102,8 @@ def reduce(r: Relations, node: torch.fx.Node, _=None) -> None:
     """sum/mean/amax/...: kept dims map through; reducing over a channel dim is inexact unless it is a sum."""
     x = node.args[0]
     shape, out = r.shape(x), r.shape(node)
-    dims = _arg(node, 1, "dim")
-    keepdim = bool(_arg(node, 2, "keepdim", False))
+    dims = arg(node, 1, "dim")
+    keepdim = bool(arg(node, 2, "keepdim", False))
     if shape is None or out is None:
         return r.barrier(f"{r.where()}: unexpected shapes")
     if dims is None:
@@ -161,21 +190,21 @@ def permute(r: Relations, node: torch.fx.Node, _=None) -> None:
     n = len(shape)
     name = node.target if isinstance(node.target, str) else node.target.__name__
     if name in ("transpose", "swapaxes", "swapdims"):
-        d0, d1 = _arg(node, 1, "dim0") % n, _arg(node, 2, "dim1") % n
+        d0, d1 = arg(node, 1, "dim0") % n, arg(node, 2, "dim1") % n
         order = list(range(n))
         order[d0], order[d1] = order[d1], order[d0]
     elif name in ("t",):
         order = list(range(n))[::-1]
     else:
-        dims = node.args[1:] if len(node.args) > 2 or isinstance(_arg(node, 1, "dims"), int) else _arg(node, 1, "dims")
+        dims = node.args[1:] if len(node.args) > 2 or isinstance(arg(node, 1, "dims"), int) else arg(node, 1, "dims")
         order = [d % n for d in dims]
     for k, d in enumerate(order):
         r.equal(r.sp(x, d), r.out(k))
 
 
 def cat(r: Relations, node: torch.fx.Node, _=None) -> None:
-    tensors = _arg(node, 0, "tensors")
-    dim = _arg(node, 1, "dim", 0)
+    tensors = arg(node, 0, "tensors")
+    dim = arg(node, 1, "dim", 0)
     out = r.shape(node)
     dim %= len(out)
     start = 0
@@ -192,8 +221,8 @@ def cat(r: Relations, node: torch.fx.Node, _=None) -> None:
 
 
 def stack(r: Relations, node: torch.fx.Node, _=None) -> None:
-    tensors = _arg(node, 0, "tensors")
-    dim = _arg(node, 1, "dim", 0) % len(r.shape(node))
+    tensors = arg(node, 0, "tensors")
+    dim = arg(node, 1, "dim", 0) % len(r.shape(node))
     for x in tensors:
         for d in range(len(r.shape(x))):
             r.equal(r.sp(x, d), r.out(d if d < dim else d + 1))
@@ -209,7 +238,7 @@ def split(r: Relations, node: torch.fx.Node, _=None) -> None:
     if shape is None or not isinstance(outs, (tuple, list)):
         return r.barrier(f"{r.where()}: unexpected shapes")
     unbind = name == "unbind"
-    dim = _arg(node, 1 if unbind else 2, "dim", 0) % len(shape)
+    dim = arg(node, 1 if unbind else 2, "dim", 0) % len(shape)
     if not unbind:
         r.hook("split")
     start = 0
@@ -321,7 +350,7 @@ _POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg
 
 
 def _pad(r: Relations, node: torch.fx.Node, _=None) -> None:
-    pad = _arg(node, 1, "pad")
+    pad = arg(node, 1, "pad")
     leading(r, node, spatial=len(pad) // 2)
 
 
@@ -386,6 +415,6 @@ def rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Callable[..
         fn = getattr(torch.Tensor, node.target, None)
         return RULES.get(fn), None, f"Tensor.{node.target}"
     try:
-        return RULES.get(node.target), None, _name(node.target)
+        return RULES.get(node.target), None, op_name(node.target)
     except TypeError:  # unhashable target
-        return None, None, _name(node.target)
+        return None, None, op_name(node.target)

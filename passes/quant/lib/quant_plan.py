@@ -28,12 +28,11 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxcompress.passes.quant.lib.quant_spec import QuantSpec
 
 from fxcompress import counting, meta
+from fxcompress.fxutil import arg
 from fxcompress.options import matches
-
-from .channel_spaces import _arg
-from .quant_spec import QuantSpec
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -127,7 +126,7 @@ def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _is(node: Any, funcs: set, methods: set, modules: tuple, gm: torch.fx.GraphModule) -> bool:
+def is_op(node: Any, funcs: set, methods: set, modules: tuple, gm: torch.fx.GraphModule) -> bool:
     if not isinstance(node, torch.fx.Node):
         return False
     if node.op == "call_function":
@@ -159,7 +158,7 @@ def _param(gm: torch.fx.GraphModule, node: Any) -> str | None:
 
 
 def is_relu(gm: torch.fx.GraphModule, node: Any) -> bool:
-    if _is(node, RELU_FUNCS, RELU_METHODS, RELU_MODULES, gm):
+    if is_op(node, RELU_FUNCS, RELU_METHODS, RELU_MODULES, gm):
         return True
     if isinstance(node, torch.fx.Node) and node.op == "call_module":
         m = _module(gm, node)
@@ -195,7 +194,7 @@ class Planner:
     def _excluded(self, node: torch.fx.Node) -> bool:
         target = node.target if node.op == "call_module" else None
         if target is None and node.op == "call_function":
-            w = _arg(node, 1, "weight")
+            w = arg(node, 1, "weight")
             target = w.target.rsplit(".", 1)[0] if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
         return target is not None and any(matches(target, p) for p in self.o.exclude)
 
@@ -216,7 +215,7 @@ class Planner:
     def _passthrough_sources(self, n: torch.fx.Node) -> list[torch.fx.Node]:
         gm = self.gm
         if n.op == "call_function" and n.target in CAT_FUNCS:
-            tensors = _arg(n, 0, "tensors")
+            tensors = arg(n, 0, "tensors")
             if isinstance(tensors, (list, tuple)) and all(_float_tensor(t) for t in tensors):
                 return list(tensors)
             return []
@@ -224,15 +223,15 @@ class Planner:
             src = n.args[0]
             if _float_tensor(src):
                 return [src]
-            if isinstance(src, torch.fx.Node) and _is(src, SPLIT_FUNCS, SPLIT_METHODS, (), gm) and \
+            if isinstance(src, torch.fx.Node) and is_op(src, SPLIT_FUNCS, SPLIT_METHODS, (), gm) and \
                     _float_tensor(src.args[0]):
                 return [src.args[0]]
             return []
-        if _is(n, PASS_FUNCS, PASS_METHODS, PASS_MODULES, gm):
+        if is_op(n, PASS_FUNCS, PASS_METHODS, PASS_MODULES, gm):
             if n.op == "call_module" and getattr(_module(gm, n), "return_indices", False):
                 return []
             if n.op == "call_function" and n.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d) and \
-                    _arg(n, 6, "return_indices", False):
+                    arg(n, 6, "return_indices", False):
                 return []
             first = n.args[0] if n.args else None
             return [first] if _float_tensor(first) else []
@@ -278,7 +277,7 @@ class Planner:
                 axis = None  # per-channel along the output axis needs one group
         elif node.op == "call_function" and (node.target in CONV_FUNCS or node.target is F.linear):
             kind = "linear" if node.target is F.linear else "conv"
-            x, w, b = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")
+            x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
             weight, bias = _param(gm, w), _param(gm, b)
             if weight is None or (b is not None and bias is None):
                 self.float_ops[node.name] = f"{node.name}: weight or bias is computed, not a parameter; left float"
@@ -307,7 +306,7 @@ class Planner:
         return True
 
     def _matmul(self, node: torch.fx.Node) -> bool:
-        if not _is(node, MATMUL_FUNCS, MATMUL_METHODS, (), self.gm):
+        if not is_op(node, MATMUL_FUNCS, MATMUL_METHODS, (), self.gm):
             return False
         if self.o.mode == "dynamic":
             self.float_ops[node.name] = f"{node.name}: dynamic mode quantizes Linear layers only"
@@ -329,7 +328,7 @@ class Planner:
         return True
 
     def _add(self, node: torch.fx.Node) -> bool:
-        if not _is(node, ADD_FUNCS, ADD_METHODS, (), self.gm):
+        if not is_op(node, ADD_FUNCS, ADD_METHODS, (), self.gm):
             return False
         tensors = [a for a in node.args[:2] if _float_tensor(a)]
         if self.o.quantize_add_inputs and len(tensors) == 2 and not self._excluded(node):

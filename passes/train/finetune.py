@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fxcompress.passes.train.lib import training
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError
 from fxcompress.pass_base import PassResult
-
-from . import training
 
 
 class Finetune(training.TrainingPass):

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from fxcompress import meta
+from fxcompress.fxutil import lookup
 
 Space = tuple[str, int]
 
@@ -170,7 +171,7 @@ class Relations:
         self.hooks[self.node.name] = kind
 
     def where(self) -> str:
-        return f"{self.node.op} {self.node.target if self.node.op != 'call_function' else _name(self.node.target)}" \
+        return f"{self.node.op} {self.node.target if self.node.op != 'call_function' else op_name(self.node.target)}" \
             f" ({self.node.name})"
 
     def barrier(self, why: str) -> None:
@@ -191,28 +192,14 @@ class Relations:
                         self.fixed(self.space(f"{value.name}.{i}", d, item.shape[d]), why)
 
 
-def lookup(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    """The parameter, buffer or attribute at a dotted path (``layer1.0.conv1.weight``)."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _name(fn: Any) -> str:
+def op_name(fn: Any) -> str:
     mod = getattr(fn, "__module__", None) or ""
     mod = {"_operator": "operator", "torch._C._nn": "F", "torch.nn.functional": "F",
            "torch._C._VariableFunctions": "torch"}.get(mod, mod)
     return f"{mod}.{getattr(fn, '__name__', repr(fn))}".lstrip(".")
 
 
-def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _tensors(args) -> list[torch.fx.Node]:
+def tensor_args(args) -> list[torch.fx.Node]:
     return [a for a in args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get(meta.TENSOR), meta.TensorInfo)]
 
 

@@ -1,7 +1,5 @@
-"""Channel-dependency propagation: which channels must be removed together, as a graph of channel spaces.
-
-    before:  a GraphModule with shape metadata
-    after:   the same module, and ``ctx.analyses["channel_groups"]``: a :class:`ChannelGraph`
+"""Channel-dependency analysis: which channels must be removed together, as a graph of channel spaces
+(the ``propagate_dependencies`` pass runs it and leaves it in ``ctx.analyses["channel_groups"]``).
 
 Every op's rule (``channel_rules.RULES``) relates dimensions ("spaces") of its inputs, outputs and parameters.
 The spaces and relations form a networkx graph keyed by node names (``ChannelGraph.graph``; edge attribute
@@ -28,14 +26,17 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx
+from fxcompress.passes.pruning.lib.channel_rules import (
+    Identity,
+    Relations,
+    Space,
+    rule_for,
+)
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
-from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
-
-from .channel_rules import Identity, Relations, Space, rule_for
-from .channel_spaces import lookup
+from fxcompress.fxutil import lookup
 
 ANALYSIS = "channel_groups"
 ATTENTION_MODES = ("dims", "heads", "both")
@@ -558,39 +559,3 @@ def channel_graph(ctx: CompileContext, attention: str = "dims") -> ChannelGraph:
 
 
 PRUNE_ORDER = 'Prune before quantizing: [{"pass": "prune", ...}, {"pass": "quantize"}].'
-
-
-class PropagateDependencies(Pass):
-    """Channel-dependency propagation: groups of channels that must be removed together."""
-
-    name = "propagate_dependencies"
-    produces = (ANALYSIS,)
-    contract = Contract.EXACT
-
-    def __init__(self, attention: str = "dims"):
-        if attention not in ATTENTION_MODES:
-            raise RecipeError(f"propagate_dependencies: attention={attention!r} is not one of "
-                              f"{', '.join(ATTENTION_MODES)}.{did_you_mean(attention, ATTENTION_MODES)}")
-        self.attention = attention
-
-    def run(self, ctx: CompileContext) -> PassResult:
-        refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
-        ctx.analyses.pop(ANALYSIS, None)
-        cg = channel_graph(ctx, self.attention)
-        groups = cg.groups
-        notes = [f"{node}: {why}" for node, why in cg.rel.barriers.items()]
-        notes += [f"group {g.name}: left whole: {g.fixed[0]}" for g in groups if g.fixed and not g.n_prunable]
-        notes += [f"group {g.name}: inexact: {g.inexact[0]}" for g in groups if g.inexact and g.n_prunable]
-        stats = {
-            "spaces": len(cg.sizes),
-            "relations": len(cg.rel.edges) + len(cg.rel.factor_edges),
-            "groups": len(groups),
-            "prunable_groups": sum(1 for g in groups if g.n_prunable),
-            "fixed_groups": sum(1 for g in groups if not g.n_prunable),
-            "partially_fixed_groups": sum(1 for g in groups if 0 < g.n_prunable < g.size),
-            "inexact_groups": sum(1 for g in groups if g.inexact and g.n_prunable),
-            "channels": sum(g.size for g in groups),
-            "prunable_channels": sum(g.n_prunable for g in groups),
-            "barrier_ops": len(cg.rel.barriers),
-        }
-        return PassResult(modified=False, stats=stats, notes=tuple(notes))

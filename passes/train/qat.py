@@ -33,19 +33,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fxcompress.passes.quant.calibrate import PARAMS
+from fxcompress.passes.quant.fold_bn import FOLDED, FoldedBN
+from fxcompress.passes.quant.insert_observers import HOLDER, PLAN
+from fxcompress.passes.quant.lib.quant_plan import WeightSite
+from fxcompress.passes.quant.lib.quant_spec import FakeQuant
+from fxcompress.passes.quant.lower_quantized import weight_fake_quant
+from fxcompress.passes.train.lib import training
 from torch.nn.utils import parametrize
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
 from fxcompress.pass_base import PassResult
-
-from . import training
-from .calibrate import PARAMS
-from .fold_bn import FOLDED, FoldedBN
-from .insert_observers import HOLDER, PLAN
-from .lower_quantized import weight_fake_quant
-from .quant_plan import WeightSite
-from .quant_spec import FakeQuant
 
 
 class _ActFakeQuant(nn.Module):

@@ -20,17 +20,21 @@ import math
 import torch
 import torch.fx
 import torch.nn as nn
+from fxcompress.passes.pruning.lib.channel_deps import (
+    ANALYSIS,
+    PRUNE_ORDER,
+    ChannelGraph,
+)
+from fxcompress.passes.pruning.lib.channel_rules import Space
+from fxcompress.passes.pruning.lib.channel_spaces import index_items, slice_start
+from fxcompress.passes.pruning.select_channels import PLAN, PruningPlan
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
+from fxcompress.fxutil import lookup
 from fxcompress.modules import PrunedMultiheadAttention
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
-
-from .channel_deps import ANALYSIS, PRUNE_ORDER, ChannelGraph
-from .channel_rules import Space
-from .channel_spaces import index_items, lookup, slice_start
-from .select_channels import PLAN, PruningPlan
 
 MODES = ("remove", "mask")
 

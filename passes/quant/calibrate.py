@@ -20,16 +20,15 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
+from fxcompress.passes.quant.insert_observers import HOLDER, PLAN
+from fxcompress.passes.quant.lib.quant_spec import FakeQuant, qparams
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, PassError, RecipeError
 from fxcompress.modules import Observer
-from fxcompress.progress import progress
 from fxcompress.pass_base import Contract, Pass, PassResult
-
-from .insert_observers import HOLDER, PLAN
-from .quant_spec import FakeQuant, qparams
+from fxcompress.progress import progress
 
 log = logging.getLogger(__name__)
 PARAMS = "quant_params"

@@ -1,0 +1,1 @@
+"""Structural pruning: channel dependency analysis (``lib``), channel selection and removal, gradual pruning."""

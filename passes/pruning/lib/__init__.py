@@ -1,0 +1,1 @@
+"""Libraries of the pruning passes: channel spaces, per-op channel rules, the channel dependency graph."""

@@ -1,0 +1,1 @@
+"""Quantization: BN folding, observer insertion, calibration, lowering to quantized (QDQ) form."""

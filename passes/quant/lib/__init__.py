@@ -1,0 +1,1 @@
+"""Libraries of the quantization passes: quantization specs, placement planning, range calibrators."""

@@ -1,0 +1,1 @@
+"""Passes that train: fine-tuning, distillation, QAT, BatchNorm recalibration."""
