@@ -44,7 +44,7 @@ from .instruments import (
 from .pass_base import Pass
 from .snapshot import RestorePoint
 from .tracing import TraceInfo, normalize_inputs, trace
-from .tree import copy_tree, sync_code
+from .tree import copy_tree
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +166,15 @@ class PassManager:
 
     def _run_one(self, ctx: CompileContext, index: int) -> PassRecord:
         p = self.passes[index]
-        restore = ctx.restore_point = RestorePoint(ctx.gm, clone_tensors=p.writes_tensors)
+        ctx.forget_tensors()
+        restore = ctx.restore_point = RestorePoint(ctx.gm, clone_tensors=p.writes_tensors, tensors=ctx.tensors())
         record = PassRecord(index=len(ctx.history), name=p.name, seconds=0.0, modified=False, stats={},
                             contract=p.contract.value, options=p.options())
         checks = 0.0
         try:
             t0 = time.perf_counter()
-            ctx.forget_tensors()
-            for inst in self.instruments:
+            for inst in self.instruments:  # value-neutral: a checked forward runs on buffer clones
                 inst.before(ctx, p, index)
-            restore.mark(ctx.tensors())
             t1 = time.perf_counter()
             ctx.require(p.name, p.requires)
             result = p.run(ctx)
@@ -185,7 +184,7 @@ class PassManager:
                 raise PassError(f"[{p.name}] wrote {', '.join(written[:3])}{' ...' if len(written) > 3 else ''} in "
                                 f"place but does not declare writes_tensors, so its restore point shares them.")
             for changed in restore.changed_graphs(ctx.gm):  # the code must follow the graph (checks read it)
-                sync_code(changed)
+                changed.recompile()
             t2 = time.perf_counter()
             record.seconds, record.modified = t2 - t1, result.modified
             record.stats, record.notes = dict(result.stats), tuple(result.notes)
@@ -193,7 +192,7 @@ class PassManager:
                 inst.after(ctx, p, result, record)
             checks = (t1 - t0) + (time.perf_counter() - t2)
         except Exception as exc:
-            self._fail(ctx, p, restore, exc)
+            self._fail(ctx, index, restore, exc)
         finally:
             ctx.restore_point = None
         record.check_seconds = checks
@@ -205,14 +204,14 @@ class PassManager:
         log.info(record.summary())
         return record
 
-    def _fail(self, ctx: CompileContext, p: Pass, restore: RestorePoint, exc: Exception) -> None:
-        """Restore the module the pass received, write a reproducer, and raise a PassError naming both."""
+    def _fail(self, ctx: CompileContext, index: int, restore: RestorePoint, exc: Exception) -> None:
+        """Restore the module pass ``index`` received, write a reproducer, and raise a PassError naming both."""
+        p = self.passes[index]
         snapshot = ctx.gm = restore.restore()
         ctx.stage_outputs = None
         if isinstance(exc, (InputError, RecipeError)):  # the user's data or options: the message says what to fix
             raise exc
         base = self.reproducer_dir or Path(tempfile.mkdtemp(prefix="fxcompress-repro-"))
-        index = self.passes.index(p) if p in self.passes else len(self.passes)
         analyses = [q for q in self.passes[:index] if set(q.produces) & set(ctx.analyses)]  # still valid
         where = write_reproducer(base / f"{len(ctx.history):02d}_{p.name}", ctx, snapshot, p, exc, analyses)
         if isinstance(exc, FxCompressError):

@@ -21,50 +21,23 @@ from typing import Any
 import torch
 import torch.fx
 
-from .tree import named_modules, named_tensors
+from .tree import GraphRecord, named_modules, named_tensors
 
 _TABLES = ("_parameters", "_buffers", "_modules")
 _COPIED = (dict, collections.OrderedDict, set, list)
 
 
-class _GraphRecord:
-    """The nodes of a graph in order, each with the argument tuples and metadata it had."""
-
-    def __init__(self, graph: torch.fx.Graph):
-        self.graph = graph
-        self.codegen = graph._codegen
-        self.nodes = [(n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta)) for n in graph.nodes]
-
-    def same_as(self, graph: torch.fx.Graph) -> bool:
-        """Whether ``graph`` is the recorded graph with the same nodes, in order, each with the same target and
-        the same argument tuples (a rewrite always binds new ones)."""
-        if graph is not self.graph or len(graph.nodes) != len(self.nodes):
-            return False
-        return all(n is old and n.args is args and n.kwargs is kwargs and n.target == target and n.op == op
-                   for n, (old, op, target, args, kwargs, *_) in zip(graph.nodes, self.nodes))
-
-    def build(self) -> torch.fx.Graph:
-        """A new graph with the recorded nodes (fresh Node objects)."""
-        new = torch.fx.Graph(tracer_cls=self.graph._tracer_cls)
-        new._codegen = self.codegen
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        for old, op, target, args, kwargs, name, type_expr, node_meta in self.nodes:
-            node = new.create_node(op, target, torch.fx.map_arg(args, env.__getitem__),
-                                   torch.fx.map_arg(kwargs, env.__getitem__), name, type_expr)
-            node.meta = dict(node_meta)
-            env[old] = node
-        return new
-
-
 class RestorePoint:
     """The module as a pass received it (see the module docstring)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, clone_tensors: bool = False):
+    def __init__(self, gm: torch.fx.GraphModule, clone_tensors: bool = False,
+                 tensors: list[tuple[str, torch.Tensor]] | None = None):
+        """``tensors`` is ``tree.named_tensors(gm)`` if the caller has it."""
         self.cloned = clone_tensors
         self._gm = gm
         clones: dict[int, torch.Tensor] = {}
         self._modules: list[tuple[torch.nn.Module, dict[str, Any]]] = []
-        self._graphs: dict[int, _GraphRecord] = {}
+        self._graphs: dict[int, GraphRecord] = {}
         seen: set[int] = set()
         with torch.no_grad():
             for _, m in named_modules(gm):
@@ -81,20 +54,15 @@ class RestorePoint:
                     for key in ("_parameters", "_buffers"):
                         state[key] = {k: _clone(t, clones) for k, t in state[key].items()}
                 if isinstance(m, torch.fx.GraphModule):
-                    self._graphs[id(m)] = _GraphRecord(m.graph)
+                    self._graphs[id(m)] = GraphRecord(m.graph)
                 self._modules.append((m, state))
         self._shared: list[tuple[str, torch.Tensor, int, int]] = []
-        self.mark()
-
-    def mark(self, tensors: list[tuple[str, torch.Tensor]] | None = None) -> None:
-        """Record the shared tensors' versions now (after value-neutral work such as a checked forward);
-        ``tensors`` is ``tree.named_tensors`` of the module if the caller has it."""
-        if not self.cloned:
-            tensors = named_tensors(self._gm) if tensors is None else tensors
+        if not clone_tensors:
+            tensors = named_tensors(gm) if tensors is None else tensors
             self._shared = [(name, t, t._version, t.data_ptr()) for name, t in tensors]
 
     def written(self) -> list[str]:
-        """Names of shared tensors written in place since the restore point was taken (or last marked)."""
+        """Names of shared tensors written in place since the restore point was taken."""
         return [name for name, t, version, ptr in self._shared if t._version != version or t.data_ptr() != ptr]
 
     def changed_graphs(self, gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:

@@ -6,8 +6,8 @@ the common case and fall back to ``copy.deepcopy`` for anything unusual:
 
 - ``named_tensors(m)``: every parameter and buffer with its qualified name, duplicates (tied tensors) included,
   in ``named_parameters`` then ``named_buffers`` order.
-- ``copy_tree(m, share_tensors)``: a copy of the module tree.  Modules get their own ``__dict__`` and tables;
-  tensors are cloned (``share_tensors=False``, a deep copy) or shared; ties and modules used twice stay one object.
+- ``copy_tree(m)``: a deep copy of the module tree; ties and modules used twice stay one object.
+- ``GraphRecord(graph)`` / ``copy_graph(graph)``: a graph's nodes as they are now, and a graph built from them.
 """
 from __future__ import annotations
 
@@ -52,8 +52,7 @@ def _plain_module(cls: type) -> bool:
 
 
 class _Copier:
-    def __init__(self, share_tensors: bool):
-        self.share = share_tensors
+    def __init__(self):
         self.memo: dict[int, Any] = {}
         self.keep: list[Any] = []  # originals stay alive while copying, so ids are not reused (as deepcopy does)
 
@@ -64,8 +63,6 @@ class _Copier:
         if key in self.memo:
             return self.memo[key]
         if isinstance(v, torch.Tensor):
-            if self.share:
-                return v
             if type(v) is torch.nn.Parameter and not v._is_view():
                 out = torch.nn.Parameter(v.detach().clone(), v.requires_grad)
             elif type(v) is torch.Tensor and not v._is_view() and not v.requires_grad:
@@ -120,35 +117,46 @@ class _Copier:
         return new
 
 
-def copy_tree(m: torch.nn.Module, share_tensors: bool = False, runnable: bool = True) -> torch.nn.Module:
-    """A copy of ``m``'s module tree: a deep copy, or with ``share_tensors`` one whose parameters and buffers are
-    the same tensor objects.  GraphModules in the tree get a copy of their graph; their code is generated now, or
-    (``runnable=False``) only when the caller runs ``recompile``."""
+def copy_tree(m: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``m``'s module tree, runnable (GraphModules in it get a copy of their graph and its code)."""
     with torch.no_grad():
-        new = _Copier(share_tensors).module(m)
-    if runnable:
-        for mod in new.modules():
-            if isinstance(mod, torch.fx.GraphModule) and "forward" not in vars(type(mod)):
-                mod.recompile()
+        new = _Copier().module(m)
+    for mod in new.modules():
+        if isinstance(mod, torch.fx.GraphModule) and "forward" not in vars(type(mod)):
+            mod.recompile()
     return new
+
+
+class GraphRecord:
+    """The nodes of a graph in order, each with the argument tuples and metadata it had: ``build`` makes a new graph
+    of them (a copy of the graph as it was), ``same_as`` tells whether a graph still is what was recorded."""
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.graph = graph
+        self.codegen = graph._codegen
+        self.nodes = [(n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta)) for n in graph.nodes]
+
+    def same_as(self, graph: torch.fx.Graph) -> bool:
+        """Whether ``graph`` is the recorded graph with the same nodes, in order, each with the same target and
+        the same argument tuples (a rewrite always binds new ones)."""
+        if graph is not self.graph or len(graph.nodes) != len(self.nodes):
+            return False
+        return all(n is old and n.args is args and n.kwargs is kwargs and n.target == target and n.op == op
+                   for n, (old, op, target, args, kwargs, *_) in zip(graph.nodes, self.nodes))
+
+    def build(self) -> torch.fx.Graph:
+        """A new graph with the recorded nodes (fresh Node objects)."""
+        new = torch.fx.Graph(tracer_cls=self.graph._tracer_cls)
+        new._codegen = self.codegen
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for old, op, target, args, kwargs, name, type_expr, node_meta in self.nodes:
+            node = new.create_node(op, target, torch.fx.map_arg(args, env.__getitem__),
+                                   torch.fx.map_arg(kwargs, env.__getitem__), name, type_expr)
+            node.meta = dict(node_meta)
+            env[old] = node
+        return new
 
 
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     """A node-for-node copy of ``graph`` (node names, metadata dicts and codegen kept)."""
-    new = torch.fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
-    new._codegen = graph._codegen
-    old_output = next(iter(reversed(graph.nodes)))
-    out = new.graph_copy(graph, {})
-    new.output(out, type_expr=old_output.type)
-    next(iter(reversed(new.nodes))).meta = dict(old_output.meta)
-    return new
-
-
-def sync_code(gm: torch.fx.GraphModule) -> bool:
-    """Regenerate ``gm``'s code from its graph when they differ (``recompile`` compiles the code even when it is the
-    same, which on a graph of thousands of nodes costs as much as generating it); returns whether it changed."""
-    code = gm.graph.python_code(root_module="self").src
-    if code == getattr(gm, "_code", None) and "forward" in vars(type(gm)):
-        return False
-    gm.recompile()
-    return True
+    return GraphRecord(graph).build()
