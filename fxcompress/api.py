@@ -13,7 +13,8 @@ from .context import PassRecord
 from .counting import Totals
 from .export.onnx import export_onnx as _export_onnx
 from .pass_manager import PassManager
-from .report import Plans, compile_report
+from .plans import Artifact, Store
+from .report import compile_report
 from .tracing import TraceInfo
 
 
@@ -27,7 +28,7 @@ class CompileResult:
     before: Totals
     after: Totals
     trace: TraceInfo
-    plans: Plans = dataclasses.field(default_factory=Plans)  # the planners' decisions, by name; prints summaries
+    plans: Store = dataclasses.field(default_factory=Store)  # plans by type (or kind name); prints summaries
 
     def report(self) -> str:
         leaves = ", ".join(f"{k} ({v})" for k, v in self.trace.auto_leaves.items()) or "none"
@@ -57,14 +58,17 @@ def compile(
     dump_dir: str | Path | None = None,
     verify: bool = True,
     check_numerics: bool = True,
+    plans: Iterable[Artifact] | Store | None = None,
 ) -> CompileResult:
-    """Compile a copy of ``model`` (in eval mode) through ``recipe``; ``model`` itself is never modified."""
+    """Compile a copy of ``model`` (in eval mode) through ``recipe``; ``model`` itself is never modified.  ``plans``
+    (``fxc.load_plans(path)``, an earlier ``result.plans``) are applied instead of decided again: each planner of the
+    recipe whose plan is given checks that it was made for the graph it sees and applies it."""
     pm = PassManager(recipe, verify=verify, check_numerics=check_numerics, dump_dir=dump_dir)
     ctx = pm.context(model, example_inputs, calibration_data, train_data=train_data, eval_fn=eval_fn,
-                     leaf_modules=leaf_modules,
+                     plans=plans, leaf_modules=leaf_modules,
                      concrete_args=concrete_args, eval_mode=True)
     before = counting.totals(ctx.gm)
     pm.run(ctx)
     gm = ctx.gm.eval()
     return CompileResult(module=gm, history=ctx.history, example_inputs=ctx.example_inputs, before=before,
-                         after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO], plans=Plans(ctx.plans))
+                         after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO], plans=ctx.plans)

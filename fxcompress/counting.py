@@ -23,6 +23,7 @@ from . import meta
 from .fxutil import arg
 from .meta import TensorInfo
 from .modules import dynamic_quant_linear, requantized_conv
+from .tree import named_modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +157,10 @@ def _module_rule(module: nn.Module) -> Callable[[torch.fx.Node, Any], int] | Non
     return None
 
 
-def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, modules: dict[str, nn.Module] | None = None) -> int:
+    """The MACs of one node (``modules``: the module tree by name, if the caller has it)."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = modules[node.target] if modules is not None else gm.get_submodule(node.target)
         rule = _module_rule(module)
         return rule(node, module) if rule else 0
     if node.op == "call_function":
@@ -170,15 +172,17 @@ def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
     return 0
 
 
-def _tensors_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[tuple[torch.Tensor, bool]]:
+def _tensors_of(modules: dict[str, nn.Module], node: torch.fx.Node) -> list[tuple[torch.Tensor, bool]]:
     """(tensor, is_parameter) pairs a node owns: its module's parameters and buffers, or a get_attr tensor."""
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        return [(p, True) for p in m.parameters()] + [(b, False) for b in m.buffers()]
+        tree = list(named_modules(modules[node.target]))
+        owned = {id(p): (p, True) for _, m in tree for p in m._parameters.values() if p is not None}
+        for _, m in tree:
+            owned.update((id(b), (b, False)) for b in m._buffers.values() if b is not None and id(b) not in owned)
+        return list(owned.values())
     if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
+        path, _, leaf = node.target.rpartition(".")
+        obj = getattr(modules[path], leaf) if path in modules else None
         if isinstance(obj, torch.Tensor):
             return [(obj, isinstance(obj, nn.Parameter))]
     return []
@@ -186,8 +190,9 @@ def _tensors_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[tuple[tor
 
 def node_costs(gm: torch.fx.GraphModule) -> list[NodeCost]:
     rows = []
+    modules = dict(named_modules(gm))
     for node in gm.graph.nodes:
-        owned = _tensors_of(gm, node)
+        owned = _tensors_of(modules, node)
         info = node.meta.get(meta.TENSOR)
         rows.append(NodeCost(
             node=node.name,
@@ -195,7 +200,7 @@ def node_costs(gm: torch.fx.GraphModule) -> list[NodeCost]:
             target=node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target)),
             shape=meta.format_info(info) if info is not None else "?",
             params=sum(t.numel() for t, is_param in owned if is_param),
-            macs=node_macs(gm, node),
+            macs=node_macs(gm, node, modules),
             weight_bytes=sum(t.numel() * t.element_size() for t, _ in owned),
             out_bytes=sum(i.nbytes for i in meta.iter_tensor_infos(info)) if node.op != "output" else 0,
         ))
@@ -206,10 +211,11 @@ def totals(gm: torch.fx.GraphModule) -> Totals:
     """Graph totals; a tensor reached by several nodes (a shared module) is counted once."""
     seen: dict[int, tuple[torch.Tensor, bool]] = {}
     macs = 0
+    modules = dict(named_modules(gm))
     for node in gm.graph.nodes:
-        for t, is_param in _tensors_of(gm, node):
+        for t, is_param in _tensors_of(modules, node):
             seen[id(t)] = (t, is_param)
-        macs += node_macs(gm, node)
+        macs += node_macs(gm, node, modules)
     return Totals(
         params=sum(t.numel() for t, p in seen.values() if p),
         macs=macs,

@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from . import meta
 from .context import CompileContext, PassRecord
 from .errors import VerificationError
+from .modules import inconsistent_attributes
 from .pass_base import Contract, Pass, PassResult
 from .tree import named_modules, named_tensors
 
@@ -98,11 +99,19 @@ def fingerprint(gm: torch.fx.GraphModule, tensors: list[tuple[str, torch.Tensor]
 
 
 class Honesty(Instrument):
+    """Whether the module changed, from the manager's restore point where it can tell (shared tensors, which the
+    manager already checked were not written) and by fingerprints of every value otherwise."""
+
     def before(self, ctx, p, index):
-        self.digest = fingerprint(ctx.gm, ctx.tensors())
+        point = ctx.run.restore_point
+        self.digest = fingerprint(ctx.gm, ctx.tensors()) if point is None or point.cloned else None
 
     def after(self, ctx, p, result, record):
-        changed = fingerprint(ctx.gm, ctx.tensors()) != self.digest
+        point = ctx.run.restore_point
+        if self.digest is None and point is not None:
+            changed = not point.unchanged(ctx.gm)
+        else:
+            changed = fingerprint(ctx.gm, ctx.tensors()) != self.digest
         if changed and not result.modified:
             raise VerificationError(
                 f"[{p.name}] returned modified=False but changed the module"
@@ -173,8 +182,8 @@ class Verify(Instrument):
         self.numerics = numerics
 
     def before(self, ctx, p, index):
-        if self.numerics and ctx.stage_outputs is None and p.contract is not Contract.CHANGES:
-            _, ctx.stage_outputs = meta.observe(ctx.gm, ctx.example_inputs)
+        if self.numerics and ctx.run.stage_outputs is None and p.contract is not Contract.CHANGES:
+            _, ctx.run.stage_outputs = meta.observe(ctx.gm, ctx.example_inputs)
 
     def after(self, ctx, p, result, record):
         gm = ctx.gm
@@ -182,6 +191,10 @@ class Verify(Instrument):
             gm.graph.lint()
         except Exception as exc:  # noqa: BLE001
             raise VerificationError(f"[{p.name}] left an ill-formed graph: {exc}") from exc
+        inconsistent = inconsistent_attributes(gm)
+        if inconsistent:
+            raise VerificationError(f"[{p.name}] left layers whose attributes disagree with their tensors:\n  "
+                                    + "\n  ".join(inconsistent[:5]))
         try:
             observed, out = meta.observe(gm, ctx.example_inputs)
         except Exception as exc:  # noqa: BLE001
@@ -193,7 +206,7 @@ class Verify(Instrument):
             raise VerificationError(f"[{p.name}] left stale metadata:\n  " + "\n  ".join(problems[:5]) + more +
                                     "\n  hint: a rewrite must copy or recompute node.meta (see fxcompress.meta).")
         p.verify(ctx)
-        before, ctx.stage_outputs = ctx.stage_outputs, out
+        before, ctx.run.stage_outputs = ctx.run.stage_outputs, out
         if not self.numerics or p.contract is Contract.CHANGES or before is None:
             return
         record.error = relative_error(out, before)
@@ -222,12 +235,12 @@ def _float64_error(ctx: CompileContext, rtol: float, atol: float) -> float | Non
     float32 computations of one function can differ by more than an EXACT tolerance.  In float64 that noise is
     gone and what is left is the function's change (plus the rounding of float32 weights).
     """
-    if ctx.restore_point is None:
+    if ctx.run.restore_point is None:
         return None
     inputs = tuple(t.double() if t.is_floating_point() else t for t in ctx.example_inputs)
     try:
         outs = []
-        for gm in (ctx.restore_point.module(), ctx.gm):
+        for gm in (ctx.run.restore_point.module(), ctx.gm):
             wide = copy.deepcopy(gm).double()
             with meta.side_effect_free(wide):
                 outs.append(wide(*inputs))

@@ -2,6 +2,9 @@
 
 ``Observer`` passes its input through unchanged while a calibrator records its statistics.
 
+``inconsistent_attributes`` checks that every standard layer's attributes (``out_channels``, ``num_features``...)
+agree with its tensors, the postcondition of every rewrite that resizes layers.
+
 ``PrunedMultiheadAttention`` stands in for an ``nn.MultiheadAttention`` after channel removal: its embedding
 width (input and output) and its inner width (heads × head_dim) may differ, and it keeps the softmax scale of
 the original model rather than recomputing it from the (smaller) head dim.
@@ -281,3 +284,62 @@ def quantization_stage(gm: torch.fx.GraphModule) -> tuple[str, torch.fx.Node] | 
         if node.op == "call_function" and node.target in _QUANTIZED_TARGETS:
             return "quantized", node
     return None
+
+
+def _shape(m: nn.Module, name: str) -> tuple[int, ...] | None:
+    t = getattr(m, name, None)
+    if not isinstance(t, torch.Tensor) or isinstance(t, nn.parameter.UninitializedTensorMixin):
+        return None
+    return tuple(t.shape)
+
+
+def _layer_problems(m: nn.Module) -> list[str]:
+    """What disagrees between ``m``'s attributes and its tensors' shapes (empty: consistent)."""
+    w, b = _shape(m, "weight"), _shape(m, "bias")
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if w is None:
+            return []
+        transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+        rows, cols = (m.in_channels, m.out_channels // m.groups) if transposed else \
+            (m.out_channels, m.in_channels // m.groups)
+        problems = [] if w[:2] == (rows, cols) else [f"weight {list(w)} for in_channels={m.in_channels}, "
+                                                      f"out_channels={m.out_channels}, groups={m.groups}"]
+        if m.in_channels % m.groups or m.out_channels % m.groups:
+            problems.append(f"channels {m.in_channels}/{m.out_channels} not divisible by groups={m.groups}")
+        if b is not None and b != (m.out_channels,):
+            problems.append(f"bias {list(b)} for out_channels={m.out_channels}")
+        return problems
+    if isinstance(m, nn.Linear):
+        problems = [] if w in (None, (m.out_features, m.in_features)) else \
+            [f"weight {list(w)} for in_features={m.in_features}, out_features={m.out_features}"]
+        return problems + ([f"bias {list(b)} for out_features={m.out_features}"]
+                           if b is not None and b != (m.out_features,) else [])
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return [f"{name} {list(shape)} for num_features={m.num_features}"
+                for name in ("weight", "bias", "running_mean", "running_var")
+                if (shape := _shape(m, name)) is not None and shape != (m.num_features,)]
+    if isinstance(m, nn.GroupNorm):
+        problems = [f"{name} {list(shape)} for num_channels={m.num_channels}" for name in ("weight", "bias")
+                    if (shape := _shape(m, name)) is not None and shape != (m.num_channels,)]
+        return problems + ([f"num_channels={m.num_channels} not divisible by num_groups={m.num_groups}"]
+                           if m.num_channels % m.num_groups else [])
+    if isinstance(m, nn.LayerNorm):
+        return [f"{name} {list(shape)} for normalized_shape={list(m.normalized_shape)}" for name in ("weight", "bias")
+                if (shape := _shape(m, name)) is not None and shape != tuple(m.normalized_shape)]
+    if isinstance(m, nn.Embedding):
+        return [] if w in (None, (m.num_embeddings, m.embedding_dim)) else \
+            [f"weight {list(w)} for num_embeddings={m.num_embeddings}, embedding_dim={m.embedding_dim}"]
+    if isinstance(m, nn.MultiheadAttention):
+        problems = [] if m.embed_dim % m.num_heads == 0 else [f"embed_dim={m.embed_dim} not divisible by "
+                                                               f"num_heads={m.num_heads}"]
+        w = _shape(m, "in_proj_weight")
+        if w is not None and w != (3 * m.embed_dim, m.embed_dim):
+            problems.append(f"in_proj_weight {list(w)} for embed_dim={m.embed_dim}")
+        return problems
+    return []
+
+
+def inconsistent_attributes(root: nn.Module) -> list[str]:
+    """"module: what disagrees" for every standard layer under ``root`` whose attributes do not match its tensors."""
+    return [f"{name or type(root).__name__}: {problem}" for name, m in root.named_modules()
+            for problem in _layer_problems(m)]

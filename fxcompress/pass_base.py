@@ -7,7 +7,8 @@ A pass declares its ``contract``:
   output's scale),
 - ``CHANGES``: the function is meant to change (pruning without masks, training); no numeric check.
 
-and what it ``requires`` (names of analyses or plans in the context that earlier passes must have produced).
+what it ``requires`` (types of analyses or plans, ``fxcompress.plans``, that earlier passes must have produced),
+``uses`` (types it reads when present) and ``produces``.
 Options are stored as attributes of the same names, so ``options()`` can report and replay them.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.fx
 from .errors import PassError, RecipeError, did_you_mean
 from .modules import quantization_stage
 from .options import typed_init
+from .plans import Artifact
 
 if TYPE_CHECKING:
     from .context import CompileContext
@@ -56,9 +58,10 @@ class Pass:
 
     name: ClassVar[str]
     contract: ClassVar[Contract]
-    requires: ClassVar[tuple[str, ...]] = ()
-    produces: ClassVar[tuple[str, ...]] = ()  # names of the analyses and plans this pass leaves in the context
-    preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid after this pass modifies the graph
+    requires: ClassVar[tuple[type[Artifact], ...]] = ()  # analyses and plans earlier passes must have made
+    uses: ClassVar[tuple[type[Artifact], ...]] = ()  # read when present (an ON_REQUEST type is then made for it)
+    produces: ClassVar[tuple[type[Artifact], ...]] = ()  # analyses and plans this pass leaves in the context
+    preserves: ClassVar[tuple[type[Artifact], ...]] = ()  # analyses still valid after this pass modifies the graph
     # Whether the pass writes into existing parameter/buffer tensors (training, calibration, masks) rather than
     # replacing them: the manager's restore point then clones the tensors instead of sharing them.
     writes_tensors: ClassVar[bool] = False

@@ -13,6 +13,9 @@ directory is written; the error names the pass and the directory.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import copy
+import gc
 import logging
 import tempfile
 import time
@@ -24,7 +27,7 @@ import torch.fx
 
 from . import meta
 from . import recipe as recipes
-from .context import CompileContext, PassRecord
+from .context import CompileContext, PassRecord, RunState
 from .errors import (
     FxCompressError,
     InputError,
@@ -42,6 +45,7 @@ from .instruments import (
     write_reproducer,
 )
 from .pass_base import Pass
+from .plans import Artifact, Store
 from .snapshot import RestorePoint
 from .tracing import TraceInfo, normalize_inputs, trace
 from .tree import copy_tree
@@ -61,6 +65,22 @@ def _check_data(example_inputs: Any, calibration_data: Iterable | None, train_da
                              f"it several times (calibration, bias correction, every epoch). Pass a list "
                              f"(list(batches)) or a re-iterable loader such as a DataLoader.")
     return tuple(t.detach().clone() for t in normalize_inputs(example_inputs))
+
+
+@contextlib.contextmanager
+def _heap_frozen():
+    """The objects alive now (the model, its graph: hundreds of thousands on a deep model) moved out of the garbage
+    collector's view while a pass runs, so that its collections scan only what the pass allocates; a full
+    collection over a 500-block model's graph costs about as much as one pass.  Nothing is frozen when the
+    process already froze objects of its own (their freeze is not ours to undo)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class PassManager:
@@ -101,18 +121,31 @@ class PassManager:
 
     def context(self, model: torch.nn.Module, example_inputs: Any, calibration_data: Iterable | None = None,
                 train_data: Iterable | None = None, eval_fn: Callable[[torch.nn.Module], float] | None = None,
-                **trace_options: Any) -> CompileContext:
-        """Trace (a copy of) ``model`` and wrap it in a fresh context positioned before the first pass."""
+                plans: Iterable[Artifact] | Store | None = None, **trace_options: Any) -> CompileContext:
+        """Trace (a copy of) ``model`` and wrap it in a fresh context positioned before the first pass.  ``plans``
+        (``fxc.load_plans``, an earlier ``result.plans``) are applied by their planners instead of deciding again."""
         inputs = _check_data(example_inputs, calibration_data, train_data, eval_fn)
-        gm = trace(model, inputs, **trace_options)
+        given = self._given(plans)
+        with _heap_frozen():
+            gm = trace(model, inputs, **trace_options)
         if self.dump is not None:
             self.dump.write_initial(gm)
         return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,
-                              eval_fn=eval_fn, model=model)
+                              eval_fn=eval_fn, model=model, given=given)
+
+    def _given(self, plans: Iterable[Artifact] | Store | None) -> Store:
+        """The plans given for replay, each of a type some pass of the pipeline makes."""
+        given = Store(plans)
+        made = {kind for p in self.passes for kind in p.produces}
+        for kind in given:
+            if kind not in made:
+                raise InputError(f"plans: a {kind.kind} was given, but no pass of the pipeline {self.names} makes "
+                                 f"one (its owner is {kind.owner}); give only the plans of passes in the recipe.")
+        return given
 
     def resume(self, gm: torch.fx.GraphModule, example_inputs: Any, calibration_data: Iterable | None = None,
                train_data: Iterable | None = None, eval_fn: Callable[[torch.nn.Module], float] | None = None,
-               plans: dict[str, Any] | None = None, model: torch.nn.Module | None = None) -> CompileContext:
+               plans: Iterable[Artifact] | Store | None = None, model: torch.nn.Module | None = None) -> CompileContext:
         """A context over a module that is already a compiled GraphModule (a reproducer's ``module.pt``, the
         result of ``fxc.load``), without tracing it again: its node names, which plans refer to, stay as they are.
         ``plans`` are decisions earlier passes made for it; ``model`` is the original model (distill's default
@@ -130,10 +163,10 @@ class PassManager:
         if self.dump is not None:
             self.dump.write_initial(gm)
         return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,
-                              eval_fn=eval_fn, model=model, plans=dict(plans or {}))
+                              eval_fn=eval_fn, model=model, plans=Store(plans))
 
     def pending(self, ctx: CompileContext) -> list[str]:
-        return self.names[ctx.cursor:]
+        return self.names[ctx.run.cursor:]
 
     def _index(self, name: str, option: str) -> int:
         if name not in self.names:
@@ -149,66 +182,102 @@ class PassManager:
                 raise RecipeError("only= runs one pass; do not combine it with until= or start_after=.")
             return [self._run_one(ctx, self._index(only, "only"))]
         if start_after is not None:
-            ctx.cursor = self._index(start_after, "start_after") + 1
+            ctx.run.cursor = self._index(start_after, "start_after") + 1
         stop = self._index(until, "until") + 1 if until is not None else len(self.passes)
         records = []
-        while ctx.cursor < stop:
+        while ctx.run.cursor < stop:
             records.append(self.step(ctx))
         return records
 
     def step(self, ctx: CompileContext) -> PassRecord:
         """Run the next pending pass and return its record."""
-        if ctx.cursor >= len(self.passes):
+        if ctx.run.cursor >= len(self.passes):
             raise RecipeError(f"no pass left to run: the pipeline {self.names} has finished.")
-        record = self._run_one(ctx, ctx.cursor)
-        ctx.cursor += 1
+        record = self._run_one(ctx, ctx.run.cursor)
+        ctx.run.cursor += 1
         return record
 
-    def _run_one(self, ctx: CompileContext, index: int) -> PassRecord:
-        p = self.passes[index]
+    def run_inner(self, ctx: CompileContext, passes: list[Pass]) -> list[PassRecord]:
+        """Run ``passes`` from inside the pass now running (gradual pruning's selections while it trains), each
+        with the instruments around it, as a pipeline pass is: checked, restored and reproduced on failure.  Their
+        records go to the running pass's record (``record.inner``), not to the history.  They decide afresh (plans
+        given to compile are for the pipeline's passes) and see the module as it is now (the numeric check compares
+        against it, not against the module the outer pass received), in eval mode (a training pass's dropout would
+        make every check random); the modules' training flags are restored after."""
+        outer, instruments = ctx.run, self.instruments
+        modes = [(m, m.training) for m in ctx.gm.modules()]
+        ctx.gm.eval()
+        ctx.run = RunState(cursor=outer.cursor, index=outer.index)
+        self.instruments = [copy.copy(i) for i in instruments]  # the outer pass's instrument state stays as it is
+        given, requested, ctx.given = ctx.given, ctx.requested, Store()
+        records = []
+        try:
+            for p in passes:
+                records.append(self._run_one(ctx, outer.index, p))
+        finally:
+            ctx.run, self.instruments, ctx.given, ctx.requested = outer, instruments, given, requested
+            ctx.forget_tensors()
+            for m, training in modes:
+                m.training = training
+        outer.inner.extend(records)
+        return records
+
+    def _run_one(self, ctx: CompileContext, index: int, inner: Pass | None = None) -> PassRecord:
+        """Run pipeline pass ``index`` (or ``inner`` from inside it) with the instruments around it."""
+        p = inner or self.passes[index]
         ctx.forget_tensors()
-        restore = ctx.restore_point = RestorePoint(ctx.gm, clone_tensors=p.writes_tensors, tensors=ctx.tensors())
+        if inner is None:
+            ctx.requested = frozenset(kind for q in self.passes[index + 1:] for kind in (*q.requires, *q.uses))
+        ctx.run.index, ctx.run.manager, ctx.run.inner = index, self, []
         record = PassRecord(index=len(ctx.history), name=p.name, seconds=0.0, modified=False, stats={},
                             contract=p.contract.value, options=p.options())
-        checks = 0.0
-        try:
-            t0 = time.perf_counter()
-            for inst in self.instruments:  # value-neutral: a checked forward runs on buffer clones
-                inst.before(ctx, p, index)
-            t1 = time.perf_counter()
-            ctx.require(p.name, p.requires)
-            result = p.run(ctx)
-            ctx.forget_tensors()
-            written = restore.written()
-            if written:
-                raise PassError(f"[{p.name}] wrote {', '.join(written[:3])}{' ...' if len(written) > 3 else ''} in "
-                                f"place but does not declare writes_tensors, so its restore point shares them.")
-            for changed in restore.changed_graphs(ctx.gm):  # the code must follow the graph (checks read it)
-                changed.recompile()
-            t2 = time.perf_counter()
-            record.seconds, record.modified = t2 - t1, result.modified
-            record.stats, record.notes = dict(result.stats), tuple(result.notes)
-            for inst in self.instruments:
-                inst.after(ctx, p, result, record)
-            checks = (t1 - t0) + (time.perf_counter() - t2)
-        except Exception as exc:
-            self._fail(ctx, index, restore, exc)
-        finally:
-            ctx.restore_point = None
-        record.check_seconds = checks
+        with _heap_frozen():
+            restore = ctx.run.restore_point = RestorePoint(ctx.gm, clone_tensors=p.writes_tensors,
+                                                           tensors=ctx.tensors())
+            try:
+                self._checked_run(ctx, p, index, restore, record)
+            except Exception as exc:
+                self._fail(ctx, index, p, restore, exc)
+            finally:
+                ctx.run.restore_point = None
         if record.modified:
             ctx.invalidate(keep=p.preserves)
             if not any(isinstance(i, Verify) for i in self.instruments):
-                ctx.stage_outputs = None
-        ctx.history.append(record)
+                ctx.run.stage_outputs = None
+        if inner is None:
+            ctx.history.append(record)
         log.info(record.summary())
         return record
 
-    def _fail(self, ctx: CompileContext, index: int, restore: RestorePoint, exc: Exception) -> None:
-        """Restore the module pass ``index`` received, write a reproducer, and raise a PassError naming both."""
-        p = self.passes[index]
+    def _checked_run(self, ctx: CompileContext, p: Pass, index: int, restore: RestorePoint,
+                     record: PassRecord) -> None:
+        """``p.run`` between the instruments; fills ``record``."""
+        t0 = time.perf_counter()
+        for inst in self.instruments:  # value-neutral: a checked forward runs on buffer clones
+            inst.before(ctx, p, index)
+        t1 = time.perf_counter()
+        ctx.require(p.name, p.requires)
+        result = p.run(ctx)
+        ctx.forget_tensors()
+        written = restore.written()
+        if written:
+            raise PassError(f"[{p.name}] wrote {', '.join(written[:3])}{' ...' if len(written) > 3 else ''} in "
+                            f"place but does not declare writes_tensors, so its restore point shares them.")
+        for changed in restore.changed_graphs(ctx.gm):  # the code must follow the graph (checks read it)
+            changed.recompile()
+        t2 = time.perf_counter()
+        record.seconds, record.modified = t2 - t1, result.modified
+        record.stats, record.notes = dict(result.stats), tuple(result.notes)
+        record.inner = tuple(ctx.run.inner)
+        for inst in self.instruments:
+            inst.after(ctx, p, result, record)
+        record.check_seconds = (t1 - t0) + (time.perf_counter() - t2)
+
+    def _fail(self, ctx: CompileContext, index: int, p: Pass, restore: RestorePoint, exc: Exception) -> None:
+        """Restore the module ``p`` (pipeline pass ``index`` or a pass run inside it) received, write a reproducer,
+        and raise a PassError naming both."""
         snapshot = ctx.gm = restore.restore()
-        ctx.stage_outputs = None
+        ctx.run.stage_outputs = None
         if isinstance(exc, (InputError, RecipeError)):  # the user's data or options: the message says what to fix
             raise exc
         base = self.reproducer_dir or Path(tempfile.mkdtemp(prefix="fxcompress-repro-"))

@@ -1,10 +1,8 @@
 """Human-readable tables: the compile report and the per-node listing of ``fxcompress inspect``."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable, Sequence
 
-import torch
 from tabulate import tabulate
 
 from .context import PassRecord
@@ -27,36 +25,6 @@ def _stats(stats: dict) -> str:
     def show(v) -> str:
         return f"<{len(v)} entries>" if isinstance(v, dict) else str(v)
     return ", ".join(f"{k}={show(v)}" for k, v in stats.items() if v not in (0, None, [], {}, ()))
-
-
-def summary(value: object, width: int = 100) -> str:
-    """One line for any plan or analysis value: a plan's own ``summary()``, dataclasses field by field, containers
-    by size, tensors by shape; never the contents of a tensor."""
-    if hasattr(value, "summary") and callable(value.summary):
-        text = value.summary()
-        text = ", ".join(f"{k}={v}" for k, v in text.items()) if isinstance(text, dict) else str(text)
-        return f"{type(value).__name__}({text})"[:width]
-    if isinstance(value, torch.Tensor):
-        return f"tensor{list(value.shape)}"
-    if isinstance(value, dict):
-        kinds = sorted({type(v).__name__ for v in value.values()})
-        return f"{{{len(value)} entries: {', '.join(kinds)}}}" if value else "{}"
-    if isinstance(value, (list, tuple, set)):
-        return f"{type(value).__name__} of {len(value)}"
-    if dataclasses.is_dataclass(value):
-        fields = ", ".join(f"{f.name}={summary(getattr(value, f.name), 40)}" for f in dataclasses.fields(value))
-        return f"{type(value).__name__}({fields})"[:width]
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-class Plans(dict):
-    """The planners' decisions by name (a dict); printed as one summary line per plan."""
-
-    def __repr__(self) -> str:
-        return "\n".join(f"{name}: {summary(value)}" for name, value in self.items()) or "(no plans)"
-
-    __str__ = __repr__
 
 
 def compile_report(model_name: str, before: Totals, after: Totals, history: Sequence[PassRecord],

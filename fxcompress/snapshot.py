@@ -65,6 +65,20 @@ class RestorePoint:
         """Names of shared tensors written in place since the restore point was taken."""
         return [name for name, t, version, ptr in self._shared if t._version != version or t.data_ptr() != ptr]
 
+    def unchanged(self, gm: torch.fx.GraphModule) -> bool | None:
+        """Whether ``gm`` is still exactly as recorded: the same module objects with the same attributes (values
+        compared by identity, plain values by equality), tables and graphs.  For a restore point of shared tensors
+        that were not written (``written()`` empty) that settles it; with cloned tensors the values may have
+        changed in place, so the answer is None (unknown: compare the values)."""
+        if self.cloned:
+            return None
+        if self.changed_graphs(gm):
+            return False
+        recorded = {id(m) for m, _ in self._modules}
+        if any(id(m) not in recorded for _, m in named_modules(gm)):
+            return False
+        return all(_same_state(m.__dict__, state) for m, state in self._modules)
+
     def changed_graphs(self, gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
         """The GraphModules in ``gm``'s tree whose graph is not what was recorded (new ones included)."""
         return [m for _, m in named_modules(gm) if isinstance(m, torch.fx.GraphModule)
@@ -102,6 +116,31 @@ class RestorePoint:
         graph.owning_module = m
         m.__dict__["_graph"] = graph
         m.recompile()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if type(a) in _COPIED:
+        if len(a) != len(b):
+            return False
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+        if isinstance(a, set):
+            return a == b
+        return all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, (bool, int, float, str, bytes, type(None), tuple, torch.Size, torch.dtype, torch.device)):
+        try:
+            return bool(a == b)
+        except Exception:  # noqa: BLE001 - a tuple holding tensors: compared by identity above
+            return False
+    return False
+
+
+def _same_state(now: dict[str, Any], recorded: dict[str, Any]) -> bool:
+    return now.keys() == recorded.keys() and all(_same_value(now[k], recorded[k]) for k in now)
 
 
 def _clone(t: torch.Tensor | None, clones: dict[int, torch.Tensor]) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ import torch.fx
 
 _IMMUTABLE = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.layout,
               torch.memory_format, torch.Size, type, types.FunctionType, types.BuiltinFunctionType)
+_PLAIN = frozenset({int, float, bool, str, type(None)})
 _MODULE_STATE = {torch.nn.Module.__getstate__}
 
 
@@ -78,6 +79,8 @@ class _Copier:
             out = self.memo[key] = []
             out.extend(self.value(x) for x in v)
         elif type(v) is tuple:
+            if all(type(x) in _PLAIN for x in v):  # kernel sizes, strides, paddings: nothing to copy
+                return v
             out = tuple(self.value(x) for x in v)
         elif type(v) in (set, frozenset):
             out = type(v)(self.value(x) for x in v)

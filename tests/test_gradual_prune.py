@@ -46,6 +46,10 @@ def test_channel_masks_grow_then_remove_channels_gives_the_same_outputs(name):
     stats = masked.history[-1].stats
     assert stats["updates"] >= 3 and stats["schedule"] == sorted(stats["schedule"])
     assert stats["schedule"][-1] == pytest.approx(0.5) and stats["sparsity"] > 0.3
+    inner = masked.history[-1].inner  # every update ran select_channels + remove_channels through the manager
+    assert [r.name for r in inner] == ["select_channels", "remove_channels"] * stats["updates"]
+    assert all(r.error == 0.0 for r in inner if r.name == "select_channels")  # checked against the stage
+    assert [r.name for r in masked.history] == ["propagate_dependencies", "gradual_prune"]
     removed = fxc.compile(model, example, steps + [{"pass": "remove_channels"}], train_data=data)
     assert removed.after.params < masked.after.params
     x = data[0][0]

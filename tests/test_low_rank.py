@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import zoo
 from fxcompress.passes.low_rank.low_rank_svd import (
-    PLAN,
+    LowRankPlan,
     allocate,
     apply_layer,
     candidates,
@@ -240,7 +240,7 @@ def test_prune_low_rank_quantize_runs_in_onnx_runtime(tmp_path):
 def test_ranks_replay_a_plan_and_name_unknown_layers():
     model, inputs = zoo.build("residual")
     first = fxc.compile(model, inputs, [{"pass": "low_rank", "energy": 0.7}])
-    plan = first.plans[PLAN]
+    plan = first.plans[LowRankPlan]
     ranks = {n.target[:-2]: first.module.get_submodule(n.target).weight.shape[0]
              for n in first.module.graph.nodes if n.op == "call_module" and n.target.endswith(".0")}
     assert ranks and {k: v.rank for k, v in plan.layers.items()} == ranks

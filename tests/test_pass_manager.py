@@ -4,10 +4,12 @@ import pytest
 import torch
 import torch.nn as nn
 import zoo
+from fxcompress.passes.pruning.select_channels import PruningPlan
 
 import fxcompress as fxc
 from fxcompress import meta
 from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.plans import Artifact, Lifetime
 
 
 class ScaleOutput(Pass):
@@ -225,7 +227,7 @@ def test_failure_restores_module_and_writes_reproducer(tmp_path):
         pm.step(ctx)
     repro = tmp_path / "01_crash"
     assert str(repro) in str(err.value)
-    assert ctx.gm.code == code_before and ctx.cursor == 1  # left as the failing pass received it
+    assert ctx.gm.code == code_before and pm.pending(ctx) == ["crash"] # left as the failing pass received it
     assert {p.name for p in repro.iterdir()} >= {"code.py", "graph.txt", "error.txt", "pass.json", "inputs.pt",
                                                  "state_dict.pt", "module.pt", "repro.py"}
     assert json.loads((repro / "pass.json").read_text()) == {"pass": "crash"}
@@ -255,6 +257,15 @@ def test_reproducer_script_reruns_a_registered_pass(tmp_path, monkeypatch):
     assert "fold_bn" in done.stdout and "bn_folded=5" in done.stdout
 
 
+class NodeCount(Artifact):
+    kind = "test_node_count"
+    owner = "uses_analysis"
+    lifetime = Lifetime.ANALYSIS
+
+    def __init__(self, n: int):
+        self.n = n
+
+
 def test_analyses_are_cached_and_invalidated_on_modification():
     model, inputs = _residual()
     calls = []
@@ -263,23 +274,23 @@ def test_analyses_are_cached_and_invalidated_on_modification():
         name = "uses_analysis"
 
         def run(self, ctx):
-            ctx.analysis("count", lambda c: calls.append(1) or len(c.gm.graph.nodes))
+            ctx.analysis(NodeCount, lambda c: calls.append(1) or NodeCount(len(c.gm.graph.nodes)))
             return PassResult(modified=False)
 
     pm = fxc.PassManager([UsesAnalysis(), UsesAnalysis(), {"pass": "fold_bn"}, UsesAnalysis()])
     ctx = pm.context(model, inputs)
     pm.run(ctx)
     assert len(calls) == 2  # computed, reused, invalidated by fold_bn, recomputed
-    assert ctx.analyses["count"] == len(ctx.gm.graph.nodes)
+    assert ctx.analyses[NodeCount].n == len(ctx.gm.graph.nodes)
 
 
 def test_missing_requirement_names_it():
     class NeedsPlan(Nothing):
         name = "needs_plan"
-        requires = ("pruning_plan",)
+        requires = (PruningPlan,)
 
     model, inputs = _residual()
-    with pytest.raises(fxc.PassError, match="needs 'pruning_plan'"):
+    with pytest.raises(fxc.PassError, match="needs 'pruning_plan'.*select_channels"):
         fxc.compile(model, inputs, [NeedsPlan()])
 
 

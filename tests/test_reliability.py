@@ -325,7 +325,7 @@ def test_printing_plans_gives_one_summary_line_each():
                          calibration_data=CALIB)
     text = str(result.plans)
     assert text.count("\n") == len(result.plans) - 1 and "tensor(" not in text
-    assert "quant_params: {" in text and "pruning_plan: PruningPlan(" in text
+    assert "quant_params: QuantParams(3 entries" in text and "pruning_plan: PruningPlan(" in text
 
 
 def test_progress_writes_lines_to_logs(capsys):

@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 import fxcompress as fxc
 from fxcompress.export.ort import run, session
-from fxcompress.passes.low_rank.low_rank_svd import PLAN
+from fxcompress.passes.low_rank.low_rank_svd import LowRankPlan
 
 from .measure import alternated_latency, cpu_model, quality
 
@@ -45,7 +45,7 @@ def evaluate(name: str, work: Path, runs: int = 100, samples: int = 256) -> list
     rows = [{"row": "fp32", "params": base.after.params, "macs": base.after.macs, "path": work / f"{name}.onnx"}]
     for option, value in SETTINGS:
         plain = fxc.compile(model, example, [{"pass": "low_rank", option: value}])
-        ranks = {k: v.rank for k, v in plain.plans[PLAN].layers.items()}
+        ranks = {k: v.rank for k, v in plain.plans[LowRankPlan].layers.items()}
         aware = fxc.compile(model, example, [{"pass": "low_rank", "ranks": ranks, "data_aware": True}],
                             calibration_data=calib) if ranks else plain
         setting = f"energy {value}" if option == "energy" else f"MACs x{value}"

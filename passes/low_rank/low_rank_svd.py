@@ -27,7 +27,8 @@ Layers (``nn.Linear``, ``nn.Conv1d/2d/3d`` called as modules) keep their names a
 ``Sequential`` whose two children the graph calls.  A module called at several places is replaced at all of them.
 Requires: shape metadata.  Contract: CHANGES (a truncation): the stats give each layer's kept energy and
 relative weight error, and the output SQNR on the example inputs.  The plan (``LowRankPlan``) is in
-``ctx.plans["low_rank_plan"]``.
+``ctx.plans[LowRankPlan]``; one given to ``compile(..., plans=...)`` is applied with its ranks (and its
+``data_aware``) instead of choosing them again.
 Skips (counted in stats, named in the notes): ``excluded``, ``grouped`` (groups > 1), ``tied_weight`` (the weight
 is shared with another module), ``no_saving`` (the chosen rank would not save MACs), ``transposed``
 (ConvTranspose), ``functional`` (F.linear / F.conv with graph tensors), ``attention`` (projections inside
@@ -51,17 +52,18 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.counting import totals
-from fxcompress.errors import InputError, RecipeError, did_you_mean
+from fxcompress.errors import InputError, RecipeError, VerificationError, did_you_mean
 from fxcompress.instruments import sqnr_db
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
+from fxcompress.plans import Artifact, Lifetime, data_class, graph_signature, replayed
 
-PLAN = "low_rank_plan"
 DAMPING = 1e-4  # added to E[x x^T]'s diagonal, relative to its mean: keeps R invertible (full rank stays exact)
 SKIP_REASONS = ("excluded", "grouped", "tied_weight", "no_saving", "transposed", "functional", "attention")
 _FUNCTIONAL = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 
 
+@data_class
 @dataclasses.dataclass(frozen=True)
 class LayerRank:
     """The decision for one layer: its rank and what it costs and keeps."""
@@ -74,10 +76,22 @@ class LayerRank:
 
 
 @dataclasses.dataclass(frozen=True)
-class LowRankPlan:
+class LowRankPlan(Artifact):
+    """The rank of every factorized layer, and why the others were left whole."""
+
+    kind = "low_rank_plan"
+    owner = "low_rank_svd"
+    lifetime = Lifetime.DECISION
+
     layers: dict[str, LayerRank]  # module name -> decision
     skipped: dict[str, str]  # module or node name -> reason
     data_aware: bool
+    graph: str = ""  # graph_signature of the module it was made for
+
+    def summary(self) -> str:
+        macs = [sum(d.macs[i] for d in self.layers.values()) for i in (0, 1)]
+        return (f"{len(self.layers)} layers factorized ({'data-aware' if self.data_aware else 'plain'}), "
+                f"{len(self.skipped)} skipped; their MACs {macs[0]} -> {macs[1]}")
 
 
 @dataclasses.dataclass
@@ -143,7 +157,7 @@ class LowRankSVD(Pass):
     """Low-rank SVD replacement of Linear and Conv layers (plain or data-aware)."""
 
     name = "low_rank_svd"
-    produces = (PLAN,)
+    produces = (LowRankPlan,)
     contract = Contract.CHANGES
 
     def __init__(self, energy: float | None = None, rank_ratio: float | None = None, target: float | None = None,
@@ -171,17 +185,36 @@ class LowRankSVD(Pass):
         self.data_aware, self.max_samples = bool(data_aware), max_samples
         self.exclude = as_patterns(self.name, "exclude", exclude)
 
+    def verify(self, ctx: CompileContext) -> None:
+        """Every planned layer is now its two factors at the planned rank, and the graph calls only the factors."""
+        plan: LowRankPlan = ctx.plans[LowRankPlan]
+        called = {n.target for n in ctx.gm.graph.nodes if n.op == "call_module"}
+        for name, decision in plan.layers.items():
+            pair = ctx.gm.get_submodule(name)
+            if not (isinstance(pair, nn.Sequential) and len(pair) == 2 and pair[0].weight.shape[0] == decision.rank
+                    and pair[1].weight.shape[1] == decision.rank):
+                raise VerificationError(f"[{self.name}] {name} is not factorized at rank {decision.rank}.")
+            if name in called or f"{name}.0" not in called or f"{name}.1" not in called:
+                raise VerificationError(f"[{self.name}] the graph does not call {name}'s factors in its place.")
+
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
         refuse_quantized(gm, self.name, "Factorize before quantizing: [{\"pass\": \"low_rank\", ...}, "
                                         "{\"pass\": \"quantize\"}].")
         check_patterns(self.name, "exclude", self.exclude, [n for n, _ in gm.named_modules() if n])
+        given = replayed(ctx, LowRankPlan, self.name)
+        signature = graph_signature(gm)
+        data_aware = given.data_aware if given is not None else self.data_aware
         found, skipped = candidates(gm, self.exclude)
-        plain = self._whiten(ctx, found) if self.data_aware and found else []
+        plain = self._whiten(ctx, found) if data_aware and found else []
         for c in found:
             decompose(c)
         start = totals(gm)
-        ranks = self._ranks(start, found)
+        ranks = {n: d.rank for n, d in given.layers.items()} if given is not None else self._ranks(start, found)
+        missing = sorted(set(ranks) - {c.name for c in found})
+        if missing:
+            raise InputError(f"[{self.name}] the given low_rank_plan factorizes {', '.join(missing[:5])}, which this "
+                             f"pass cannot factorize here (excluded, or not a candidate); drop them from exclude.")
         seen = len(found) + len(skipped)
         layers: dict[str, LayerRank] = {}
         for c in found:
@@ -192,9 +225,11 @@ class LowRankSVD(Pass):
                 continue
             layers[c.name] = LayerRank(rank, c.full_rank, round(c.energy(rank), 6), (c.macs(None), c.macs(rank)),
                                        (c.params(None), c.params(rank)))
-        plan = LowRankPlan(layers, skipped, self.data_aware)
-        ctx.plans[PLAN] = plan
+        plan = given if given is not None else LowRankPlan(layers, skipped, data_aware, signature)
+        ctx.plans[LowRankPlan] = plan
         stats: dict[str, Any] = {"layers_seen": seen, "layers_replaced": len(layers)}
+        if given is not None:
+            stats["replayed"] = True
         stats |= {f"skipped_{r}": sum(1 for v in skipped.values() if v.split(" ")[0] == r) for r in SKIP_REASONS}
         notes = tuple(f"{name}: {reason.replace('_', ' ')}" for name, reason in skipped.items()) + tuple(plain)
         if not layers:

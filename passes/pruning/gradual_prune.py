@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from fxcompress.passes.pruning.lib.channel_deps import ANALYSIS
+from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.remove_channels import RemoveChannels
 from fxcompress.passes.pruning.select_channels import (
     CRITERIA,
-    PLAN,
     SCOPES,
+    PruningPlan,
     SelectChannels,
 )
 from fxcompress.passes.train.lib import training
@@ -41,6 +41,7 @@ from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import PassResult
+from fxcompress.plans import ChannelMasks, WeightMasks
 
 GRANULARITIES = ("channel", "level")
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -59,8 +60,8 @@ class GradualPrune(training.TrainingPass):
     """AGP gradual pruning during training, channels (mask mode with dependency groups) or single weights."""
 
     name = "gradual_prune"
-    produces = (training.WEIGHT_MASKS,)
-    preserves = (ANALYSIS,)
+    produces = (WeightMasks, PruningPlan, ChannelMasks)  # level: weight masks; channel: a plan and channel masks
+    preserves = (ChannelGraph,)
 
     def __init__(self, target: float = 0.5, granularity: str = "channel", initial: float = 0.0, start: float = 0.0,
                  end: float = 0.75, frequency: int | None = None, criterion: str = "l1", scope: str = "local",
@@ -91,7 +92,7 @@ class GradualPrune(training.TrainingPass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         training.refuse_quantized(ctx.gm, self.name)
-        if self.granularity == "channel" and ANALYSIS not in ctx.analyses:
+        if self.granularity == "channel" and ChannelGraph not in ctx.analyses:
             raise PassError("[gradual_prune] channel granularity needs the dependency groups: run "
                             "propagate_dependencies first (and remove_channels after, to delete the channels).")
         loss_fn = training.loss_function(self.loss, self.name)
@@ -124,13 +125,13 @@ class GradualPrune(training.TrainingPass):
 
     def _mask(self, ctx: CompileContext, sparsity: float, layers: list[tuple[str, nn.Module]]) -> None:
         if self.granularity == "channel":
-            SelectChannels(self.criterion, sparsity, self.scope, self.round_to, list(self.exclude)).run(ctx)
-            RemoveChannels(mode="mask").run(ctx)
+            select = SelectChannels(self.criterion, sparsity, self.scope, self.round_to, list(self.exclude))
+            ctx.run_inner([select, RemoveChannels(mode="mask")])
             return
         self._level(ctx, sparsity, layers)
 
     def _level(self, ctx: CompileContext, sparsity: float, layers: list[tuple[str, nn.Module]]) -> None:
-        masks = ctx.plans.setdefault(training.WEIGHT_MASKS, {})
+        masks = dict(ctx.plans.get(WeightMasks, WeightMasks({})).entries)
         weights = {name: m.weight.detach() for name, m in layers}
         if self.scope == "global":
             pool = torch.cat([w.abs().flatten() for w in weights.values()])
@@ -147,6 +148,7 @@ class GradualPrune(training.TrainingPass):
             masks[target] = masks[target] * keep if target in masks else keep
             with torch.no_grad():
                 w.mul_(masks[target])
+        ctx.plans[WeightMasks] = WeightMasks(masks)
 
     def _level_layers(self, gm: nn.Module) -> list[tuple[str, nn.Module]]:
         layers = [(name, m) for name, m in gm.named_modules() if isinstance(m, _WEIGHTED)
@@ -160,7 +162,7 @@ class GradualPrune(training.TrainingPass):
         if self.granularity == "level":
             total = sum(m.weight.numel() for _, m in layers)
             return sum(int((m.weight == 0).sum()) for _, m in layers) / max(total, 1)
-        plan, cg = ctx.plans.get(PLAN), ctx.analyses[ANALYSIS]
+        plan, cg = ctx.plans.get(PruningPlan), ctx.analyses[ChannelGraph]
         pruned = [g for g in cg.groups if plan is not None and plan.removed.get(g.name)]
         considered = [g for g in cg.groups if g.n_prunable > 0 and g.size >= 2]
         removed = sum(len(plan.removed[g.name]) for g in pruned)

@@ -1,6 +1,6 @@
 """``propagate_dependencies``: the channel dependency analysis as a pass.
 
-    before:  a module                after:   the same module, and ``ctx.analyses["channel_groups"]``: a
+    before:  a module                after:   the same module, and ``ctx.analyses[ChannelGraph]``: a
                                               :class:`~fxcompress.passes.pruning.lib.channel_deps.ChannelGraph`
 
 Stats: spaces, relations, groups (prunable, fixed, partially fixed, inexact), channels, barrier ops; notes name
@@ -9,9 +9,9 @@ every barrier and every group left whole with its reason.
 from __future__ import annotations
 
 from fxcompress.passes.pruning.lib.channel_deps import (
-    ANALYSIS,
     ATTENTION_MODES,
     PRUNE_ORDER,
+    ChannelGraph,
     channel_graph,
 )
 
@@ -24,7 +24,7 @@ class PropagateDependencies(Pass):
     """Channel-dependency propagation: groups of channels that must be removed together."""
 
     name = "propagate_dependencies"
-    produces = (ANALYSIS,)
+    produces = (ChannelGraph,)
     contract = Contract.EXACT
 
     def __init__(self, attention: str = "dims"):
@@ -35,7 +35,7 @@ class PropagateDependencies(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
-        ctx.analyses.pop(ANALYSIS, None)
+        ctx.analyses.pop(ChannelGraph)
         cg = channel_graph(ctx, self.attention)
         groups = cg.groups
         notes = [f"{node}: {why}" for node, why in cg.rel.barriers.items()]

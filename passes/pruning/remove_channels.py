@@ -21,27 +21,29 @@ import torch
 import torch.fx
 import torch.nn as nn
 from fxcompress.passes.pruning.lib.channel_deps import (
-    ANALYSIS,
     PRUNE_ORDER,
     ChannelGraph,
 )
 from fxcompress.passes.pruning.lib.channel_rules import Space
 from fxcompress.passes.pruning.lib.channel_spaces import index_items, slice_start
-from fxcompress.passes.pruning.select_channels import PLAN, PruningPlan
+from fxcompress.passes.pruning.select_channels import PruningPlan
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import PassError, RecipeError
+from fxcompress.errors import PassError, RecipeError, VerificationError
 from fxcompress.fxutil import lookup
 from fxcompress.modules import PrunedMultiheadAttention
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
+from fxcompress.plans import ChannelMasks
+from fxcompress.tree import named_modules
 
 MODES = ("remove", "mask")
 
 
-def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+def _owner(modules: dict[str, nn.Module], target: str) -> tuple[nn.Module, str]:
+    """The module holding ``target`` (by ``modules``: name -> module, the root under "") and the attribute name."""
     path, _, attr = target.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), attr
+    return modules[path], attr
 
 
 def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
@@ -50,16 +52,20 @@ def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).flatten()
 
 
-MASKS = "channel_masks"  # ctx.plans key: {tensor target: 0/1 mask} written in mask mode, kept by training passes
+
+
+def _nonzero(t: torch.Tensor) -> bool:
+    """Whether zeroing ``t`` changes its bytes: a value other than +0.0 (a masked -0.0 counts)."""
+    return bool(t.any() or torch.signbit(t).any())
 
 
 class RemoveChannels(Pass):
     """Channel removal: real smaller layers, or zeroed channels in mask mode."""
 
     name = "remove_channels"
-    produces = (MASKS,)
+    produces = (ChannelMasks,)
     contract = Contract.CHANGES
-    requires = (ANALYSIS, PLAN)
+    requires = (ChannelGraph, PruningPlan)
 
     def __init__(self, mode: str = "remove"):
         if mode not in MODES:
@@ -70,10 +76,24 @@ class RemoveChannels(Pass):
     def writes_tensors(self) -> bool:  # mask mode zeroes channels of the existing tensors
         return self.mode == "mask"
 
+    @property
+    def preserves(self) -> tuple:  # mask mode keeps the graph and every shape: the channel groups stay valid
+        return (ChannelGraph,) if self.mode == "mask" else ()
+
+    def verify(self, ctx: CompileContext) -> None:
+        """Mask mode: every masked slice is zero.  Both modes: layer attributes agree with their tensors (checked by
+        the manager for every pass)."""
+        if self.mode != "mask":
+            return
+        for target, mask in ctx.plans.get(ChannelMasks, ChannelMasks({})).items():
+            t = lookup(ctx.gm, target)
+            if t.shape == mask.shape and bool((t.detach() * (1 - mask.to(t.dtype))).any()):
+                raise VerificationError(f"[{self.name}] {target} is nonzero where its mask is zero.")
+
     def run(self, ctx: CompileContext) -> PassResult:
         refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
-        cg: ChannelGraph = ctx.analyses[ANALYSIS]
-        plan: PruningPlan = ctx.plans[PLAN]
+        cg: ChannelGraph = ctx.analyses[ChannelGraph]
+        plan: PruningPlan = ctx.plans[PruningPlan]
         removed = torch.zeros(cg.n_units, dtype=torch.bool)
         for grp in cg.groups:
             idx = plan.removed.get(grp.name, ())
@@ -89,20 +109,22 @@ class RemoveChannels(Pass):
         before = sum(p.numel() for p in ctx.gm.parameters())
         if self.mode == "mask":
             touched, masks = self._mask(cg, positions)
-            previous = ctx.plans.get(MASKS, {})
-            ctx.plans[MASKS] = {k: previous[k] * m if k in previous and previous[k].shape == m.shape else m
-                                for k, m in masks.items()} | {k: v for k, v in previous.items() if k not in masks}
+            previous = ctx.plans.get(ChannelMasks, ChannelMasks({})).entries
+            ctx.plans[ChannelMasks] = ChannelMasks(
+                {k: previous[k] * m if k in previous and previous[k].shape == m.shape else m for k, m in masks.items()}
+                | {k: v for k, v in previous.items() if k not in masks})
         else:
             touched = self._remove(ctx, cg, positions)
         after = sum(p.numel() for p in ctx.gm.parameters())
         stats = {"mode": self.mode, "channels_removed": int(removed.sum()), "tensors_changed": touched,
                  "params_before": before, "params_after": after}
-        return PassResult(modified=True, stats=stats)
+        return PassResult(modified=self.mode == "remove" or touched > 0, stats=stats)
 
     # -- mask --------------------------------------------------------------------------------------------------
     def _mask(self, cg: ChannelGraph, positions: dict[Space, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
-        """Zero the planned channels; returns (tensors touched, {tensor target: 0/1 mask of its shape}), the masks
-        that training passes re-apply so that the zeroed channels stay zero."""
+        """Zero the planned channels; returns (tensors changed, {tensor target: 0/1 mask of its shape}), the masks
+        that training passes re-apply so that the zeroed channels stay zero (a tensor whose planned channels are
+        zero already is not counted)."""
         touched = 0
         masks: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -110,18 +132,18 @@ class RemoveChannels(Pass):
                 if s not in positions or p.target.endswith("running_var"):
                     continue
                 t = lookup(cg.gm, p.target)
+                touched += _nonzero(t.index_select(p.dim, positions[s]))
                 t.index_fill_(p.dim, positions[s], 0)
                 mask = masks.get(p.target, torch.ones_like(t))
                 masks[p.target] = mask.index_fill(p.dim, positions[s], 0)
-                touched += 1
             for s, g in cg.rel.grouped_inputs.items():
                 if s in positions:
                     target = f"{g.module}.weight" if g.module else "weight"
                     w = cg.gm.get_submodule(g.module).weight
                     keep = _grouped_input_mask(w, g.groups, positions[s])
+                    touched += _nonzero(w.masked_select(keep.expand_as(w) == 0))
                     w.copy_(keep * w)
                     masks[target] = masks.get(target, torch.ones_like(w)) * keep
-                    touched += 1
         return touched, masks
 
     # -- remove ------------------------------------------------------------------------------------------------
@@ -133,10 +155,11 @@ class RemoveChannels(Pass):
                 per_target.setdefault(p.target, []).append((p.dim, positions[s]))
         old_modules = {}
         aliases = _aliases(gm)
+        modules = dict(named_modules(gm))
         done: dict[int, tuple] = {}  # id of a tensor -> its cuts: a tied tensor is cut once, the same way everywhere
-        originals = {target: getattr(*_owner(gm, target)) for target in per_target}
+        originals = {target: getattr(*_owner(modules, target)) for target in per_target}
         for target, cuts in per_target.items():
-            owner, attr = _owner(gm, target)
+            owner, attr = _owner(modules, target)
             t = originals[target]
             key = tuple(sorted((d, tuple(p.tolist())) for d, p in cuts))
             names = aliases.get(id(t), [target])
@@ -156,18 +179,18 @@ class RemoveChannels(Pass):
                 new = new.index_select(dim, _keep(new.shape[dim], pos))
             new = _set(owner, attr, t, new.contiguous())
             for name in names:
-                other_owner, other_attr = _owner(gm, name)
+                other_owner, other_attr = _owner(modules, name)
                 old_modules.setdefault(name.rpartition(".")[0], _snapshot(other_owner))
                 if other_owner is not owner or other_attr != attr:
                     _set(other_owner, other_attr, t, new, made=new)
         for s, g in cg.rel.grouped_inputs.items():
             if s in positions:
-                m = gm.get_submodule(g.module)
+                m = modules[g.module]
                 old_modules.setdefault(g.module, _snapshot(m))
                 new = _grouped_input_select(m.weight.detach(), g.groups, positions[s], cg.sizes[s])
                 _set(m, "weight", m.weight, new)
         for path, old in old_modules.items():
-            m = gm.get_submodule(path) if path else gm
+            m = modules[path]
             _resize(m, old)
         new_size = {s: cg.sizes[s] - (positions[s].numel() if s in positions else 0) for s in cg.sizes}
         _replace_attention(gm, cg, new_size, positions)

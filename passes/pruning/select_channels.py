@@ -1,6 +1,6 @@
 """Channel selection: score every channel of every group and plan which to remove (a ``PruningPlan``).
 
-    before:  ctx.analyses["channel_groups"]          after:  ctx.plans["pruning_plan"]: PruningPlan
+    before:  ctx.analyses[ChannelGraph]              after:  ctx.plans[PruningPlan]
 
 Scores are summed over every member of a group (all convs, linears and parameters whose slices move with the
 channel), so a residual stream is judged by all its layers.  Criteria (``CRITERIA``):
@@ -17,7 +17,8 @@ channel), so a residual stream is judged by all its layers.  Criteria (``CRITERI
 ``scope="local"`` removes ``ratio`` of each group; ``"global"`` ranks channels of all groups together (scores
 normalised by each group's mean).  Counts honour ``round_to``, ``min_channels`` and grouped structure (equal
 removals per conv group).  Groups whose producing module matches ``exclude`` are left whole.
-Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
+A ``PruningPlan`` given to ``compile(..., plans=...)`` is applied as it is (checked against the graph) instead of
+scoring again.  Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from typing import Callable
 import torch
 import torch.fx
 from fxcompress.passes.pruning.lib.channel_deps import (
-    ANALYSIS,
     PRUNE_ORDER,
     ChannelGraph,
     ChannelGroup,
@@ -36,24 +36,33 @@ from fxcompress.passes.pruning.lib.channel_deps import (
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import InputError, RecipeError, did_you_mean
+from fxcompress.errors import InputError, RecipeError, VerificationError, did_you_mean
 from fxcompress.fxutil import lookup
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
+from fxcompress.plans import Artifact, Lifetime, graph_signature, replayed
 
-PLAN = "pruning_plan"
 CRITERIA = ("l1", "l2", "fpgm", "slim", "opt_slim", "taylor", "apoz", "mean_activation", "random")
 DATA_CRITERIA = ("taylor", "apoz", "mean_activation")
 SCOPES = ("local", "global")
 
 
 @dataclasses.dataclass(frozen=True)
-class PruningPlan:
+class PruningPlan(Artifact):
     """Which channels of which group to remove, as data: group name → sorted channel indices."""
+
+    kind = "pruning_plan"
+    owner = "select_channels"
+    lifetime = Lifetime.DECISION
 
     criterion: str
     removed: dict[str, tuple[int, ...]]
     sizes: dict[str, int]  # group name → channels before
+    graph: str = ""  # graph_signature of the module it was made for
+
+    def summary(self) -> str:
+        return (f"{self.criterion}: remove {sum(map(len, self.removed.values()))} of {sum(self.sizes.values())} "
+                f"channels in {sum(1 for r in self.removed.values() if r)} groups")
 
     def ratio(self, group: str) -> float:
         return len(self.removed.get(group, ())) / self.sizes[group]
@@ -337,9 +346,9 @@ class SelectChannels(Pass):
     """Channel selection: score channels per group and plan which to remove."""
 
     name = "select_channels"
-    produces = (PLAN,)
+    produces = (PruningPlan,)
     contract = Contract.EXACT
-    requires = (ANALYSIS,)
+    requires = (ChannelGraph,)
 
     def __init__(self, criterion: str = "l1", ratio: float | dict[str, float] = 0.5, scope: str = "local",
                  round_to: int = 1, exclude: str | list[str] | tuple[str, ...] = (), min_channels: int = 1,
@@ -374,7 +383,34 @@ class SelectChannels(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
-        cg: ChannelGraph = ctx.analyses[ANALYSIS]
+        given = replayed(ctx, PruningPlan, self.name)
+        if given is not None:
+            ctx.plans[PruningPlan] = given
+            removed = sum(map(len, given.removed.values()))
+            return PassResult(modified=False, stats={"replayed": True, "channels_removed": removed},
+                              notes=(f"applied the given plan ({given.summary()})",))
+        plan, stats, notes = self.decide(ctx)
+        ctx.plans[PruningPlan] = plan
+        return PassResult(modified=False, stats=stats, notes=notes)
+
+    def verify(self, ctx: CompileContext) -> None:
+        """The plan names existing groups at their sizes, with valid distinct indices, and never empties a group."""
+        plan: PruningPlan = ctx.plans[PruningPlan]
+        groups = {g.name: g for g in ctx.analyses[ChannelGraph].groups}
+        for name, idx in plan.removed.items():
+            grp = groups.get(name)
+            if grp is None or plan.sizes.get(name) != grp.size:
+                raise VerificationError(f"[{self.name}] the plan names group {name!r}, which the graph has not at "
+                                        f"{plan.sizes.get(name)} channels.")
+            if len(set(idx)) != len(idx) or not all(0 <= i < grp.size for i in idx) or len(idx) >= grp.size:
+                raise VerificationError(f"[{self.name}] group {name}: invalid removal {list(idx)[:8]} of {grp.size}.")
+            fixed = [i for i in idx if not bool(grp.prunable[i])]
+            if fixed:
+                raise VerificationError(f"[{self.name}] group {name}: removes fixed channels {fixed[:8]}.")
+
+    def decide(self, ctx: CompileContext) -> tuple[PruningPlan, dict, tuple[str, ...]]:
+        """Score and choose: the plan, the stats and the notes (the module is not touched)."""
+        cg: ChannelGraph = ctx.analyses[ChannelGraph]
         modules = {name for name, _ in ctx.gm.named_modules() if name}
         check_patterns(self.name, "exclude", self.exclude, modules)
         if isinstance(self.ratio, dict):
@@ -395,8 +431,7 @@ class SelectChannels(Pass):
         removed = {g.name: tuple(_pick(g, scores[g.units], counts[g.id]).tolist()) for g in candidates}
         _keep_every_space(cg, candidates, removed, scores)
         layer_ratios = {g.name: round(len(removed[g.name]) / g.size, 4) for g in candidates}
-        plan = PruningPlan(self.criterion, removed, {g.name: g.size for g in cg.groups})
-        ctx.plans[PLAN] = plan
+        plan = PruningPlan(self.criterion, removed, {g.name: g.size for g in cg.groups}, graph_signature(ctx.gm))
         total = sum(g.size for g in candidates)
         n_removed = sum(len(r) for r in removed.values())
         stats = {"criterion": self.criterion, "scope": self.scope, "groups_considered": len(candidates),
@@ -410,7 +445,7 @@ class SelectChannels(Pass):
                 1 for g in candidates if not bool(opts["_fallback"][g.units].any()))
         notes = [f"group {g.name}: inexact removal ({g.inexact[0]})" for g in candidates
                  if g.inexact and removed.get(g.name)]
-        return PassResult(modified=False, stats=stats, notes=tuple(notes))
+        return plan, stats, tuple(notes)
 
     def _check_ratio_patterns(self, cg: ChannelGraph, candidates: list[ChannelGroup]) -> None:
         """A ratio pattern that reaches no prunable group would prune nothing: say which groups it names."""

@@ -1,6 +1,6 @@
 """Run the calibration data through the observed model and turn each site's statistics into quantization parameters.
 
-    before:  observers hold no statistics        after:  ctx.plans["quant_params"][site] = FakeQuant(scale, zero, ...)
+    before:  observers hold no statistics        after:  ctx.plans[QuantParams][site] = FakeQuant(scale, zero, ...)
 
 Every batch of ``calibration_data`` is checked against the example inputs (count, dtype, shape after the batch
 axis, finite values): a bad batch is an ``InputError`` naming the batch and the input.  Consecutive batches are
@@ -20,18 +20,19 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
-from fxcompress.passes.quant.insert_observers import HOLDER, PLAN
-from fxcompress.passes.quant.lib.quant_spec import FakeQuant, qparams
+from fxcompress.passes.quant.insert_observers import HOLDER
+from fxcompress.passes.quant.lib.quant_plan import QuantPlan
+from fxcompress.passes.quant.lib.quant_spec import FakeQuant, QuantParams, qparams
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import InputError, PassError, RecipeError
+from fxcompress.errors import InputError, PassError, RecipeError, VerificationError
 from fxcompress.modules import Observer
 from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.plans import graph_signature, replayed
 from fxcompress.progress import progress
 
 log = logging.getLogger(__name__)
-PARAMS = "quant_params"
 
 
 def _proc_status_mb(key: str) -> float | None:
@@ -141,10 +142,10 @@ class Calibrate(Pass):
     """Run calibration data through the observers and compute every site's scale and zero point."""
 
     name = "calibrate"
-    produces = (PARAMS,)
+    produces = (QuantParams,)
     contract = Contract.EXACT
     writes_tensors = True  # observers record ranges into their buffers
-    requires = (PLAN,)
+    requires = (QuantPlan,)
 
     def __init__(self, batch_size: int = 16, max_samples: int | None = None, progress: bool | None = None,
                  channels_last: bool | None = None):
@@ -155,15 +156,36 @@ class Calibrate(Pass):
         self.batch_size, self.max_samples, self.progress = batch_size, max_samples, progress
         self.channels_last = channels_last
 
+    def verify(self, ctx: CompileContext) -> None:
+        """Every scale is for a planned site, positive and finite, and its zero point lies in its integer range."""
+        plan, params = ctx.plans[QuantPlan], ctx.plans[QuantParams]
+        for name, fq in params.items():
+            if name not in plan.sites:
+                raise VerificationError(f"[{self.name}] computed parameters for {name!r}, which the plan has not.")
+            if not bool(torch.isfinite(fq.scale).all() and (fq.scale > 0).all()):
+                raise VerificationError(f"[{self.name}] site {name} has scale {fq.scale.tolist()}.")
+            if not bool(((fq.zero >= fq.qmin) & (fq.zero <= fq.qmax)).all()):
+                raise VerificationError(f"[{self.name}] site {name}: zero point {fq.zero.tolist()} outside "
+                                        f"[{fq.qmin}, {fq.qmax}].")
+
     def run(self, ctx: CompileContext) -> PassResult:
-        gm, plan = ctx.gm, ctx.plans[PLAN]
+        gm, plan = ctx.gm, ctx.plans[QuantPlan]
         holder = getattr(gm, HOLDER, None)
         if holder is None:
             if plan.sites:
                 raise PassError(f"[{self.name}] the module has no observers; run insert_observers first.")
-            ctx.plans[PARAMS] = {}
+            ctx.plans[QuantParams] = QuantParams({}, graph_signature(gm))
             return PassResult(False, {"sites": 0}, ("nothing to calibrate: the plan has no quantized tensor",))
         observers: dict[str, Observer] = dict(holder.named_children())
+        given = replayed(ctx, QuantParams, self.name)
+        if given is not None:
+            unknown = sorted(set(given) - set(observers))
+            if unknown:
+                raise InputError(f"[{self.name}] the given quant_params name sites this module does not observe: "
+                                 f"{', '.join(unknown[:5])}.")
+            ctx.plans[QuantParams] = given
+            return PassResult(False, {"replayed": True, "sites": len(given)},
+                              (f"applied the given quant_params ({len(given)} sites); no data was run",))
         for obs in observers.values():
             obs.enabled = True
         rss0, reset = _proc_status_mb("VmRSS"), _reset_peak_rss()
@@ -188,7 +210,7 @@ class Calibrate(Pass):
             scale, zero = qparams(site.spec, obs.calibrator)
             params[name] = FakeQuant.of(site.spec, scale, zero, storage_unsigned=True)
             clipped += int(_clips(obs, params[name]))
-        ctx.plans[PARAMS] = params
+        ctx.plans[QuantParams] = QuantParams(params, graph_signature(gm))
         seconds = time.perf_counter() - start
         peak = _proc_status_mb("VmHWM")
         stats: dict[str, Any] = {

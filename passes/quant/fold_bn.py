@@ -27,8 +27,9 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import user_frame_from_stack_trace
+from fxcompress.errors import VerificationError, user_frame_from_stack_trace
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
+from fxcompress.plans import Lifetime, Table, data_class
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 SKIP_REASONS = ("skipped_multi_user", "skipped_shared_module", "skipped_training_bn", "skipped_no_running_stats",
@@ -110,9 +111,7 @@ def _fold(m: nn.Module, bn: _BN) -> None:
     m.bias = nn.Parameter(new_bias.to(dtype), requires_grad=m.weight.requires_grad)
 
 
-FOLDED = "folded_bn"  # ctx.plans key: {producer module name: FoldedBN}, for qat's BN folding in training
-
-
+@data_class
 @dataclasses.dataclass(frozen=True)
 class FoldedBN:
     """A folded Conv/Linear + BatchNorm pair as it was before folding (copies), so that ``qat`` can train the BN
@@ -141,11 +140,21 @@ class FoldedBN:
         return w.to(self.weight.dtype), b.to(self.weight.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldedBNs(Table):
+    """{producer module name: FoldedBN}: the pairs fold_bn folded, as they were, made only when a later pass uses
+    them (qat trains the BN folded into the weights)."""
+
+    kind = "folded_bn"
+    owner = "fold_bn"
+    lifetime = Lifetime.ON_REQUEST
+
+
 class FoldBatchNorm(Pass):
     """Fold eval-mode BatchNorm into the preceding Conv/ConvTranspose/Linear."""
 
     name = "fold_bn"
-    produces = (FOLDED,)
+    produces = (FoldedBNs,)
     contract = Contract.EXACT
     exact_tolerance = (1e-5, 1e-5)
 
@@ -174,6 +183,15 @@ class FoldBatchNorm(Pass):
             return "skipped_channel_layout"
         return None
 
+    def verify(self, ctx: CompileContext) -> None:
+        """No BatchNorm that could be folded is left: each one remaining has its skip reason."""
+        gm = ctx.gm
+        calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        for node in gm.graph.nodes:
+            bn = _as_batchnorm(gm, node)
+            if bn is not None and self._skip_reason(gm, node, bn, calls) is None:
+                raise VerificationError(f"[{self.name}] left {bn.where} unfolded although it can be folded.")
+
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
         if any(_as_batchnorm(gm, n) is not None for n in gm.graph.nodes):  # folding would change quantized weights
@@ -182,7 +200,8 @@ class FoldBatchNorm(Pass):
         calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         stats = {"bn_seen": 0, "bn_folded": 0} | {k: 0 for k in SKIP_REASONS}
         notes = []
-        folded = ctx.plans.setdefault(FOLDED, {})
+        record = FoldedBNs in ctx.requested  # copies of the unfolded weights only for a later pass that uses them
+        folded = dict(ctx.plans.get(FoldedBNs, FoldedBNs({})).entries)
         for node in list(gm.graph.nodes):
             bn = _as_batchnorm(gm, node)
             if bn is None:
@@ -197,13 +216,15 @@ class FoldBatchNorm(Pass):
                 continue
             producer = _bn_input(node)
             m = gm.get_submodule(producer.target)
-            if not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            if record and not isinstance(m, nn.modules.conv._ConvTransposeNd):
                 folded[producer.target] = FoldedBN.record(m, bn)
             _fold(m, bn)
             node.replace_all_uses_with(producer)
             gm.graph.erase_node(node)
             meta.add_provenance(producer, self.name, f"folded {bn.where}")
             stats["bn_folded"] += 1
+        if record:
+            ctx.plans[FoldedBNs] = FoldedBNs(folded)
         if stats["bn_folded"]:
             meta.eliminate_dead_code(gm.graph)
             gm.delete_all_unused_submodules()

@@ -4,7 +4,7 @@
              z = relu(y)
 
 The planner (``quant_plan.py``) decides, as data, which tensors share which ``QuantSpec``; this pass writes the
-plan to ``ctx.plans["quant_plan"]`` and puts one ``Observer`` per site under ``gm.observers``, called on every
+plan to ``ctx.plans[QuantPlan]`` and puts one ``Observer`` per site under ``gm.observers``, called on every
 observed tensor of the site.  Observers return their input: outputs are unchanged bit for bit.
 
 Options (recipe keys of ``quantize``): ``activation_observer`` (minmax, percentile, mse, kl, kl_tolerance),
@@ -14,6 +14,7 @@ Options (recipe keys of ``quantize``): ``activation_observer`` (minmax, percenti
 ``exclude`` (module name patterns left float), ``mode`` (``static``; ``dynamic``: Linear layers get int8 weights and
 activations quantized per batch at run time, nothing to observe or calibrate, for Linear-heavy models).
 
+A ``QuantPlan`` given to ``compile(..., plans=...)`` is applied as it is (its specs, not this pass's options).
 Requires: shape metadata.  Contract: EXACT, bit for bit.
 Skips (named in the notes): ops no rule quantizes (their weights stay float), unfolded BatchNorm.
 """
@@ -21,17 +22,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from fxcompress.passes.quant.lib.quant_plan import Options, plan_quantization
+from fxcompress.passes.quant.lib.quant_plan import Options, QuantPlan, plan_quantization
 from fxcompress.passes.quant.lib.quant_spec import METHODS
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import InputError, RecipeError
+from fxcompress.errors import InputError, RecipeError, VerificationError
 from fxcompress.modules import Observer
 from fxcompress.options import as_patterns, check_patterns
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
+from fxcompress.plans import replayed
 
-PLAN = "quant_plan"
 HOLDER = "observers"
 
 
@@ -45,7 +46,7 @@ class InsertObservers(Pass):
     """Annotate which tensors get which quantization spec, then insert observers there (outputs unchanged)."""
 
     name = "insert_observers"
-    produces = (PLAN,)
+    produces = (QuantPlan,)
     contract = Contract.EXACT
     exact_tolerance = (0.0, 0.0)
 
@@ -79,6 +80,17 @@ class InsertObservers(Pass):
                        bins=self.bins, per_channel=self.per_channel, unsigned_after_relu=self.unsigned_after_relu,
                        quantize_add_inputs=self.quantize_add_inputs, exclude=self.exclude, mode=self.mode)
 
+    def verify(self, ctx: CompileContext) -> None:
+        """Every planned tensor is observed by its site's observer, and every use of it reads the observed value."""
+        plan: QuantPlan = ctx.plans[QuantPlan]
+        nodes = {n.name: n for n in ctx.gm.graph.nodes}
+        for site in plan.sites.values():
+            for value in site.values:
+                users = list(nodes[value].users) if value in nodes else []
+                if [u.target for u in users] != [f"{HOLDER}.{site.name}"]:
+                    raise VerificationError(f"[{self.name}] {value} should be read only by {HOLDER}.{site.name}; its "
+                                            f"users are {[u.name for u in users]}.")
+
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
         refuse_quantized(gm, self.name, "Quantize a model once; to change the quantization, compile the float "
@@ -88,8 +100,9 @@ class InsertObservers(Pass):
         if wide is not None or any(t.dtype == torch.float64 for t in ctx.example_inputs):
             raise InputError(f"[{self.name}] the model computes in float64 ({wide or 'its inputs'}); quantization "
                              f"simulates ONNX Runtime's float32 arithmetic. Compile model.float() with float32 inputs.")
-        plan = plan_quantization(gm, self.plan_options())
-        ctx.plans[PLAN] = plan
+        given = replayed(ctx, QuantPlan, self.name)
+        plan = given if given is not None else plan_quantization(gm, self.plan_options())
+        ctx.plans[QuantPlan] = plan
         nodes = {n.name: n for n in gm.graph.nodes}
         holder = nn.Module()
         if plan.sites:
@@ -104,4 +117,5 @@ class InsertObservers(Pass):
                 obs.meta[meta.TENSOR] = node.meta[meta.TENSOR]
                 meta.add_provenance(obs, self.name, f"observes {value} for {site.reason}")
         notes = tuple(f"left float: {why}" for why in plan.float_ops.values())
-        return PassResult(modified=bool(plan.sites), stats=plan.summary(), notes=notes)
+        stats = plan.summary() | ({"replayed": True} if given is not None else {})
+        return PassResult(modified=bool(plan.sites), stats=stats, notes=notes)

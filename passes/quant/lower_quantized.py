@@ -54,29 +54,30 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from fxcompress.passes.quant.calibrate import (
-    PARAMS,
     calibration_batches,
     forward_layout,
     grouped,
 )
-from fxcompress.passes.quant.insert_observers import HOLDER, PLAN
+from fxcompress.passes.quant.insert_observers import HOLDER
 from fxcompress.passes.quant.lib.calibrators import MinMax
 from fxcompress.passes.quant.lib.quant_plan import (
     RELU_FUNCS,
     RELU_METHODS,
     RELU_MODULES,
+    QuantPlan,
     WeightSite,
     is_op,
 )
-from fxcompress.passes.quant.lib.quant_spec import FakeQuant, qparams
+from fxcompress.passes.quant.lib.quant_spec import FakeQuant, QuantParams, qparams
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import PassError, RecipeError
+from fxcompress.errors import PassError, RecipeError, VerificationError
 from fxcompress.fxutil import lookup
 from fxcompress.instruments import sqnr_db
 from fxcompress.modules import (
     NarrowAccumulator,
+    Observer,
     dynamic_quant_linear,
     quantization_stage,
     quantized_add,
@@ -131,7 +132,7 @@ class LowerQuantized(Pass):
     name = "lower_quantized"
     contract = Contract.BOUNDED
     writes_tensors = True  # bias correction runs channels-last: the parameters' storage is swapped and back
-    requires = (PLAN, PARAMS)
+    requires = (QuantPlan, QuantParams)
 
     def __init__(self, accumulator_bits: int | None = None, overflow_batches: int = 8, max_error: float = 1.0,
                  bias_correction: bool = True, bias_correction_samples: int = 128):
@@ -153,8 +154,32 @@ class LowerQuantized(Pass):
                 "on inputs like the model's real ones, and trace with one of them as the example. A model that "
                 "does not quantize well can raise the bound with lower_quantized's max_error.")
 
+    def verify(self, ctx: CompileContext) -> None:
+        """Every planned site is lowered: no observer is left, every calibrated site that still has a tensor to
+        quantize has its scale among the constants, and every planned weight the graph reads is read through its
+        fake-quantization (no weighted layer of the plan is called as a float module)."""
+        gm, plan, params = ctx.gm, ctx.plans[QuantPlan], ctx.plans[QuantParams]
+        if hasattr(gm, HOLDER) or any(isinstance(m, Observer) for m in gm.modules()):
+            raise VerificationError(f"[{self.name}] left observers in the module.")
+        constants = getattr(gm, CONSTANTS, None)
+        names = {n.name for n in gm.graph.nodes}
+        for site in params:
+            if constants is not None and hasattr(constants, f"{site}_scale"):
+                continue
+            if any(v in names for v in plan.sites[site].values):
+                raise VerificationError(f"[{self.name}] site {site} was calibrated but not lowered.")
+        weights = {site.weight for site in plan.weights.values()}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target in weights:
+                bad = [u.name for u in node.users if u.target not in (torch.fake_quantize_per_tensor_affine,
+                                                                       torch.fake_quantize_per_channel_affine)]
+                if bad:
+                    raise VerificationError(f"[{self.name}] {node.target} is read unquantized by {bad[:3]}.")
+            if node.op == "call_module" and any(w.rpartition(".")[0] == node.target for w in weights):
+                raise VerificationError(f"[{self.name}] {node.target} is still called as a float module.")
+
     def run(self, ctx: CompileContext) -> PassResult:
-        gm, plan, params = ctx.gm, ctx.plans[PLAN], ctx.plans[PARAMS]
+        gm, plan, params = ctx.gm, ctx.plans[QuantPlan], ctx.plans[QuantParams]
         stage = quantization_stage(gm)
         if stage is not None and stage[0] == "quantized":
             raise PassError(f"[{self.name}] the module is already lowered (node {stage[1].name!r}); a model is lowered "

@@ -33,11 +33,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from fxcompress.passes.quant.calibrate import PARAMS
-from fxcompress.passes.quant.fold_bn import FOLDED, FoldedBN
-from fxcompress.passes.quant.insert_observers import HOLDER, PLAN
-from fxcompress.passes.quant.lib.quant_plan import WeightSite
-from fxcompress.passes.quant.lib.quant_spec import FakeQuant
+from fxcompress.passes.quant.fold_bn import FoldedBN, FoldedBNs
+from fxcompress.passes.quant.insert_observers import HOLDER
+from fxcompress.passes.quant.lib.quant_plan import QuantPlan, WeightSite
+from fxcompress.passes.quant.lib.quant_spec import FakeQuant, QuantParams
 from fxcompress.passes.quant.lower_quantized import weight_fake_quant
 from fxcompress.passes.train.lib import training
 from torch.nn.utils import parametrize
@@ -130,7 +129,8 @@ class QAT(training.TrainingPass):
     """Quantization-aware training between calibrate and lower_quantized (STE, optional LSQ, BN folded)."""
 
     name = "qat"
-    requires = (PLAN, PARAMS)
+    requires = (QuantPlan, QuantParams)
+    uses = (FoldedBNs,)  # the BatchNorms fold_bn folded, trained folded when fold_bn_training
 
     def __init__(self, learn_scales: bool = False, fold_bn_training: bool = True, freeze_bn_steps: int = 0,
                  bn_momentum: float | None = 0.1, **loop: Any):
@@ -144,7 +144,7 @@ class QAT(training.TrainingPass):
         self.freeze_bn_steps, self.bn_momentum = freeze_bn_steps, bn_momentum
 
     def run(self, ctx: CompileContext) -> PassResult:
-        gm, plan, params = ctx.gm, ctx.plans[PLAN], ctx.plans[PARAMS]
+        gm, plan, params = ctx.gm, ctx.plans[QuantPlan], dict(ctx.plans[QuantParams].entries)
         if plan.mode != "static":
             raise PassError(f"[qat] trains static quantization; this plan is {plan.mode!r}.")
         holder = getattr(gm, HOLDER, None)
@@ -158,7 +158,7 @@ class QAT(training.TrainingPass):
             setattr(holder, name, module)
         notes: list[str] = []
         hooks: list = []
-        layers = self._parametrize(gm, plan, ctx.plans.get(FOLDED, {}), notes, hooks)
+        layers = self._parametrize(gm, plan, ctx.plans.get(FoldedBNs, FoldedBNs({})).entries, notes, hooks)
         bns = [bn for _, _, bn in layers if bn is not None]
         frozen_at: dict[str, int] = {}
 
@@ -184,6 +184,7 @@ class QAT(training.TrainingPass):
             trained = module.trained()
             changed = max(changed, float(((trained.scale - params[name].scale).abs() / params[name].scale).max()))
             params[name] = trained
+        ctx.plans[QuantParams] = QuantParams(params, ctx.plans[QuantParams].graph)
         stats |= {"activation_sites": len(acts), "weights": len(layers), "bn_folded_in_training": len(bns),
                   "bn_frozen_at": frozen_at.get("step")}
         if self.learn_scales:

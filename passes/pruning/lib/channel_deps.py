@@ -1,5 +1,5 @@
 """Channel-dependency analysis: which channels must be removed together, as a graph of channel spaces
-(the ``propagate_dependencies`` pass runs it and leaves it in ``ctx.analyses["channel_groups"]``).
+(the ``propagate_dependencies`` pass runs it and leaves it in ``ctx.analyses[ChannelGraph]``).
 
 Every op's rule (``channel_rules.RULES``) relates dimensions ("spaces") of its inputs, outputs and parameters.
 The spaces and relations form a networkx graph keyed by node names (``ChannelGraph.graph``; edge attribute
@@ -37,8 +37,9 @@ from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
 from fxcompress.fxutil import lookup
+from fxcompress.plans import Artifact, Lifetime
+from fxcompress.tree import named_tensors
 
-ANALYSIS = "channel_groups"
 ATTENTION_MODES = ("dims", "heads", "both")
 
 
@@ -71,8 +72,12 @@ class ChannelGroup:
         return f"group {self.name}: {self.size} channels, {state}, {len(self.members)} members{extra}"
 
 
-class ChannelGraph:
+class ChannelGraph(Artifact):
     """Spaces, units and groups of one GraphModule (see the module docstring)."""
+
+    kind = "channel_groups"
+    owner = "propagate_dependencies"
+    lifetime = Lifetime.ANALYSIS
 
     def __init__(self, gm: torch.fx.GraphModule, attention: str = "dims"):
         self.gm = gm
@@ -234,17 +239,10 @@ class ChannelGraph:
     # -- groups ------------------------------------------------------------------------------------------------
     def _groups(self, attention: str) -> None:
         n = self.n_units
-        has_member = torch.zeros(n, dtype=torch.bool)
-        for s in [*self.rel.params, *self.rel.grouped_inputs]:
-            has_member[self.units[s]] = True
+        has_member = self._units_of([*self.rel.params, *self.rel.grouped_inputs])
         has_member = self.push_to_controllers(has_member, "or")
-        barred = torch.zeros(n, dtype=torch.bool)
-        inexact = torch.zeros(n, dtype=torch.bool)
-        for s in self.rel.fixed_spaces:
-            barred[self.units[s]] = True
-        barred |= self.cycle_units | self.regrouped_units
-        for s in self.rel.inexact_spaces:
-            inexact[self.units[s]] = True
+        barred = self._units_of(self.rel.fixed_spaces) | self.cycle_units | self.regrouped_units
+        inexact = self._units_of(self.rel.inexact_spaces)
         barred = self.push_to_controllers(barred, "or")
         inexact = self.push_to_controllers(inexact, "or")
         free = ~self.controlled & has_member
@@ -256,7 +254,7 @@ class ChannelGraph:
         inexact_reasons = collections.defaultdict(set)
         for s, why in self.rel.fixed_spaces.items():
             reasons[self.component[s]].add(why)
-        for s, c in self.component.items():
+        for s, c in (self.component.items() if bool(self.regrouped_units.any()) else ()):
             if bool(self.regrouped_units[self.units[s]].any()):
                 reasons[c].add("channels that two views group differently (a channel shuffle whose halves are "
                                "concatenated and shuffled again)")
@@ -271,14 +269,23 @@ class ChannelGraph:
         self.local = torch.full((n,), -1, dtype=torch.long)
         self.groups: list[ChannelGroup] = []
         self.barred = barred
+        # a group: the free units of one component with one source key, in order of component, key and unit
         key = self._source_keys()
-        for c in range(self.n_components):
-            spaces = spaces_of[c]
-            units = torch.unique(torch.cat([self.units[s] for s in spaces]))
-            units = units[free[units]]
-            for k in torch.unique(key[units]).tolist():
-                u = units[key[units] == k]
-                self._new_group(u, spaces, barred, inexact, reasons[c], inexact_reasons[c])
+        comp_of = torch.full((n,), -1, dtype=torch.long)
+        distinct = {id(self.units[s]): (self.units[s], c) for s, c in self.component.items()}  # shared tensors once
+        if distinct:
+            tensors, comps = zip(*distinct.values())
+            comp_of[torch.cat(tensors)] = torch.repeat_interleave(torch.tensor(comps),
+                                                                  torch.tensor([t.numel() for t in tensors]))
+        units = torch.nonzero(free & (comp_of >= 0)).flatten()
+        order = torch.argsort((comp_of[units] * (int(key.max()) + 1 if n else 1) + key[units]) * n + units)
+        units = units[order]
+        pairs = torch.stack([comp_of[units], key[units]], 1)
+        counts = torch.unique_consecutive(pairs, dim=0, return_counts=True)[1].tolist() if units.numel() else []
+        for u in torch.split(units, counts):
+            c = int(comp_of[u[0]])
+            self._new_group(u, spaces_of[c], barred, inexact, reasons[c], inexact_reasons[c])
+        self._space_groups: dict[int, set[int]] = {}
         self._members()
         self._constraints()
         self._factor_policy(attention)
@@ -312,8 +319,21 @@ class ChannelGraph:
             inexact=tuple(sorted(inexact_reasons)) if bool(inexact[u].any()) else (),
             members=(), modules=(), spaces=tuple(spaces)))
 
+    def _units_of(self, spaces) -> torch.Tensor:
+        """A mask of the units of ``spaces``."""
+        mask = torch.zeros(self.n_units, dtype=torch.bool)
+        if spaces:
+            mask[torch.cat([self.units[s] for s in spaces])] = True
+        return mask
+
     def groups_of_space(self, s: Space) -> set[int]:
         u = self.units[s]
+        known = self._space_groups.get(id(u))  # spaces related by identity share one units tensor
+        if known is None:
+            known = self._space_groups[id(u)] = self._groups_of_units(u)
+        return set(known)
+
+    def _groups_of_units(self, u: torch.Tensor) -> set[int]:
         direct = self.group_of[u]
         direct = direct[direct >= 0]
         if not direct.numel():
@@ -511,11 +531,15 @@ def _tie_aliases(r: Relations, gm: torch.fx.GraphModule) -> None:
     """A tensor held under several names (an embedding tied to the output layer) is one tensor: each of its dims is
     one channel space under every name, so that pruning removes the same channels at all of its uses."""
     names: dict[int, list[str]] = {}
-    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+    dims: dict[int, int] = {}
+    for name, t in named_tensors(gm):
         names.setdefault(id(t), []).append(name)
+        dims[id(t)] = t.dim()
     r.node = None
-    for group in names.values():
-        for d in range(max((len(lookup(gm, n).shape) for n in group), default=0)):
+    for key, group in names.items():
+        if len(group) < 2:  # one name: nothing to tie
+            continue
+        for d in range(dims[key]):
             spaces = [("@" + n, d) for n in group if ("@" + n, d) in r.sizes]
             for a, b in zip(spaces, spaces[1:]):
                 r.equal(a, b)
@@ -555,7 +579,7 @@ def channel_graph(ctx: CompileContext, attention: str = "dims") -> ChannelGraph:
     def build(c: CompileContext) -> ChannelGraph:
         with _gc_paused():
             return ChannelGraph(c.gm, attention)
-    return ctx.analysis(ANALYSIS, build)
+    return ctx.analysis(ChannelGraph, build)
 
 
 PRUNE_ORDER = 'Prune before quantizing: [{"pass": "prune", ...}, {"pass": "quantize"}].'

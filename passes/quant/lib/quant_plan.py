@@ -33,6 +33,7 @@ from fxcompress.passes.quant.lib.quant_spec import QuantSpec
 from fxcompress import counting, meta
 from fxcompress.fxutil import arg
 from fxcompress.options import matches
+from fxcompress.plans import Artifact, Lifetime, data_class, graph_signature
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -59,6 +60,7 @@ ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 
 
+@data_class
 @dataclasses.dataclass(frozen=True)
 class Site:
     """Tensors quantized with one scale and zero point."""
@@ -70,6 +72,7 @@ class Site:
     reason: str  # why it is quantized, e.g. "input of layer1.0.conv1"
 
 
+@data_class
 @dataclasses.dataclass(frozen=True)
 class WeightSite:
     """A weighted op whose weight is quantized; ``kind`` in conv, conv_transpose, linear, matmul."""
@@ -83,14 +86,21 @@ class WeightSite:
     operand: int = 1  # for matmul: which argument is the weight
 
 
-@dataclasses.dataclass
-class QuantPlan:
+@dataclasses.dataclass(frozen=True)
+class QuantPlan(Artifact):
+    """Where quantization goes, as data: the activation sites, the weights, and the ops left float with why."""
+
+    kind = "quant_plan"
+    owner = "insert_observers"
+    lifetime = Lifetime.DECISION
+
     sites: dict[str, Site]
     weights: dict[str, WeightSite]  # op node name -> its weight
     float_ops: dict[str, str]  # node name -> why it stays float (ops with weights or MACs, unfolded BatchNorm)
     activation_bits: int
     weight_bits: int
     mode: str = "static"
+    graph: str = ""  # graph_signature of the module it was made for
 
     def site_of(self, node_name: str) -> Site | None:
         for site in self.sites.values():
@@ -367,7 +377,8 @@ class Planner:
                 values, shared = shared[:1], shared[1:]
             name = f"act_{i}"
             sites[name] = Site(name, self._spec(values), values, shared, self.reason[members[0]])
-        return QuantPlan(sites, self.weights, self.float_ops, self.o.activation_bits, self.o.weight_bits, self.o.mode)
+        return QuantPlan(sites, self.weights, self.float_ops, self.o.activation_bits, self.o.weight_bits, self.o.mode,
+                         graph_signature(self.gm))
 
     def _spec(self, values: tuple[str, ...]) -> QuantSpec:
         o = self.o

@@ -19,9 +19,12 @@ import dataclasses
 import torch
 from fxcompress.passes.quant.lib.calibrators import Histogram, MinMax
 
+from fxcompress.plans import Lifetime, Table, data_class
+
 METHODS = ("minmax", "percentile", "mse", "kl", "kl_tolerance")
 
 
+@data_class
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     bits: int = 8
@@ -119,6 +122,7 @@ def hist_empty(h: Histogram) -> bool:
     return float(h.counts.sum()) == 0
 
 
+@data_class
 @dataclasses.dataclass(frozen=True)
 class FakeQuant:
     """What a fake-quantize node needs: scale, zero point and integer range, per tensor or along ``axis``.
@@ -150,3 +154,13 @@ class FakeQuant:
         if self.axis is None:
             return f"scale={float(self.scale):.4g} zero={int(self.zero)} [{self.qmin}, {self.qmax}]"
         return f"{self.scale.numel()} scales along axis {self.axis} [{self.qmin}, {self.qmax}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParams(Table):
+    """{site name: FakeQuant}: the scale and zero point calibration chose for every observed site (sites that saw
+    no data are absent and stay float).  The one source of every activation scale lower_quantized writes."""
+
+    kind = "quant_params"
+    owner = "calibrate"
+    lifetime = Lifetime.RESULT

@@ -22,18 +22,17 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize
-from fxcompress.passes.pruning.remove_channels import MASKS
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import InputError, PassError, RecipeError
+from fxcompress.errors import InputError, PassError, RecipeError, VerificationError
 from fxcompress.options import check_value
 from fxcompress.pass_base import Contract, Pass
 from fxcompress.pass_base import refuse_quantized as core_refuse
+from fxcompress.plans import ChannelMasks, WeightMasks
 from fxcompress.progress import progress
 
 log = logging.getLogger(__name__)
-WEIGHT_MASKS = "weight_masks"  # ctx.plans key: {parameter target: 0/1 mask of its elements} (level pruning)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
@@ -129,8 +128,8 @@ def refuse_quantized(gm: torch.fx.GraphModule, pass_name: str) -> None:
 
 
 class Masks:
-    """The zero masks of mask-mode pruning (``ctx.plans["channel_masks"]``) and level pruning
-    (``ctx.plans["weight_masks"]``), re-applied after every step.
+    """The zero masks of mask-mode pruning (``ChannelMasks``) and level pruning (``WeightMasks``), re-applied after
+    every step.
 
     A parametrized weight (``qat``) is masked at its original; a target that no longer exists (a BatchNorm folded
     since) or changed shape (removed channels) is passed over.  ``refresh`` re-reads the plans (gradual pruning
@@ -143,7 +142,7 @@ class Masks:
         self.refresh()
 
     def refresh(self) -> None:
-        masks = list(self.ctx.plans.get(MASKS, {}).items()) + list(self.ctx.plans.get(WEIGHT_MASKS, {}).items())
+        masks = [item for kind in (ChannelMasks, WeightMasks) for item in self.ctx.plans.get(kind, kind({})).items()]
         self.tensors = []
         for target, mask in masks:
             t = _maskable(self.ctx.gm, target)
@@ -285,6 +284,16 @@ class TrainingPass(Pass):
     def option_names(cls) -> tuple[str, ...]:
         own = tuple(p for p in super().option_names() if p != "loop")
         return own + tuple(k for k in LOOP_DEFAULTS if k not in own)
+
+    def verify(self, ctx: CompileContext) -> None:
+        """Training leaves no parametrization behind and every mask still holds (masked values are zero)."""
+        left = [name for name, m in ctx.gm.named_modules() if torch.nn.utils.parametrize.is_parametrized(m)]
+        if left:
+            raise VerificationError(f"[{self.name}] left parametrized modules: {', '.join(left[:5])}.")
+        masks = Masks(ctx)
+        for t, mask in masks.tensors:
+            if bool((t.detach() * (1 - mask.to(t.dtype))).any()):
+                raise VerificationError(f"[{self.name}] left nonzero values where a pruning mask is zero.")
 
     def set_loop(self, options: dict[str, Any], **defaults: Any) -> None:
         """Set the loop options from ``options`` over this pass's ``defaults`` over ``LOOP_DEFAULTS``."""
