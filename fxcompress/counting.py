@@ -3,26 +3,23 @@
 MACs count multiply-accumulates of the layers that dominate compute: convolutions (also transposed and grouped),
 linear layers, matrix products (matmul/mm/bmm/addmm/baddbmm) and attention (``nn.MultiheadAttention``,
 ``F.scaled_dot_product_attention``), whether called as modules or functions.  Elementwise ops, norms and pooling
-count 0, as in the published MAC counts of ResNet/MobileNet.  Rules are tables keyed by module class, function
-object or method name; a shared module's parameters are counted once in totals but its MACs at every call.
+count 0, as in the published MAC counts of ResNet/MobileNet.  Which op counts how is the ``macs`` field of its
+record in ``ops.py``; ``MAC_RULES`` implements each kind.  A shared module's parameters are counted once in totals but its MACs at every call.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from . import meta
+from . import meta, ops
 from .fxutil import arg
 from .meta import TensorInfo
-from .modules import dynamic_quant_linear, requantized_conv
 from .tree import named_modules
 
 
@@ -54,18 +51,18 @@ def _prod(xs: Iterable[int]) -> int:
     return math.prod(int(x) for x in xs)
 
 
-def _out_times_k(a_index: int, a_name: str) -> Callable[[torch.fx.Node], int]:
+def _out_times_k(a_index: int, a_name: str) -> Callable[[torch.fx.Node, Any], int]:
     """MACs of a product whose output has numel elements each reducing over k = a.shape[-1]."""
 
-    def rule(node: torch.fx.Node) -> int:
+    def rule(node: torch.fx.Node, _=None) -> int:
         a, out = _info(arg(node, a_index, a_name)), meta.tensor_info(node)
         return out.numel * a.shape[-1] if a is not None and out is not None and a.shape else 0
 
     return rule
 
 
-def _conv_fn(transposed: bool) -> Callable[[torch.fx.Node], int]:
-    def rule(node: torch.fx.Node) -> int:
+def _conv_fn(transposed: bool) -> Callable[[torch.fx.Node, Any], int]:
+    def rule(node: torch.fx.Node, _=None) -> int:
         x, w, out = _info(arg(node, 0, "input")), _info(arg(node, 1, "weight")), meta.tensor_info(node)
         if x is None or w is None or out is None:
             return 0
@@ -75,47 +72,12 @@ def _conv_fn(transposed: bool) -> Callable[[torch.fx.Node], int]:
     return rule
 
 
-def _sdpa(node: torch.fx.Node) -> int:
+def _sdpa(node: torch.fx.Node, _=None) -> int:
     q, k, v = (_info(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     if q is None or k is None or v is None:
         return 0
     batch = _prod(q.shape[:-2])
     return batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-
-
-FUNCTION_MACS: dict[Any, Callable[[torch.fx.Node], int]] = {
-    F.linear: _out_times_k(0, "input"),
-    torch._C._nn.linear: _out_times_k(0, "input"),
-    torch.matmul: _out_times_k(0, "input"),
-    operator.matmul: _out_times_k(0, "input"),
-    torch.mm: _out_times_k(0, "input"),
-    torch.bmm: _out_times_k(0, "input"),
-    torch.addmm: _out_times_k(1, "mat1"),
-    torch.baddbmm: _out_times_k(1, "batch1"),
-    torch.conv1d: _conv_fn(False),
-    torch.conv2d: _conv_fn(False),
-    torch.conv3d: _conv_fn(False),
-    F.conv1d: _conv_fn(False),
-    F.conv2d: _conv_fn(False),
-    F.conv3d: _conv_fn(False),
-    torch.conv_transpose1d: _conv_fn(True),
-    torch.conv_transpose2d: _conv_fn(True),
-    torch.conv_transpose3d: _conv_fn(True),
-    F.conv_transpose1d: _conv_fn(True),
-    F.conv_transpose2d: _conv_fn(True),
-    F.conv_transpose3d: _conv_fn(True),
-    F.scaled_dot_product_attention: _sdpa,
-    requantized_conv: _conv_fn(False),  # the quantized simulation's convolutions and Linear layers
-    dynamic_quant_linear: _out_times_k(0, "input"),
-}
-
-METHOD_MACS: dict[str, Callable[[torch.fx.Node], int]] = {
-    "matmul": _out_times_k(0, "self"),
-    "mm": _out_times_k(0, "self"),
-    "bmm": _out_times_k(0, "self"),
-    "addmm": _out_times_k(1, "mat1"),
-    "baddbmm": _out_times_k(1, "batch1"),
-}
 
 
 def _linear_module(node: torch.fx.Node, m: nn.Linear) -> int:
@@ -143,33 +105,28 @@ def _mha_module(node: torch.fx.Node, m: nn.MultiheadAttention) -> int:
     return batch * (projections + 2 * L * S * E)
 
 
-MODULE_MACS: dict[type, Callable[[torch.fx.Node, Any], int]] = {
-    nn.Linear: _linear_module,
-    _ConvNd: _conv_module,
-    nn.MultiheadAttention: _mha_module,
+MAC_RULES: dict[str, Callable[[torch.fx.Node, Any], int]] = {
+    "matmul": _out_times_k(0, "input"),  # F.linear, matmul, mm, bmm: output elements x the reduced dim
+    "addmm": _out_times_k(1, "mat1"),
+    "baddbmm": _out_times_k(1, "batch1"),
+    "conv": _conv_fn(False),
+    "conv_transpose": _conv_fn(True),
+    "sdpa": _sdpa,
+    "linear_layer": _linear_module,
+    "conv_layer": _conv_module,
+    "attention_layer": _mha_module,
 }
-
-
-def _module_rule(module: nn.Module) -> Callable[[torch.fx.Node, Any], int] | None:
-    for cls in type(module).__mro__:
-        if cls in MODULE_MACS:
-            return MODULE_MACS[cls]
-    return None
+"""The MAC count of each ``macs`` kind that ``fxcompress/ops.py`` records name: ``rule(node, module or None)``."""
 
 
 def node_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, modules: dict[str, nn.Module] | None = None) -> int:
     """The MACs of one node (``modules``: the module tree by name, if the caller has it)."""
-    if node.op == "call_module":
-        module = modules[node.target] if modules is not None else gm.get_submodule(node.target)
-        rule = _module_rule(module)
-        return rule(node, module) if rule else 0
-    if node.op == "call_function":
-        rule = FUNCTION_MACS.get(node.target)
-        return rule(node) if rule else 0
-    if node.op == "call_method":
-        rule = METHOD_MACS.get(node.target)
-        return rule(node) if rule else 0
-    return 0
+    kind = ops.of_node(gm, node, "macs", modules)
+    if kind is None:
+        return 0
+    module = (modules[node.target] if modules is not None else gm.get_submodule(node.target)) \
+        if node.op == "call_module" else None
+    return MAC_RULES[kind](node, module)
 
 
 def _tensors_of(modules: dict[str, nn.Module], node: torch.fx.Node) -> list[tuple[torch.Tensor, bool]]:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from fxcompress.passes.quant.calibrate import calibration_batches
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from fxcompress import meta
+from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.counting import totals
 from fxcompress.errors import InputError, RecipeError, VerificationError, did_you_mean
@@ -336,7 +336,7 @@ def candidates(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> tuple
     for node in gm.graph.nodes:
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if isinstance(m, (nn.Linear, _ConvNd)):
+            if ops.of_module(m, "factorizes") is not None:
                 calls[node.target].append(node)
             elif isinstance(m, nn.MultiheadAttention):
                 skipped[node.target] = "attention (its projections are inside nn.MultiheadAttention)"
@@ -349,8 +349,9 @@ def candidates(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> tuple
         reason = None
         if any(matches(name, e) for e in exclude):
             reason = "excluded"
-        elif isinstance(m, _ConvTransposeNd):
-            reason = "transposed (ConvTranspose is not factorized)"
+        elif not ops.of_module(m, "factorizes"):
+            reason = ("transposed (ConvTranspose is not factorized)" if isinstance(m, _ConvTransposeNd)
+                      else f"{type(m).__name__} is not factorized")
         elif isinstance(m, _ConvNd) and m.groups > 1:
             reason = f"grouped (groups={m.groups})"
         elif owners[id(m.weight)] > 1:

@@ -37,6 +37,7 @@ from fxcompress.passes.pruning.select_channels import (
 )
 from fxcompress.passes.train.lib import training
 
+from fxcompress import ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
 from fxcompress.options import as_patterns, check_patterns, matches
@@ -44,7 +45,6 @@ from fxcompress.pass_base import PassResult
 from fxcompress.plans import ChannelMasks, WeightMasks
 
 GRANULARITIES = ("channel", "level")
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
 def agp(step: int, total: int, initial: float, target: float, start: float, end: float) -> float:
@@ -151,7 +151,7 @@ class GradualPrune(training.TrainingPass):
         ctx.plans[WeightMasks] = WeightMasks(masks)
 
     def _level_layers(self, gm: nn.Module) -> list[tuple[str, nn.Module]]:
-        layers = [(name, m) for name, m in gm.named_modules() if isinstance(m, _WEIGHTED)
+        layers = [(name, m) for name, m in gm.named_modules() if ops.of_module(m, "weighted")
                   and not any(matches(name, p) for p in self.exclude)]
         if not layers:
             raise PassError("[gradual_prune] level granularity found no Conv/Linear weight to sparsify "

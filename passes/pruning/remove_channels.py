@@ -28,7 +28,7 @@ from fxcompress.passes.pruning.lib.channel_rules import Space
 from fxcompress.passes.pruning.lib.channel_spaces import index_items, slice_start
 from fxcompress.passes.pruning.select_channels import PruningPlan
 
-from fxcompress import meta
+from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError, VerificationError
 from fxcompress.fxutil import lookup
@@ -249,37 +249,63 @@ def _snapshot(m: nn.Module) -> dict:
             if hasattr(m, k)}
 
 
+def _resize_conv(m: nn.Module, old: dict) -> None:
+    w = m.weight
+    depthwise = old["groups"] == old["in_channels"] and old["groups"] > 1
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        m.in_channels = w.shape[0]
+        if depthwise:
+            m.groups = m.in_channels
+        m.out_channels = w.shape[1] * m.groups
+    else:
+        m.out_channels = w.shape[0]
+        if depthwise:
+            m.groups = m.out_channels // (old["out_channels"] // old["groups"])
+            m.in_channels = m.groups
+        else:
+            m.in_channels = w.shape[1] * m.groups
+
+
+def _resize_linear(m: nn.Module, old: dict) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _resize_norm(m: nn.Module, old: dict) -> None:
+    ref = m.running_mean if m.running_mean is not None else m.weight
+    if ref is not None:
+        m.num_features = ref.shape[0]
+
+
+def _resize_groupnorm(m: nn.Module, old: dict) -> None:
+    if m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+
+
+def _resize_layernorm(m: nn.Module, old: dict) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _resize_embedding(m: nn.Module, old: dict) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _resize_prelu(m: nn.Module, old: dict) -> None:
+    m.num_parameters = m.weight.shape[0]
+
+
+RESIZE = {"conv": _resize_conv, "linear": _resize_linear, "norm": _resize_norm, "groupnorm": _resize_groupnorm,
+          "layernorm": _resize_layernorm, "embedding": _resize_embedding, "prelu": _resize_prelu}
+"""How a module's size attributes follow its sliced tensors, per ``resize`` kind of its record in
+``fxcompress/ops.py``; a module without one keeps its attributes (``modules.inconsistent_attributes`` then names
+any that disagree with the tensors after the pass)."""
+
+
 def _resize(m: nn.Module, old: dict) -> None:
     """Bring a module's size attributes in line with its (sliced) parameters."""
-    if isinstance(m, nn.modules.conv._ConvNd):
-        w = m.weight
-        transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-        depthwise = old["groups"] == old["in_channels"] and old["groups"] > 1
-        if transposed:
-            m.in_channels = w.shape[0]
-            if depthwise:
-                m.groups = m.in_channels
-            m.out_channels = w.shape[1] * m.groups
-        else:
-            m.out_channels = w.shape[0]
-            if depthwise:
-                m.groups = m.out_channels // (old["out_channels"] // old["groups"])
-                m.in_channels = m.groups
-            else:
-                m.in_channels = w.shape[1] * m.groups
-    elif isinstance(m, nn.Linear):
-        m.out_features, m.in_features = m.weight.shape
-    elif isinstance(m, nn.modules.batchnorm._NormBase):
-        ref = m.running_mean if m.running_mean is not None else m.weight
-        m.num_features = ref.shape[0]
-    elif isinstance(m, nn.GroupNorm) and m.weight is not None:
-        m.num_channels = m.weight.shape[0]
-    elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-        m.normalized_shape = tuple(m.weight.shape)
-    elif isinstance(m, nn.Embedding):
-        m.embedding_dim = m.weight.shape[1]
-    elif isinstance(m, nn.PReLU):
-        m.num_parameters = m.weight.shape[0]
+    kind = ops.of_module(m, "resize")
+    if kind is not None:
+        RESIZE[kind](m, old)
 
 
 def _grouped_input_mask(w: torch.Tensor, groups: int, removed: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from fxcompress.passes.pruning.lib.channel_deps import (
     ChannelGroup,
 )
 
-from fxcompress import meta
+from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, VerificationError, did_you_mean
 from fxcompress.fxutil import lookup
@@ -198,17 +198,6 @@ def taylor(cg, ctx, opts) -> torch.Tensor:
     return cg.push_to_controllers(score)
 
 
-_ACTIVATIONS = {"relu", "relu6", "ReLU", "ReLU6", "gelu", "GELU", "silu", "SiLU", "hardswish", "Hardswish",
-                "leaky_relu", "LeakyReLU", "relu_", "ELU", "elu", "Mish", "mish"}
-
-
-def _is_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__ in _ACTIVATIONS
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name in _ACTIVATIONS
-
-
 class _Stats(torch.fx.Interpreter):
     def __init__(self, gm, watch: dict[str, list[int]]):
         super().__init__(gm)
@@ -232,7 +221,7 @@ def activation_scores(cg, ctx, opts, kind: str) -> torch.Tensor:
     watch: dict[str, list[int]] = {}
     for (owner, d) in cg.units:
         node = nodes.get(owner)
-        if node is not None and _is_activation(gm, node) and meta.tensor_info(node) is not None:
+        if node is not None and ops.of_node(gm, node, "activation") and meta.tensor_info(node) is not None:
             watch.setdefault(owner, []).append(d)
     interp = _Stats(gm, watch)
     n = 0

@@ -3,7 +3,8 @@
     before:  y = bn(conv(x))          after:  y = conv'(x)
              W' = W * s,  b' = (b - mean) * s + beta,  s = gamma / sqrt(var + eps)   (per output channel)
 
-Producers: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` (any groups), ``nn.Linear`` with a 2-D output.
+Producers: the layers whose op record sets ``folds_bn`` (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` with any
+groups, ``nn.Linear`` with a 2-D output).
 BatchNorm: ``nn.BatchNorm1d/2d/3d`` modules or ``F.batch_norm`` with running statistics held by the module.
 Requires: shape metadata.  Contract: EXACT (rtol=1e-5, atol=1e-5 x output scale).  Folding is done in float64.
 Skips (counted in stats, each named in the notes):
@@ -25,13 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
-from fxcompress import meta
+from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import VerificationError, user_frame_from_stack_trace
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import Lifetime, Table, data_class
 
-PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 SKIP_REASONS = ("skipped_multi_user", "skipped_shared_module", "skipped_training_bn", "skipped_no_running_stats",
                 "skipped_no_foldable_producer", "skipped_channel_layout")
 
@@ -168,7 +168,7 @@ class FoldBatchNorm(Pass):
             return "skipped_no_running_stats"
         producer = _bn_input(node)
         if not (isinstance(producer, torch.fx.Node) and producer.op == "call_module"
-                and isinstance(gm.get_submodule(producer.target), PRODUCERS)):
+                and ops.of_module(gm.get_submodule(producer.target), "folds_bn")):
             return "skipped_no_foldable_producer"
         if len(producer.users) > 1:
             return "skipped_multi_user"

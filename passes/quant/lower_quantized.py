@@ -61,12 +61,9 @@ from fxcompress.passes.quant.calibrate import (
 from fxcompress.passes.quant.insert_observers import HOLDER
 from fxcompress.passes.quant.lib.calibrators import MinMax
 from fxcompress.passes.quant.lib.quant_plan import (
-    RELU_FUNCS,
-    RELU_METHODS,
-    RELU_MODULES,
     QuantPlan,
     WeightSite,
-    is_op,
+    quant_role,
 )
 from fxcompress.passes.quant.lib.quant_spec import FakeQuant, QuantParams, qparams
 
@@ -319,7 +316,7 @@ class LowerQuantized(Pass):
         """A convolution whose output is quantized (directly or after its ReLU) computes its integer accumulator
         exactly and requantizes it as ONNX Runtime's QLinearConv does (``modules.requantized_conv``)."""
         users = list(conv.users)
-        if len(users) == 1 and is_op(users[0], RELU_FUNCS, RELU_METHODS, RELU_MODULES, gm):
+        if len(users) == 1 and quant_role(gm, users[0]) == "relu":
             users = list(users[0].users)
         if not (len(users) == 1 and users[0] in quantizers):
             return

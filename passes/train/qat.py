@@ -41,6 +41,7 @@ from fxcompress.passes.quant.lower_quantized import weight_fake_quant
 from fxcompress.passes.train.lib import training
 from torch.nn.utils import parametrize
 
+from fxcompress import ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError
 from fxcompress.pass_base import PassResult
@@ -217,7 +218,7 @@ class QAT(training.TrainingPass):
     def _bn_state(self, owner: nn.Module, owner_name: str, attr: str, site: WeightSite, rec: FoldedBN | None,
                   notes: list[str]) -> _BNState | None:
         if not self.fold_bn_training or rec is None or attr != "weight" \
-                or not isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                or not ops.of_module(owner, "weighted"):
             return None
         w, b = rec.folded()
         if owner.weight.shape != w.shape or not torch.allclose(owner.weight.detach(), w, rtol=1e-5, atol=1e-6) \

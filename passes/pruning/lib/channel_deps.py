@@ -1,8 +1,8 @@
 """Channel-dependency analysis: which channels must be removed together, as a graph of channel spaces
 (the ``propagate_dependencies`` pass runs it and leaves it in ``ctx.analyses[ChannelGraph]``).
 
-Every op's rule (``channel_rules.RULES``) relates dimensions ("spaces") of its inputs, outputs and parameters.
-The spaces and relations form a networkx graph keyed by node names (``ChannelGraph.graph``; edge attribute
+Every op's rule (``channel_rules.KINDS``, chosen by its record in ``fxcompress/ops.py``) relates dimensions
+("spaces") of its inputs, outputs and parameters.  The spaces and relations form a networkx graph keyed by node names (``ChannelGraph.graph``; edge attribute
 ``map`` holds an ``Identity``, ``Offset`` or ``Factor``).  Elements linked by identity/offset relations are the
 same *unit*; a space that is the product of others (a flatten into Linear, a channel shuffle, attention heads)
 is *controlled* by its factors' units and removed when any of them is.  A *group* is the free units of one

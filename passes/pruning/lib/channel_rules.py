@@ -5,20 +5,18 @@ A *space* is one dimension of one value, keyed by names: ``(node_name, dim)`` fo
 ``("@path.to.param", dim)`` for a parameter or buffer and ``("~name", 0)`` for a virtual factor (attention heads).
 
 The vocabulary (spaces, ``Relations``, index maps) is in ``channel_spaces``; the rules of layers with parameters
-are in ``channel_layer_rules``.  ``RULES`` is keyed by objects: module classes, functions, and ``torch.Tensor``
-methods (for ``call_method``).  An op missing from it is a barrier: every space it touches is fixed and the
-reason is recorded.
+are in ``channel_layer_rules``.  Which op follows which rule is the ``channels`` field of its record in
+``fxcompress/ops.py``; ``KINDS`` maps those names to the rules.  An op without one is a barrier: every space it
+touches is fixed and the reason is recorded.
 """
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Callable
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from fxcompress.passes.pruning.lib.channel_layer_rules import (
     batchnorm,
     conv,
@@ -54,11 +52,10 @@ from fxcompress.passes.pruning.lib.channel_spaces import (
     unary,
 )
 
-from fxcompress import meta
+from fxcompress import meta, ops
 from fxcompress.fxutil import arg
-from fxcompress.modules import PrunedMultiheadAttention
 
-__all__ = ["RULES", "rule_for", "Relations", "Space", "Identity", "Offset", "Factor", "ParamMember", "GroupedInput"]
+__all__ = ["KINDS", "rule_for", "Relations", "Space", "Identity", "Offset", "Factor", "ParamMember", "GroupedInput"]
 
 
 # ---- generic rules ----------------------------------------------------------------------------------------------
@@ -327,94 +324,32 @@ def expand(r: Relations, node: torch.fx.Node, _=None) -> None:
 
 # ---- the table ------------------------------------------------------------------------------------------------
 
-_UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-                  nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout,
-                  nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-_UNARY_FUNCTIONS = (F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu,
-                    F.elu, F.selu, F.mish, F.softplus, F.dropout, F.sigmoid, F.tanh, torch.relu, torch.sigmoid,
-                    torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp, operator.neg, torch.nn.functional.relu_,
-                    torch.square, torch.sqrt, torch.erf)
-_UNARY_METHODS = ("relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_", "contiguous",
-                  "float", "half", "double", "to", "type_as", "clone", "detach", "sqrt", "square", "pow",
-                  "sigmoid_")
-_BINARY = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-           torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, operator.pow,
-           torch.pow)
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-                 nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
-_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-                   F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample)
-
-
 def _pad(r: Relations, node: torch.fx.Node, _=None) -> None:
     pad = arg(node, 1, "pad")
     leading(r, node, spatial=len(pad) // 2)
 
 
-RULES: dict[Any, Callable[..., None]] = {
-    **{m: unary for m in _UNARY_MODULES},
-    **{f: unary for f in _UNARY_FUNCTIONS},
-    **{getattr(torch.Tensor, m): unary for m in _UNARY_METHODS},
-    **{f: broadcast for f in _BINARY},
-    **{getattr(torch.Tensor, m): broadcast for m in ("add", "sub", "mul", "div", "add_", "sub_",
-                                                          "mul_", "div_", "masked_fill", "where")},
-    **{m: leading for m in _POOL_MODULES},
-    **{f: leading for f in _POOL_FUNCTIONS},
-    F.pad: _pad,
-    **{m: conv for m in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                         nn.ConvTranspose3d)},
-    **{f: functional_conv for f in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-                                    F.conv_transpose3d)},
-    nn.Linear: linear, F.linear: functional_linear,
-    nn.modules.linear.NonDynamicallyQuantizableLinear: linear,
-    **{f: matmul for f in (operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm)},
-    **{m: batchnorm for m in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
-    F.batch_norm: functional_batchnorm,
-    nn.LayerNorm: layernorm, F.layer_norm: functional_layernorm,
-    nn.GroupNorm: groupnorm,
-    nn.PReLU: prelu,
-    nn.Embedding: embedding,
-    nn.Softmax: softmax_like, nn.LogSoftmax: softmax_like, F.softmax: softmax_like, F.log_softmax: softmax_like,
-    torch.softmax: softmax_like, torch.Tensor.softmax: softmax_like, torch.Tensor.log_softmax: softmax_like,
-    **{f: reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin, torch.Tensor.mean, torch.Tensor.sum,
-                           torch.Tensor.amax, torch.Tensor.amin, torch.Tensor.std, torch.Tensor.var)},
-    **{f: reshape for f in (torch.flatten, torch.reshape, torch.Tensor.flatten, torch.Tensor.view,
-                            torch.Tensor.reshape, torch.Tensor.unflatten, torch.Tensor.squeeze,
-                            torch.Tensor.unsqueeze, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten)},
-    **{f: permute for f in (torch.permute, torch.transpose, torch.Tensor.permute, torch.Tensor.transpose,
-                            torch.Tensor.t, torch.t, torch.swapaxes, torch.Tensor.swapaxes)},
-    torch.cat: cat, torch.concat: cat, torch.stack: stack,
-    **{f: split for f in (torch.split, torch.chunk, torch.unbind, torch.Tensor.split, torch.Tensor.chunk,
-                          torch.Tensor.unbind)},
-    operator.getitem: getitem,
-    torch.narrow: narrow, torch.Tensor.narrow: narrow,
-    torch.Tensor.size: no_tensor, getattr: no_tensor, torch.Tensor.dim: no_tensor,
-    torch.Tensor.expand: expand, torch.Tensor.repeat: repeat, torch.Tensor.expand_as: expand,
-    nn.PixelShuffle: pixel_shuffle, nn.PixelUnshuffle: pixel_shuffle, F.pixel_shuffle: pixel_shuffle,
-    F.pixel_unshuffle: pixel_shuffle,
-    F.glu: glu,
-    nn.MultiheadAttention: multihead_attention, PrunedMultiheadAttention: multihead_attention,
-    F.scaled_dot_product_attention: sdpa,
-    **{m: recurrent for m in (nn.LSTM, nn.GRU, nn.RNN)},
+KINDS: dict[str, Callable[..., None]] = {
+    "unary": unary, "broadcast": broadcast, "leading": leading, "pad": _pad, "softmax_like": softmax_like,
+    "reduce": reduce, "reshape": reshape, "permute": permute, "cat": cat, "stack": stack, "split": split,
+    "getitem": getitem, "narrow": narrow, "no_tensor": no_tensor, "expand": expand, "repeat": repeat,
+    "conv": conv, "functional_conv": functional_conv, "linear": linear, "functional_linear": functional_linear,
+    "matmul": matmul, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
+    "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm, "prelu": prelu,
+    "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
+    "sdpa": sdpa, "recurrent": recurrent,
 }
+"""The channel rule of each ``channels`` kind that ``fxcompress/ops.py`` records name."""
 
 
-def rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Callable[..., None] | None, Any, str]:
-    """(rule, module or None, readable op name) for a call node; rule None when the table has no entry."""
+def rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node,
+             modules: dict[str, nn.Module] | None = None) -> tuple[Callable[..., None] | None, Any, str]:
+    """(rule, module or None, readable op name) for a call node; rule None when the op has no channel rule."""
+    kind = ops.of_node(gm, node, "channels", modules)
+    rule = KINDS[kind] if kind is not None else None
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        for cls in type(m).__mro__:
-            if cls in RULES and cls is not nn.Module:
-                return RULES[cls], m, f"{node.target} ({type(m).__name__})"
-        return None, m, f"{node.target} ({type(m).__name__})"
+        m = modules[node.target] if modules is not None else gm.get_submodule(node.target)
+        return rule, m, f"{node.target} ({type(m).__name__})"
     if node.op == "call_method":
-        fn = getattr(torch.Tensor, node.target, None)
-        return RULES.get(fn), None, f"Tensor.{node.target}"
-    try:
-        return RULES.get(node.target), None, op_name(node.target)
-    except TypeError:  # unhashable target
-        return None, None, op_name(node.target)
+        return rule, None, f"Tensor.{node.target}"
+    return rule, None, op_name(node.target)

@@ -1,4 +1,4 @@
-"""Where a model is quantized: the planner of ``insert_observers``, as data (a ``QuantPlan``) and rule tables.
+"""Where a model is quantized: the planner of ``insert_observers``, as data (a ``QuantPlan``), by placement roles.
 
 Placement follows what ONNX Runtime fuses into integer kernels (QLinearConv, QLinearMatMul, QGemm,
 MatMulIntegerToFloat):
@@ -16,7 +16,8 @@ MatMulIntegerToFloat):
 
 A *site* is one set of tensors sharing a scale and zero point: the tensors where statistics are taken
 (``values``) and the pass-through tensors that reuse them (``shared``).  Every use of a quantized tensor reads
-its quantized value.  Ops the tables do not know are float; those with weights or MACs are named in the notes.
+its quantized value.  An op's role is the ``quant`` field of its record in ``fxcompress/ops.py``; ops without one
+are float, and those with weights or MACs are named in the notes.
 """
 from __future__ import annotations
 
@@ -30,34 +31,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fxcompress.passes.quant.lib.quant_spec import QuantSpec
 
-from fxcompress import counting, meta
+from fxcompress import counting, meta, ops
 from fxcompress.fxutil import arg
 from fxcompress.options import matches
 from fxcompress.plans import Artifact, Lifetime, data_class, graph_signature
 
-CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LINEAR_MODULES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
-MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+ROLES = ("conv", "conv_transpose", "linear", "conv_function", "linear_function", "matmul", "relu", "hardtanh",
+         "pass", "split", "cat", "add")
+"""The placement roles an op's record in ``fxcompress/ops.py`` names in its ``quant`` field (what each does is
+in the module docstring); an op with another role or none is left float."""
+_LAYER_ROLES = ("conv", "conv_transpose", "linear")  # modules ONNX Runtime lowers: only the classes themselves
 
-RELU_MODULES = (nn.ReLU, nn.ReLU6)
-RELU_FUNCS = {F.relu, torch.relu, F.relu6}
-RELU_METHODS = {"relu"}
 
-PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout,
-                nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)
-PASS_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-              F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout, F.pixel_shuffle, F.pixel_unshuffle,
-              torch.pixel_shuffle, torch.pixel_unshuffle, torch.channel_shuffle}
-PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "t",
-                "unflatten", "expand", "repeat"}
-SPLIT_FUNCS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split}
-SPLIT_METHODS = {"split", "chunk", "unbind", "tensor_split"}
-CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
-ADD_FUNCS = {operator.add, torch.add, operator.iadd}
-ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+def quant_role(gm: torch.fx.GraphModule, node: Any) -> str | None:
+    """The placement role of the op ``node`` runs (None for a non-node or an op without one).  A subclass of a
+    Conv/Linear class is not lowered as one (its ``forward`` may differ); other roles hold for subclasses."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    role = ops.of_node(gm, node, "quant")
+    if role in _LAYER_ROLES and node.op == "call_module" and ops.of_node(gm, node, "quant", exact=True) != role:
+        return None
+    return role
 
 
 @data_class
@@ -136,18 +130,6 @@ def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def is_op(node: Any, funcs: set, methods: set, modules: tuple, gm: torch.fx.GraphModule) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_function":
-        return node.target in funcs
-    if node.op == "call_method":
-        return node.target in methods
-    if node.op == "call_module":
-        return isinstance(_module(gm, node), modules)
-    return False
-
-
 def _float_tensor(node: Any) -> bool:
     info = meta.tensor_info(node) if isinstance(node, torch.fx.Node) else None
     return info is not None and info.dtype.is_floating_point
@@ -168,12 +150,9 @@ def _param(gm: torch.fx.GraphModule, node: Any) -> str | None:
 
 
 def is_relu(gm: torch.fx.GraphModule, node: Any) -> bool:
-    if is_op(node, RELU_FUNCS, RELU_METHODS, RELU_MODULES, gm):
-        return True
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        m = _module(gm, node)
-        return isinstance(m, nn.Hardtanh) and m.min_val >= 0
-    return False
+    """A ReLU / ReLU6, or a Hardtanh clamping at or above 0: its output is never negative."""
+    role = quant_role(gm, node)
+    return role == "relu" or (role == "hardtanh" and _module(gm, node).min_val >= 0)
 
 
 class Planner:
@@ -224,7 +203,8 @@ class Planner:
 
     def _passthrough_sources(self, n: torch.fx.Node) -> list[torch.fx.Node]:
         gm = self.gm
-        if n.op == "call_function" and n.target in CAT_FUNCS:
+        role = quant_role(gm, n)
+        if n.op == "call_function" and role == "cat":
             tensors = arg(n, 0, "tensors")
             if isinstance(tensors, (list, tuple)) and all(_float_tensor(t) for t in tensors):
                 return list(tensors)
@@ -233,11 +213,10 @@ class Planner:
             src = n.args[0]
             if _float_tensor(src):
                 return [src]
-            if isinstance(src, torch.fx.Node) and is_op(src, SPLIT_FUNCS, SPLIT_METHODS, (), gm) and \
-                    _float_tensor(src.args[0]):
+            if quant_role(gm, src) == "split" and _float_tensor(src.args[0]):
                 return [src.args[0]]
             return []
-        if is_op(n, PASS_FUNCS, PASS_METHODS, PASS_MODULES, gm):
+        if role == "pass":
             if n.op == "call_module" and getattr(_module(gm, n), "return_indices", False):
                 return []
             if n.op == "call_function" and n.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d) and \
@@ -268,15 +247,11 @@ class Planner:
     def _weighted(self, node: torch.fx.Node) -> bool:
         gm, o = self.gm, self.o
         m = _module(gm, node)
+        role = quant_role(gm, node)
         if m is not None:
-            if type(m) in CONV_MODULES:
-                kind = "conv"
-            elif type(m) in CONV_T_MODULES:
-                kind = "conv_transpose"
-            elif type(m) in LINEAR_MODULES:
-                kind = "linear"
-            else:
+            if role not in _LAYER_ROLES:
                 return False
+            kind = role
             if len(node.args) != 1 or node.kwargs:
                 self.float_ops[node.name] = f"{node.target}: called with extra arguments, left float"
                 return True
@@ -285,8 +260,8 @@ class Planner:
             axis = 1 if kind == "conv_transpose" else 0
             if kind == "conv_transpose" and m.groups != 1:
                 axis = None  # per-channel along the output axis needs one group
-        elif node.op == "call_function" and (node.target in CONV_FUNCS or node.target is F.linear):
-            kind = "linear" if node.target is F.linear else "conv"
+        elif role in ("conv_function", "linear_function"):
+            kind = "linear" if role == "linear_function" else "conv"
             x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
             weight, bias = _param(gm, w), _param(gm, b)
             if weight is None or (b is not None and bias is None):
@@ -316,7 +291,7 @@ class Planner:
         return True
 
     def _matmul(self, node: torch.fx.Node) -> bool:
-        if not is_op(node, MATMUL_FUNCS, MATMUL_METHODS, (), self.gm):
+        if quant_role(self.gm, node) != "matmul":
             return False
         if self.o.mode == "dynamic":
             self.float_ops[node.name] = f"{node.name}: dynamic mode quantizes Linear layers only"
@@ -338,7 +313,7 @@ class Planner:
         return True
 
     def _add(self, node: torch.fx.Node) -> bool:
-        if not is_op(node, ADD_FUNCS, ADD_METHODS, (), self.gm):
+        if quant_role(self.gm, node) != "add":
             return False
         tensors = [a for a in node.args[:2] if _float_tensor(a)]
         if self.o.quantize_add_inputs and len(tensors) == 2 and not self._excluded(node):
