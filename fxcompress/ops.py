@@ -164,6 +164,8 @@ register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.In
 register(F.batch_norm, channels="functional_batchnorm")
 register(nn.LayerNorm, channels="layernorm", resize="layernorm")
 register(F.layer_norm, channels="functional_layernorm")
+register(nn.RMSNorm, channels="layernorm", resize="layernorm")  # LayerNorm's structure: weight, no bias
+register(F.rms_norm, channels="functional_layernorm")
 register(nn.GroupNorm, channels="groupnorm", resize="groupnorm")
 
 # ---- elementwise ------------------------------------------------------------------------------------------------

@@ -232,6 +232,36 @@ def test_layernorm_group_reported_inexact():
     assert result.module.ln.normalized_shape == (8,)
 
 
+class RMSBlock(nn.Module):
+    """A Llama-style pre-norm MLP block on a residual stream: nn.RMSNorm and F.rms_norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.up, self.down = nn.Linear(6, 16), nn.RMSNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.gain = nn.Parameter(torch.rand(16) + 0.5)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.down(F.silu(self.up(self.norm(h))))
+        return self.out(F.rms_norm(h, (16,), self.gain, 1e-6))
+
+
+def test_rmsnorm_prunes_like_layernorm():
+    torch.manual_seed(0)
+    model, x = RMSBlock().eval(), (torch.randn(4, 5, 6),)
+    cg = groups(model, x)
+    stream = cg.group("inp")
+    assert stream.n_prunable == 16 and stream.inexact  # RMSNorm normalises over the stream's channels
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert removed.module.norm.normalized_shape == (8,) and removed.module.norm.weight.shape == (8,)
+    assert removed.module.gain.shape == (8,) and removed.module.up.out_features == 16
+    assert any("inexact" in n for n in removed.history[1].notes)
+    # the hidden width alone is exact: the norms only see the stream
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5, exclude=["inp"])
+    assert err <= 1e-5 and removed.module.up.out_features == 16 and removed.module.norm.normalized_shape == (16,)
+
+
 def test_resnext_ratio_within_one_group():
     model, x = fxc.golden.load("resnext50")
     cg = groups(model, x)
