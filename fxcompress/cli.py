@@ -13,8 +13,13 @@ from typing import Sequence
 import torch
 from tabulate import tabulate
 
+from fxcompress.passes import PASSES, SHORTHANDS
+from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
+
 from . import counting, data, persist
 from .api import compile as compile_model
+from .bench import DEFAULT_RECIPES, BenchConfig, format_table, run_bench
+from .bench.measure import cpu_model
 from .errors import FxCompressError
 from .export import export_onnx
 from .export.ort import max_abs_diff
@@ -25,7 +30,6 @@ from .report import node_table
 
 
 def cmd_passes(args: argparse.Namespace) -> None:
-    from fxcompress.passes import PASSES, SHORTHANDS
 
     rows = [[name, cls.contract.value, ", ".join(cls.option_names()) or "-", cls.doc()] for name, cls in PASSES.items()]
     rows += [[name, "shorthand", "", (fn.__doc__ or "").strip().splitlines()[0]] for name, fn in SHORTHANDS.items()]
@@ -42,7 +46,6 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_groups(args: argparse.Namespace) -> None:
     """The channel groups of MODEL: what would be pruned together, and what is left whole and why."""
-    from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 
     model, inputs = load_model(args.model, args.input_shape)
     pm = PassManager(args.recipe or [])
@@ -114,8 +117,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
-    from .bench import DEFAULT_RECIPES, BenchConfig, format_table, run_bench
-    from .bench.measure import cpu_model
 
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.runs:

@@ -6,18 +6,21 @@ from typing import Callable
 
 import torch
 
+from fxcompress.golden_models import GOLDEN, build
+from fxcompress.golden_models.digits import digits as _digits
+
+from .data import import_object
 from .errors import InputError, unknown_name_message
+from .golden_models.digits import SEED, harden, raw_split, standardize
 
 
 def names() -> list[str]:
-    from fxcompress.golden_models import GOLDEN
 
     return sorted(GOLDEN)
 
 
 def load(name: str, batch_size: int = 1) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """``(model, example_inputs)`` of the golden model ``name``, deterministic and in eval mode."""
-    from fxcompress.golden_models import GOLDEN, build
 
     if name not in GOLDEN:
         raise InputError(unknown_name_message("golden model", name, GOLDEN))
@@ -26,7 +29,6 @@ def load(name: str, batch_size: int = 1) -> tuple[torch.nn.Module, tuple[torch.T
 
 def digits(split: str, hard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of scikit-learn's digits shaped for the trained models; split in train, val, test."""
-    from fxcompress.golden_models.digits import digits as _digits
 
     return _digits(split, hard)
 
@@ -35,7 +37,6 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modu
     """A golden model's name or ``package.module:factory`` (returning a module or ``(module, inputs)``)."""
     if ":" not in spec:
         return load(spec)
-    from .data import import_object
 
     factory = import_object(spec, "MODEL")
     if not callable(factory):
@@ -63,7 +64,6 @@ def load_model(spec: str, input_shape: str | None = None) -> tuple[torch.nn.Modu
 def calibration_batches(spec: str, samples: int = 128) -> list[tuple] | None:
     """Calibration data for the command line: the first ``samples`` training images (one per batch) of a trained
     digits model, else None."""
-    from fxcompress.golden_models import GOLDEN
 
     golden = GOLDEN.get(spec)
     if golden is not None and golden.trained:
@@ -74,7 +74,6 @@ def calibration_batches(spec: str, samples: int = 128) -> list[tuple] | None:
 
 def training_data(spec: str) -> DigitsTraining | None:
     """Training batches for the command line: the augmenting digits loader for a trained digits model, else None."""
-    from fxcompress.golden_models import GOLDEN
 
     golden = GOLDEN.get(spec)
     return DigitsTraining(hard=golden.hard) if golden is not None and golden.trained else None
@@ -82,7 +81,6 @@ def training_data(spec: str) -> DigitsTraining | None:
 
 def accuracy(spec: str, split: str = "test") -> Callable[[torch.nn.Module], float] | None:
     """``module -> accuracy (%)`` on a digits split for a trained digits model, else None."""
-    from fxcompress.golden_models import GOLDEN
 
     golden = GOLDEN.get(spec)
     if golden is None or not golden.trained:
@@ -105,7 +103,6 @@ class DigitsTraining:
     """
 
     def __init__(self, hard: bool = False, batch_size: int = 64, augment: bool = True, seed: int = 0):
-        from .golden_models.digits import raw_split
 
         self.hard, self.batch_size, self.augment, self.seed = hard, batch_size, augment and hard, seed
         self.raw, self.labels = raw_split("train")
@@ -113,7 +110,6 @@ class DigitsTraining:
         self.epoch = 0
 
     def __iter__(self):
-        from .golden_models.digits import SEED, harden, standardize
 
         if self.augment:
             images = standardize(harden(self.raw, SEED + 7919 * (self.seed + self.epoch + 1)))

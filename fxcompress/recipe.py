@@ -15,12 +15,13 @@ from typing import Any, Iterable
 
 import tomllib
 
+from fxcompress.passes import PASSES, SHORTHANDS
+
 from .errors import RecipeError, did_you_mean, unknown_name_message
 from .pass_base import Pass
 
 
 def _registry() -> tuple[dict[str, type[Pass]], dict[str, Any]]:
-    from fxcompress.passes import PASSES, SHORTHANDS
 
     return PASSES, SHORTHANDS
 

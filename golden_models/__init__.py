@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from fxcompress.errors import InputError
+
 from .densenet import densenet121
 from .digits import digits
 from .mobilenet import MobileNetV2, mobilenet_v2
@@ -107,7 +109,6 @@ def build_architecture(name: str) -> nn.Module:
 
 
 def build(name: str, batch_size: int = 1) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    from fxcompress.errors import InputError
 
     spec = GOLDEN[name]
     model = build_architecture(name)

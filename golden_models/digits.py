@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fxcompress.errors import InputError, unknown_name_message
+
 SPLITS = ("train", "val", "test")
 SEED = 2024
 SIZE = 32
@@ -51,7 +53,6 @@ def harden(x: torch.Tensor, seed: int) -> torch.Tensor:
 def raw_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Unstandardised (N, 1, 32, 32) images in [0, 1] and labels of one split."""
     if split not in SPLITS:
-        from fxcompress.errors import InputError, unknown_name_message
 
         raise InputError(unknown_name_message("split", split, SPLITS))
     images, labels = _raw()

@@ -23,6 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxcompress.bench.runner import ort_int8_accuracy
+from fxcompress.golden import load
+
 from . import DIGITS_TRAINING, EXPECTED, GOLDEN, WEIGHTS, build_architecture
 from .digits import SEED, digits, harden, raw_split, standardize
 
@@ -83,8 +86,6 @@ def train(name: str, log=print) -> dict[str, float]:
 
 def record(names: list[str]) -> dict:
     """Accuracies of the checked-in weights (fp32 per split, ORT INT8 MinMax on test), written to expected.json."""
-    from fxcompress.bench.runner import ort_int8_accuracy
-    from fxcompress.golden import load
 
     expected = json.loads(EXPECTED.read_text()) if EXPECTED.exists() else {}
     for name in names:

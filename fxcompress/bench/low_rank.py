@@ -24,6 +24,7 @@ from tabulate import tabulate
 
 import fxcompress as fxc
 from fxcompress.export.ort import run, session
+from fxcompress.golden_models import GOLDEN
 from fxcompress.passes.low_rank.low_rank_svd import LowRankPlan
 
 from .measure import alternated_latency, cpu_model, quality
@@ -33,7 +34,6 @@ MODELS = ("vit-tiny-digits", "vgg-small-digits")
 
 
 def evaluate(name: str, work: Path, runs: int = 100, samples: int = 256) -> list[dict]:
-    from fxcompress.golden_models import GOLDEN
 
     hard = GOLDEN[name].hard
     model, example = fxc.golden.load(name)

@@ -28,6 +28,7 @@ from tabulate import tabulate
 
 import fxcompress as fxc
 from fxcompress.export.ort import run
+from fxcompress.golden_models import GOLDEN
 
 from .measure import cpu_model, sqnr_db
 from .ort_int8 import quantize as ort_quantize
@@ -45,7 +46,6 @@ def _quality(reference: np.ndarray, output: np.ndarray, labels: np.ndarray) -> d
 
 
 def evaluate(name: str, work: Path, samples: int = 128) -> dict:
-    from fxcompress.golden_models import GOLDEN
 
     hard = GOLDEN[name].hard
     model, example = fxc.golden.load(name)

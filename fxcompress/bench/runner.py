@@ -23,6 +23,9 @@ import onnxruntime as ort
 import torch
 from tabulate import tabulate
 
+from fxcompress.golden_models import GOLDEN
+from fxcompress.golden_models.digits import digits
+
 from ..errors import FxCompressError
 from ..export.onnx import export_onnx
 from ..export.ort import session
@@ -58,8 +61,6 @@ class BenchConfig:
 
 def _data(spec: str, example: torch.Tensor, config: BenchConfig):
     """(calibration samples, eval images, eval labels or None) for the model."""
-    from fxcompress.golden_models import GOLDEN
-    from fxcompress.golden_models.digits import digits
 
     golden = GOLDEN.get(spec)
     if golden is not None and golden.trained:

@@ -27,6 +27,7 @@ from tabulate import tabulate
 
 import fxcompress as fxc
 from fxcompress.bench.measure import cpu_model
+from fxcompress.golden_models import GOLDEN
 
 # model -> (prune ratio giving about half the MACs, epochs, optimizer, lr, weight decay), close to how it was trained
 RECOVERY = {
@@ -38,7 +39,6 @@ QAT_EPOCHS = 3
 
 
 def _data(name: str):
-    from fxcompress.golden_models import GOLDEN
 
     hard = GOLDEN[name].hard
     model, example = fxc.golden.load(name)

@@ -26,8 +26,9 @@ compounds over layers; data-aware ranks for the same ``energy`` are much smaller
 Layers (``nn.Linear``, ``nn.Conv1d/2d/3d`` called as modules) keep their names as containers: ``fc`` becomes a
 ``Sequential`` whose two children the graph calls.  A module called at several places is replaced at all of them.
 Requires: shape metadata.  Contract: CHANGES (a truncation): the stats give each layer's kept energy and
-relative weight error, and the output SQNR on the example inputs.  The plan (``LowRankPlan``) is in
-``ctx.plans[LowRankPlan]``; one given to ``compile(..., plans=...)`` is applied with its ranks (and its
+relative weight error, and the output SQNR on the example inputs.  The pass is a planner (``decide``: candidates,
+SVDs, ranks, into a ``LowRankPlan`` in ``ctx.plans[LowRankPlan]``) and an applier (``apply``: the planned layers
+become their factors); a plan given to ``compile(..., plans=...)`` is applied with its ranks (and its
 ``data_aware``) instead of choosing them again.
 Skips (counted in stats, named in the notes): ``excluded``, ``grouped`` (groups > 1), ``tied_weight`` (the weight
 is shared with another module), ``no_saving`` (the chosen rank would not save MACs), ``transposed``
@@ -198,10 +199,20 @@ class LowRankSVD(Pass):
                 raise VerificationError(f"[{self.name}] the graph does not call {name}'s factors in its place.")
 
     def run(self, ctx: CompileContext) -> PassResult:
+        refuse_quantized(ctx.gm, self.name, "Factorize before quantizing: [{\"pass\": \"low_rank\", ...}, "
+                                            "{\"pass\": \"quantize\"}].")
+        check_patterns(self.name, "exclude", self.exclude, [n for n, _ in ctx.gm.named_modules() if n])
+        plan, found, start, stats, notes = self.decide(ctx)
+        ctx.plans[LowRankPlan] = plan
+        if not plan.layers:
+            return PassResult(False, stats, notes)
+        stats, notes = self.apply(ctx, plan, {c.name: c for c in found}, start, stats, notes)
+        return PassResult(True, stats, notes)
+
+    def decide(self, ctx: CompileContext) -> tuple[LowRankPlan, list[_Candidate], Any, dict[str, Any], tuple]:
+        """The planner: the candidates, their SVDs (whitened by the layers' inputs when data-aware) and a rank
+        per layer, from the options or from the given plan; the module is not changed."""
         gm = ctx.gm
-        refuse_quantized(gm, self.name, "Factorize before quantizing: [{\"pass\": \"low_rank\", ...}, "
-                                        "{\"pass\": \"quantize\"}].")
-        check_patterns(self.name, "exclude", self.exclude, [n for n, _ in gm.named_modules() if n])
         given = replayed(ctx, LowRankPlan, self.name)
         signature = graph_signature(gm)
         data_aware = given.data_aware if given is not None else self.data_aware
@@ -226,24 +237,26 @@ class LowRankSVD(Pass):
             layers[c.name] = LayerRank(rank, c.full_rank, round(c.energy(rank), 6), (c.macs(None), c.macs(rank)),
                                        (c.params(None), c.params(rank)))
         plan = given if given is not None else LowRankPlan(layers, skipped, data_aware, signature)
-        ctx.plans[LowRankPlan] = plan
         stats: dict[str, Any] = {"layers_seen": seen, "layers_replaced": len(layers)}
         if given is not None:
             stats["replayed"] = True
         stats |= {f"skipped_{r}": sum(1 for v in skipped.values() if v.split(" ")[0] == r) for r in SKIP_REASONS}
         notes = tuple(f"{name}: {reason.replace('_', ' ')}" for name, reason in skipped.items()) + tuple(plain)
-        if not layers:
-            return PassResult(False, stats, notes)
+        return plan, found, start, stats, notes
+
+    def apply(self, ctx: CompileContext, plan: LowRankPlan, by_name: dict[str, _Candidate], start: Any,
+              stats: dict[str, Any], notes: tuple) -> tuple[dict[str, Any], tuple]:
+        """The applier: every planned layer becomes its two factors at the planned rank."""
+        gm, layers = ctx.gm, plan.layers
         with meta.side_effect_free(gm):
             before = gm(*ctx.example_inputs)
-        by_name = {c.name: c for c in found}
         errors = [apply_layer(gm, by_name[name], decision.rank) for name, decision in layers.items()]
         gm.graph.lint()
         gm.recompile()
         meta.propagate(gm, ctx.example_inputs)
         with meta.side_effect_free(gm):
             after = gm(*ctx.example_inputs)
-        stats |= {
+        stats = stats | {
             "macs_replaced": [sum(d.macs[0] for d in layers.values()), sum(d.macs[1] for d in layers.values())],
             "params_replaced": [sum(d.params[0] for d in layers.values()), sum(d.params[1] for d in layers.values())],
             "min_energy": min(d.energy for d in layers.values()),
@@ -258,7 +271,7 @@ class LowRankSVD(Pass):
             if kept > self.target + 1e-9:
                 notes += (f"target {self.target} of the model's {self.target_metric} not reached: {kept:.3f} with every "
                           f"factorizable layer at its smallest rank (layers not factorized keep their cost)",)
-        return PassResult(True, stats, notes)
+        return stats, notes
 
     def _cost(self, total) -> int:
         return total.macs if self.target_metric == "macs" else total.params

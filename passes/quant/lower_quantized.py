@@ -69,7 +69,7 @@ from fxcompress.passes.quant.lib.quant_spec import FakeQuant, QuantParams, qpara
 
 from fxcompress import meta
 from fxcompress.context import CompileContext
-from fxcompress.errors import PassError, RecipeError, VerificationError
+from fxcompress.errors import InputError, PassError, RecipeError, VerificationError
 from fxcompress.fxutil import lookup
 from fxcompress.instruments import sqnr_db
 from fxcompress.modules import (
@@ -81,6 +81,7 @@ from fxcompress.modules import (
     requantized_conv,
 )
 from fxcompress.pass_base import Contract, Pass, PassResult
+from fxcompress.plans import Lifetime, Table, graph_signature, replayed
 from fxcompress.progress import progress
 
 CONSTANTS = "qparams"  # submodule holding per-channel scales, zero points and rounded biases
@@ -123,6 +124,21 @@ class Quantizer:
         return out[0], out[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class BiasCorrections(Table):
+    """{weighted node name: per-output-channel correction (float64)}: what bias correction measured on the
+    calibration data and subtracted from each layer's bias.  Given back to ``compile(..., plans=...)``, the
+    corrections are applied as they are, without running the data again."""
+
+    kind = "bias_corrections"
+    owner = "lower_quantized"
+    lifetime = Lifetime.RESULT
+
+    def summary(self) -> str:
+        worst = max((float(c.abs().max()) for c in self.entries.values()), default=0.0)
+        return f"{len(self.entries)} layers corrected (largest |correction| {worst:.3g})"
+
+
 class LowerQuantized(Pass):
     """Observers become fake-quantize nodes; weights and biases are quantized; export gives QDQ ONNX."""
 
@@ -130,6 +146,7 @@ class LowerQuantized(Pass):
     contract = Contract.BOUNDED
     writes_tensors = True  # bias correction runs channels-last: the parameters' storage is swapped and back
     requires = (QuantPlan, QuantParams)
+    produces = (BiasCorrections,)
 
     def __init__(self, accumulator_bits: int | None = None, overflow_batches: int = 8, max_error: float = 1.0,
                  bias_correction: bool = True, bias_correction_samples: int = 128):
@@ -187,13 +204,24 @@ class LowerQuantized(Pass):
         nodes = {n.name: n for n in graph.nodes}
         weights = {site.node: weight_fake_quant(site, lookup(gm, site.weight).detach())
                    for site in plan.weights.values() if site.node in nodes}
-        corrections = {}
-        if self.bias_correction and plan.mode == "static" and ctx.calibration_data is not None:
+        given = replayed(ctx, BiasCorrections, self.name)
+        if given is not None:
+            unknown = sorted(set(given) - {site.node for site in plan.weights.values() if site.node in nodes})
+            if unknown:
+                raise InputError(f"[{self.name}] the given bias_corrections name layers this plan does not quantize: "
+                                 f"{', '.join(unknown[:5])}.")
+            corrections = dict(given.items())
+        elif self.bias_correction and plan.mode == "static" and ctx.calibration_data is not None:
             corrections = self._bias_corrections(gm, ctx, plan, nodes, weights)
+        else:
+            corrections = {}
+        ctx.plans[BiasCorrections] = given if given is not None else BiasCorrections(corrections, graph_signature(gm))
         constants = nn.Module()
         gm.add_submodule(CONSTANTS, constants)
         stats: dict[str, Any] = {"activations": 0, "shared": 0, "weights": 0, "biases_rounded": 0,
                                  "biases_corrected": len(corrections)}
+        if given is not None:
+            stats["replayed"] = True
         quantizers: dict[torch.fx.Node, Quantizer] = {}  # fake-quant node -> its parameters and their buffers
         for node in list(graph.nodes):
             if node.op == "call_module" and isinstance(node.target, str) and node.target.startswith(HOLDER + "."):

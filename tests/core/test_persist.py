@@ -96,12 +96,12 @@ def test_every_golden_model_round_trips_bit_for_bit(name, recipe, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.toml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[2] / "recipes").glob("*.toml")))
 def test_shipped_recipes_round_trip_bit_for_bit(recipe, tmp_path):
     name = "resnet18" if recipe == "prune.toml" else "resnet20-hard-digits"  # prune.toml keeps resnet's "fc"
     model, example = fxc.golden.load(name)
     train = fxc.golden.training_data(name) if name.endswith("-digits") else None
-    result = fxc.compile(model, example, Path(__file__).parents[1] / "recipes" / recipe,
+    result = fxc.compile(model, example, Path(__file__).parents[2] / "recipes" / recipe,
                          calibration_data=[_digits(name, i, 16) for i in range(0, 128, 16)], train_data=train)
     _round_trips(result, tmp_path, _digits(name, 500, 16))
 

@@ -13,6 +13,7 @@ from fxcompress.passes.pruning.select_channels import PruningPlan
 from fxcompress.passes.quant.fold_bn import FoldedBNs
 from fxcompress.passes.quant.lib.quant_plan import QuantPlan
 from fxcompress.passes.quant.lib.quant_spec import QuantParams
+from fxcompress.passes.quant.lower_quantized import BiasCorrections
 
 import fxcompress as fxc
 from fxcompress import plans
@@ -114,12 +115,16 @@ def test_quantization_plans_and_scales_replay_bit_for_bit(tmp_path):
     recipe = [{"pass": "quantize", "activation_observer": "mse"}]
     first = fxc.compile(model, inputs, recipe, calibration_data=calibration)
     loaded = fxc.load_plans(fxc.save_plans(first.plans, tmp_path / "q.pt"))
-    assert set(dict(loaded.items())) == {"quant_plan", "quant_params"}
+    assert set(dict(loaded.items())) == {"quant_plan", "quant_params", "bias_corrections"}
     for name, fq in first.plans[QuantParams].items():
         assert torch.equal(loaded[QuantParams][name].scale, fq.scale)
-    again = fxc.compile(model, inputs, recipe, calibration_data=calibration, plans=loaded)
+    corrections = loaded[BiasCorrections]
+    assert len(corrections) == first.history[-1].stats["biases_corrected"] > 0
+    assert all(torch.equal(c, first.plans[BiasCorrections][n]) for n, c in corrections.items())
+    again = fxc.compile(model, inputs, recipe, plans=loaded)  # no data: every decision and measurement is given
     stats = {r.name: r.stats for r in again.history}
     assert stats["insert_observers"]["replayed"] and stats["calibrate"]["replayed"]
+    assert stats["lower_quantized"]["replayed"] and stats["lower_quantized"]["biases_corrected"] == len(corrections)
     torch.testing.assert_close(_outputs(again.module, inputs), _outputs(first.module, inputs), rtol=0, atol=0)
 
 

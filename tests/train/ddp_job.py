@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun (and in-process): finetune and distill a small model on fixed data;
+"""Run by tests/train/test_distributed.py under torchrun (and in-process): finetune and distill a small model on fixed data;
 rank 0 saves the trained weights to the path given as the first argument."""
 from __future__ import annotations
 

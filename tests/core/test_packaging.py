@@ -7,7 +7,7 @@ import fxcompress.passes
 
 import fxcompress
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_passes_and_golden_models_are_subpackages_of_fxcompress():

@@ -67,7 +67,7 @@ def test_compress_with_prune_recipe(tmp_path, capsys):
 
 
 def test_shipped_prune_low_rank_quantize_recipe(tmp_path, capsys):
-    recipe = Path(__file__).parent.parent / "recipes" / "prune_low_rank_quantize.toml"
+    recipe = Path(__file__).parents[2] / "recipes" / "prune_low_rank_quantize.toml"
     assert main(["compress", "vgg-small-digits", "--recipe", str(recipe), "--export", str(tmp_path / "q.onnx")]) == 0
     out = capsys.readouterr().out
     for name in ("remove_channels", "low_rank_svd", "lower_quantized"):
@@ -83,7 +83,7 @@ def _compress_shipped(recipe: str, tmp_path, capsys, monkeypatch):
     results = []
     compile_model = cli.compile_model
     monkeypatch.setattr(cli, "compile_model", lambda *a, **k: results.append(compile_model(*a, **k)) or results[-1])
-    path = Path(__file__).parent.parent / "recipes" / recipe
+    path = Path(__file__).parents[2] / "recipes" / recipe
     assert main(["compress", "resnet20-hard-digits", "--recipe", str(path), "--export", str(tmp_path / "q.onnx")]) == 0
     out = capsys.readouterr().out
     line = out.split("test accuracy:")[1].splitlines()[0]  # " 86.11 % before, 86.94 % after"
@@ -104,7 +104,7 @@ def test_shipped_sparsify_finetune_ptq_qat_recipe(tmp_path, capsys, monkeypatch)
     assert 0.29 <= zeros <= 0.4  # the 30 % stays zero through fine-tuning, QAT and lowering
 
 
-@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*.toml")),
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[2] / "recipes").glob("*.toml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_name_known_passes_and_options(recipe):
     pm = fxc.PassManager(str(recipe))
@@ -172,7 +172,7 @@ def test_compress_takes_the_users_data_and_says_when_it_falls_back(tmp_path, cap
     import torch
 
     monkeypatch.chdir(_user_model(tmp_path))
-    recipe = str(Path(__file__).parent.parent / "recipes" / "quantize.toml")
+    recipe = str(Path(__file__).parents[2] / "recipes" / "quantize.toml")
     assert main(["compress", "usermodel:make", "--recipe", recipe]) == 0
     assert "calibrating on 128 random N(0, 1) inputs" in capsys.readouterr().err
     torch.save(torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(2)), tmp_path / "calib.pt")
@@ -214,6 +214,6 @@ def test_bad_data_files_are_clear_errors(tmp_path, capsys, monkeypatch):
     for argv, message in ((["--calibration-data", "missing.pt"], "neither a file nor package.module:function"),
                           (["--calibration-data", "dict.pt"], "holds a dict"),
                           (["--eval-fn", "usermodel:nothing"], "has no attribute 'nothing'")):
-        assert main(["compress", "usermodel:make", "--recipe", str(Path(__file__).parent.parent / "recipes" /
+        assert main(["compress", "usermodel:make", "--recipe", str(Path(__file__).parents[2] / "recipes" /
                                                                    "quantize.toml"), *argv]) == 2
         assert message in capsys.readouterr().err
