@@ -10,7 +10,7 @@ import torch.fx
 from .errors import PassError
 from .plans import Artifact, Store
 from .snapshot import RestorePoint
-from .tree import named_tensors
+from .tree import named_tensors, own_tensors
 
 
 @dataclasses.dataclass
@@ -63,6 +63,8 @@ class CompileContext:
     graph (unless the pass lists them in ``preserves``), plans survive.  ``given`` holds the plans passed to
     ``compile(..., plans=...)``, which their planners apply instead of deciding again; ``requested`` the types that
     passes later in the pipeline require (a pass makes an ``ON_REQUEST`` artifact only when it is there).
+    ``borrowed`` holds the ids of the model's tensors that ``gm`` still shares: the traced copy borrows them
+    (copy on write), and ``own_tensors()`` copies them before a pass writes tensors and when a pipeline ends.
     """
 
     gm: torch.fx.GraphModule
@@ -77,6 +79,17 @@ class CompileContext:
     requested: frozenset[type[Artifact]] = frozenset()
     history: list[PassRecord] = dataclasses.field(default_factory=list)
     run: RunState = dataclasses.field(default_factory=RunState, repr=False)
+    borrowed: frozenset[int] = dataclasses.field(default=frozenset(), repr=False)
+
+    def own_tensors(self) -> int:
+        """Copy every tensor ``gm`` still shares with the model (ties kept), so that writing into ``gm`` never
+        writes into the model; returns how many were copied."""
+        if not self.borrowed:
+            return 0
+        copied = own_tensors(self.gm, set(self.borrowed))
+        self.borrowed = frozenset()
+        self.forget_tensors()
+        return copied
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """``tree.named_tensors(gm)``, computed once until ``forget_tensors`` (the manager calls it whenever a pass

@@ -48,7 +48,7 @@ from .pass_base import Pass
 from .plans import Artifact, Store
 from .snapshot import RestorePoint
 from .tracing import TraceInfo, normalize_inputs, trace
-from .tree import copy_tree
+from .tree import copy_tree, named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,12 @@ class PassManager:
         inputs = _check_data(example_inputs, calibration_data, train_data, eval_fn)
         given = self._given(plans)
         with _heap_frozen():
-            gm = trace(model, inputs, **trace_options)
+            gm = trace(model, inputs, share_tensors=True, **trace_options)
         if self.dump is not None:
             self.dump.write_initial(gm)
         return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,
-                              eval_fn=eval_fn, model=model, given=given)
+                              eval_fn=eval_fn, model=model, given=given,
+                              borrowed=frozenset(id(t) for _, t in named_tensors(model)))
 
     def _given(self, plans: Iterable[Artifact] | Store | None) -> Store:
         """The plans given for replay, each of a type some pass of the pipeline makes."""
@@ -180,17 +181,29 @@ class PassManager:
         if only is not None:
             if until is not None or start_after is not None:
                 raise RecipeError("only= runs one pass; do not combine it with until= or start_after=.")
-            return [self._run_one(ctx, self._index(only, "only"))]
+            try:
+                return [self._run_one(ctx, self._index(only, "only"))]
+            finally:
+                ctx.own_tensors()
         if start_after is not None:
             ctx.run.cursor = self._index(start_after, "start_after") + 1
         stop = self._index(until, "until") + 1 if until is not None else len(self.passes)
         records = []
-        while ctx.run.cursor < stop:
-            records.append(self.step(ctx))
+        try:
+            while ctx.run.cursor < stop:
+                records.append(self._step(ctx))
+        finally:
+            ctx.own_tensors()  # the module handed back never shares the model's tensors
         return records
 
     def step(self, ctx: CompileContext) -> PassRecord:
         """Run the next pending pass and return its record."""
+        try:
+            return self._step(ctx)
+        finally:
+            ctx.own_tensors()
+
+    def _step(self, ctx: CompileContext) -> PassRecord:
         if ctx.run.cursor >= len(self.passes):
             raise RecipeError(f"no pass left to run: the pipeline {self.names} has finished.")
         record = self._run_one(ctx, ctx.run.cursor)
@@ -225,6 +238,8 @@ class PassManager:
     def _run_one(self, ctx: CompileContext, index: int, inner: Pass | None = None) -> PassRecord:
         """Run pipeline pass ``index`` (or ``inner`` from inside it) with the instruments around it."""
         p = inner or self.passes[index]
+        if p.writes_tensors:
+            ctx.own_tensors()  # copy on write: the model's tensors are copied before the first pass that writes
         ctx.forget_tensors()
         if inner is None:
             ctx.requested = frozenset(kind for q in self.passes[index + 1:] for kind in (*q.requires, *q.uses))

@@ -196,6 +196,7 @@ def trace(
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
     eval_mode: bool = False,
+    share_tensors: bool = False,
 ) -> torch.fx.GraphModule:
     """Trace a deep copy of ``model`` into a GraphModule with ``meta.TENSOR`` on every node.
 
@@ -203,7 +204,8 @@ def trace(
     eval mode before tracing (branches on ``self.training`` are fixed at trace time); otherwise every submodule
     keeps the training flag it has.  The graph is checked against the copied model on ``example_inputs``: a trace
     that computes something else is a ``TracingError``.  A built-in module given as the whole model (an
-    ``nn.MultiheadAttention``, say) becomes a single ``call_module`` node.
+    ``nn.MultiheadAttention``, say) becomes a single ``call_module`` node.  ``share_tensors``: the copy borrows the
+    model's parameters and buffers instead of copying them (the pass manager copies them before a pass writes).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -211,7 +213,7 @@ def trace(
     check_model(model, inputs, concrete_args)
     start = time.perf_counter()
     try:
-        root = copy_tree(model)
+        root = copy_tree(model, share_tensors)
     except Exception as exc:  # noqa: BLE001
         raise InputError(
             f"cannot copy {type(model).__name__} (copying failed: {exc}); fxcompress works on a copy so that "

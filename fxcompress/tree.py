@@ -6,7 +6,9 @@ the common case and fall back to ``copy.deepcopy`` for anything unusual:
 
 - ``named_tensors(m)``: every parameter and buffer with its qualified name, duplicates (tied tensors) included,
   in ``named_parameters`` then ``named_buffers`` order.
-- ``copy_tree(m)``: a deep copy of the module tree; ties and modules used twice stay one object.
+- ``copy_tree(m)``: a deep copy of the module tree; ties and modules used twice stay one object.  With
+  ``share_tensors`` the copy borrows the original's parameters and buffers (a new tree over the same tensors);
+  ``own_tensors`` later replaces the borrowed ones by copies, before anything writes into them.
 - ``GraphRecord(graph)`` / ``copy_graph(graph)``: a graph's nodes as they are now, and a graph built from them.
 """
 from __future__ import annotations
@@ -53,9 +55,10 @@ def _plain_module(cls: type) -> bool:
 
 
 class _Copier:
-    def __init__(self):
+    def __init__(self, share_tensors: bool = False):
         self.memo: dict[int, Any] = {}
         self.keep: list[Any] = []  # originals stay alive while copying, so ids are not reused (as deepcopy does)
+        self.share_tensors = share_tensors
 
     def value(self, v: Any) -> Any:
         if isinstance(v, _IMMUTABLE):
@@ -111,7 +114,7 @@ class _Copier:
             elif k == "_modules":
                 state[k] = {name: None if c is None else self.module(c) for name, c in v.items()}
             elif k in ("_parameters", "_buffers"):
-                state[k] = {name: self.value(t) for name, t in v.items()}
+                state[k] = dict(v) if self.share_tensors else {name: self.value(t) for name, t in v.items()}
             elif type(v) in (dict, collections.OrderedDict, set, list) and not v:
                 state[k] = type(v)()  # hook tables and the like: mostly empty
             else:
@@ -120,14 +123,31 @@ class _Copier:
         return new
 
 
-def copy_tree(m: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``m``'s module tree, runnable (GraphModules in it get a copy of their graph and its code)."""
+def copy_tree(m: torch.nn.Module, share_tensors: bool = False) -> torch.nn.Module:
+    """A deep copy of ``m``'s module tree, runnable (GraphModules in it get a copy of their graph and its code);
+    with ``share_tensors`` the copy holds ``m``'s own parameter and buffer objects (see ``own_tensors``)."""
     with torch.no_grad():
-        new = _Copier().module(m)
+        new = _Copier(share_tensors).module(m)
     for mod in new.modules():
         if isinstance(mod, torch.fx.GraphModule) and "forward" not in vars(type(mod)):
             mod.recompile()
     return new
+
+
+def own_tensors(m: torch.nn.Module, borrowed: set[int]) -> int:
+    """Replace every tensor of ``m``'s tree whose id is in ``borrowed`` (parameters, buffers, tensor attributes)
+    by a copy, ties kept; returns how many tensors were copied."""
+    copier = _Copier()
+    with torch.no_grad():
+        for _, mod in named_modules(m):
+            for table in (mod._parameters, mod._buffers):
+                for k, t in table.items():
+                    if t is not None and id(t) in borrowed:
+                        table[k] = copier.value(t)
+            for k, v in list(mod.__dict__.items()):
+                if isinstance(v, torch.Tensor) and id(v) in borrowed:
+                    mod.__dict__[k] = copier.value(v)
+    return sum(1 for v in copier.memo.values() if isinstance(v, torch.Tensor))
 
 
 class GraphRecord:

@@ -329,3 +329,23 @@ def test_pass_crash_does_not_touch_user_model():
         fxc.compile(model, inputs, [{"pass": "fold_bn"}, Crash()])
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.a[1], nn.BatchNorm2d)
+
+
+def _storages(m: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()] if t.numel()}
+
+
+def test_the_traced_copy_borrows_the_model_tensors_until_a_pass_writes():
+    model, inputs = _residual()
+    versions = {k: v._version for k, v in model.state_dict().items()}
+    pm = fxc.PassManager([{"pass": "propagate_dependencies"}, {"pass": "select_channels", "ratio": 0.5},
+                          {"pass": "remove_channels", "mode": "mask"}])
+    ctx = pm.context(model, inputs)
+    assert ctx.gm.get_parameter("a.0.weight") is model.a[0].weight  # copy on write: nothing copied yet
+    pm.run(ctx)  # mask mode writes zeros: the tensors were copied first
+    assert not _storages(ctx.gm) & _storages(model) and not ctx.borrowed
+    assert {k: v._version for k, v in model.state_dict().items()} == versions
+    for recipe in ([{"pass": "propagate_dependencies"}], [{"pass": "fold_bn"}], [{"pass": "prune", "ratio": 0.5}]):
+        result = fxc.compile(model, inputs, recipe)
+        assert not _storages(result.module) & _storages(model), recipe  # never handed back shared
+    assert {k: v._version for k, v in model.state_dict().items()} == versions
