@@ -186,6 +186,13 @@ class _DynamicQuantLinear(torch.autograd.Function):
         return out if bias is None or bias.node().mustBeNone() else g.op("Add", out, bias)
 
 
+def bias_step(x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The scale of a quantized layer's int32 bias and accumulator: input scale x weight scale (per output channel
+    when the weight is), in float32, the grid QLinearConv and QGemm add the bias on.  The lowering rounds biases to
+    it and the QDQ export stores them as codes on it: one definition, so the export converts them exactly."""
+    return (x_scale * w_scale).float()
+
+
 def dynamic_quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_zero: torch.Tensor, scale: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` with int8 ``weight`` (zero points ``weight_zero``, per-row ``scale``) and dynamically

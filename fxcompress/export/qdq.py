@@ -25,6 +25,7 @@ import torch.fx
 from onnx import helper, numpy_helper
 
 from .. import meta
+from ..modules import bias_step
 
 ONNX_RANGES = {(0, 255), (-128, 127), (0, 127)}  # integer ranges torch.onnx can express as QuantizeLinear
 _FQ = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine)
@@ -162,7 +163,7 @@ def _quantize_biases(graph: onnx.GraphProto, consts: dict[str, np.ndarray], prod
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in node.attribute) and sw.size > 1:
             continue  # per-channel scales then lie along the other axis of B
         bias = consts[bias_name].astype(np.float32)
-        step = (sx.reshape(()) * sw).astype(np.float32)
+        step = bias_step(torch.from_numpy(sx.reshape(())), torch.from_numpy(sw)).numpy()
         if step.size not in (1, bias.size):
             continue
         q = np.rint(bias / step).astype(np.int64)

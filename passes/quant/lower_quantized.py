@@ -75,6 +75,7 @@ from fxcompress.instruments import sqnr_db
 from fxcompress.modules import (
     NarrowAccumulator,
     Observer,
+    bias_step,
     dynamic_quant_linear,
     quantization_stage,
     quantized_add,
@@ -316,7 +317,7 @@ class LowerQuantized(Pass):
         fn, args, kwargs, pad = self._functional(gm, node, site)
         acc = None
         if self.accumulator_bits is not None and xq is not None:
-            acc_scale = (xq.scale * wq.scale).float()
+            acc_scale = bias_step(xq.scale, wq.scale)
             acc = NarrowAccumulator(acc_scale, self.accumulator_bits, 1 if site.kind != "linear" else -1)
             gm.add_submodule(f"accumulators_{key}", acc)
             accumulators[node.target if node.op == "call_module" else key] = acc
@@ -420,7 +421,7 @@ class LowerQuantized(Pass):
             if xq is None:
                 rounded = bias.float()
             else:
-                step = (xq.scale * wq.scale).float()
+                step = bias_step(xq.scale, wq.scale)
                 rounded = (torch.round(bias / step) * step).float()
             constants.register_buffer(f"{node.name}_bias", rounded)
             b = graph.get_attr(f"{CONSTANTS}.{node.name}_bias")
