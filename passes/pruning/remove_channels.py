@@ -35,7 +35,7 @@ from fxcompress.fxutil import lookup
 from fxcompress.modules import PrunedMultiheadAttention
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import ChannelMasks
-from fxcompress.tree import named_modules
+from fxcompress.tree import named_modules, named_tensors
 
 MODES = ("remove", "mask")
 
@@ -224,7 +224,7 @@ def _update_meta(gm: torch.fx.GraphModule, new_size: dict[Space, int]) -> None:
 def _aliases(gm: nn.Module) -> dict[int, list[str]]:
     """Tensors held under several names (tied parameters): id -> every name."""
     names: dict[int, list[str]] = {}
-    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+    for name, t in named_tensors(gm):
         names.setdefault(id(t), []).append(name)
     return {k: v for k, v in names.items() if len(v) > 1}
 
@@ -236,7 +236,10 @@ def _set(owner: nn.Module, attr: str, old: torch.Tensor, new: torch.Tensor,
     if made is None:
         made = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
     if isinstance(made, nn.Parameter):
-        setattr(owner, attr, made)
+        if attr in owner._parameters:
+            owner._parameters[attr] = made
+        else:
+            setattr(owner, attr, made)
     elif attr in owner._buffers:
         owner._buffers[attr] = made
     else:
@@ -245,8 +248,10 @@ def _set(owner: nn.Module, attr: str, old: torch.Tensor, new: torch.Tensor,
 
 
 def _snapshot(m: nn.Module) -> dict:
-    return {k: getattr(m, k) for k in ("in_channels", "out_channels", "groups", "in_features", "out_features")
-            if hasattr(m, k)}
+    state = m.__dict__  # plain attributes first: no Module.__getattr__ fallback for the absent ones
+    return {k: state[k] if k in state else getattr(m, k)
+            for k in ("in_channels", "out_channels", "groups", "in_features", "out_features")
+            if k in state or hasattr(type(m), k)}
 
 
 def _resize_conv(m: nn.Module, old: dict) -> None:

@@ -259,15 +259,22 @@ def _keep_every_space(cg: ChannelGraph, groups: list[ChannelGroup], removed: dic
                       scores: torch.Tensor) -> None:
     """Give back the best channel of any space the plan would empty (one piece of a split or a slice)."""
     by_name = {g.name: g for g in groups}
+    spaces = [s for s, u in cg.units.items() if u.numel()]
+    if not spaces:
+        return
+    flat = torch.cat([cg.units[s] for s in spaces])  # every space's units, one after another
+    space_of = torch.repeat_interleave(torch.arange(len(spaces)), torch.tensor([cg.units[s].numel() for s in spaces]))
     for _ in range(len(cg.units)):
         mask = torch.zeros(cg.n_units, dtype=torch.bool)
         for name, idx in removed.items():
             if idx:
                 mask[by_name[name].units[torch.tensor(idx, dtype=torch.long)]] = True
         closed = cg.closure(mask)
-        empty = next((s for s, u in cg.units.items() if u.numel() and bool(closed[u].all())), None)
-        if empty is None:
+        kept = torch.bincount(space_of[~closed[flat]], minlength=len(spaces))  # units each space keeps
+        emptied = torch.nonzero(kept == 0)
+        if not emptied.numel():
             return
+        empty = spaces[int(emptied[0])]
         u = cg.units[empty]
         cand = u[mask[u]]
         if not cand.numel():  # emptied through a product: give back a controller
