@@ -7,6 +7,11 @@ same ratio, the classifier excluded, per-layer (local) ratios.
 
     python -m fxcompress.bench.pruning                      # golden CNNs, residual chains, dense blocks
     python -m fxcompress.bench.pruning --models resnet50 --chains 8,16 --dense 8 --runs 3 --json out.json
+    python -m fxcompress.bench.pruning --scaling            # compile time against depth, checks off and on
+
+``--scaling`` compiles ``prune`` (ratio 0.5) end to end on residual chains of 64 to 512 blocks and the 96-layer dense
+block, alternating the models run by run, with the checks off (``verify=False, check_numerics=False``) and with the
+default checks, and reports medians and the growth per doubling of depth.
 
 Torch-Pruning is a bench-only dependency (``pip install torch-pruning``); without it only fxcompress is timed.
 """
@@ -194,23 +199,61 @@ def _growth(spec: str, seconds: float, previous: dict[str, float]) -> str:
     return f" ({seconds / last:.2f}x)" if last else ""
 
 
+SCALING = ["chain64", "chain128", "chain256", "chain512", "dense96"]
+
+
+def scaling(specs: list[str] = SCALING, runs: int = 7, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Median end-to-end compile seconds of ``prune`` per model, checks off and on, runs alternated across models."""
+    torch.set_num_threads(1)
+    models = {spec: _model(spec)[:2] for spec in specs}
+    samples: dict[str, dict[str, list[float]]] = {spec: {"off": [], "on": []} for spec in specs}
+    for i in range(runs):
+        for spec, (model, x) in models.items():
+            for checks in ("off", "on"):
+                gc.collect()
+                start = time.perf_counter()
+                fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5}], verify=checks == "on",
+                            check_numerics=checks == "on")
+                samples[spec][checks].append(time.perf_counter() - start)
+        log(f"scaling: run {i + 1}/{runs}")
+    return {"runs": runs, "rows": [{"model": spec, **{k: statistics.median(v) for k, v in samples[spec].items()}}
+                                   for spec in specs]}
+
+
+def format_scaling(report: dict[str, Any]) -> str:
+    body, previous = [], {}
+    for r in report["rows"]:
+        body.append([r["model"], f"{r['off']:.3f}" + _growth(r["model"], r["off"], previous), f"{r['on']:.3f}",
+                     f"{r['on'] / r['off']:.2f}"])
+    return tabulate(body, ["model", "s, checks off (growth)", "s, default checks", "on / off"], tablefmt="github")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(GOLDEN), help="golden model names (comma separated, or 'none')")
     p.add_argument("--chains", default=",".join(map(str, CHAINS)), help="residual chain lengths ('none' to skip)")
     p.add_argument("--dense", default=",".join(map(str, DENSE)), help="dense block depths ('none' to skip)")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--runs", type=int, default=5, help="timing runs per contender (median)")
+    p.add_argument("--runs", type=int, default=None, help="timing runs per contender (median; 5, 7 with --scaling)")
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--budget", type=float, default=20.0, help="stop repeating a contender after this many seconds")
     p.add_argument("--json", metavar="OUT.json")
+    p.add_argument("--scaling", action="store_true", help="compile time against depth instead (see the docstring)")
     args = p.parse_args(argv)
+    if args.scaling:
+        report = scaling(runs=args.runs or 7, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"CPU: {cpu_model()}")
+        print(format_scaling(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return
 
     def items(text: str, prefix: str = "") -> list[str]:
         return [] if text == "none" else [prefix + t for t in text.split(",") if t]
 
     specs = items(args.models) + items(args.chains, "chain") + items(args.dense, "dense")
-    report = run(specs, args.ratio, args.runs, args.latency_runs, args.budget,
+    report = run(specs, args.ratio, args.runs or 5, args.latency_runs, args.budget,
                  log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"CPU: {cpu_model()}")
     print(format_table(report))
