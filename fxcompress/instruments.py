@@ -17,7 +17,6 @@ import contextvars
 import copy
 import difflib
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -34,6 +33,8 @@ from .context import CompileContext, PassRecord
 from .errors import VerificationError
 from .modules import inconsistent_attributes
 from .pass_base import Contract, Pass, PassResult
+from .plans import encode
+from .plans import save as save_plans
 from .tree import named_modules, named_tensors
 
 _STRICT = contextvars.ContextVar("fxcompress_strict_checks", default=False)
@@ -296,14 +297,14 @@ def write_reproducer(directory: Path, ctx: CompileContext, gm: torch.fx.GraphMod
             torch.save(ctx.model, directory / "model.pt")
         except Exception as save_exc:  # noqa: BLE001
             problems.append(f"model.pt: could not save the original model: {save_exc}")
-    plans = {}
+    plans = []
     for name, plan in ctx.plans.items():
         try:
-            torch.save(plan, io.BytesIO())
-            plans[name] = plan
+            encode(plan)
+            plans.append(plan)
         except Exception as save_exc:  # noqa: BLE001
             problems.append(f"plan {name!r} not saved: {save_exc}")
-    torch.save(plans, directory / "plans.pt")
+    save_plans(plans, directory / "plans.pt")  # plain data: fxc.load_plans reads it back
     data = []
     for what in ("calibration_data", "train_data"):
         batches = getattr(ctx, what)
@@ -335,7 +336,7 @@ gm = torch.load(here / "module.pt", weights_only=False)
 inputs = torch.load(here / "inputs.pt")
 spec = json.loads((here / "pass.json").read_text())
 setup = json.loads((here / "setup.json").read_text())
-plans = torch.load(here / "plans.pt", weights_only=False)
+plans = fxc.load_plans(here / "plans.pt")
 data = {what: torch.load(here / f"{what}.pt", weights_only=False) for what in setup["data"]}
 model = None
 if (here / "model.pt").exists():  # the original model (distill's teacher): its class must be importable here
