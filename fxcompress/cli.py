@@ -7,26 +7,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from tabulate import tabulate
 
 from fxcompress.passes import PASSES, SHORTHANDS
+from fxcompress.passes.pruning.lib import latency
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 
 from . import counting, data, persist
 from .api import compile as compile_model
 from .bench import DEFAULT_RECIPES, BenchConfig, format_table, run_bench
 from .bench.measure import cpu_model
-from .errors import FxCompressError
+from .errors import FxCompressError, InputError
 from .export import export_onnx
 from .export.ort import max_abs_diff
 from .golden import accuracy as golden_accuracy
 from .golden import calibration_batches, load_model, training_data
 from .pass_manager import PassManager
 from .report import node_table
+from .tracing import trace
 
 
 def cmd_passes(args: argparse.Namespace) -> None:
@@ -113,11 +118,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import json
-    import tempfile
-    from pathlib import Path
-
-
+    """fxcompress against ONNX Runtime's own INT8 quantizer on MODEL."""
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.runs:
         config = dataclasses.replace(config, runs=args.runs)
@@ -133,6 +134,33 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    """The measured latency of MODEL's Conv/Linear layers in a runtime, and the widths where their cost rises."""
+    model, inputs = load_model(args.model, args.input_shape)
+    if args.batch is not None:
+        if args.batch < 1:
+            raise InputError(f"--batch must be a positive integer, got {args.batch}.")
+        inputs = tuple(torch.cat([t[:1]] * args.batch) for t in inputs)
+    gm = trace(model, inputs, eval_mode=True)
+    shapes = latency.layer_shapes(gm)
+    if not shapes:
+        raise InputError(f"{args.model} has no Conv/Linear layer whose latency can be measured.")
+    table = latency.build_table(shapes.values(), args.runtime, args.threads, args.points, cache=not args.no_cache,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    rows = []
+    for name, shape in shapes.items():
+        key_out = table.out_sweeps[latency.layer_key(shape)]
+        rows.append([name, shape.kind + (" dw" if shape.depthwise else ""), f"{shape.cin}->{shape.cout}",
+                     f"{shape.macs / 1e6:.2f}", f"{table.seconds(shape) * 1e6:.1f}",
+                     ", ".join(map(str, latency.rises(key_out))) or "-"])
+    print(f"CPU: {table.machine}; runtime {args.runtime}, {args.threads} thread(s), batch {inputs[0].shape[0]}")
+    print(tabulate(rows, headers=["layer", "kind", "widths", "MMACs", "us (measured)", "cost rises after width"],
+                   tablefmt="simple"))
+    print(f"sum of layers: {latency.model_seconds(table, shapes) * 1e3:.3f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table.to_json(), indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "scored by top-1 accuracy")
             p.add_argument("--batch-size", type=int, default=16,
                            help="samples per batch when a tensor file is split (default 16)")
+    lat = sub.add_parser("latency", help="measured latency of each Conv/Linear layer over its widths, in a runtime")
+    lat.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
+    lat.add_argument("--input-shape", help="example input shape when the factory returns a bare module")
+    lat.add_argument("--runtime", default="ort-int8", choices=latency.RUNTIMES)
+    lat.add_argument("--batch", type=int, help="batch size (default: the example input's)")
+    lat.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
+    lat.add_argument("--points", type=int, default=16, help="widths measured per sweep (default 16)")
+    lat.add_argument("--no-cache", action="store_true", help="measure again instead of reading the cache")
+    lat.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
+    lat.set_defaults(fn=cmd_latency)
     bench = sub.add_parser("bench", help="fxcompress against ONNX Runtime's own INT8 quantizer")
     bench.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
     bench.add_argument("--recipe", action="append", help="a TOML recipe to benchmark (repeatable; default: fold_bn, int8 with kl_tolerance and with minmax)")

@@ -1,0 +1,349 @@
+"""Measured latency of the layers pruning resizes: each Conv/Linear as a one-layer ONNX graph, timed in the runtime
+it will run in, over a grid of widths.
+
+A layer's cost is not its MACs: ONNX Runtime's U8S8 kernels pack output channels in blocks, so widths between two
+block sizes cost the same time, and on small maps the per-node overhead outweighs the arithmetic.  Measuring each
+layer shape at the widths pruning can give it shows both, on the user's machine and runtime:
+
+- ``LayerShape``: what a layer's time depends on besides its widths (kind, kernel, stride, padding, dilation,
+  depthwise or not, the input's spatial size, the batch); ``layer_shapes(gm)`` lists those of a traced module.
+- ``layer_model(shape, runtime)``: the layer alone as an ONNX model, float (``ort-fp32``) or QDQ with uint8
+  activations, per-channel int8 weights and an int32 bias (``ort-int8``, which ONNX Runtime fuses into QLinearConv /
+  QGemm as it does for a model ``quantize`` lowered); ``layer_module`` the same layer for ``torch``.
+- ``sweep(shape, runtime, widths, threads)``: median seconds per call at each (input, output) width pair, the pairs
+  alternated round by round so that a shared machine's drift falls on all of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.fx
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from fxcompress import meta, ops
+from fxcompress.errors import InputError
+from fxcompress.export.ort import optimized_op_counts
+
+RUNTIMES = ("ort-int8", "ort-fp32", "torch")
+OPSET = 17
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """A Conv/Linear layer's shape apart from its widths (``cin``, ``cout``: the widths it has in the model)."""
+
+    kind: str  # "conv" or "linear"
+    cin: int
+    cout: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    depthwise: bool = False  # groups == cin == cout / multiplier: widths change together
+    spatial: tuple[int, ...] = ()  # the input's spatial size (conv) or its rows besides the batch (linear)
+    batch: int = 1
+
+    def at(self, cin: int, cout: int) -> LayerShape:
+        """The same layer at other widths (a depthwise conv keeps its channel multiplier)."""
+        if self.depthwise:
+            cout = cin * (self.cout // self.cin)
+        return dataclasses.replace(self, cin=cin, cout=cout)
+
+    @property
+    def macs(self) -> int:
+        if self.kind == "linear":
+            return self.batch * math.prod(self.spatial) * self.cin * self.cout
+        out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+               for s, p, d, k, st in zip(self.spatial, self.padding, self.dilation, self.kernel, self.stride)]
+        per_out = (1 if self.depthwise else self.cin) * math.prod(self.kernel)
+        return self.batch * math.prod(out) * self.cout * per_out
+
+
+def layer_shapes(gm: torch.fx.GraphModule) -> dict[str, LayerShape]:
+    """{node name: shape} of every Conv1d/2d/3d and Linear module call with shape metadata (ConvTranspose and
+    grouped, non-depthwise convs are left out: pruning resizes them with their groups)."""
+    shapes = {}
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or ops.of_node(gm, node, "quant", modules, exact=True) not in ("conv", "linear"):
+            continue
+        m, x = modules[node.target], node.args[0] if node.args else None
+        info = meta.tensor_info(x) if isinstance(x, torch.fx.Node) else None
+        if info is None:
+            continue
+        if isinstance(m, nn.Linear):
+            shapes[node.name] = LayerShape("linear", m.in_features, m.out_features, spatial=tuple(info.shape[1:-1]),
+                                           batch=info.shape[0])
+            continue
+        depthwise = m.groups > 1 and m.groups == m.in_channels
+        if (m.groups > 1 and not depthwise) or isinstance(m.padding, str) or m.padding_mode != "zeros":
+            continue
+        shapes[node.name] = LayerShape("conv", m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
+                                       tuple(m.padding), tuple(m.dilation), depthwise, tuple(info.shape[2:]),
+                                       info.shape[0])
+    return shapes
+
+
+def input_shape(shape: LayerShape) -> list[int]:
+    """The shape of the layer's input (a Linear's leading dims flattened into rows)."""
+    if shape.kind == "linear":
+        return [shape.batch * math.prod(shape.spatial), shape.cin]
+    return [shape.batch, shape.cin, *shape.spatial]
+
+
+def _weight(shape: LayerShape, rng: np.random.Generator) -> np.ndarray:
+    if shape.kind == "linear":
+        return rng.standard_normal((shape.cout, shape.cin)).astype(np.float32)
+    per_group = 1 if shape.depthwise else shape.cin
+    return rng.standard_normal((shape.cout, per_group, *shape.kernel)).astype(np.float32)
+
+
+def layer_model(shape: LayerShape, runtime: str) -> onnx.ModelProto:
+    """The layer alone, as ONNX: float, or QDQ (uint8 activations, per-channel int8 weights, int32 bias)."""
+    if runtime not in ("ort-fp32", "ort-int8"):
+        raise InputError(f"layer_model builds ONNX for the ort runtimes, not {runtime!r}.")
+    rng = np.random.default_rng(0)
+    w = _weight(shape, rng)
+    bias = rng.standard_normal(shape.cout).astype(np.float32)
+    inits, nodes = [], []
+    if shape.kind == "linear":
+        op, attrs = "Gemm", {"transB": 1}
+    else:
+        op, attrs = "Conv", {"kernel_shape": list(shape.kernel), "strides": list(shape.stride),
+                             "pads": list(shape.padding) * 2, "dilations": list(shape.dilation),
+                             "group": shape.cin if shape.depthwise else 1}
+    x_in, y_out = "x", "y"
+    if runtime == "ort-fp32":
+        inits += [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")]
+        nodes.append(helper.make_node(op, ["x", "w", "b"], ["y"], **attrs))
+    else:
+        x_scale, y_scale = np.float32(4.0 / 255), np.float32(8.0 / 255)
+        w_scale = (np.abs(w).reshape(shape.cout, -1).max(1) / 127).astype(np.float32)
+        w_q = np.clip(np.rint(w / w_scale.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
+        b_scale = (x_scale * w_scale).astype(np.float32)
+        inits += [numpy_helper.from_array(np.array(x_scale), "x_scale"),
+                  numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
+                  numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
+                  numpy_helper.from_array(np.zeros(shape.cout, np.int8), "w_zero"),
+                  numpy_helper.from_array(np.rint(bias / b_scale).astype(np.int32), "b_q"),
+                  numpy_helper.from_array(b_scale, "b_scale"),
+                  numpy_helper.from_array(np.zeros(shape.cout, np.int32), "b_zero")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+                  helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
+                  helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zero"], ["b"], axis=0)]
+        if shape.kind == "linear":  # QGemm keeps a float output, as a lowered Linear does
+            nodes.append(helper.make_node(op, ["xd", "w", "b"], ["y"], **attrs))
+        else:  # QLinearConv has a uint8 output
+            inits += [numpy_helper.from_array(np.array(y_scale), "y_scale"),
+                      numpy_helper.from_array(np.array(0, np.uint8), "y_zero")]
+            nodes += [helper.make_node(op, ["xd", "w", "b"], ["yf"], **attrs),
+                      helper.make_node("QuantizeLinear", ["yf", "y_scale", "y_zero"], ["yq"]),
+                      helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["y"])]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info(x_in, TensorProto.FLOAT,
+                                                                             input_shape(shape))],
+                              [helper.make_tensor_value_info(y_out, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def layer_module(shape: LayerShape) -> nn.Module:
+    """The layer alone as a PyTorch module (eval mode), for the ``torch`` runtime."""
+    if shape.kind == "linear":
+        return nn.Linear(shape.cin, shape.cout).eval()
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape.kernel)]
+    return conv(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, shape.dilation,
+                groups=shape.cin if shape.depthwise else 1).eval()
+
+
+def runner(shape: LayerShape, runtime: str, threads: int = 1) -> Callable[[], object]:
+    """A function that runs the layer once in ``runtime`` on a fixed random input."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}.")
+    x = np.random.default_rng(1).random(input_shape(shape), dtype=np.float32)
+    if runtime == "torch":
+        module, tx = layer_module(shape), torch.from_numpy(x)
+
+        def run_torch() -> object:
+            with torch.no_grad():
+                return module(tx)
+        return run_torch
+    sess = session_of(layer_model(shape, runtime), threads)
+    name = sess.get_inputs()[0].name
+    return lambda: sess.run(None, {name: x})
+
+
+def session_of(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    """An ORT CPU session over an in-memory model (threads set, spinning off: sessions are timed alternately)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def fused_ops(shape: LayerShape, runtime: str) -> dict[str, int]:
+    """Op counts of the layer's graph after ORT's optimisations (QLinearConv / QGemm when the QDQ fused)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/layer.onnx"
+        onnx.save(layer_model(shape, runtime), path)
+        return optimized_op_counts(path)
+
+
+def sweep(shape: LayerShape, runtime: str, widths: Iterable[tuple[int, int]], threads: int = 1, runs: int = 15,
+          warmup: int = 3) -> dict[tuple[int, int], float]:
+    """Median seconds per call of ``shape`` at each (cin, cout) in ``widths``, alternated round by round."""
+    pairs = list(dict.fromkeys(widths))
+    calls = {pair: runner(shape.at(*pair), runtime, threads) for pair in pairs}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
+    for r in range(runs):
+        order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
+        for pair in order:
+            start = time.perf_counter()
+            calls[pair]()
+            times[pair].append(time.perf_counter() - start)
+    return {pair: statistics.median(t) for pair, t in times.items()}
+
+
+def grid(full: int, points: int, step: int = 8) -> list[int]:
+    """Widths to measure up to ``full``: multiples of ``step`` (of a coarser multiple of it when there would be
+    more than ``points``), and ``full`` itself."""
+    stride = step * max(1, math.ceil(full / step / points))
+    return sorted({*range(stride, full, stride), full})
+
+
+def layer_key(shape: LayerShape) -> str:
+    """The table's key of a layer shape."""
+    return json.dumps(dataclasses.asdict(shape), sort_keys=True)
+
+
+@dataclasses.dataclass
+class LatencyTable:
+    """Measured seconds of each layer shape along its output widths (at its full input width) and along its input
+    widths (at its full output width); ``seconds`` predicts any width pair from the two (``T(i, o) = T(full, o) x
+    T(i, full) / T(full, full)``), interpolating linearly between measured widths."""
+
+    runtime: str
+    threads: int
+    machine: str  # what the times are valid for: CPU model and runtime versions
+    out_sweeps: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+    in_sweeps: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+
+    def seconds(self, shape: LayerShape, cin: int | None = None, cout: int | None = None) -> float:
+        """Predicted seconds of ``shape`` at widths (cin, cout) (its own widths when None)."""
+        key = layer_key(shape)
+        if key not in self.out_sweeps:
+            raise InputError(f"the latency table has no layer {shape}; build it for this model.")
+        cin = shape.cin if cin is None else cin
+        cout = shape.cout if cout is None else cout
+        if shape.depthwise:  # one width: the channels
+            return _interpolate(self.out_sweeps[key], cin)
+        full = self.out_sweeps[key][shape.cout]
+        return _interpolate(self.out_sweeps[key], cout) * _interpolate(self.in_sweeps[key], cin) / full
+
+    def to_json(self) -> dict:
+        return {"runtime": self.runtime, "threads": self.threads, "machine": self.machine,
+                "out_sweeps": {k: {str(w): t for w, t in v.items()} for k, v in self.out_sweeps.items()},
+                "in_sweeps": {k: {str(w): t for w, t in v.items()} for k, v in self.in_sweeps.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LatencyTable:
+        return cls(data["runtime"], data["threads"], data["machine"],
+                   {k: {int(w): t for w, t in v.items()} for k, v in data["out_sweeps"].items()},
+                   {k: {int(w): t for w, t in v.items()} for k, v in data["in_sweeps"].items()})
+
+
+def _interpolate(measured: dict[int, float], width: int) -> float:
+    widths = sorted(measured)
+    if width in measured:
+        return measured[width]
+    if width <= widths[0]:
+        return measured[widths[0]] * width / widths[0]  # below the grid: proportional
+    if width >= widths[-1]:
+        return measured[widths[-1]] * width / widths[-1]
+    hi = next(w for w in widths if w > width)
+    lo = max(w for w in widths if w < width)
+    return measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
+
+
+def machine() -> str:
+    """The CPU model and the runtime versions a table is valid for."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}; onnxruntime {ort.__version__}; torch {torch.__version__}"
+
+
+def cache_dir() -> Path:
+    """Where measured sweeps are kept between runs (``FXCOMPRESS_CACHE`` or ``~/.cache/fxcompress``)."""
+    return Path(os.environ.get("FXCOMPRESS_CACHE", Path.home() / ".cache" / "fxcompress")) / "latency"
+
+
+def build_table(shapes: Iterable[LayerShape], runtime: str, threads: int = 1, points: int = 16, runs: int = 15,
+                cache: bool = True, log: Callable[[str], None] = lambda message: None) -> LatencyTable:
+    """Measure every distinct layer shape (a layer used at several places is measured once), reading and writing
+    the on-disk cache keyed by machine, runtime, threads and shape."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}.")
+    if not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads must be a positive integer, got {threads!r}.")
+    table = LatencyTable(runtime, threads, machine())
+    unique = list(dict.fromkeys(shapes))
+    for i, shape in enumerate(unique):
+        key = layer_key(shape)
+        digest = hashlib.sha256(f"{table.machine}|{runtime}|{threads}|{points}|{key}".encode()).hexdigest()[:24]
+        path = cache_dir() / f"{digest}.json"
+        if cache and path.is_file():
+            data = json.loads(path.read_text())
+            table.out_sweeps[key] = {int(w): t for w, t in data["out"].items()}
+            table.in_sweeps[key] = {int(w): t for w, t in data["in"].items()}
+            continue
+        log(f"latency: measuring layer {i + 1}/{len(unique)} ({shape.kind} {shape.cin}->{shape.cout})")
+        outs = [(shape.cin, w) for w in grid(shape.cout, points)] if not shape.depthwise else \
+            [(w, w) for w in grid(shape.cin, points)]
+        ins = [] if shape.depthwise else [(w, shape.cout) for w in grid(shape.cin, points)]
+        measured = sweep(shape, runtime, [*outs, *ins], threads, runs)
+        table.out_sweeps[key] = {pair[0] if shape.depthwise else pair[1]: measured[pair] for pair in outs}
+        table.in_sweeps[key] = {pair[0]: measured[pair] for pair in ins}
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"shape": key, "machine": table.machine, "runtime": runtime,
+                                        "out": table.out_sweeps[key], "in": table.in_sweeps[key]}))
+    return table
+
+
+def rises(measured: dict[int, float], tolerance: float = 0.05) -> list[int]:
+    """The widths after which the measured time rises by more than ``tolerance`` (the last width of each cost
+    level): with U8S8 kernels that pack 16 output channels, 16, 32, 48, ...  Widths just below a rise cost the
+    same as it; pruning to them saves MACs, not time."""
+    widths = sorted(measured)
+    return [a for a, b in zip(widths, widths[1:]) if measured[b] > measured[a] * (1 + tolerance)]
+
+
+def model_seconds(table: LatencyTable, shapes: dict[str, LayerShape],
+                  widths: dict[str, tuple[int, int]] | None = None) -> float:
+    """Predicted seconds of all the layers ``shapes`` names, each at its widths in ``widths`` (default: its own)."""
+    widths = widths or {}
+    return sum(table.seconds(shape, *widths.get(name, (None, None))) for name, shape in shapes.items())
