@@ -121,3 +121,17 @@ def test_the_latency_command_prints_layers_and_their_cost_rises(tmp_path, monkey
     assert (tmp_path / "t.json").is_file()
     table = latency.LatencyTable.from_json(json.loads((tmp_path / "t.json").read_text()))
     assert np.isfinite(table.seconds(LayerShape("linear", 64, 10, batch=8)))
+
+
+def test_kernel_seconds_leave_out_the_boundary_nodes_and_the_warmup(tmp_path):
+    def node(op, ts, dur):
+        return {"cat": "Node", "name": f"n_{op}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100}, node("QLinearConv", 10, 50),
+              {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100}, node("QuantizeLinear", 205, 20),
+              node("QLinearConv", 230, 40), node("Transpose", 275, 5),
+              {"cat": "Session", "name": "model_run", "ts": 400, "dur": 100}, node("QLinearConv", 410, 30),
+              node("DequantizeLinear", 450, 9)]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(events))
+    assert latency.kernel_seconds(str(path), skip=1) == pytest.approx([40e-6, 30e-6])
