@@ -4,7 +4,8 @@ MACs count multiply-accumulates of the layers that dominate compute: convolution
 linear layers, matrix products (matmul/mm/bmm/addmm/baddbmm) and attention (``nn.MultiheadAttention``,
 ``F.scaled_dot_product_attention``), whether called as modules or functions.  Elementwise ops, norms and pooling
 count 0, as in the published MAC counts of ResNet/MobileNet.  Which op counts how is the ``macs`` field of its
-record in ``ops.py``; ``MAC_RULES`` implements each kind.  A shared module's parameters are counted once in totals but its MACs at every call.
+record in ``ops.py``; ``MAC_RULES`` implements each kind.  A shared module's parameters are counted once in totals
+but its MACs at every call.
 """
 from __future__ import annotations
 

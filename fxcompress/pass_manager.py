@@ -178,23 +178,20 @@ class PassManager:
             only: str | None = None) -> list[PassRecord]:
         """Run the pending passes; ``until`` stops after that pass, ``start_after`` skips up to and including it,
         ``only`` runs that single pass.  Returns the records of the passes run."""
-        if only is not None:
-            if until is not None or start_after is not None:
-                raise RecipeError("only= runs one pass; do not combine it with until= or start_after=.")
-            try:
-                return [self._run_one(ctx, self._index(only, "only"))]
-            finally:
-                ctx.own_tensors()
-        if start_after is not None:
-            ctx.run.cursor = self._index(start_after, "start_after") + 1
-        stop = self._index(until, "until") + 1 if until is not None else len(self.passes)
-        records = []
         try:
+            if only is not None:
+                if until is not None or start_after is not None:
+                    raise RecipeError("only= runs one pass; do not combine it with until= or start_after=.")
+                return [self._run_one(ctx, self._index(only, "only"))]
+            if start_after is not None:
+                ctx.run.cursor = self._index(start_after, "start_after") + 1
+            stop = self._index(until, "until") + 1 if until is not None else len(self.passes)
+            records = []
             while ctx.run.cursor < stop:
                 records.append(self._step(ctx))
+            return records
         finally:
             ctx.own_tensors()  # the module handed back never shares the model's tensors
-        return records
 
     def step(self, ctx: CompileContext) -> PassRecord:
         """Run the next pending pass and return its record."""

@@ -1,45 +1,11 @@
 """Measurements: latency with contenders alternated, and output quality against the fp32 model."""
 from __future__ import annotations
 
-import platform
-import statistics
-import time
-from typing import Callable
-
 import numpy as np
 
+from ..timing import alternated_latency, cpu_model
 
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo``), for the line every benchmark table carries:
-    ONNX Runtime's integer kernels differ between Intel and AMD."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def alternated_latency(contenders: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each contender.
-
-    Every round calls each contender once, the starting contender rotating from round to round, so that drift of
-    a shared machine (other tenants, frequency changes) falls on all contenders alike.
-    """
-    names = list(contenders)
-    for name in names:
-        for _ in range(warmup):
-            contenders[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(runs):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+__all__ = ["alternated_latency", "cpu_model", "sqnr_db", "top1", "quality"]
 
 
 def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:

@@ -13,13 +13,16 @@ from ..meta import side_effect_free
 from ..tracing import normalize_inputs
 
 
-def session(path: str | Path, *, threads: int = 1,
+def session(path: str | Path | bytes, *, threads: int = 1,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            optimized_model_path: str | Path | None = None, spinning: bool = True) -> ort.InferenceSession:
-    """A CPU InferenceSession with an explicit thread count (threads are set, never left to ORT's default).
+            optimized_model_path: str | Path | None = None, spinning: bool = True,
+            profile_prefix: str | Path | None = None) -> ort.InferenceSession:
+    """A CPU InferenceSession over a model file (or its serialized bytes) with an explicit thread count (threads
+    are set, never left to ORT's default).
 
     ``spinning=False`` stops idle worker threads from spin-waiting after a run: benchmarks that alternate several
     sessions need it, or the idle sessions' spinning threads take the cores from the one being timed.
+    ``profile_prefix``: ORT records its per-node profile to a file of that prefix (``end_profiling()`` names it).
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -29,7 +32,11 @@ def session(path: str | Path, *, threads: int = 1,
     opts.graph_optimization_level = optimization
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
 
 
 def run(model: str | Path | ort.InferenceSession, inputs: Any, *, threads: int = 1) -> list[np.ndarray]:

@@ -27,7 +27,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -41,7 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fxcompress import meta, ops
 from fxcompress.errors import InputError
-from fxcompress.export.ort import optimized_op_counts
+from fxcompress.export.ort import optimized_op_counts, session
+from fxcompress.timing import alternated_latency, cpu_model
 
 RUNTIMES = ("ort-int8", "ort-fp32", "torch")
 OPSET = 17
@@ -177,9 +177,9 @@ def layer_module(shape: LayerShape) -> nn.Module:
 
 
 def runner(shape: LayerShape, runtime: str, threads: int = 1,
-           profile_dir: str | None = None) -> tuple[Callable[[], object], ort.InferenceSession | None]:
+           profile_prefix: Path | None = None) -> tuple[Callable[[], object], ort.InferenceSession | None]:
     """(a function that runs the layer once in ``runtime`` on a fixed random input, its ORT session or None);
-    ``profile_dir``: the session records ORT's per-node profile there."""
+    ``profile_prefix``: the session records ORT's per-node profile to a file of that prefix."""
     if runtime not in RUNTIMES:
         raise InputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}.")
     x = np.random.default_rng(1).random(input_shape(shape), dtype=np.float32)
@@ -190,7 +190,8 @@ def runner(shape: LayerShape, runtime: str, threads: int = 1,
             with torch.no_grad():
                 return module(tx)
         return run_torch, None
-    sess = session_of(layer_model(shape, runtime), threads, profile_dir)
+    sess = session(layer_model(shape, runtime).SerializeToString(), threads=threads, spinning=False,
+                   profile_prefix=profile_prefix)
     name = sess.get_inputs()[0].name
     return (lambda: sess.run(None, {name: x})), sess
 
@@ -218,19 +219,6 @@ def kernel_seconds(profile: str, skip: int) -> list[float]:
     return totals
 
 
-def session_of(model: onnx.ModelProto, threads: int, profile_dir: str | None = None) -> ort.InferenceSession:
-    """An ORT CPU session over an in-memory model (threads set, spinning off: sessions are timed alternately)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if profile_dir is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(profile_dir) / "layer")
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def fused_ops(shape: LayerShape, runtime: str) -> dict[str, int]:
     """Op counts of the layer's graph after ORT's optimisations (QLinearConv / QGemm when the QDQ fused)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,25 +236,13 @@ def sweep(shape: LayerShape, runtime: str, widths: Iterable[tuple[int, int]], th
     with tempfile.TemporaryDirectory(prefix="fxcompress-latency-") as tmp:
         calls, sessions = {}, {}
         for i, pair in enumerate(pairs):
-            folder = None
-            if runtime != "torch":
-                folder = Path(tmp) / str(i)
-                folder.mkdir()
-            calls[pair], sessions[pair] = runner(shape.at(*pair), runtime, threads, folder)
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        times: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
-        for r in range(runs):
-            order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
-            for pair in order:
-                start = time.perf_counter()
-                calls[pair]()
-                times[pair].append(time.perf_counter() - start)
+            prefix = Path(tmp) / f"layer{i}" if runtime != "torch" else None
+            calls[pair], sessions[pair] = runner(shape.at(*pair), runtime, threads, prefix)
+        times = alternated_latency(calls, runs, warmup)  # wall seconds (what counts for torch)
         for pair, sess in sessions.items():
             if sess is not None:
-                times[pair] = kernel_seconds(sess.end_profiling(), warmup)
-    return {pair: statistics.median(t) for pair, t in times.items()}
+                times[pair] = statistics.median(kernel_seconds(sess.end_profiling(), warmup))
+    return times
 
 
 def grid(full: int, points: int, step: int = 8) -> list[int]:
@@ -332,13 +308,7 @@ def _interpolate(measured: dict[int, float], width: int) -> float:
 
 def machine() -> str:
     """The CPU model and the runtime versions a table is valid for."""
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}; onnxruntime {ort.__version__}; torch {torch.__version__}"
+    return f"{cpu_model()}; onnxruntime {ort.__version__}; torch {torch.__version__}"
 
 
 def cache_dir() -> Path:
