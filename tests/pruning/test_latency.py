@@ -107,6 +107,8 @@ def test_bad_options_are_named(tmp_path, monkeypatch):
         latency.build_table([CONV], "tensorrt")
     with pytest.raises(fxc.InputError, match="threads"):
         latency.build_table([CONV], "ort-int8", threads=0)
+    with pytest.raises(fxc.InputError, match="points"):
+        latency.build_table([CONV], "ort-int8", points=0)
     with pytest.raises(fxc.InputError, match="no layer"):
         latency.LatencyTable("ort-int8", 1, "m").seconds(CONV)
     assert main(["latency", "resnet20-digits", "--batch", "0"]) != 0

@@ -324,6 +324,8 @@ def build_table(shapes: Iterable[LayerShape], runtime: str, threads: int = 1, po
         raise InputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}.")
     if not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be a positive integer, got {threads!r}.")
+    if not isinstance(points, int) or isinstance(points, bool) or points < 1:
+        raise InputError(f"points (widths measured per sweep) must be a positive integer, got {points!r}.")
     table = LatencyTable(runtime, threads, machine())
     unique = list(dict.fromkeys(shapes))
     for i, shape in enumerate(unique):
