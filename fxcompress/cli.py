@@ -17,8 +17,10 @@ import torch
 from tabulate import tabulate
 
 from fxcompress.passes import PASSES, SHORTHANDS
-from fxcompress.passes.pruning.lib import latency
+from fxcompress.passes.pruning.lib import latency, latency_model
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
+from fxcompress.passes.pruning.lib.width_space import WidthSpace
+from fxcompress.passes.pruning.select_channels import SCORERS
 
 from . import counting, data, persist
 from .api import compile as compile_model
@@ -30,6 +32,7 @@ from .export.ort import max_abs_diff
 from .golden import accuracy as golden_accuracy
 from .golden import calibration_batches, load_model, training_data
 from .pass_manager import PassManager
+from .plans import graph_signature
 from .report import node_table
 from .tracing import trace
 
@@ -137,7 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
-    """The measured latency of MODEL's Conv/Linear layers in a runtime, and the widths where their cost rises."""
+    """The measured latency of MODEL's Conv/Linear layers in a runtime, where their cost rises, and the whole
+    model's predicted latency against measured runs."""
     model, inputs = load_model(args.model, args.input_shape)
     if args.batch is not None:
         if args.batch < 1:
@@ -151,16 +155,46 @@ def cmd_latency(args: argparse.Namespace) -> None:
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     rows = []
     for name, shape in shapes.items():
-        key_out = table.out_sweeps[latency.layer_key(shape)]
+        sweeps = table.sweeps[latency.layer_key(shape)]
+        penalty = [latency.misalignment(s) for s in sweeps.values()]
+        penalty = [x for x in penalty if x is not None]
         rows.append([name, shape.kind + (" dw" if shape.depthwise else ""), f"{shape.cin}->{shape.cout}",
                      f"{shape.macs / 1e6:.2f}", f"{table.seconds(shape) * 1e6:.1f}",
-                     ", ".join(map(str, latency.rises(key_out))) or "-"])
+                     ", ".join(map(str, latency.rises(table.out_sweep(shape)))) or "-",
+                     f"{max(penalty):.2f}x" if penalty else "-"])
     print(f"CPU: {table.machine}; runtime {args.runtime}, {args.threads} thread(s), batch {inputs[0].shape[0]}")
-    print(tabulate(rows, headers=["layer", "kind", "widths", "MMACs", "us (measured)", "cost rises after width"],
-                   tablefmt="simple"))
+    print(tabulate(rows, headers=["layer", "kind", "widths", "MMACs", "us (measured)", "cost rises after width",
+                                  f"widths not /{latency.ALIGN}"], tablefmt="simple"))
     print(f"sum of layers: {latency.model_seconds(table, shapes) * 1e3:.3f} ms")
+    if args.check:
+        _check_prediction(gm, inputs, table, shapes, args)
     if args.json:
         Path(args.json).write_text(json.dumps(table.to_json(), indent=1))
+
+
+def _check_prediction(gm, inputs, table, shapes, args: argparse.Namespace) -> None:
+    """Calibrate the whole-model prediction on measured runs, then predict ``args.check`` random width plans and
+    measure them."""
+    cg = ChannelGraph(gm)
+    groups = [g for g in cg.groups if g.n_prunable and g.size >= 2]
+    if not groups:
+        print("no prunable channel group: the prediction has nothing to vary")
+        return
+    space = WidthSpace(cg, SCORERS["l1"](cg, None, {}), shapes, groups)
+    calibration = latency_model.calibration_plans(space)
+    checked = latency_model.random_plans(space, args.check, seed=1)
+    plans = {**calibration, **checked}
+    graph = graph_signature(gm)
+    prepared = {k: latency_model.prepared(latency_model.pruned(gm, inputs, latency_model.targets(space, v, graph))
+                                          if any(v) else gm, args.runtime, inputs) for k, v in plans.items()}
+    measured = latency_model.measure(prepared, inputs, args.threads)
+    predictor = latency_model.Predictor(table, space, shapes)
+    predictor.calibrate([(calibration[k], measured[k]) for k in calibration])
+    rows = [[k, f"{space.macs(v):.2f}", f"{measured[k] * 1e3:.3f}", f"{predictor.seconds(v) * 1e3:.3f}",
+             f"{(predictor.seconds(v) / measured[k] - 1) * 100:+.1f} %"] for k, v in plans.items()]
+    print(f"\nwhole model (calibrated on the first {len(calibration)} plans: a = {predictor.scale:.3f}, "
+          f"c = {predictor.const * 1e3:.3f} ms, v = {predictor.per_volume * 1e3:.3f} ms)")
+    print(tabulate(rows, headers=["width plan", "MACs", "measured ms", "predicted ms", "error"], tablefmt="simple"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     lat.add_argument("--points", type=int, default=16, help="widths measured per sweep (default 16)")
     lat.add_argument("--no-cache", action="store_true", help="measure again instead of reading the cache")
+    lat.add_argument("--check", type=int, default=3, metavar="N",
+                     help="random width plans whose predicted latency is checked against a measured run "
+                          "(default 3; 0: none)")
     lat.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
     lat.set_defaults(fn=cmd_latency)
     bench = sub.add_parser("bench", help="fxcompress against ONNX Runtime's own INT8 quantizer")

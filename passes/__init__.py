@@ -11,6 +11,7 @@ from fxcompress.passes.low_rank.low_rank_svd import LowRankSVD
 from fxcompress.passes.pruning.gradual_prune import GradualPrune
 from fxcompress.passes.pruning.propagate_dependencies import PropagateDependencies
 from fxcompress.passes.pruning.remove_channels import RemoveChannels
+from fxcompress.passes.pruning.search_widths import SearchWidths
 from fxcompress.passes.pruning.select_channels import SelectChannels
 from fxcompress.passes.quant.calibrate import Calibrate
 from fxcompress.passes.quant.fold_bn import FoldBatchNorm
@@ -30,6 +31,7 @@ PASSES: dict[str, type[Pass]] = {
     "propagate_dependencies": PropagateDependencies,
     "select_channels": SelectChannels,
     "remove_channels": RemoveChannels,
+    "search_widths": SearchWidths,
     "low_rank_svd": LowRankSVD,
     "insert_observers": InsertObservers,
     "calibrate": Calibrate,
@@ -61,6 +63,20 @@ def prune(options: dict[str, Any]) -> list[Pass]:
     return _split_options("prune", options, [PropagateDependencies, SelectChannels, RemoveChannels])
 
 
+def auto_prune(options: dict[str, Any]) -> list[Pass]:
+    """``auto_prune`` = propagate_dependencies + search_widths + select_channels + remove_channels.  The search
+    decides every group's count, so ``ratio`` and ``scope`` are not options; ``criterion``, ``exclude``,
+    ``min_channels`` and ``seed`` go to both the search and the selection, which must agree on them."""
+    for key in ("ratio", "scope"):
+        if key in options:
+            raise RecipeError(f"recipe shorthand 'auto_prune' chooses each group's ratio under its budget, so it has "
+                              f"no option {key!r}; give a budget, or use 'prune' for fixed ratios.")
+    shared = {k: options[k] for k in ("criterion", "exclude", "min_channels", "seed") if k in options}
+    passes = _split_options("auto_prune", options, [PropagateDependencies, SearchWidths, SelectChannels,
+                                                    RemoveChannels])
+    return [passes[0], passes[1], SelectChannels.from_options(shared), passes[3]]
+
+
 def quantize(options: dict[str, Any]) -> list[Pass]:
     """``quantize`` = fold_bn + insert_observers + calibrate + lower_quantized (``fold_bn=false`` keeps BatchNorm)."""
     options = dict(options)
@@ -77,6 +93,7 @@ def low_rank(options: dict[str, Any]) -> list[Pass]:
 
 SHORTHANDS: dict[str, Callable[[dict[str, Any]], list[Pass]]] = {
     "prune": prune,
+    "auto_prune": auto_prune,
     "quantize": quantize,
     "low_rank": low_rank,
 }

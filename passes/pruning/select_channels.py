@@ -18,7 +18,8 @@ channel), so a residual stream is judged by all its layers.  Criteria (``CRITERI
 normalised by each group's mean).  Counts honour ``round_to``, ``min_channels`` and grouped structure (equal
 removals per conv group).  Groups whose producing module matches ``exclude`` are left whole.
 A ``PruningPlan`` given to ``compile(..., plans=...)`` is applied as it is (checked against the graph) instead of
-scoring again.  Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
+scoring again.  ``PruningTargets`` (a ratio search's per-group counts, ``auto_prune``) replace ``ratio``: each group
+loses exactly its count, lowest scores first.  Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from fxcompress.passes.pruning.lib.channel_deps import (
     ChannelGraph,
     ChannelGroup,
 )
+from fxcompress.passes.pruning.lib.width_space import PruningTargets
 
 from fxcompress import meta, ops
 from fxcompress.context import CompileContext
@@ -345,6 +347,7 @@ class SelectChannels(Pass):
     produces = (PruningPlan,)
     contract = Contract.EXACT
     requires = (ChannelGraph,)
+    uses = (PruningTargets,)
 
     def __init__(self, criterion: str = "l1", ratio: float | dict[str, float] = 0.5, scope: str = "local",
                  round_to: int = 1, exclude: str | list[str] | tuple[str, ...] = (), min_channels: int = 1,
@@ -423,7 +426,9 @@ class SelectChannels(Pass):
             candidates.append(grp)
         if isinstance(self.ratio, dict):
             self._check_ratio_patterns(cg, candidates)
-        counts, thresholds = self._counts(candidates, scores)
+        targets = ctx.plans.get(PruningTargets)
+        counts, thresholds = self._counts(candidates, scores) if targets is None else \
+            (self._targeted(ctx, targets, candidates), {})
         removed = {g.name: tuple(_pick(g, scores[g.units], counts[g.id]).tolist()) for g in candidates}
         _keep_every_space(cg, candidates, removed, scores)
         layer_ratios = {g.name: round(len(removed[g.name]) / g.size, 4) for g in candidates}
@@ -442,6 +447,25 @@ class SelectChannels(Pass):
         notes = [f"group {g.name}: inexact removal ({g.inexact[0]})" for g in candidates
                  if g.inexact and removed.get(g.name)]
         return plan, stats, tuple(notes)
+
+    def _targeted(self, ctx: CompileContext, targets: PruningTargets, candidates: list[ChannelGroup]) -> dict[int, int]:
+        """The counts a ratio search chose, checked against this graph's groups and their constraints."""
+        if targets.graph and targets.graph != graph_signature(ctx.gm):
+            raise RecipeError(f"{self.name}: the pruning targets were made for another graph; run the search again "
+                              f"on this model.")
+        by_name = {g.name: g for g in candidates}
+        unknown = [name for name, k in targets.removed.items() if k and name not in by_name]
+        if unknown:
+            raise RecipeError(f"{self.name}: the pruning targets name {unknown[0]!r}, which is no prunable group "
+                              f"here (excluded, or fixed).")
+        counts = {}
+        for g in candidates:
+            k = int(targets.removed.get(g.name, 0))
+            if _count(g, k, 1, self.min_channels) != k:
+                raise RecipeError(f"{self.name}: group {g.name} cannot lose {k} of its {g.size} channels "
+                                  f"(prunable {g.n_prunable}, min_channels {self.min_channels}, blocks).")
+            counts[g.id] = k
+        return counts
 
     def _check_ratio_patterns(self, cg: ChannelGraph, candidates: list[ChannelGroup]) -> None:
         """A ratio pattern that reaches no prunable group would prune nothing: say which groups it names."""

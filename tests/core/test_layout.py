@@ -47,3 +47,14 @@ def test_no_imports_of_the_project_inside_functions():
                 elif isinstance(node, ast.Import):
                     found |= {(rel, a.name) for a in node.names if a.name.split(".")[0] == "fxcompress"}
     assert not found, f"imports of the project inside functions: {sorted(found)}"
+
+
+def test_pass_libraries_never_import_a_pass():
+    found = []
+    for path in sorted((ROOT / "passes").glob("*/lib/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fxcompress.passes."):
+                parts = node.module.split(".")
+                if len(parts) >= 4 and parts[3] != "lib":
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
+    assert not found, f"pass libraries importing a pass: {found}"

@@ -24,6 +24,7 @@ PIPELINES = {
     "fold_bn": [{"pass": "fold_bn"}],
     "propagate_dependencies": PRUNE[:1],
     "select_channels": PRUNE,
+    "search_widths": [*PRUNE[:1], {"pass": "search_widths", "budget": {"macs": 0.5}}],
     "remove_channels": [*PRUNE, {"pass": "remove_channels"}],
     "low_rank_svd": [{"pass": "low_rank_svd", "rank_ratio": 0.5}],
     "insert_observers": QUANT[:2],

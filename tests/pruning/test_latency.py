@@ -50,16 +50,25 @@ def test_layer_shapes_of_a_traced_model():
     assert len(set(shapes.values())) < len(shapes)  # repeated blocks share a shape, measured once
 
 
-def test_grid_holds_the_full_width_and_multiples_of_the_step():
-    assert latency.grid(64, 16) == [8, 16, 24, 32, 40, 48, 56, 64]
+def test_sweeps_measure_aligned_and_misaligned_widths_through_their_anchors():
+    assert latency.grid(64, 16) == list(range(4, 65, 4))
     wide = latency.grid(2048, 16)
-    assert wide[-1] == 2048 and len(wide) <= 17 and all(w % 8 == 0 for w in wide)
+    assert wide[-1] == 2048 and len(wide) <= 17 and all(w % 4 == 0 for w in wide)
     assert latency.grid(3, 16) == [3]
+    assert latency.anchors(64) == {True: 64, False: 62} and latency.anchors(10) == {True: 8, False: 10}
+    assert latency.anchors(3) == {False: 3}
+    widths = latency.widths(64, 16)
+    assert {4, 62, 64} <= set(widths) and any(w % 4 for w in widths)
+    plan = latency.sweep_plan(CONV, 16)
+    assert set(plan) == {"out@8", "out@6", "in@24", "in@22"}
+    assert all(p[0] == 8 for p in plan["out@8"]) and all(p[1] == 22 for p in plan["in@22"])
+    assert set(latency.sweep_plan(DEPTHWISE, 16)) == {"dw"}
 
 
 def _blocks(shape, runtime, widths, threads=1, runs=15, warmup=3):
-    """Synthetic times: a cost level per started block of 16 output channels, linear in the input width."""
-    return {(i, o): 1e-4 * (1 + (o + 15) // 16) * (0.5 + i / 64) for i, o in widths}
+    """Synthetic times: a cost level per started block of 16 output channels, linear in the input width, and 1.3x
+    for an input width that is no multiple of 4 (whatever the output width)."""
+    return {(i, o): 1e-4 * (1 + (o + 15) // 16) * (0.5 + i / 64) * (1.3 if i % 4 else 1.0) for i, o in widths}
 
 
 def test_a_table_predicts_from_its_sweeps_and_comes_back_from_the_cache(tmp_path, monkeypatch):
@@ -67,12 +76,13 @@ def test_a_table_predicts_from_its_sweeps_and_comes_back_from_the_cache(tmp_path
     monkeypatch.setattr(latency, "sweep", _blocks)
     shape = LayerShape("conv", 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), False, (8, 8), 8)
     table = latency.build_table([shape, shape], "ort-int8")
-    sweep = table.out_sweeps[latency.layer_key(shape)]
+    sweep = table.out_sweep(shape)
     assert latency.rises(sweep) == [16, 32, 48]  # the block structure shows
+    assert latency.misalignment(table.sweeps[latency.layer_key(shape)]["in@64"]) == pytest.approx(1.3, rel=0.05)
     assert table.seconds(shape) == pytest.approx(_blocks(None, None, [(64, 64)])[(64, 64)])
-    for i, o in [(32, 48), (24, 16), (64, 8)]:  # grid points: the separable model is exact for these times
+    # every kind of width pair is its own separable surface: exact for these times, measured or not
+    for i, o in [(32, 48), (24, 16), (64, 8), (30, 48), (62, 30), (29, 30), (32, 30), (29, 14)]:
         assert table.seconds(shape, i, o) == pytest.approx(_blocks(None, None, [(i, o)])[(i, o)])
-    assert table.seconds(shape, 20, 64) == pytest.approx((table.seconds(shape, 16, 64) + table.seconds(shape, 24, 64)) / 2)
     assert len(list(tmp_path.rglob("*.json"))) == 1  # one shape, measured once
 
     def no_measuring(*args, **kwargs):
@@ -80,7 +90,7 @@ def test_a_table_predicts_from_its_sweeps_and_comes_back_from_the_cache(tmp_path
 
     monkeypatch.setattr(latency, "sweep", no_measuring)
     again = latency.build_table([shape], "ort-int8")
-    assert again.out_sweeps == table.out_sweeps and again.in_sweeps == table.in_sweeps
+    assert again.sweeps == table.sweeps
     assert latency.LatencyTable.from_json(again.to_json()) == again
     widths = {"a": (32, 32)}
     assert latency.model_seconds(again, {"a": shape, "b": shape}, widths) == pytest.approx(
@@ -90,8 +100,10 @@ def test_a_table_predicts_from_its_sweeps_and_comes_back_from_the_cache(tmp_path
 
 
 def test_a_depthwise_layer_has_one_width():
-    table = latency.LatencyTable("ort-int8", 1, "m", {latency.layer_key(DEPTHWISE): {8: 1.0, 16: 2.0}}, {})
+    table = latency.LatencyTable("ort-int8", 1, "m", {latency.layer_key(DEPTHWISE): {"dw": {8: 1.0, 16: 2.0,
+                                                                                            6: 1.5, 14: 2.5}}})
     assert table.seconds(DEPTHWISE, 8, 8) == 1.0 and table.seconds(DEPTHWISE) == 2.0
+    assert table.seconds(DEPTHWISE, 12, 12) == 1.5 and table.seconds(DEPTHWISE, 10, 10) == 2.0
     assert DEPTHWISE.at(8, 99).cout == 8
 
 

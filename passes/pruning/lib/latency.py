@@ -44,6 +44,7 @@ from fxcompress.export.ort import optimized_op_counts, session
 from fxcompress.timing import alternated_latency, cpu_model
 
 RUNTIMES = ("ort-int8", "ort-fp32", "torch")
+TABLE_FORMAT = 4  # in the cache key: tables of an older layout are measured again
 OPSET = 17
 
 
@@ -196,9 +197,10 @@ def runner(shape: LayerShape, runtime: str, threads: int = 1,
     return (lambda: sess.run(None, {name: x})), sess
 
 
-BOUNDARY_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Transpose"})
+BOUNDARY_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput"})
 """Nodes of a one-layer graph that exist only at its boundary (quantizing its float input, dequantizing its output,
-ORT's NHWC transposes): inside a model consecutive layers do without them, so a layer's time excludes them."""
+ORT's NHWC transposes for int8 and NCHWc reorders for fp32): inside a model consecutive layers do without them, so a
+layer's time excludes them."""
 
 
 def kernel_seconds(profile: str, skip: int) -> list[float]:
@@ -245,11 +247,98 @@ def sweep(shape: LayerShape, runtime: str, widths: Iterable[tuple[int, int]], th
     return times
 
 
-def grid(full: int, points: int, step: int = 8) -> list[int]:
+ALIGN = 4
+"""Widths that are multiples of ``ALIGN`` and widths that are not take different kernel paths in ONNX Runtime's CPU
+convolutions, so a table measures both kinds and never interpolates across them.  Measured on an AVX-512 CPU
+(ResNet-20's 32-channel 3x3 conv, batch 8): U8S8 at 30 output channels costs 1.37x its time at 32, at 30 input
+channels 1.46x whatever the output width; fp32 at 30 input channels 1.45x, while fp32 output widths do not matter."""
+
+
+def grid(full: int, points: int, step: int = ALIGN) -> list[int]:
     """Widths to measure up to ``full``: multiples of ``step`` (of a coarser multiple of it when there would be
     more than ``points``), and ``full`` itself."""
     stride = step * max(1, math.ceil(full / step / points))
     return sorted({*range(stride, full, stride), full})
+
+
+def misaligned(full: int, points: int, step: int = ALIGN) -> list[int]:
+    """Widths that are no multiple of ``step``, half a step below points of ``grid``: what a pruned layer's width
+    costs off the aligned widths."""
+    return sorted({w - step // 2 for w in grid(full, points, step) if w - step // 2 >= 1} - {full}) \
+        if step > 1 else []
+
+
+def anchors(full: int) -> dict[bool, int]:
+    """{aligned: the largest width of that kind up to ``full``}: the fixed widths the other dimension is swept at."""
+    out = {}
+    if full >= ALIGN:
+        out[True] = full - full % ALIGN
+    if full % ALIGN or full > ALIGN // 2:
+        out[False] = full if full % ALIGN else full - ALIGN // 2
+    return out
+
+
+def widths(full: int, points: int) -> list[int]:
+    """Widths a sweep measures up to ``full``: the aligned grid, half as many misaligned widths, the anchors."""
+    return sorted({*grid(full, points), *misaligned(full, max(1, points // 2)), *anchors(full).values()})
+
+
+def sweep_plan(shape: LayerShape, points: int) -> dict[str, list[tuple[int, int]]]:
+    """The (cin, cout) pairs to measure, by sweep: ``out@I`` varies the output width at input width I, ``in@O`` the
+    input width at output width O, for I and O the anchors of each kind; ``dw`` the channels of a depthwise conv."""
+    if shape.depthwise:
+        return {"dw": [(w, w) for w in widths(shape.cin, points)]}
+    plan = {f"out@{i}": [(i, o) for o in widths(shape.cout, points)] for i in anchors(shape.cin).values()}
+    plan.update({f"in@{o}": [(i, o) for i in widths(shape.cin, points)] for o in anchors(shape.cout).values()})
+    return plan
+
+
+class _Line:
+    """Measured seconds along one width, interpolated linearly (proportionally outside the measured range)."""
+
+    def __init__(self, measured: dict[int, float]):
+        w = sorted(measured)
+        self.w, self.t = np.array(w, float), np.array([measured[x] for x in w])
+
+    def __call__(self, x: int) -> float:
+        w, t = self.w, self.t
+        if x <= w[0]:
+            return float(t[0] * x / w[0])
+        if x >= w[-1]:
+            return float(t[-1] * x / w[-1])
+        return float(np.interp(x, w, t))
+
+
+class LayerCurve:
+    """A layer's seconds at any widths (cin, cout) from its sweeps.  Each of the four kinds of width pair
+    (input aligned or not x output aligned or not) is its own separable surface through its anchor point:
+    ``T(i, o) = T_in(i | o's anchor) x T_out(o | i's anchor) / T(anchors)``, each factor read from the widths of the
+    same kind.  A depthwise conv has one width, read from the widths of its kind."""
+
+    def __init__(self, shape: LayerShape, sweeps: dict[str, dict[int, float]]):
+        self.regimes: dict[tuple[bool, bool], tuple[_Line, _Line, float]] = {}
+        self.lines: dict[bool, _Line] = {}
+        if shape.depthwise:
+            dw = sweeps["dw"]
+            for kind in (True, False):
+                mine = {w: t for w, t in dw.items() if (w % ALIGN == 0) == kind}
+                if mine:
+                    self.lines[kind] = _Line(mine)
+            return
+        ai, ao = anchors(shape.cin), anchors(shape.cout)
+        for ki, i in ai.items():
+            for ko, o in ao.items():
+                outs, ins = sweeps[f"out@{i}"], sweeps[f"in@{o}"]
+                g = _Line({w: t for w, t in outs.items() if (w % ALIGN == 0) == ko})
+                f = _Line({w: t for w, t in ins.items() if (w % ALIGN == 0) == ki})
+                self.regimes[(ki, ko)] = (f, g, outs[o])
+
+    def __call__(self, cin: int, cout: int) -> float:
+        if self.lines:
+            line = self.lines.get(cin % ALIGN == 0) or next(iter(self.lines.values()))
+            return line(cin)
+        f, g, ref = self.regimes.get((cin % ALIGN == 0, cout % ALIGN == 0)) or next(iter(self.regimes.values()))
+        return f(cin) * g(cout) / ref
 
 
 def layer_key(shape: LayerShape) -> str:
@@ -259,51 +348,61 @@ def layer_key(shape: LayerShape) -> str:
 
 @dataclasses.dataclass
 class LatencyTable:
-    """Measured seconds of each layer shape along its output widths (at its full input width) and along its input
-    widths (at its full output width); ``seconds`` predicts any width pair from the two (``T(i, o) = T(full, o) x
-    T(i, full) / T(full, full)``), interpolating linearly between measured widths."""
+    """Measured seconds of each layer shape over its sweeps (``sweep_plan``); ``seconds`` predicts any widths
+    (``LayerCurve``)."""
 
     runtime: str
     threads: int
     machine: str  # what the times are valid for: CPU model and runtime versions
-    out_sweeps: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
-    in_sweeps: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+    sweeps: dict[str, dict[str, dict[int, float]]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._curves: dict[str, LayerCurve] = {}
+
+    def curve(self, shape: LayerShape) -> LayerCurve:
+        key = layer_key(shape)
+        if key not in self.sweeps:
+            raise InputError(f"the latency table has no layer {shape}; build it for this model.")
+        if key not in self._curves:
+            self._curves[key] = LayerCurve(shape, self.sweeps[key])
+        return self._curves[key]
 
     def seconds(self, shape: LayerShape, cin: int | None = None, cout: int | None = None) -> float:
         """Predicted seconds of ``shape`` at widths (cin, cout) (its own widths when None)."""
-        key = layer_key(shape)
-        if key not in self.out_sweeps:
-            raise InputError(f"the latency table has no layer {shape}; build it for this model.")
-        cin = shape.cin if cin is None else cin
-        cout = shape.cout if cout is None else cout
-        if shape.depthwise:  # one width: the channels
-            return _interpolate(self.out_sweeps[key], cin)
-        full = self.out_sweeps[key][shape.cout]
-        return _interpolate(self.out_sweeps[key], cout) * _interpolate(self.in_sweeps[key], cin) / full
+        return self.curve(shape)(shape.cin if cin is None else cin, shape.cout if cout is None else cout)
+
+    def out_sweep(self, shape: LayerShape) -> dict[int, float]:
+        """Seconds along the output width at the full (aligned) input width: where the cost steps up."""
+        sweeps = self.sweeps[layer_key(shape)]
+        if shape.depthwise:
+            return sweeps["dw"]
+        return sweeps[f"out@{anchors(shape.cin).get(True, shape.cin)}"]
 
     def to_json(self) -> dict:
-        return {"runtime": self.runtime, "threads": self.threads, "machine": self.machine,
-                "out_sweeps": {k: {str(w): t for w, t in v.items()} for k, v in self.out_sweeps.items()},
-                "in_sweeps": {k: {str(w): t for w, t in v.items()} for k, v in self.in_sweeps.items()}}
+        return {"runtime": self.runtime, "threads": self.threads, "machine": self.machine, "format": TABLE_FORMAT,
+                "sweeps": {k: {name: {str(w): t for w, t in line.items()} for name, line in v.items()}
+                           for k, v in self.sweeps.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> LatencyTable:
-        return cls(data["runtime"], data["threads"], data["machine"],
-                   {k: {int(w): t for w, t in v.items()} for k, v in data["out_sweeps"].items()},
-                   {k: {int(w): t for w, t in v.items()} for k, v in data["in_sweeps"].items()})
+        if data.get("format") != TABLE_FORMAT:
+            raise InputError(f"latency table format {data.get('format')!r} is not {TABLE_FORMAT}; build it again.")
+        return cls(data["runtime"], data["threads"], data["machine"], _sweeps_from_json(data["sweeps"]))
 
 
-def _interpolate(measured: dict[int, float], width: int) -> float:
-    widths = sorted(measured)
-    if width in measured:
-        return measured[width]
-    if width <= widths[0]:
-        return measured[widths[0]] * width / widths[0]  # below the grid: proportional
-    if width >= widths[-1]:
-        return measured[widths[-1]] * width / widths[-1]
-    hi = next(w for w in widths if w > width)
-    lo = max(w for w in widths if w < width)
-    return measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
+def _sweeps_from_json(data: dict) -> dict:
+    return {k: {name: {int(w): t for w, t in line.items()} for name, line in v.items()} for k, v in data.items()}
+
+
+def misalignment(measured: dict[int, float]) -> float | None:
+    """How much more the widths of a sweep that are no multiple of ``ALIGN`` cost than the aligned widths around
+    them (median ratio; None when the sweep lacks either kind)."""
+    aligned = {w: t for w, t in measured.items() if w % ALIGN == 0}
+    other = {w: t for w, t in measured.items() if w % ALIGN and aligned and min(aligned) < w < max(aligned)}
+    if not other:
+        return None
+    line = _Line(aligned)
+    return statistics.median(t / line(w) for w, t in other.items())
 
 
 def machine() -> str:
@@ -330,31 +429,29 @@ def build_table(shapes: Iterable[LayerShape], runtime: str, threads: int = 1, po
     unique = list(dict.fromkeys(shapes))
     for i, shape in enumerate(unique):
         key = layer_key(shape)
-        digest = hashlib.sha256(f"{table.machine}|{runtime}|{threads}|{points}|{key}".encode()).hexdigest()[:24]
+        digest = hashlib.sha256(f"{TABLE_FORMAT}|{table.machine}|{runtime}|{threads}|{points}|{key}".encode()
+                                ).hexdigest()[:24]
         path = cache_dir() / f"{digest}.json"
         if cache and path.is_file():
-            data = json.loads(path.read_text())
-            table.out_sweeps[key] = {int(w): t for w, t in data["out"].items()}
-            table.in_sweeps[key] = {int(w): t for w, t in data["in"].items()}
+            table.sweeps[key] = _sweeps_from_json({key: json.loads(path.read_text())["sweeps"]})[key]
             continue
         log(f"latency: measuring layer {i + 1}/{len(unique)} ({shape.kind} {shape.cin}->{shape.cout})")
-        outs = [(shape.cin, w) for w in grid(shape.cout, points)] if not shape.depthwise else \
-            [(w, w) for w in grid(shape.cin, points)]
-        ins = [] if shape.depthwise else [(w, shape.cout) for w in grid(shape.cin, points)]
-        measured = sweep(shape, runtime, [*outs, *ins], threads, runs)
-        table.out_sweeps[key] = {pair[0] if shape.depthwise else pair[1]: measured[pair] for pair in outs}
-        table.in_sweeps[key] = {pair[0]: measured[pair] for pair in ins}
+        plan = sweep_plan(shape, points)
+        measured = sweep(shape, runtime, [pair for pairs in plan.values() for pair in pairs], threads, runs)
+        table.sweeps[key] = {name: {(p[1] if name.startswith("out@") else p[0]): measured[p] for p in pairs}
+                             for name, pairs in plan.items()}
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"shape": key, "machine": table.machine, "runtime": runtime,
-                                        "out": table.out_sweeps[key], "in": table.in_sweeps[key]}))
+                                        "sweeps": table.sweeps[key]}))
     return table
 
 
 def rises(measured: dict[int, float], tolerance: float = 0.05) -> list[int]:
-    """The widths after which the measured time rises by more than ``tolerance`` (the last width of each cost
-    level): with U8S8 kernels that pack 16 output channels, 16, 32, 48, ...  Widths just below a rise cost the
+    """The aligned widths after which the measured time rises by more than ``tolerance`` (the last width of each
+    cost level): with U8S8 kernels that pack 16 output channels, 16, 32, 48, ...  Widths just below a rise cost the
     same as it; pruning to them saves MACs, not time."""
+    measured = {w: t for w, t in measured.items() if w % ALIGN == 0} or measured
     widths = sorted(measured)
     return [a for a, b in zip(widths, widths[1:]) if measured[b] > measured[a] * (1 + tolerance)]
 

@@ -1,0 +1,108 @@
+"""How good a width plan is, without pruning: the channels it removes are zeroed in every member of their groups
+(as ``remove_channels`` mode="mask" does) in a private copy of the module, which is then scored.
+
+    quality = PlanQuality(gm, channel_graph, space, batches, eval_fn=None)
+    quality(removed)          # eval_fn(module) when given (higher is better), else SQNR in dB of the outputs
+                              # against the unpruned module's on the calibration batches
+
+Zeroing a group's channels in all its members gives the outputs removal gives for every group whose path has no
+channel-mixing normalisation (LayerNorm / GroupNorm over channels, softmax over channels); for those ("inexact"
+groups) the score is a proxy.  The copy's tensors are restored after every evaluation, so the order of evaluations
+does not matter, and ``gm`` itself is never written.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.fx
+from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
+from fxcompress.passes.pruning.lib.width_space import WidthSpace
+from torch.utils import _pytree as pytree
+
+from fxcompress.errors import InputError
+from fxcompress.fxutil import lookup
+from fxcompress.meta import side_effect_free
+from fxcompress.tree import copy_tree
+
+
+def _flat_output(out: object) -> torch.Tensor:
+    leaves = [t.detach().float().flatten() for t in pytree.tree_leaves(out)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.cat(leaves) if leaves else torch.zeros(0)
+
+
+def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """Signal-to-noise ratio of ``output`` against ``reference`` in dB (capped at 200 for identical outputs)."""
+    noise = float((reference.double() - output.double()).pow(2).sum())
+    signal = float(reference.double().pow(2).sum())
+    if noise == 0:
+        return 200.0
+    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+
+
+class PlanQuality:
+    """Scores width plans on a masked copy of ``gm`` (see the module docstring); counts its evaluations."""
+
+    def __init__(self, gm: torch.fx.GraphModule, cg: ChannelGraph, space: WidthSpace, batches: Iterable[tuple],
+                 eval_fn: Callable[[torch.nn.Module], float] | None = None, max_batches: int = 4):
+        self.cg, self.space, self.eval_fn = cg, space, eval_fn
+        self.module = copy_tree(gm).eval()
+        self.batches = []
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            self.batches.append(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,))
+        if eval_fn is None and not self.batches:
+            raise InputError("scoring width plans needs an eval_fn or calibration data (compile(..., "
+                             "calibration_data=...)).")
+        self.members = {s: (p.target, p.dim) for s, p in cg.rel.params.items()}
+        self.originals: dict[str, torch.Tensor] = {}
+        self.reference = [self._outputs(b) for b in self.batches] if eval_fn is None else []
+        self.evaluations = 0
+        self.cache: dict[tuple[int, ...], float] = {}
+
+    def _outputs(self, batch: tuple) -> torch.Tensor:
+        with torch.no_grad(), side_effect_free(self.module):
+            return _flat_output(self.module(*batch))
+
+    def _mask(self, removed: list[int]) -> list[str]:
+        counts = torch.tensor([*removed, 0], dtype=torch.long)
+        closed = self.cg.closure(self.space.unit_rank < counts[self.space.unit_group])
+        touched = []
+        with torch.no_grad():
+            for s, idx in self.cg.removed_positions(closed).items():
+                member = self.members.get(s)
+                if member is None:
+                    continue
+                target, dim = member
+                t = lookup(self.module, target)
+                if target not in self.originals:
+                    self.originals[target] = t.detach().clone()
+                t.index_fill_(dim, idx, 0.0)
+                touched.append(target)
+        return touched
+
+    def _restore(self, touched: list[str]) -> None:
+        with torch.no_grad():
+            for target in dict.fromkeys(touched):
+                lookup(self.module, target).copy_(self.originals[target])
+
+    def __call__(self, removed: Iterable[int]) -> float:
+        removed = [int(k) for k in removed]
+        key = tuple(removed)
+        if key in self.cache:
+            return self.cache[key]
+        touched = self._mask(removed)
+        try:
+            if self.eval_fn is not None:
+                value = float(self.eval_fn(self.module))
+            else:
+                ref = torch.cat(self.reference)
+                value = sqnr_db(ref, torch.cat([self._outputs(b) for b in self.batches]))
+        finally:
+            self._restore(touched)
+        self.evaluations += 1
+        self.cache[key] = value
+        return value

@@ -1,0 +1,293 @@
+"""Search strategies for per-group channel counts under a budget.
+
+A strategy receives a :class:`Problem`: the width space (candidate groups and the counts each may lose), a cost
+(predicted seconds from the measured latency model, or the MAC or parameter fraction) with its budget, each group's
+channel importance, and optionally a quality function of a plan (higher is better: the user's ``eval_fn`` or the
+SQNR of the outputs, ``plan_quality``).  It returns a plan (one count per group) whose cost is within the budget.
+
+- ``uniform``: one share of every group, the smallest that meets the budget (the baseline).
+- ``knapsack`` (HALP, Shen et al. 2022): channels are items, their importance the value and the latency they cost
+  the weight; a multiple-choice knapsack per budget keeps, in each group, its most important channels first.  A
+  layer's latency depends on the widths of two groups (its input and output), so the weights are each group's
+  marginal latency with the other groups at the current solution, and the knapsack is solved again around each
+  solution until it stops changing.  A group's loss is the square of the share of its importance removed: HALP's
+  Taylor scores estimate the loss itself, magnitudes do not compare across layers, and a loss linear in the
+  share would empty the layers whose channels cost the most time (VGG-small at half the latency: three of seven
+  layers cut to 1-3 channels), which every sensitivity curve shows to cost far more than the sum of small cuts.
+- ``sensitivity`` (PaddleSlim): every group pruned alone over a ladder of shares and scored; a loss threshold gives
+  every group the largest share whose loss stays under it, and a binary search on the threshold meets the budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+from fxcompress.passes.pruning.lib.width_space import WidthSpace
+
+from fxcompress.errors import InputError
+
+
+@dataclasses.dataclass
+class Problem:
+    space: WidthSpace
+    cost: Callable[[list[int]], float]  # in the budget's unit
+    budget: float
+    importance: list[np.ndarray]  # per group: importance removed at each of its levels (ascending from 0)
+    quality: Callable[[list[int]], float] | None = None  # higher is better
+    seed: int = 0
+    evaluations: int = 200  # how many plans the quality function may score
+    log: Callable[[str], None] = lambda message: None
+    info: dict = dataclasses.field(default_factory=dict)  # what the strategy reports (stats)
+
+    def feasible(self, removed: list[int]) -> bool:
+        return self.cost(removed) <= self.budget
+
+    def nearest(self, share: float | np.ndarray) -> list[int]:
+        """Each group's level nearest to ``share`` of its channels removed (one share or one per group)."""
+        shares = np.broadcast_to(np.asarray(share, float), (len(self.space.groups),))
+        return [min(lv, key=lambda k: abs(k - s * g.size))
+                for lv, g, s in zip(self.space.levels, self.space.groups, shares)]
+
+    def need_quality(self, strategy: str) -> Callable[[list[int]], float]:
+        if self.quality is None:
+            raise InputError(f"strategy {strategy!r} scores candidate plans: give calibration_data (its outputs' "
+                             f"SQNR is the score) or an eval_fn.")
+        return self.quality
+
+
+def removed_importance(scores: torch.Tensor, space: WidthSpace) -> list[np.ndarray]:
+    """Per group: the share of the group's importance that each level removes (its channels' scores summed,
+    over the group's total).  Magnitude scores do not compare across layers; shares do."""
+    out = []
+    for grp, lv in zip(space.groups, space.levels):
+        s = scores[grp.units].double().clamp_min(0)
+        s = s / s.sum().clamp_min(1e-12)
+        rank = space.unit_rank[grp.units]
+        order = torch.argsort(rank)  # removal order
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s[order], 0)])
+        out.append(cum[torch.tensor(lv)].numpy())
+    return out
+
+
+# ---- uniform -------------------------------------------------------------------------------------------------
+
+def uniform(p: Problem) -> list[int]:
+    """The smallest share (in steps of 0.5 %) whose plan meets the budget."""
+    for share in np.arange(0.0, 1.0, 0.005):
+        plan = p.nearest(share)
+        if p.feasible(plan):
+            p.info["share"] = round(float(share), 3)
+            return plan
+    return p.nearest(1.0)
+
+
+# ---- knapsack (HALP) -----------------------------------------------------------------------------------------
+
+def _candidate_levels(p: Problem, g: int, limit: int = 48) -> list[int]:
+    """The levels a knapsack considers for group ``g``: at most ``limit``, spread over its range."""
+    lv = p.space.levels[g]
+    if len(lv) <= limit:
+        return list(range(len(lv)))
+    return sorted({0, len(lv) - 1, *np.linspace(0, len(lv) - 1, limit).round().astype(int).tolist()})
+
+
+def _mckp(values: list[np.ndarray], weights: list[np.ndarray], capacity: float, bins: int = 2000) -> list[int]:
+    """Multiple-choice knapsack: one option per group, maximum total value, total weight <= capacity (weights
+    discretised into ``bins`` steps, rounded up).  Returns the chosen option per group (None when infeasible)."""
+    low = [float(w.min()) for w in weights]
+    room = capacity - sum(low)
+    if room < 0:
+        return None
+    step = room / bins if room > 0 else 1.0
+    ints = [np.ceil((w - lo) / step - 1e-9).astype(int) for w, lo in zip(weights, low)]
+    dp = np.full(bins + 1, -np.inf)
+    dp[0] = 0.0
+    choice = []
+    for v, w in zip(values, ints):
+        new = np.full(bins + 1, -np.inf)
+        pick = np.zeros(bins + 1, dtype=int)
+        for j, (vj, wj) in enumerate(zip(v, w)):
+            if wj > bins:
+                continue
+            shifted = np.full(bins + 1, -np.inf)
+            shifted[wj:] = dp[:bins + 1 - wj] + vj
+            better = shifted > new
+            new[better], pick[better] = shifted[better], j
+        dp = new
+        choice.append(pick)
+    if not np.isfinite(dp).any():
+        return None
+    b = int(np.argmax(dp))
+    out = [0] * len(values)
+    for g in range(len(values) - 1, -1, -1):
+        j = int(choice[g][b])
+        out[g] = j
+        b -= int(ints[g][j])
+    return out
+
+
+def _knapsack_rounds(p: Problem, base: list[int], options: list[list[int]], values: list[np.ndarray],
+                     rounds: int) -> tuple[list[int] | None, float]:
+    """Knapsacks linearised around ``base``, then around each solution, until it stops changing; the best
+    solution whose exact cost meets the budget and its value."""
+    space = p.space
+    best, best_value, tighten = None, -np.inf, 1.0
+    for r in range(rounds):
+        weights = []
+        for g, opts in enumerate(options):  # the model's cost with group g at each option, the rest at base
+            trial = list(base)
+            w = []
+            for j in opts:
+                trial[g] = space.levels[g][j]
+                w.append(p.cost(trial))
+            weights.append(np.array(w))
+        here = p.cost(base)
+        # the cost as a sum of per-group terms around base: cost(base) + sum_g (w_g - cost(base))
+        capacity = p.budget * tighten - here + len(options) * here
+        picked = _mckp(values, weights, capacity) if np.isfinite(here) else None
+        if picked is None:
+            tighten *= 0.97
+            continue
+        plan = [space.levels[g][opts[j]] for g, (opts, j) in enumerate(zip(options, picked))]
+        cost, value = p.cost(plan), float(sum(v[j] for v, j in zip(values, picked)))
+        p.log(f"knapsack round {r + 1}: predicted {cost:.6g} (budget {p.budget:.6g}), removed importance "
+              f"{-value:.1f}")
+        if cost <= p.budget and value > best_value:
+            best, best_value = plan, value
+        if cost > p.budget:
+            tighten *= min(0.99, p.budget / cost)
+        elif plan == base:
+            break
+        base = plan
+    return best, best_value
+
+
+def _value(p: Problem, plan: list[int]) -> float:
+    return -float(sum(imp[lv.index(k)] ** 2 for imp, lv, k in zip(p.importance, p.space.levels, plan)))
+
+
+def polish(p: Problem, plan: list[int], steps: int = 200, max_costs: int = 20000) -> list[int]:
+    """Local moves from a feasible plan while they keep it feasible and raise the kept importance: give a group
+    back its next level of channels, paying with the fewest extra channels of another group (at most
+    ``max_costs`` cost evaluations in all)."""
+    levels = p.space.levels
+    plan, value = list(plan), _value(p, plan)
+    budget = [max_costs]
+
+    def feasible(trial: list[int]) -> bool:
+        budget[0] -= 1
+        return p.feasible(trial)
+    for _ in range(steps):
+        if budget[0] <= 0:
+            break
+        best = None
+        for g in range(len(plan)):
+            i = levels[g].index(plan[g])
+            if i == 0:
+                continue
+            up = list(plan)
+            up[g] = levels[g][i - 1]
+            if feasible(up):
+                gain = _value(p, up) - value
+                if best is None or gain > best[0]:
+                    best = (gain, up)
+                continue
+            for h in range(len(plan)):  # pay with group h's next levels
+                if h == g:
+                    continue
+                trial = list(up)
+                for k in levels[h][levels[h].index(plan[h]) + 1:][:4]:
+                    trial[h] = k
+                    if feasible(trial):
+                        gain = _value(p, trial) - value
+                        if gain > 1e-12 and (best is None or gain > best[0]):
+                            best = (gain, list(trial))
+                        break
+        if best is None or best[0] <= 1e-12:
+            break
+        value += best[0]
+        plan = best[1]
+    return plan
+
+
+def knapsack(p: Problem, rounds: int = 8) -> list[int]:
+    """HALP's latency knapsack, linearised around the unpruned model and around the uniform plan of the budget
+    (each re-solved around its solutions), the better solution polished by local exchanges."""
+    options = [_candidate_levels(p, g) for g in range(len(p.space.groups))]
+    values = [-p.importance[g][opts] ** 2 for g, opts in enumerate(options)]
+    start = uniform(p)
+    p.info.pop("share", None)
+    found = [_knapsack_rounds(p, base, options, values, rounds) for base in (p.space.full(), start)]
+    best = max(((plan, value) for plan, value in found if plan is not None), key=lambda pv: pv[1], default=None)
+    if best is None or (p.feasible(start) and _value(p, start) > best[1]):
+        best = (start, _value(p, start))
+    plan = polish(p, best[0]) if p.feasible(best[0]) else best[0]
+    p.info["removed_importance"] = round(-_value(p, plan), 4)
+    if not p.feasible(plan):
+        p.info["fallback"] = "no plan met the budget"
+    return plan
+
+
+# ---- sensitivity (PaddleSlim) -------------------------------------------------------------------------------
+
+SHARES = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+def sensitivities(p: Problem, shares: tuple[float, ...] = SHARES) -> dict[str, dict[float, float]]:
+    """{group: {share: loss}}: each group pruned alone at each share, loss = quality(unpruned) - quality(plan)."""
+    quality = p.need_quality("sensitivity")
+    full = quality(p.space.full())
+    per_group = max(1, min(len(shares), p.evaluations // max(1, len(p.space.groups))))
+    if per_group < len(shares):
+        shares = tuple(shares[i] for i in np.linspace(0, len(shares) - 1, per_group).round().astype(int))
+    out = {}
+    for g, grp in enumerate(p.space.groups):
+        row = {}
+        for share in shares:
+            plan = p.space.full()
+            plan[g] = p.nearest(share)[g]
+            row[share] = full - quality(plan)
+        out[grp.name] = row
+        p.log(f"sensitivity {g + 1}/{len(p.space.groups)}: {grp.name} "
+              + " ".join(f"{s:.1f}:{v:.2f}" for s, v in row.items()))
+    return out
+
+
+def by_threshold(p: Problem, table: dict[str, dict[float, float]], threshold: float) -> list[int]:
+    """Every group at the largest share whose loss stays within ``threshold`` (shares past a larger loss count
+    too: losses are not always monotone, PaddleSlim takes the largest share under the threshold)."""
+    shares = []
+    for grp in p.space.groups:
+        ok = [s for s, loss in table[grp.name].items() if loss <= threshold]
+        shares.append(max(ok) if ok else 0.0)
+    return p.nearest(np.array(shares))
+
+
+def sensitivity(p: Problem) -> list[int]:
+    """Sensitivities, then a binary search for the smallest loss threshold that meets the budget."""
+    table = sensitivities(p)
+    p.info["sensitivities"] = {g: {str(s): round(v, 4) for s, v in row.items()} for g, row in table.items()}
+    losses = sorted({v for row in table.values() for v in row.values()} | {0.0})
+    lo, hi = 0, len(losses) - 1
+    if not p.feasible(by_threshold(p, table, losses[hi])):
+        p.info["fallback"] = "uniform: every group at the largest share misses the budget"
+        return uniform(p)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if p.feasible(by_threshold(p, table, losses[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    p.info["threshold"] = round(float(losses[lo]), 4)
+    return by_threshold(p, table, losses[lo])
+
+
+SCORED = ("sensitivity",)  # strategies that score candidate plans (need eval_fn or calibration data)
+
+STRATEGIES: dict[str, Callable[[Problem], list[int]]] = {
+    "knapsack": knapsack,
+    "sensitivity": sensitivity,
+    "uniform": uniform,
+}

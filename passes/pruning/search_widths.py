@@ -1,0 +1,212 @@
+"""Width search: how many channels each group loses, chosen under a budget of measured latency, MACs or
+parameters (``PruningTargets``, which ``select_channels`` then turns into channels).
+
+    before:  ctx.analyses[ChannelGraph]              after:  ctx.plans[PruningTargets]
+    recipe shorthand:  auto_prune = propagate_dependencies + search_widths + select_channels + remove_channels
+
+``budget`` is a dict with one key: ``latency`` (a fraction of the unpruned model's measured latency in ``runtime``),
+``latency_ms``, ``macs`` or ``params`` (fractions of the model's).  For latency budgets the pass measures the
+model's layers alone over their widths (the cached latency table, ``fxcompress latency``), measures the whole model
+in the runtime at a few width plans to calibrate the prediction (``latency_model``), searches on the prediction,
+then prunes a copy to the chosen plan and measures it: when it misses the budget, the search runs again with the
+target lowered by the ratio it missed by (at most ``confirm`` measurements).
+Strategies (``width_search``): ``knapsack`` (HALP, the default), ``sensitivity`` (PaddleSlim), ``uniform``.
+Strategies that score plans use ``eval_fn`` (higher is better) or, without one, the SQNR of the outputs on the
+calibration data against the unpruned model (``plan_quality``).
+Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
+Stats: the budget in its unit, the unpruned and predicted (and measured) cost, MAC and parameter fractions, the
+table's and the search's seconds, evaluations, each group's kept width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import onnxruntime as ort
+import torch
+from fxcompress.passes.pruning.lib import latency, latency_model, width_search
+from fxcompress.passes.pruning.lib.channel_deps import PRUNE_ORDER, ChannelGraph
+from fxcompress.passes.pruning.lib.plan_quality import PlanQuality
+from fxcompress.passes.pruning.lib.width_space import PruningTargets, WidthSpace
+from fxcompress.passes.pruning.select_channels import CRITERIA, SCORERS
+
+from fxcompress.context import CompileContext
+from fxcompress.errors import RecipeError, did_you_mean
+from fxcompress.options import as_patterns, check_patterns, matches
+from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
+from fxcompress.plans import graph_signature
+
+BUDGETS = ("latency", "latency_ms", "macs", "params")
+LATENCY_BUDGETS = ("latency", "latency_ms")
+
+
+def check_budget(name: str, budget: Any) -> tuple[str, float]:
+    """(kind, value) of a budget dict, or a RecipeError saying what a budget looks like."""
+    example = "e.g. budget = {latency = 0.6} (60 % of the measured latency), {latency_ms = 2.5}, {macs = 0.5}"
+    if not isinstance(budget, dict) or len(budget) != 1:
+        raise RecipeError(f"{name}: budget must be a dict with one of {', '.join(BUDGETS)}, got {budget!r}; "
+                          f"{example}.")
+    (kind, value), = budget.items()
+    if kind not in BUDGETS:
+        raise RecipeError(f"{name}: unknown budget {kind!r}.{did_you_mean(kind, BUDGETS)} Budgets: "
+                          f"{', '.join(BUDGETS)}; {example}.")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise RecipeError(f"{name}: budget {kind} must be a number, got {value!r}.")
+    if kind == "latency_ms" and value <= 0:
+        raise RecipeError(f"{name}: budget latency_ms must be positive, got {value}.")
+    if kind != "latency_ms" and not 0 < value <= 1:
+        raise RecipeError(f"{name}: budget {kind} is a fraction of the unpruned model's, 0 < {kind} <= 1; "
+                          f"got {value}.")
+    return kind, float(value)
+
+
+class SearchWidths(Pass):
+    """Width search: per-group channel counts under a measured-latency, MAC or parameter budget."""
+
+    name = "search_widths"
+    produces = (PruningTargets,)
+    contract = Contract.EXACT
+    requires = (ChannelGraph,)
+
+    def __init__(self, budget: dict | None = None, runtime: str = "ort-int8", batch: int | None = None,
+                 threads: int = 1, strategy: str = "knapsack", criterion: str = "l1", seed: int = 0,
+                 evaluations: int = 200, round_to: int = 1, min_channels: int = 1,
+                 exclude: str | list[str] | tuple[str, ...] = (), points: int = 16, confirm: int = 4):
+        budget = {"latency": 0.5} if budget is None else budget  # half the measured latency unless told
+        self.kind, self.value = check_budget(self.name, budget)
+        if runtime not in latency.RUNTIMES:
+            raise RecipeError(f"{self.name}: runtime must be one of {', '.join(latency.RUNTIMES)}, got {runtime!r}."
+                              f"{did_you_mean(runtime, latency.RUNTIMES)}")
+        if runtime != "torch" and "CPUExecutionProvider" not in ort.get_available_providers():
+            raise RecipeError(f"{self.name}: runtime {runtime!r} needs ONNX Runtime's CPU provider, which this "
+                              f"installation lacks; use runtime='torch' or install onnxruntime.")
+        if strategy not in width_search.STRATEGIES:
+            raise RecipeError(f"{self.name}: unknown strategy {strategy!r}."
+                              f"{did_you_mean(strategy, width_search.STRATEGIES)} Strategies: "
+                              f"{', '.join(width_search.STRATEGIES)}.")
+        if criterion not in CRITERIA:
+            raise RecipeError(f"{self.name}: unknown criterion {criterion!r}.{did_you_mean(criterion, CRITERIA)}")
+        for option, value, low in (("threads", threads, 1), ("evaluations", evaluations, 1),
+                                   ("round_to", round_to, 1), ("min_channels", min_channels, 1),
+                                   ("points", points, 2), ("confirm", confirm, 0), ("seed", seed, 0)):
+            if value < low:
+                raise RecipeError(f"{self.name}: {option} must be an integer >= {low}, got {value}.")
+        if batch is not None and batch < 1:
+            raise RecipeError(f"{self.name}: batch must be a positive integer (or None: the example's), got {batch}.")
+        self.budget, self.runtime, self.batch, self.threads = budget, runtime, batch, threads
+        self.strategy, self.criterion, self.seed, self.evaluations = strategy, criterion, seed, evaluations
+        self.round_to, self.min_channels, self.points, self.confirm = round_to, min_channels, points, confirm
+        self.exclude = as_patterns(self.name, "exclude", exclude)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
+        cg: ChannelGraph = ctx.analyses[ChannelGraph]
+        check_patterns(self.name, "exclude", self.exclude, {n for n, _ in ctx.gm.named_modules() if n})
+        groups = [g for g in cg.groups if g.n_prunable and g.size >= 2
+                  and not any(matches(m, p) for m in g.modules for p in self.exclude)]
+        if not groups:
+            raise RecipeError(f"{self.name}: the model has no prunable channel group (see `fxcompress groups`); "
+                              f"nothing to search.")
+        inputs = latency_model.batched(ctx.example_inputs, self.batch)
+        batch = inputs[0].shape[0] if inputs[0].dim() else 1
+        shapes = {n: dataclasses.replace(s, batch=batch) for n, s in latency.layer_shapes(ctx.gm).items()}
+        scores = SCORERS[self.criterion](cg, ctx, {"seed": self.seed, "loss": None, "calibration_batches": 8})
+        space = WidthSpace(cg, scores, shapes, groups, self.round_to, self.min_channels)
+        stats: dict[str, Any] = {"strategy": self.strategy, "budget": dict(self.budget), "runtime": self.runtime,
+                                 "groups": len(groups)}
+        search = _Search(self, ctx, cg, space, scores, shapes, inputs, stats)
+        removed = search.run()
+        targets = latency_model.targets(space, removed, graph_signature(ctx.gm))
+        ctx.plans[PruningTargets] = targets
+        stats["kept"] = {g.name: g.size - k for g, k in zip(groups, removed)}
+        return PassResult(modified=False, stats=stats, notes=tuple(search.notes))
+
+
+class _Search:
+    """One search: the cost and its budget, the calibration and the confirming measurements."""
+
+    def __init__(self, p: SearchWidths, ctx: CompileContext, cg: ChannelGraph, space: WidthSpace,
+                 scores: torch.Tensor, shapes: dict, inputs: tuple, stats: dict):
+        self.p, self.ctx, self.cg, self.space, self.shapes, self.inputs = p, ctx, cg, space, shapes, inputs
+        self.scores = scores
+        self.stats, self.notes = stats, []
+        self.graph = graph_signature(ctx.gm)
+        self.measured: dict[tuple[int, ...], float] = {}
+
+    def measure(self, plans: dict[str, list[int]]) -> dict[str, float]:
+        """Measured seconds of the model pruned to each plan (the unpruned model among them when absent)."""
+        modules = {k: latency_model.pruned(self.ctx.gm, self.inputs, latency_model.targets(self.space, v, self.graph),
+                                           self.p.criterion, self.ctx.calibration_data) if any(v) else self.ctx.gm
+                   for k, v in plans.items()}
+        prepared = {k: latency_model.prepared(m, self.p.runtime, self.inputs) for k, m in modules.items()}
+        seconds = latency_model.measure(prepared, self.inputs, self.p.threads)
+        for k, v in plans.items():
+            self.measured[tuple(v)] = seconds[k]
+        return seconds
+
+    def run(self) -> list[int]:
+        p, space, stats = self.p, self.space, self.stats
+        start = time.perf_counter()
+        predictor = None
+        if p.kind in LATENCY_BUDGETS:
+            table = latency.build_table(self.shapes.values(), p.runtime, p.threads, p.points)
+            stats["table_seconds"] = round(time.perf_counter() - start, 2)
+            predictor = latency_model.Predictor(table, space, self.shapes)
+            plans = latency_model.calibration_plans(space, p.seed)
+            plans["fastest"] = [lv[-1] for lv in space.levels]
+            seconds = self.measure(plans)
+            predictor.calibrate([(v, seconds[k]) for k, v in plans.items()])
+            full = seconds["full"]
+            target = p.value * full if p.kind == "latency" else p.value / 1e3
+            stats.update(full_ms=round(full * 1e3, 4), budget_ms=round(target * 1e3, 4),
+                         fastest_ms=round(seconds["fastest"] * 1e3, 4))
+            if seconds["fastest"] > target:
+                raise RecipeError(
+                    f"{p.name}: the budget {p.budget} ({target * 1e3:.3f} ms in {p.runtime}, batch "
+                    f"{self.inputs[0].shape[0]}, {p.threads} thread(s)) is below the fastest any width plan reaches: "
+                    f"{seconds['fastest'] * 1e3:.3f} ms with every group at its fewest channels (the unpruned model "
+                    f"takes {full * 1e3:.3f} ms). Per-node overhead sets this floor; give a budget of at least "
+                    f"{seconds['fastest'] / full:.2f} of the latency, or remove layers.")
+            cost, budget = predictor.seconds, target
+        elif p.kind == "macs":
+            cost, budget = space.macs, p.value
+        else:
+            cost, budget = space.params, p.value
+        quality = None
+        if p.strategy in width_search.SCORED:
+            quality = PlanQuality(self.ctx.gm, self.cg, space, self.ctx.calibration_data or [self.ctx.example_inputs],
+                                  self.ctx.eval_fn)
+        problem = width_search.Problem(space, cost, budget, width_search.removed_importance(self.scores, space),
+                                       quality, p.seed, p.evaluations)
+        search_start = time.perf_counter()
+        removed = width_search.STRATEGIES[p.strategy](problem)
+        for attempt in range(p.confirm if predictor is not None else 0):
+            seconds = self.measure({"full": space.full(), "plan": removed})
+            # a fraction of the latency is judged against the unpruned model measured alongside, in the same runs
+            plan_s = seconds["plan"] * (stats["full_ms"] / 1e3 / seconds["full"] if p.kind == "latency" else 1.0)
+            stats["measured_ms"] = round(plan_s * 1e3, 4)
+            stats["confirmations"] = attempt + 1
+            if plan_s <= target:
+                break
+            self.notes.append(f"attempt {attempt + 1}: measured {plan_s * 1e3:.3f} ms > budget "
+                              f"{target * 1e3:.3f} ms (predicted {cost(removed) * 1e3:.3f} ms); searched again")
+            if attempt + 1 == p.confirm:
+                self.notes.append(f"the plan measured {plan_s / target * 100 - 100:.1f} % over the budget after "
+                                  f"{p.confirm} measurements")
+                break
+            # the prediction is off by this ratio around the plan: search again for a target that much lower
+            problem.budget *= 0.99 * target / plan_s
+            problem.info.clear()
+            removed = width_search.STRATEGIES[p.strategy](problem)
+        stats["search_seconds"] = round(time.perf_counter() - search_start, 2)
+        stats["predicted"] = round(cost(removed) * (1e3 if predictor else 1), 4)
+        stats["macs"] = round(space.macs(removed), 4)
+        stats["params"] = round(space.params(removed), 4)
+        if quality is not None:
+            stats["evaluations"] = quality.evaluations
+        stats.update({k: v for k, v in problem.info.items()})
+        if predictor is not None:
+            stats["fit"] = {"a": round(predictor.scale, 4), "c_ms": round(predictor.const * 1e3, 4),
+                            "v_ms": round(predictor.per_volume * 1e3, 4)}
+        return removed

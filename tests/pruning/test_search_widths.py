@@ -1,0 +1,225 @@
+"""Width plans and their search: the width space predicts exactly what remove_channels leaves, select_channels
+honours per-group targets, and the strategies meet their budgets with their defining behaviour."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fxcompress.passes.pruning.lib import latency, latency_model, width_search
+from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
+from fxcompress.passes.pruning.lib.plan_quality import PlanQuality, sqnr_db
+from fxcompress.passes.pruning.lib.width_space import PruningTargets, WidthSpace
+from fxcompress.passes.pruning.select_channels import SCORERS
+from zoo import build
+
+import fxcompress as fxc
+from fxcompress import counting, meta
+from fxcompress.plans import graph_signature
+
+ARCHS = ["residual", "concat", "grouped_depthwise", "functional", "linear_bn", "attention", "shufflenet",
+         "splits_views"]
+
+
+def _space(gm, round_to=1):
+    cg = ChannelGraph(gm)
+    groups = [g for g in cg.groups if g.n_prunable and g.size >= 2]
+    return cg, WidthSpace(cg, SCORERS["l1"](cg, None, {}), latency.layer_shapes(gm), groups, round_to)
+
+
+def _random_plan(space, rng):
+    return [int(rng.choice(lv)) for lv in space.levels]
+
+
+def _activation_elements(gm, skip):
+    total = 0
+    for node in gm.graph.nodes:
+        info = meta.tensor_info(node) if node.op.startswith("call_") else None
+        if info is not None and info.shape and node.name not in skip:
+            total += int(np.prod(info.shape))
+    return total
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_width_space_predicts_what_remove_channels_leaves(arch):
+    model, x = build(arch)
+    gm = fxc.trace(model, x)
+    cg, space = _space(gm)
+    rng = np.random.default_rng(0)
+    n_params = sum(p.numel() for p in gm.parameters())
+    checked = 0
+    for _ in range(12):
+        plan = _random_plan(space, rng)
+        pruned = latency_model.pruned(gm, x, latency_model.targets(space, plan, graph_signature(gm)))
+        real = {n: (s.cin, s.cout) for n, s in latency.layer_shapes(pruned).items() if n in space.shapes}
+        if space.empties(plan):  # select_channels gave an emptied space a channel back: wider than the plan
+            assert space.macs(plan) == space.params(plan) == np.inf
+            assert any(real[n][0] > w[0] or real[n][1] > w[1] for n, w in space.widths(plan).items())
+            continue
+        checked += 1
+        assert space.widths(plan) == real
+        assert space.params(plan) == pytest.approx(sum(p.numel() for p in pruned.parameters()) / n_params, abs=1e-9)
+        skip = set(space.shapes)
+        assert space.volume(plan) == pytest.approx(_activation_elements(pruned, skip) / _activation_elements(gm, skip),
+                                                   rel=1e-9)
+        layers_macs = sum(s.macs for n, s in latency.layer_shapes(pruned).items() if n in space.shapes)
+        assert space.macs(plan) == pytest.approx(layers_macs / sum(s.macs for s in space.shapes.values()))
+    assert checked >= 3
+
+
+def test_levels_honour_blocks_round_to_and_min_channels():
+    model, x = build("grouped_depthwise")
+    gm = fxc.trace(model, x)
+    cg, space = _space(gm, round_to=4)
+    for grp, lv in zip(space.groups, space.levels):
+        assert lv[0] == 0 and all(grp.size - k >= 1 for k in lv)
+        assert all((grp.size - k) % 4 == 0 for k in lv[1:])
+        if grp.blocks is not None:
+            nb = int(grp.blocks.max()) + 1
+            assert all(k % nb == 0 for k in lv)
+
+
+def test_select_channels_removes_exactly_the_targets_lowest_scores_first():
+    model, x = build("residual")
+    gm = fxc.trace(model, x)
+    cg, space = _space(gm)
+    plan = [lv[len(lv) // 2] for lv in space.levels]
+    targets = latency_model.targets(space, plan, graph_signature(gm))
+    pm = fxc.PassManager([{"pass": "propagate_dependencies"}, {"pass": "select_channels"}])
+    ctx = pm.resume(gm, x, plans=[targets])
+    pm.run(ctx)
+    chosen = ctx.plans["pruning_plan"]
+    scores = SCORERS["l1"](cg, None, {})
+    for grp, k in zip(space.groups, plan):
+        removed = chosen.removed[grp.name]
+        assert len(removed) == k
+        kept = [i for i in range(grp.size) if i not in removed and bool(grp.prunable[i])]
+        if removed and kept:
+            s = scores[grp.units]
+            assert float(s[list(removed)].max()) <= float(s[kept].min()) + 1e-6
+    wrong = PruningTargets(dict(targets.removed), dict(targets.sizes), "another graph")
+    ctx = pm.resume(gm, x, plans=[wrong])
+    with pytest.raises(fxc.RecipeError, match="another graph"):
+        pm.run(ctx)
+
+
+@pytest.mark.parametrize("budget,match", [
+    ({"latency": -0.5}, "0 < latency <= 1"), ({"latency": 0}, "0 < latency <= 1"), ({"macs": 1.5}, "macs"),
+    ({"latency_ms": 0}, "positive"), ({"flops": 0.5}, "unknown budget 'flops'"), (0.5, "dict"),
+    ({"latency": 0.5, "macs": 0.5}, "one of"), ({"params": "half"}, "number"),
+])
+def test_bad_budgets_are_named(budget, match):
+    model, x = build("residual")
+    with pytest.raises(fxc.RecipeError, match=match):
+        fxc.compile(model, x, [{"pass": "auto_prune", "budget": budget}])
+
+
+def test_bad_options_of_auto_prune_are_named():
+    model, x = build("residual")
+    for options, match in [({"ratio": 0.5}, "no option 'ratio'"), ({"strategy": "greedy"}, "unknown strategy"),
+                           ({"runtime": "tensorrt"}, "runtime"), ({"threads": 0}, "threads")]:
+        with pytest.raises(fxc.RecipeError, match=match):
+            fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"macs": 0.5}, **options}])
+
+
+@pytest.mark.parametrize("arch", ["residual", "concat", "grouped_depthwise"])
+@pytest.mark.parametrize("kind", ["macs", "params"])
+def test_auto_prune_meets_a_mac_or_parameter_budget(arch, kind):
+    model, x = build(arch)
+    result = fxc.compile(model, x, [{"pass": "auto_prune", "budget": {kind: 0.5}}])
+    names = [r.name for r in result.history]
+    assert names == ["propagate_dependencies", "search_widths", "select_channels", "remove_channels"]
+    stats = result.history[1].stats
+    assert stats[kind] <= 0.5
+    if kind == "params":
+        assert result.after.params <= 0.5 * result.before.params + 1
+    else:
+        gm, pruned = fxc.trace(model, x), result.module
+        before = sum(s.macs for s in latency.layer_shapes(gm).values())
+        assert sum(s.macs for s in latency.layer_shapes(pruned).values()) <= 0.5 * before
+    assert stats[kind] > 0.3  # the budget is used, not undershot far
+
+
+def _problem(arch="residual", budget=0.5):
+    model, x = build(arch)
+    gm = fxc.trace(model, x)
+    cg, space = _space(gm)
+    scores = SCORERS["l1"](cg, None, {})
+    importance = width_search.removed_importance(scores, space)
+    return gm, cg, space, width_search.Problem(space, space.macs, budget, importance), x
+
+
+def _removed_importance(p, plan):
+    return -width_search._value(p, plan)
+
+
+@pytest.mark.parametrize("arch", ["residual", "concat", "attention"])
+def test_the_knapsack_removes_less_importance_than_uniform_at_the_same_budget(arch):
+    for budget in (0.7, 0.5, 0.3):
+        _, _, _, p, _ = _problem(arch, budget)
+        knap, uni = width_search.knapsack(p), width_search.uniform(p)
+        assert p.feasible(knap) and p.feasible(uni)
+        assert _removed_importance(p, knap) <= _removed_importance(p, uni) + 1e-9
+
+
+def test_the_multiple_choice_knapsack_is_optimal_on_a_small_instance():
+    rng = np.random.default_rng(3)
+    values = [rng.uniform(0, 10, 4) for _ in range(4)]
+    weights = [rng.uniform(0, 5, 4) for _ in range(4)]
+    picked = width_search._mckp(values, weights, 9.0, bins=20000)
+    best = max((sum(v[j] for v, j in zip(values, c)), c) for c in np.ndindex(4, 4, 4, 4)
+               if sum(w[j] for w, j in zip(weights, c)) <= 9.0)
+    assert sum(v[j] for v, j in zip(values, picked)) == pytest.approx(best[0], rel=1e-3)
+
+
+def test_sensitivity_gives_every_group_the_largest_share_under_the_threshold():
+    gm, cg, space, p, x = _problem("residual", 0.6)
+    batches = [tuple(torch.rand_like(t) for t in x) for _ in range(2)]
+    p.quality = PlanQuality(gm, cg, space, batches)
+    plan = width_search.sensitivity(p)
+    assert p.feasible(plan)
+    table, threshold = p.info["sensitivities"], p.info["threshold"]
+    for grp, k in zip(space.groups, plan):
+        row = {float(s): v for s, v in table[grp.name].items()}
+        share = max([s for s, v in row.items() if v <= threshold], default=0.0)
+        assert k == p.nearest(share)[space.groups.index(grp)]
+    looser = [t for t in sorted({v for row in table.values() for v in row.values()}) if t < threshold]
+    if looser:  # a smaller threshold would miss the budget
+        assert not p.feasible(width_search.by_threshold(p, {g: {float(s): v for s, v in r.items()}
+                                                              for g, r in table.items()}, looser[-1]))
+
+
+def test_plan_quality_scores_the_masked_module_and_leaves_it_unchanged():
+    gm, cg, space, p, x = _problem("residual")
+    quality = PlanQuality(gm, cg, space, [x])
+    assert quality(space.full()) == 200.0
+    plan = [lv[len(lv) // 2] for lv in space.levels]
+    masked = quality(plan)
+    pruned = latency_model.pruned(gm, x, latency_model.targets(space, plan, graph_signature(gm)))
+    with torch.no_grad():
+        ref, out = gm(*x), pruned(*x)
+    assert masked == pytest.approx(sqnr_db(ref.flatten(), out.flatten()), abs=0.05)
+    assert quality(space.full()) == 200.0 and quality.evaluations == 2  # cached, restored
+    assert counting.totals(gm).params == counting.totals(quality.module).params
+
+
+def test_sensitivity_without_data_or_eval_fn_is_refused():
+    _, _, _, p, _ = _problem()
+    with pytest.raises(fxc.InputError, match="calibration_data"):
+        width_search.sensitivity(p)
+
+
+def test_a_latency_budget_below_the_floor_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCOMPRESS_CACHE", str(tmp_path))
+    model, x = build("residual")
+    with pytest.raises(fxc.RecipeError, match="below the fastest"):
+        fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"latency": 0.01}, "points": 4}])
+
+
+def test_auto_prune_meets_a_measured_latency_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCOMPRESS_CACHE", str(tmp_path))
+    model, x = fxc.golden.load("vgg-small-digits", batch_size=8)
+    result = fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"latency": 0.6}, "points": 8}])
+    stats = result.history[1].stats
+    assert stats["measured_ms"] <= stats["budget_ms"] * 1.05
+    assert stats["budget_ms"] == pytest.approx(0.6 * stats["full_ms"], rel=1e-3)
+    assert result.after.macs < result.before.macs
