@@ -17,10 +17,11 @@ import torch
 from tabulate import tabulate
 
 from fxcompress.passes import PASSES, SHORTHANDS
-from fxcompress.passes.pruning.lib import latency, latency_model
+from fxcompress.passes.pruning.lib import latency, latency_model, width_search
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
+from fxcompress.passes.pruning.lib.plan_quality import PlanQuality
 from fxcompress.passes.pruning.lib.width_space import WidthSpace
-from fxcompress.passes.pruning.select_channels import SCORERS
+from fxcompress.passes.pruning.select_channels import CRITERIA, SCORERS
 
 from . import counting, data, persist
 from .api import compile as compile_model
@@ -197,6 +198,62 @@ def _check_prediction(gm, inputs, table, shapes, args: argparse.Namespace) -> No
     print(tabulate(rows, headers=["width plan", "MACs", "measured ms", "predicted ms", "error"], tablefmt="simple"))
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    """PaddleSlim's sensitivity analysis: every channel group pruned alone over a ladder of shares, scored by the
+    model's accuracy (a trained golden model, or --eval-fn) or else by the SQNR of its outputs on calibration data."""
+    model, inputs = load_model(args.model, args.input_shape)
+    calibration, _, eval_fn = _user_data(args, inputs)
+    eval_fn = eval_fn or golden_accuracy(args.model, "val")
+    gm = trace(model, inputs, eval_mode=True)
+    cg = ChannelGraph(gm)
+    groups = [g for g in cg.groups if g.n_prunable and g.size >= 2]
+    if not groups:
+        raise InputError(f"{args.model} has no prunable channel group (see `fxcompress groups {args.model}`).")
+    shares = tuple(float(x) for x in args.shares.split(","))
+    if not shares or any(not 0 < x < 1 for x in shares):
+        raise InputError(f"--shares are fractions of each group's channels, 0 < share < 1; got {args.shares!r}.")
+    space = WidthSpace(cg, SCORERS[args.criterion](cg, None, {"seed": 0, "loss": None, "calibration_batches": 8}),
+                       latency.layer_shapes(gm), groups)
+    quality = PlanQuality(gm, cg, space, calibration, eval_fn)
+    problem = width_search.Problem(space, space.macs, 1.0, [], quality, evaluations=len(groups) * len(shares))
+    table = width_search.sensitivities(problem, shares)
+    what = "eval_fn" if args.eval_fn else ("val accuracy (%)" if eval_fn is not None else "output SQNR (dB)")
+    print(f"loss in {what} with each group pruned alone ({args.criterion}), by share of its channels removed:")
+    rows = [[name, space.groups[i].size, *(f"{row[x]:.2f}" for x in shares)] for i, (name, row) in
+            enumerate(table.items())]
+    print(tabulate(rows, headers=["group", "channels", *(f"{x:g}" for x in shares)], tablefmt="simple"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"metric": what, "criterion": args.criterion, "shares": list(shares),
+                                               "loss": table}, indent=1))
+    if args.plot:
+        plot_sensitivities(table, what, args.model, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def plot_sensitivities(table: dict[str, dict[float, float]], metric: str, title: str, path: str) -> None:
+    """One curve per group: the loss against the share removed."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib (pip install matplotlib).") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab20")
+    for i, (name, row) in enumerate(table.items()):
+        ax.plot(list(row), list(row.values()), marker="os^D"[i // 20 % 4], markersize=3, label=name,
+                color=colors(i % 20), linestyle="-" if i % 2 == 0 else "--")
+    ax.set_xlabel("share of the group's channels removed")
+    ax.set_ylabel(f"loss in {metric}")
+    ax.set_title(f"{title}: sensitivity of each channel group")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxcompress", description="A model-compression compiler on torch.fx.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 3; 0: none)")
     lat.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
     lat.set_defaults(fn=cmd_latency)
+    sens = sub.add_parser("sensitivity", help="each channel group pruned alone over a ladder of shares, scored")
+    sens.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
+    sens.add_argument("--input-shape", help="example input shape when the factory returns a bare module")
+    sens.add_argument("--criterion", default="l1", choices=CRITERIA, help="which channels go first (default l1)")
+    sens.add_argument("--shares", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                      help="shares of each group's channels to remove, comma-separated")
+    sens.add_argument("--calibration-data", metavar="SPEC", help="inputs for the SQNR score (as for compress)")
+    sens.add_argument("--eval-fn", metavar="SPEC", help="package.module:function(module) -> float, higher is better")
+    sens.add_argument("--train-data", metavar="SPEC", help=argparse.SUPPRESS)
+    sens.add_argument("--batch-size", type=int, default=16, help="samples per batch when a tensor file is split")
+    sens.add_argument("--plot", metavar="OUT.png", help="write the curves, one per group")
+    sens.add_argument("--json", metavar="OUT.json", help="write the table as JSON")
+    sens.set_defaults(fn=cmd_sensitivity)
     bench = sub.add_parser("bench", help="fxcompress against ONNX Runtime's own INT8 quantizer")
     bench.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
     bench.add_argument("--recipe", action="append", help="a TOML recipe to benchmark (repeatable; default: fold_bn, int8 with kl_tolerance and with minmax)")

@@ -82,6 +82,12 @@ def run_job(script: Path, *args: str) -> dict:
 
 def ort_int8_accuracy(spec: str, method: str = "MinMax", samples: int = 128) -> dict:
     """The ORT ``quantize_static`` baseline of a trained digits model: its test accuracy and calibration time."""
+    with tempfile.TemporaryDirectory(prefix="fxcompress-int8-") as tmp:
+        return ort_int8_model(spec, Path(tmp) / "int8.onnx", method, samples)
+
+
+def ort_int8_model(spec: str, out: Path, method: str = "MinMax", samples: int = 128) -> dict:
+    """ORT's ``quantize_static`` of a trained digits model written to ``out``: its test accuracy and seconds."""
     model, (example,) = load_model(spec)
     config = dataclasses.replace(BenchConfig(), calibration_samples=samples)
     calib, images, labels = _data(spec, example, config)
@@ -91,8 +97,8 @@ def ort_int8_accuracy(spec: str, method: str = "MinMax", samples: int = 128) -> 
         work = Path(tmp)
         np.save(work / "calib.npy", calib)
         fp32 = export_onnx(model, (example,), work / "fp32.onnx")
-        job = _ort_int8(fp32, work / "calib.npy", work / "int8.onnx", method)
-        output = _onnx_outputs(work / "int8.onnx", images)
+        job = _ort_int8(fp32, work / "calib.npy", Path(out), method)
+        output = onnx_outputs(Path(out), images)
     return {"accuracy": float(100.0 * np.mean(output.argmax(1) == labels)), "seconds": job["seconds"]}
 
 
@@ -100,7 +106,8 @@ def _ort_int8(fp32: Path, calibration_npy: Path, out: Path, method: str) -> dict
     return run_job(HERE / "ort_int8.py", str(fp32), str(calibration_npy), str(out), method)
 
 
-def _onnx_outputs(path: Path, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+def onnx_outputs(path: Path, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """The model's outputs in ONNX Runtime (2 threads), in batches."""
     sess = session(path, threads=2)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: images[i:i + batch].numpy()})[0] for i in range(0, len(images), batch)])
@@ -131,7 +138,7 @@ def _run_bench(spec: str, recipes: list[str], config: BenchConfig, log: Callable
         rows.append({"name": f"fxcompress {Path(recipe).stem}", "path": out,
                      **run_job(HERE / "compile_job.py", spec, str(recipe), str(work / "calib.npy"), str(out))})
     for row in rows:
-        output = reference if row["path"] is None else _onnx_outputs(row["path"], images)
+        output = reference if row["path"] is None else onnx_outputs(row["path"], images)
         row.update(quality(reference, output, labels))
         if row["path"] is not None:
             row["size_mb"] = row["path"].stat().st_size / 1e6

@@ -10,10 +10,13 @@ model's layers alone over their widths (the cached latency table, ``fxcompress l
 in the runtime at a few width plans to calibrate the prediction (``latency_model``), searches on the prediction,
 then prunes a copy to the chosen plan and measures it: when it misses the budget, the search runs again with the
 target lowered by the ratio it missed by (at most ``confirm`` measurements).
-Strategies (``width_search``): ``knapsack`` (HALP, the default), ``sensitivity`` (PaddleSlim), ``uniform``.
-Strategies that score plans use ``eval_fn`` (higher is better) or, without one, the SQNR of the outputs on the
-calibration data against the unpruned model (``plan_quality``).
-Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
+Strategies (``width_search``): ``knapsack`` (HALP, the default), ``sensitivity`` (PaddleSlim), ``netadapt``,
+``anneal`` (NNI's simulated annealing), ``amc`` (a DDPG agent, ``lib/amc.py``), ``auto_compress`` (NNI's
+AutoCompress: annealing for the counts, then ADMM-regularised training towards them on ``train_data``, ``lib/admm.py``;
+the only strategy that changes the module), ``uniform``.  Strategies that score plans use ``eval_fn`` (higher is better)
+or, without one, the SQNR of the outputs on the calibration data against the unpruned model (``plan_quality``);
+with ``short_term_steps`` and ``train_data`` every scored plan is fine-tuned that many steps first (NetAdapt).
+Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched), CHANGES for auto_compress.
 Stats: the budget in its unit, the unpruned and predicted (and measured) cost, MAC and parameter fractions, the
 table's and the search's seconds, evaluations, each group's kept width.
 """
@@ -25,11 +28,18 @@ from typing import Any
 
 import onnxruntime as ort
 import torch
-from fxcompress.passes.pruning.lib import latency, latency_model, width_search
+from fxcompress.passes.pruning.lib import (
+    admm,
+    amc,
+    latency,
+    latency_model,
+    width_search,
+)
 from fxcompress.passes.pruning.lib.channel_deps import PRUNE_ORDER, ChannelGraph
 from fxcompress.passes.pruning.lib.plan_quality import PlanQuality
 from fxcompress.passes.pruning.lib.width_space import PruningTargets, WidthSpace
 from fxcompress.passes.pruning.select_channels import CRITERIA, SCORERS
+from fxcompress.passes.train.lib import training
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
@@ -37,6 +47,8 @@ from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import graph_signature
 
+STRATEGIES = {**width_search.STRATEGIES, "amc": amc.amc, "auto_compress": width_search.anneal}
+SCORED = (*width_search.SCORED, "amc", "auto_compress")  # strategies that score plans (eval_fn or calibration data)
 BUDGETS = ("latency", "latency_ms", "macs", "params")
 LATENCY_BUDGETS = ("latency", "latency_ms")
 
@@ -68,11 +80,14 @@ class SearchWidths(Pass):
     produces = (PruningTargets,)
     contract = Contract.EXACT
     requires = (ChannelGraph,)
+    preserves = (ChannelGraph,)  # auto_compress's training changes weights, never the graph
 
     def __init__(self, budget: dict | None = None, runtime: str = "ort-int8", batch: int | None = None,
                  threads: int = 1, strategy: str = "knapsack", criterion: str = "l1", seed: int = 0,
-                 evaluations: int = 200, round_to: int = 1, min_channels: int = 1,
-                 exclude: str | list[str] | tuple[str, ...] = (), points: int = 16, confirm: int = 4):
+                 evaluations: int = 200, round_to: int | None = None, min_channels: int = 1,
+                 exclude: str | list[str] | tuple[str, ...] = (), points: int = 16, confirm: int = 4,
+                 short_term_steps: int = 0, lr: float = 0.01, admm_rounds: int = 4, admm_rho: float = 1e-2,
+                 epochs: int = 1, max_steps: int | None = None):
         budget = {"latency": 0.5} if budget is None else budget  # half the measured latency unless told
         self.kind, self.value = check_budget(self.name, budget)
         if runtime not in latency.RUNTIMES:
@@ -81,15 +96,18 @@ class SearchWidths(Pass):
         if runtime != "torch" and "CPUExecutionProvider" not in ort.get_available_providers():
             raise RecipeError(f"{self.name}: runtime {runtime!r} needs ONNX Runtime's CPU provider, which this "
                               f"installation lacks; use runtime='torch' or install onnxruntime.")
-        if strategy not in width_search.STRATEGIES:
+        if strategy not in STRATEGIES:
             raise RecipeError(f"{self.name}: unknown strategy {strategy!r}."
-                              f"{did_you_mean(strategy, width_search.STRATEGIES)} Strategies: "
-                              f"{', '.join(width_search.STRATEGIES)}.")
+                              f"{did_you_mean(strategy, STRATEGIES)} Strategies: "
+                              f"{', '.join(STRATEGIES)}.")
         if criterion not in CRITERIA:
             raise RecipeError(f"{self.name}: unknown criterion {criterion!r}.{did_you_mean(criterion, CRITERIA)}")
         for option, value, low in (("threads", threads, 1), ("evaluations", evaluations, 1),
-                                   ("round_to", round_to, 1), ("min_channels", min_channels, 1),
-                                   ("points", points, 2), ("confirm", confirm, 0), ("seed", seed, 0)):
+                                   ("round_to", 1 if round_to is None else round_to, 1),
+                                   ("min_channels", min_channels, 1),
+                                   ("points", points, 2), ("confirm", confirm, 0), ("seed", seed, 0),
+                                   ("short_term_steps", short_term_steps, 0), ("admm_rounds", admm_rounds, 1),
+                                   ("epochs", epochs, 1), ("max_steps", 1 if max_steps is None else max_steps, 1)):
             if value < low:
                 raise RecipeError(f"{self.name}: {option} must be an integer >= {low}, got {value}.")
         if batch is not None and batch < 1:
@@ -98,6 +116,16 @@ class SearchWidths(Pass):
         self.strategy, self.criterion, self.seed, self.evaluations = strategy, criterion, seed, evaluations
         self.round_to, self.min_channels, self.points, self.confirm = round_to, min_channels, points, confirm
         self.exclude = as_patterns(self.name, "exclude", exclude)
+        if not lr > 0 or not admm_rho > 0:
+            raise RecipeError(f"{self.name}: lr and admm_rho must be positive numbers, got {lr!r}, {admm_rho!r}.")
+        self.short_term_steps, self.lr, self.admm_rounds, self.admm_rho = short_term_steps, lr, admm_rounds, admm_rho
+        self.epochs, self.max_steps = epochs, max_steps
+        if strategy == "auto_compress":  # it trains the module towards its plan (ADMM)
+            self.contract = Contract.CHANGES
+
+    @property
+    def writes_tensors(self) -> bool:
+        return self.strategy == "auto_compress"
 
     def run(self, ctx: CompileContext) -> PassResult:
         refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
@@ -112,7 +140,11 @@ class SearchWidths(Pass):
         batch = inputs[0].shape[0] if inputs[0].dim() else 1
         shapes = {n: dataclasses.replace(s, batch=batch) for n, s in latency.layer_shapes(ctx.gm).items()}
         scores = SCORERS[self.criterion](cg, ctx, {"seed": self.seed, "loss": None, "calibration_batches": 8})
-        space = WidthSpace(cg, scores, shapes, groups, self.round_to, self.min_channels)
+        # for a latency budget in ORT, widths that are no multiple of latency.ALIGN take slower kernel paths (they
+        # cost more than the next aligned width up from 4 channels on): they are not searched
+        aligned = self.kind in LATENCY_BUDGETS and self.runtime != "torch"
+        round_to = self.round_to or (latency.ALIGN if aligned else 1)
+        space = WidthSpace(cg, scores, shapes, groups, round_to, self.min_channels)
         stats: dict[str, Any] = {"strategy": self.strategy, "budget": dict(self.budget), "runtime": self.runtime,
                                  "groups": len(groups)}
         search = _Search(self, ctx, cg, space, scores, shapes, inputs, stats)
@@ -120,7 +152,10 @@ class SearchWidths(Pass):
         targets = latency_model.targets(space, removed, graph_signature(ctx.gm))
         ctx.plans[PruningTargets] = targets
         stats["kept"] = {g.name: g.size - k for g, k in zip(groups, removed)}
-        return PassResult(modified=False, stats=stats, notes=tuple(search.notes))
+        if self.strategy == "auto_compress":
+            loop = training.Loop(epochs=self.epochs, lr=self.lr, seed=self.seed, max_steps=self.max_steps)
+            stats.update(admm.admm(ctx, space, removed, self.name, self.admm_rounds, self.admm_rho, loop))
+        return PassResult(modified=self.strategy == "auto_compress", stats=stats, notes=tuple(search.notes))
 
 
 class _Search:
@@ -144,6 +179,44 @@ class _Search:
         for k, v in plans.items():
             self.measured[tuple(v)] = seconds[k]
         return seconds
+
+    def confirm(self, problem: width_search.Problem, removed: list[int], target: float, cost) -> list[int]:
+        """Measure the chosen plan; while it misses the budget, search again with the target lowered by the ratio
+        it missed by, and when a lowered target meets it, try halfway back up (bisection on the target's factor).
+        Of the plans measured within the budget, the one closest to it wins."""
+        p, stats, space = self.p, self.stats, self.space
+        factor, over, under = 1.0, None, None  # the target factor tried, the last that missed, the last that met
+        feasible: list[tuple[float, list[int], dict]] = []
+        last = (float("inf"), removed, dict(problem.info))
+        for attempt in range(p.confirm):
+            seconds = self.measure({"full": space.full(), "plan": removed})
+            # a fraction of the latency is judged against the unpruned model measured alongside, in the same runs
+            plan_s = seconds["plan"] * (stats["full_ms"] / 1e3 / seconds["full"] if p.kind == "latency" else 1.0)
+            stats["confirmations"] = attempt + 1
+            if plan_s <= target:
+                feasible.append((plan_s, removed, dict(problem.info)))
+                under = factor
+                if over is None:
+                    break  # met at the first try or after lowering: nothing higher left untried
+                factor = (factor + over) / 2
+            else:
+                last = (plan_s, removed, dict(problem.info))
+                self.notes.append(f"attempt {attempt + 1}: measured {plan_s * 1e3:.3f} ms > budget "
+                                  f"{target * 1e3:.3f} ms (predicted {cost(removed) * 1e3:.3f} ms)")
+                over = factor
+                factor = (factor + under) / 2 if under is not None else factor * 0.99 * target / plan_s
+            if attempt + 1 < p.confirm:
+                problem.budget = target * factor
+                problem.info.clear()
+                removed = STRATEGIES[p.strategy](problem)
+        plan_s, removed, info = max(feasible, key=lambda f: f[0]) if feasible else last
+        if not feasible:
+            self.notes.append(f"no plan measured within the budget in {p.confirm} measurements; the last is "
+                              f"{plan_s / target * 100 - 100:.1f} % over")
+        problem.info.clear()
+        problem.info.update(info)
+        stats["measured_ms"] = round(plan_s * 1e3, 4)
+        return removed
 
     def run(self) -> list[int]:
         p, space, stats = self.p, self.space, self.stats
@@ -169,36 +242,27 @@ class _Search:
                     f"takes {full * 1e3:.3f} ms). Per-node overhead sets this floor; give a budget of at least "
                     f"{seconds['fastest'] / full:.2f} of the latency, or remove layers.")
             cost, budget = predictor.seconds, target
-        elif p.kind == "macs":
-            cost, budget = space.macs, p.value
         else:
-            cost, budget = space.params, p.value
+            cost, budget = (space.macs, p.value) if p.kind == "macs" else (space.params, p.value)
+            fewest = cost([lv[-1] for lv in space.levels])
+            if fewest > budget:
+                raise RecipeError(f"{p.name}: the budget {p.budget} is below what the fewest channels reach: "
+                                  f"{fewest:.4f} of the {p.kind} with every group at its fewest channels (round_to "
+                                  f"{space.round_to}, min_channels {p.min_channels}); give at least that.")
         quality = None
-        if p.strategy in width_search.SCORED:
+        if p.strategy == "auto_compress" and self.ctx.train_data is None:
+            raise RecipeError(f"{p.name}: strategy 'auto_compress' trains the model towards its plan (ADMM): give "
+                              f"train_data (compile(..., train_data=...)).")
+        if p.strategy in SCORED:
+            train = list(training.train_batches(self.ctx, p.name)) if p.short_term_steps else None
             quality = PlanQuality(self.ctx.gm, self.cg, space, self.ctx.calibration_data or [self.ctx.example_inputs],
-                                  self.ctx.eval_fn)
+                                  self.ctx.eval_fn, train=train, tune_steps=p.short_term_steps, lr=p.lr)
         problem = width_search.Problem(space, cost, budget, width_search.removed_importance(self.scores, space),
                                        quality, p.seed, p.evaluations)
         search_start = time.perf_counter()
-        removed = width_search.STRATEGIES[p.strategy](problem)
-        for attempt in range(p.confirm if predictor is not None else 0):
-            seconds = self.measure({"full": space.full(), "plan": removed})
-            # a fraction of the latency is judged against the unpruned model measured alongside, in the same runs
-            plan_s = seconds["plan"] * (stats["full_ms"] / 1e3 / seconds["full"] if p.kind == "latency" else 1.0)
-            stats["measured_ms"] = round(plan_s * 1e3, 4)
-            stats["confirmations"] = attempt + 1
-            if plan_s <= target:
-                break
-            self.notes.append(f"attempt {attempt + 1}: measured {plan_s * 1e3:.3f} ms > budget "
-                              f"{target * 1e3:.3f} ms (predicted {cost(removed) * 1e3:.3f} ms); searched again")
-            if attempt + 1 == p.confirm:
-                self.notes.append(f"the plan measured {plan_s / target * 100 - 100:.1f} % over the budget after "
-                                  f"{p.confirm} measurements")
-                break
-            # the prediction is off by this ratio around the plan: search again for a target that much lower
-            problem.budget *= 0.99 * target / plan_s
-            problem.info.clear()
-            removed = width_search.STRATEGIES[p.strategy](problem)
+        removed = STRATEGIES[p.strategy](problem)
+        if predictor is not None and p.confirm:
+            removed = self.confirm(problem, removed, target, cost)
         stats["search_seconds"] = round(time.perf_counter() - search_start, 2)
         stats["predicted"] = round(cost(removed) * (1e3 if predictor else 1), 4)
         stats["macs"] = round(space.macs(removed), 4)
@@ -206,6 +270,8 @@ class _Search:
         if quality is not None:
             stats["evaluations"] = quality.evaluations
         stats.update({k: v for k, v in problem.info.items()})
+        stats["measured_fraction"] = round(stats["measured_ms"] / stats["full_ms"], 4) if "measured_ms" in stats \
+            else None
         if predictor is not None:
             stats["fit"] = {"a": round(predictor.scale, 4), "c_ms": round(predictor.const * 1e3, 4),
                             "v_ms": round(predictor.per_volume * 1e3, 4)}

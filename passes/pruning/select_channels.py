@@ -19,7 +19,8 @@ normalised by each group's mean).  Counts honour ``round_to``, ``min_channels`` 
 removals per conv group).  Groups whose producing module matches ``exclude`` are left whole.
 A ``PruningPlan`` given to ``compile(..., plans=...)`` is applied as it is (checked against the graph) instead of
 scoring again.  ``PruningTargets`` (a ratio search's per-group counts, ``auto_prune``) replace ``ratio``: each group
-loses exactly its count, lowest scores first.  Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
+loses exactly its count, lowest scores first.
+Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched).
 """
 from __future__ import annotations
 

@@ -2,10 +2,12 @@
 honours per-group targets, and the strategies meet their budgets with their defining behaviour."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from fxcompress.passes.pruning.lib import latency, latency_model, width_search
+from fxcompress.passes.pruning.lib import amc, latency, latency_model, width_search
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.plan_quality import PlanQuality, sqnr_db
 from fxcompress.passes.pruning.lib.width_space import PruningTargets, WidthSpace
@@ -14,6 +16,7 @@ from zoo import build
 
 import fxcompress as fxc
 from fxcompress import counting, meta
+from fxcompress.cli import main
 from fxcompress.plans import graph_signature
 
 ARCHS = ["residual", "concat", "grouped_depthwise", "functional", "linear_bn", "attention", "shufflenet",
@@ -223,3 +226,100 @@ def test_auto_prune_meets_a_measured_latency_budget(tmp_path, monkeypatch):
     assert stats["measured_ms"] <= stats["budget_ms"] * 1.05
     assert stats["budget_ms"] == pytest.approx(0.6 * stats["full_ms"], rel=1e-3)
     assert result.after.macs < result.before.macs
+
+
+def _scored_problem(arch="residual", budget=0.5, evaluations=40):
+    gm, cg, space, p, x = _problem(arch, budget)
+    batches = [tuple(torch.rand_like(t) for t in x) for _ in range(2)]
+    p.quality = PlanQuality(gm, cg, space, batches)
+    p.evaluations = evaluations
+    return gm, cg, space, p, x
+
+
+def test_netadapt_lowers_its_target_by_decaying_steps_and_keeps_the_best_proposal():
+    _, _, space, p, _ = _scored_problem(budget=0.4)
+    proposals_seen = []
+    quality = p.quality
+
+    def recording(plan):
+        proposals_seen.append(list(plan))
+        return quality(plan)
+    p.quality = recording
+    plan = width_search.netadapt(p)
+    assert p.feasible(plan)
+    trace = p.info["trace"]
+    targets = [t["target"] for t in trace]
+    assert all(a > b for a, b in zip(targets, targets[1:]))
+    steps = [a - b for a, b in zip(targets, targets[1:-1])]  # the last step may be cut at the budget
+    assert all(b <= a + 1e-9 for a, b in zip(steps, steps[1:]))
+    assert p.info["iterations"] == len(trace) >= 2
+
+
+def test_netadapt_fine_tunes_each_proposal_when_asked():
+    gm, cg, space, p, x = _problem("residual", 0.5)
+    batches = [tuple(torch.rand_like(t) for t in x) for _ in range(2)]
+    train = [((torch.rand_like(x[0]),), torch.randint(0, 10, (x[0].shape[0],))) for _ in range(2)]
+    plan = [lv[len(lv) // 2] for lv in space.levels]
+    plain = PlanQuality(gm, cg, space, batches)(plan)
+    tuned = PlanQuality(gm, cg, space, batches, train=train, tune_steps=3, lr=0.05)
+    assert tuned(plan) != plain
+    before = [t.clone() for t in tuned.module.parameters()]
+    tuned(plan)  # cached; and the copy's weights are restored after every evaluation
+    assert all(torch.equal(a, b) for a, b in zip(before, tuned.module.parameters()))
+
+
+def test_anneal_is_bounded_metropolis_over_size_ordered_shares():
+    _, _, space, p, _ = _scored_problem(budget=0.5, evaluations=12)
+    plan = width_search.anneal(p)
+    assert p.feasible(plan) and p.info["steps"] <= 12
+    assert p.info["best_quality"] == pytest.approx(p.quality(plan), abs=1e-3)
+    shares = width_search._by_size(p, np.array([0.1, 0.5, 0.9, 0.3][:len(space.groups)] +
+                                               [0.2] * max(0, len(space.groups) - 4)))
+    sizes = [g.size for g in space.groups]
+    order = np.argsort(sizes, kind="stable")
+    assert list(shares[order]) == sorted(shares)  # larger groups get larger shares
+    fitted = width_search._fit_budget(p, np.full(len(space.groups), 0.5))
+    assert p.feasible(fitted) and space.macs(fitted) > 0.4  # rescaled to use the budget, not far under it
+
+
+def test_amc_keeps_every_episode_within_the_budget_by_its_wall():
+    _, _, space, p, _ = _scored_problem(budget=0.5, evaluations=12)
+    values = []
+    quality = p.quality
+
+    def recording(plan):
+        assert p.feasible(plan)
+        values.append(quality(plan))
+        return values[-1]
+    p.quality = recording
+    plan = amc.amc(p)
+    assert p.feasible(plan) and len(values) == 12 and p.info["warmup"] == 3
+    assert p.info["best_quality"] == pytest.approx(max(values), abs=1e-3)
+    state = amc.states(p)
+    assert state.shape == (len(space.groups), 8)
+
+
+def test_auto_compress_drives_the_channels_it_will_remove_towards_zero():
+    model, x = build("residual")
+    inputs = torch.rand(16, *x[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    train = [((inputs[i:i + 8],), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i)))
+             for i in range(0, 16, 8)]
+    result = fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"macs": 0.5}, "strategy": "auto_compress",
+                                     "evaluations": 6, "admm_rounds": 3, "admm_rho": 1.0, "epochs": 2,
+                                     "lr": 0.05}], calibration_data=[x], train_data=train)
+    record = result.history[1]
+    assert record.modified and record.contract == "changes"
+    norms = record.stats["removed_weight_norm"]
+    assert norms[-1] < 0.7 * norms[0]
+    with pytest.raises(fxc.RecipeError, match="train_data"):
+        fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"macs": 0.5}, "strategy": "auto_compress"}])
+
+
+def test_the_sensitivity_command_writes_its_table_and_plot(tmp_path, capsys):
+    assert main(["sensitivity", "zoo:small_resnet", "--shares", "0.25,0.5", "--json", str(tmp_path / "s.json"),
+                 "--plot", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert "output SQNR (dB)" in out and (tmp_path / "s.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["shares"] == [0.25, 0.5] and all(set(row) == {"0.25", "0.5"} for row in data["loss"].values())
+    assert main(["sensitivity", "zoo:small_resnet", "--shares", "1.5"]) != 0

@@ -44,7 +44,7 @@ from fxcompress.export.ort import optimized_op_counts, session
 from fxcompress.timing import alternated_latency, cpu_model
 
 RUNTIMES = ("ort-int8", "ort-fp32", "torch")
-TABLE_FORMAT = 4  # in the cache key: tables of an older layout are measured again
+TABLE_FORMAT = 5  # in the cache key: tables of an older layout are measured again
 OPSET = 17
 
 
@@ -197,15 +197,31 @@ def runner(shape: LayerShape, runtime: str, threads: int = 1,
     return (lambda: sess.run(None, {name: x})), sess
 
 
+ALIGN = 4
+"""Widths that are multiples of ``ALIGN`` and widths that are not take different kernel paths in ONNX Runtime's CPU
+convolutions, so a table measures both kinds and never interpolates across them.  Measured on an AVX-512 CPU
+(ResNet-20's 32-channel 3x3 conv, batch 8): U8S8 at 30 output channels costs 1.37x its time at 32, at 30 input
+channels 1.46x whatever the output width; fp32 at 30 input channels 1.45x, while fp32 output widths do not matter."""
+
+
 BOUNDARY_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput"})
 """Nodes of a one-layer graph that exist only at its boundary (quantizing its float input, dequantizing its output,
 ORT's NHWC transposes for int8 and NCHWc reorders for fp32): inside a model consecutive layers do without them, so a
 layer's time excludes them."""
 
 
-def kernel_seconds(profile: str, skip: int) -> list[float]:
-    """Per run of an ORT profile (after the first ``skip`` runs): the seconds of its nodes' kernels, boundary ops
-    excluded."""
+def boundary_ops(runtime: str, cin: int) -> frozenset[str]:
+    """The boundary ops left out of a layer's time.  An fp32 conv whose input width is no multiple of ``ALIGN``
+    reads plain NCHW, so inside a model the blocked (NCHWc) output of the layer before it is reordered for it: the
+    reorder its one-layer graph ends with stands for that one and counts."""
+    if runtime == "ort-fp32" and cin % ALIGN:
+        return BOUNDARY_OPS - {"ReorderOutput"}
+    return BOUNDARY_OPS
+
+
+def kernel_seconds(profile: str, skip: int, boundary: frozenset[str] = BOUNDARY_OPS) -> list[float]:
+    """Per run of an ORT profile (after the first ``skip`` runs): the seconds of its nodes' kernels, the
+    ``boundary`` ops excluded."""
     events = json.loads(Path(profile).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip:]
     starts = [a for a, _ in runs]
@@ -213,7 +229,7 @@ def kernel_seconds(profile: str, skip: int) -> list[float]:
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
-        if e["args"].get("op_name") in BOUNDARY_OPS:
+        if e["args"].get("op_name") in boundary:
             continue
         i = bisect.bisect_right(starts, e["ts"]) - 1
         if i >= 0 and e["ts"] <= runs[i][1]:
@@ -243,15 +259,9 @@ def sweep(shape: LayerShape, runtime: str, widths: Iterable[tuple[int, int]], th
         times = alternated_latency(calls, runs, warmup)  # wall seconds (what counts for torch)
         for pair, sess in sessions.items():
             if sess is not None:
-                times[pair] = statistics.median(kernel_seconds(sess.end_profiling(), warmup))
+                times[pair] = statistics.median(kernel_seconds(sess.end_profiling(), warmup,
+                                                               boundary_ops(runtime, pair[0])))
     return times
-
-
-ALIGN = 4
-"""Widths that are multiples of ``ALIGN`` and widths that are not take different kernel paths in ONNX Runtime's CPU
-convolutions, so a table measures both kinds and never interpolates across them.  Measured on an AVX-512 CPU
-(ResNet-20's 32-channel 3x3 conv, batch 8): U8S8 at 30 output channels costs 1.37x its time at 32, at 30 input
-channels 1.46x whatever the output width; fp32 at 30 input channels 1.45x, while fp32 output widths do not matter."""
 
 
 def grid(full: int, points: int, step: int = ALIGN) -> list[int]:
@@ -294,7 +304,8 @@ def sweep_plan(shape: LayerShape, points: int) -> dict[str, list[tuple[int, int]
 
 
 class _Line:
-    """Measured seconds along one width, interpolated linearly (proportionally outside the measured range)."""
+    """Measured seconds along one width, interpolated linearly; below the narrowest measured width the time stays
+    at its value (a kernel's fixed cost does not shrink with the width), above the widest it grows in proportion."""
 
     def __init__(self, measured: dict[int, float]):
         w = sorted(measured)
@@ -303,7 +314,7 @@ class _Line:
     def __call__(self, x: int) -> float:
         w, t = self.w, self.t
         if x <= w[0]:
-            return float(t[0] * x / w[0])
+            return float(t[0])
         if x >= w[-1]:
             return float(t[-1] * x / w[-1])
         return float(np.interp(x, w, t))

@@ -8,7 +8,8 @@
 Zeroing a group's channels in all its members gives the outputs removal gives for every group whose path has no
 channel-mixing normalisation (LayerNorm / GroupNorm over channels, softmax over channels); for those ("inexact"
 groups) the score is a proxy.  The copy's tensors are restored after every evaluation, so the order of evaluations
-does not matter, and ``gm`` itself is never written.
+does not matter, and ``gm`` itself is never written.  With training batches and ``tune_steps``, every plan is
+fine-tuned that many steps before it is scored (NetAdapt's short-term fine-tune), the removed channels held at zero.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.width_space import WidthSpace
 from torch.utils import _pytree as pytree
@@ -46,7 +48,9 @@ class PlanQuality:
     """Scores width plans on a masked copy of ``gm`` (see the module docstring); counts its evaluations."""
 
     def __init__(self, gm: torch.fx.GraphModule, cg: ChannelGraph, space: WidthSpace, batches: Iterable[tuple],
-                 eval_fn: Callable[[torch.nn.Module], float] | None = None, max_batches: int = 4):
+                 eval_fn: Callable[[torch.nn.Module], float] | None = None, max_batches: int = 2,
+                 train: list[tuple[tuple, object]] | None = None, tune_steps: int = 0, lr: float = 0.01,
+                 loss: Callable[..., torch.Tensor] = F.cross_entropy):
         self.cg, self.space, self.eval_fn = cg, space, eval_fn
         self.module = copy_tree(gm).eval()
         self.batches = []
@@ -62,39 +66,60 @@ class PlanQuality:
         self.reference = [self._outputs(b) for b in self.batches] if eval_fn is None else []
         self.evaluations = 0
         self.cache: dict[tuple[int, ...], float] = {}
+        self.train, self.tune_steps, self.lr, self.loss = train or [], tune_steps, lr, loss
 
     def _outputs(self, batch: tuple) -> torch.Tensor:
         with torch.no_grad(), side_effect_free(self.module):
             return _flat_output(self.module(*batch))
 
-    def _mask(self, removed: list[int]) -> list[str]:
+    def _mask(self, removed: list[int]) -> list[tuple[str, int, torch.Tensor]]:
         counts = torch.tensor([*removed, 0], dtype=torch.long)
         closed = self.cg.closure(self.space.unit_rank < counts[self.space.unit_group])
-        touched = []
+        zeroed = []
+        for s, idx in self.cg.removed_positions(closed).items():
+            member = self.members.get(s)
+            if member is not None:
+                zeroed.append((*member, idx))
+        self._zero(zeroed)
+        return zeroed
+
+    def _zero(self, zeroed: list[tuple[str, int, torch.Tensor]]) -> None:
         with torch.no_grad():
-            for s, idx in self.cg.removed_positions(closed).items():
-                member = self.members.get(s)
-                if member is None:
-                    continue
-                target, dim = member
+            for target, dim, idx in zeroed:
                 t = lookup(self.module, target)
                 if target not in self.originals:
                     self.originals[target] = t.detach().clone()
                 t.index_fill_(dim, idx, 0.0)
-                touched.append(target)
-        return touched
 
-    def _restore(self, touched: list[str]) -> None:
+    def _restore(self, zeroed: list[tuple[str, int, torch.Tensor]]) -> None:
         with torch.no_grad():
-            for target in dict.fromkeys(touched):
+            for target in dict.fromkeys(target for target, _, _ in zeroed):
                 lookup(self.module, target).copy_(self.originals[target])
+
+    def _tune(self, zeroed: list[tuple[str, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """NetAdapt's short-term fine-tune: ``tune_steps`` SGD steps on the training batches, the removed channels
+        zeroed again after every step; returns the state to restore."""
+        state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        params = [q for q in self.module.parameters() if q.requires_grad]
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        self.module.train()
+        with torch.enable_grad():
+            for step in range(self.tune_steps):
+                inputs, target = self.train[step % len(self.train)]
+                opt.zero_grad(set_to_none=True)
+                self.loss(self.module(*inputs), target).backward()
+                opt.step()
+                self._zero(zeroed)
+        self.module.eval()
+        return state
 
     def __call__(self, removed: Iterable[int]) -> float:
         removed = [int(k) for k in removed]
         key = tuple(removed)
         if key in self.cache:
             return self.cache[key]
-        touched = self._mask(removed)
+        zeroed = self._mask(removed)
+        state = self._tune(zeroed) if self.tune_steps and self.train else None
         try:
             if self.eval_fn is not None:
                 value = float(self.eval_fn(self.module))
@@ -102,7 +127,9 @@ class PlanQuality:
                 ref = torch.cat(self.reference)
                 value = sqnr_db(ref, torch.cat([self._outputs(b) for b in self.batches]))
         finally:
-            self._restore(touched)
+            if state is not None:
+                self.module.load_state_dict(state)
+            self._restore(zeroed)
         self.evaluations += 1
         self.cache[key] = value
         return value

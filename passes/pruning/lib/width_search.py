@@ -16,6 +16,8 @@ SQNR of the outputs, ``plan_quality``).  It returns a plan (one count per group)
   layers cut to 1-3 channels), which every sensitivity curve shows to cost far more than the sum of small cuts.
 - ``sensitivity`` (PaddleSlim): every group pruned alone over a ladder of shares and scored; a loss threshold gives
   every group the largest share whose loss stays under it, and a binary search on the threshold meets the budget.
+- ``netadapt`` (NetAdapt, Yang et al. 2018) and ``anneal`` (NNI's SimulatedAnnealingPruner): see their functions.
+Independent evaluations (sensitivity's, NetAdapt's proposals) are split across processes under ``torchrun``.
 """
 from __future__ import annotations
 
@@ -40,6 +42,16 @@ class Problem:
     evaluations: int = 200  # how many plans the quality function may score
     log: Callable[[str], None] = lambda message: None
     info: dict = dataclasses.field(default_factory=dict)  # what the strategy reports (stats)
+
+    def __post_init__(self) -> None:
+        cost, memo = self.cost, {}
+
+        def cached(removed: list[int]) -> float:  # searches revisit plans; the cost is a pure function of the plan
+            key = tuple(removed)
+            if key not in memo:
+                memo[key] = cost(key)
+            return memo[key]
+        self.cost = cached
 
     def feasible(self, removed: list[int]) -> bool:
         return self.cost(removed) <= self.budget
@@ -168,7 +180,7 @@ def _value(p: Problem, plan: list[int]) -> float:
     return -float(sum(imp[lv.index(k)] ** 2 for imp, lv, k in zip(p.importance, p.space.levels, plan)))
 
 
-def polish(p: Problem, plan: list[int], steps: int = 200, max_costs: int = 20000) -> list[int]:
+def polish(p: Problem, plan: list[int], steps: int = 100, max_costs: int = 4000) -> list[int]:
     """Local moves from a feasible plan while they keep it feasible and raise the kept importance: give a group
     back its next level of channels, paying with the fewest extra channels of another group (at most
     ``max_costs`` cost evaluations in all)."""
@@ -242,16 +254,16 @@ def sensitivities(p: Problem, shares: tuple[float, ...] = SHARES) -> dict[str, d
     per_group = max(1, min(len(shares), p.evaluations // max(1, len(p.space.groups))))
     if per_group < len(shares):
         shares = tuple(shares[i] for i in np.linspace(0, len(shares) - 1, per_group).round().astype(int))
-    out = {}
-    for g, grp in enumerate(p.space.groups):
-        row = {}
+    plans = []
+    for g in range(len(p.space.groups)):
         for share in shares:
             plan = p.space.full()
             plan[g] = p.nearest(share)[g]
-            row[share] = full - quality(plan)
-        out[grp.name] = row
-        p.log(f"sensitivity {g + 1}/{len(p.space.groups)}: {grp.name} "
-              + " ".join(f"{s:.1f}:{v:.2f}" for s, v in row.items()))
+            plans.append(plan)
+    losses = iter(full - q for q in evaluate_all(quality, plans))
+    out = {grp.name: {share: next(losses) for share in shares} for grp in p.space.groups}
+    for grp in p.space.groups:
+        p.log(f"sensitivity {grp.name}: " + " ".join(f"{s:.1f}:{v:.2f}" for s, v in out[grp.name].items()))
     return out
 
 
@@ -284,10 +296,138 @@ def sensitivity(p: Problem) -> list[int]:
     return by_threshold(p, table, losses[lo])
 
 
-SCORED = ("sensitivity",)  # strategies that score candidate plans (need eval_fn or calibration data)
+# ---- NetAdapt ------------------------------------------------------------------------------------------------
+
+def netadapt(p: Problem, decay: float = 0.96) -> list[int]:
+    """NetAdapt (Yang et al. 2018): iterations that each lower the target by a step that decays by ``decay``; in
+    each, every group proposes the fewest extra channels removed that bring the plan under the target (on the
+    latency model, as NetAdapt's lookup tables), every proposal is scored (after a short-term fine-tune when
+    the quality function fine-tunes), and the best proposal is kept.  The steps add up to the distance from the
+    unpruned cost to the budget in ``evaluations / groups`` iterations."""
+    quality = p.need_quality("netadapt")
+    space = p.space
+    plan = space.full()
+    start = p.cost(plan)
+    iterations = max(2, p.evaluations // max(1, len(space.groups)))
+    first = (start - p.budget) * (1 - decay) / (1 - decay ** iterations)
+    target, history = start, []
+    for i in range(iterations * 4):  # a step no proposal can take ends the search early; this bounds it
+        if p.feasible(plan):
+            break
+        target = max(p.budget, target - first * decay ** min(i, iterations - 1))
+        proposals = []
+        for g in range(len(space.groups)):
+            lv = space.levels[g]
+            for k in lv[lv.index(plan[g]) + 1:]:
+                trial = list(plan)
+                trial[g] = k
+                if p.cost(trial) <= target:
+                    proposals.append(trial)
+                    break
+        if not proposals:  # no single group reaches the target: take the cheapest proposal of each group's next level
+            proposals = [plan[:g] + [space.levels[g][space.levels[g].index(plan[g]) + 1]] + plan[g + 1:]
+                         for g in range(len(space.groups)) if plan[g] != space.levels[g][-1]]
+            if not proposals:
+                break
+            proposals = [min(proposals, key=p.cost)]
+        scored = evaluate_all(quality, proposals)
+        best = int(np.argmax(scored))
+        changed = next(g for g, (a, b) in enumerate(zip(plan, proposals[best])) if a != b)
+        plan = proposals[best]
+        history.append({"target": round(float(target), 6), "cost": round(float(p.cost(plan)), 6),
+                        "quality": round(float(scored[best]), 4), "group": space.groups[changed].name})
+        p.log(f"netadapt {i + 1}: target {target:.6g}, {len(proposals)} proposals, best quality {scored[best]:.3f}")
+    p.info["iterations"] = len(history)
+    p.info["trace"] = history[-8:]
+    return plan
+
+
+def evaluate_all(quality: Callable[[list[int]], float], plans: list[list[int]]) -> list[float]:
+    """Scores of independent plans; under ``torchrun`` each process scores its share and all of them get all."""
+    rank, size = _world()
+    mine = {i: quality(plan) for i, plan in enumerate(plans) if i % size == rank}
+    if size == 1:
+        return [mine[i] for i in range(len(plans))]
+    gathered: list[dict] = [{} for _ in range(size)]
+    torch.distributed.all_gather_object(gathered, mine)
+    merged = {i: v for part in gathered for i, v in part.items()}
+    return [merged[i] for i in range(len(plans))]
+
+
+def _world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---- simulated annealing (NNI) ----------------------------------------------------------------------------------
+
+def _fit_budget(p: Problem, shares: np.ndarray) -> list[int]:
+    """The plan of ``shares`` scaled by the smallest factor (bisection) whose plan meets the budget (NNI rescales
+    its sparsities to the target; here the target is the budget)."""
+    def plan(scale: float) -> list[int]:
+        return p.nearest(np.clip(shares * scale, 0, 1))
+    lo, hi = 0.0, 1.0 / max(float(shares.max()), 1e-9)
+    if p.feasible(plan(lo)):
+        return plan(lo)
+    if not p.feasible(plan(hi)):
+        return plan(hi)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if p.feasible(plan(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return plan(hi)
+
+
+def _by_size(p: Problem, shares: np.ndarray) -> np.ndarray:
+    """NNI's ordering: the largest share to the largest group."""
+    sizes = np.array([g.size for g in p.space.groups])
+    out = np.empty_like(shares)
+    out[np.argsort(sizes, kind="stable")] = np.sort(shares)
+    return out
+
+
+def anneal(p: Problem, start_temperature: float = 100.0, stop_temperature: float = 20.0, cool_down: float = 0.9,
+           magnitude: float = 0.35) -> list[int]:
+    """NNI's SimulatedAnnealingPruner: random shares ordered by group size and rescaled to the budget; each step
+    perturbs the current shares by up to ``magnitude`` x T / T0, orders and rescales them, and accepts by
+    Metropolis (better, or with probability exp(delta / T)); the best plan seen wins.  NNI cools only after an
+    acceptance and loops until the temperature falls below ``stop_temperature``, which never happens when nothing
+    is accepted; here every step cools and the search also ends after ``evaluations`` scored plans."""
+    quality = p.need_quality("anneal")
+    rng = np.random.default_rng(p.seed)
+    n = len(p.space.groups)
+    shares = _by_size(p, rng.uniform(0, 1, n))
+    plan = _fit_budget(p, shares)
+    current = best_value = quality(plan)
+    best, temperature, steps, accepted = plan, start_temperature, 0, 0
+    while temperature > stop_temperature and steps < p.evaluations:
+        scale = magnitude * temperature / start_temperature
+        trial_shares = _by_size(p, np.clip(shares + rng.uniform(-scale, scale, n), 0, 1))
+        trial = _fit_budget(p, trial_shares)
+        value = quality(trial)
+        steps += 1
+        delta = value - current
+        if delta > 0 or rng.uniform() < np.exp(delta / temperature):
+            shares, plan, current = trial_shares, trial, value
+            accepted += 1
+            if value > best_value:
+                best, best_value = trial, value
+        temperature *= cool_down
+        p.log(f"anneal step {steps}: T {temperature:.1f}, quality {value:.3f} (best {best_value:.3f})")
+    p.info.update(steps=steps, accepted=accepted, best_quality=round(float(best_value), 4))
+    return best
+
+
+SCORED = ("sensitivity", "netadapt", "anneal")  # strategies that score candidate plans (need eval_fn or calibration data)
 
 STRATEGIES: dict[str, Callable[[Problem], list[int]]] = {
     "knapsack": knapsack,
     "sensitivity": sensitivity,
+    "netadapt": netadapt,
+    "anneal": anneal,
     "uniform": uniform,
 }

@@ -74,7 +74,7 @@ class WidthSpace:
 
     def __init__(self, cg: ChannelGraph, scores: torch.Tensor, shapes: dict[str, LayerShape],
                  groups: list[ChannelGroup], round_to: int = 1, min_channels: int = 1):
-        self.cg, self.shapes, self.groups = cg, shapes, groups
+        self.cg, self.shapes, self.groups, self.round_to = cg, shapes, groups, round_to
         self.levels = [levels(g, round_to, min_channels) for g in groups]
         n = cg.n_units
         self.unit_group = torch.full((n,), len(groups), dtype=torch.long)  # len(groups): no candidate group
