@@ -56,7 +56,7 @@ SEARCH_OPTIONS = {  # per strategy, besides budget/runtime/batch/threads
 }
 
 
-def floor(name: str) -> dict[str, float]:
+def floor(name: str, work: Path) -> dict[str, Any]:
     """The unpruned model's and the fastest width plan's INT8 latency (every group at its fewest channels among the
     widths the search considers: multiples of ``latency.ALIGN``)."""
     model, example = golden.load(name)
@@ -69,8 +69,10 @@ def floor(name: str) -> dict[str, float]:
                                                                       graph_signature(gm)))
     prepared = {k: latency_model.prepared(m, "ort-int8", inputs) for k, m in (("full", gm), ("floor", fastest))}
     seconds = latency_model.measure(prepared, inputs, THREADS, runs=40)
+    path = work / f"{name}-floor.onnx"
+    path.write_bytes(prepared["floor"])
     return {"full_ms": seconds["full"] * 1e3, "floor_ms": seconds["floor"] * 1e3,
-            "floor": seconds["floor"] / seconds["full"]}
+            "floor": seconds["floor"] / seconds["full"], "path": str(path)}
 
 
 def recipe(name: str, strategy: str, budget: float, epochs: int) -> list[dict[str, Any]]:
@@ -126,11 +128,11 @@ def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: 
     ours = compile_model(model, example, [{"pass": "quantize", "activation_observer": "kl_tolerance"}],
                          calibration_data=[train_images[i:i + 64] for i in range(0, 512, 64)])
     ours_path = export_onnx(ours.module, example, work / f"{name}-int8.onnx")
-    low = floor(name)
+    low = floor(name, work)
     budgets = [round(low["floor"] + t * (1 - low["floor"]), 3) for t in ladder]
     log(f"  floor {low['floor']:.3f} of the unpruned latency; budgets {budgets}")
     rows = [cell(name, s, b, epochs, work, log) for b in budgets for s in strategies]
-    paths = {"ORT INT8": str(work / f"{name}-ort-int8.onnx"), "int8": str(ours_path),
+    paths = {"ORT INT8": str(work / f"{name}-ort-int8.onnx"), "int8": str(ours_path), "floor": low.pop("path"),
              **{f"{r['strategy']}@{r['budget']}": r["path"] for r in rows}}
     ms = measure(paths, runs)
     for r in rows:
@@ -138,6 +140,7 @@ def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: 
         r["vs_ort"] = r["ms"] / ms["ORT INT8"]
         r["within_budget"] = r["ms"] <= r["budget"] * ms["int8"] * 1.05
         del r["path"]
+    low["measured_ms"] = ms["floor"]  # in the same runs as every result
     return {"model": name, "fp32": fp32, "ort_int8": {"accuracy": ort["accuracy"], "ms": ms["ORT INT8"]},
             "int8_ms": ms["int8"], "floor": low, "budgets": budgets, "rows": rows}
 
@@ -147,7 +150,7 @@ def summary(report: dict[str, Any]) -> list[str]:
     lines = []
     for m in report["models"]:
         good = [r for r in m["rows"] if r["accuracy"] >= m["fp32"] - 1.0]
-        floor_ms = m["floor"]["floor_ms"] * m["int8_ms"] / m["floor"]["full_ms"]
+        floor_ms = m["floor"].get("measured_ms") or m["floor"]["floor_ms"] * m["int8_ms"] / m["floor"]["full_ms"]
         if good:
             best = min(good, key=lambda r: r["ms"])
             lines.append(f"{m['model']}: fastest within 1 point of fp32 ({m['fp32']:.2f} %): {best['strategy']} at "
@@ -198,7 +201,7 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.scatter([m["ort_int8"]["ms"]], [m["ort_int8"]["accuracy"]], marker="*", s=140, color="black",
                    label="ORT INT8 (unpruned)", zorder=5)
         ax.axhline(m["fp32"] - 1.0, color="gray", linestyle=":", linewidth=1, label="fp32 - 1 point")
-        floor_ms = m["floor"]["floor_ms"] * m["int8_ms"] / m["floor"]["full_ms"]
+        floor_ms = m["floor"].get("measured_ms") or m["floor"]["floor_ms"] * m["int8_ms"] / m["floor"]["full_ms"]
         ax.axvline(floor_ms, color="gray", linestyle="--", linewidth=1, label="width floor")
         ax.set_title(m["model"])
         ax.set_xlabel("measured ms (ORT, batch 8, 1 thread)")

@@ -97,7 +97,7 @@ def uniform(p: Problem) -> list[int]:
 
 # ---- knapsack (HALP) -----------------------------------------------------------------------------------------
 
-def _candidate_levels(p: Problem, g: int, limit: int = 48) -> list[int]:
+def _candidate_levels(p: Problem, g: int, limit: int = 32) -> list[int]:
     """The levels a knapsack considers for group ``g``: at most ``limit``, spread over its range."""
     lv = p.space.levels[g]
     if len(lv) <= limit:
@@ -224,7 +224,7 @@ def polish(p: Problem, plan: list[int], steps: int = 100, max_costs: int = 4000)
     return plan
 
 
-def knapsack(p: Problem, rounds: int = 8) -> list[int]:
+def knapsack(p: Problem, rounds: int = 6) -> list[int]:
     """HALP's latency knapsack, linearised around the unpruned model and around the uniform plan of the budget
     (each re-solved around its solutions), the better solution polished by local exchanges."""
     options = [_candidate_levels(p, g) for g in range(len(p.space.groups))]
@@ -402,13 +402,14 @@ def anneal(p: Problem, start_temperature: float = 100.0, stop_temperature: float
     n = len(p.space.groups)
     shares = _by_size(p, rng.uniform(0, 1, n))
     plan = _fit_budget(p, shares)
-    current = best_value = quality(plan)
-    best, temperature, steps, accepted = plan, start_temperature, 0, 0
+    current = quality(plan)
+    best, best_value = (plan, current) if p.feasible(plan) else (None, -np.inf)
+    temperature, steps, accepted = start_temperature, 0, 0
     while temperature > stop_temperature and steps < p.evaluations:
         scale = magnitude * temperature / start_temperature
         trial_shares = _by_size(p, np.clip(shares + rng.uniform(-scale, scale, n), 0, 1))
         trial = _fit_budget(p, trial_shares)
-        value = quality(trial)
+        value = quality(trial) if p.feasible(trial) else -np.inf  # a plan no rescaling fits is never taken
         steps += 1
         delta = value - current
         if delta > 0 or rng.uniform() < np.exp(delta / temperature):
@@ -419,6 +420,9 @@ def anneal(p: Problem, start_temperature: float = 100.0, stop_temperature: float
         temperature *= cool_down
         p.log(f"anneal step {steps}: T {temperature:.1f}, quality {value:.3f} (best {best_value:.3f})")
     p.info.update(steps=steps, accepted=accepted, best_quality=round(float(best_value), 4))
+    if best is None:
+        p.info["fallback"] = "uniform: no annealed plan met the budget"
+        return uniform(p)
     return best
 
 

@@ -128,6 +128,17 @@ class WidthSpace:
                                                         torch.tensor([u.numel() for u in units], dtype=torch.long))
         self._fragile_sizes = torch.tensor([u.numel() for u in units], dtype=torch.long)
         self._last: tuple[tuple[int, ...], torch.Tensor, bool] | None = None
+        self._volume, self._params = self._packed(self._volume_terms), self._packed(self._param_terms)
+
+    def _packed(self, terms: list[tuple[int, list[int | None]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(elements, space index matrix padded with a space whose fraction is 1) of ``terms``, for one product."""
+        pad = len(self._space_units)  # kept fractions get a 1 appended at this index
+        width = max((len(d) for _, d in terms), default=0)
+        index = torch.full((len(terms), max(width, 1)), pad, dtype=torch.long)
+        for i, (_, dims) in enumerate(terms):
+            dims = [d for d in dims if d is not None]
+            index[i, :len(dims)] = torch.tensor(dims, dtype=torch.long)
+        return torch.tensor([n for n, _ in terms], dtype=torch.float64), index
 
     @staticmethod
     def _param_dims(cg: ChannelGraph) -> dict[str, list[tuple[str, int]]]:
@@ -189,20 +200,20 @@ class WidthSpace:
             out[name] = (int(kept[i]) if i is not None else shape.cin, int(kept[o]) if o is not None else shape.cout)
         return out
 
-    def _fraction(self, terms, kept: torch.Tensor) -> float:
-        frac = kept / self._sizes.clamp_min(1)
-        total = sum(n for n, _ in terms)
-        return sum(n * math.prod(float(frac[d]) for d in dims) for n, dims in terms) / max(total, 1)
+    def _fraction(self, packed: tuple[torch.Tensor, torch.Tensor], kept: torch.Tensor) -> float:
+        elements, index = packed
+        frac = torch.cat([kept / self._sizes.clamp_min(1), torch.ones(1, dtype=torch.float64)])
+        return float((elements * frac[index].prod(1)).sum() / elements.sum().clamp_min(1))
 
     def volume(self, removed: list[int] | tuple[int, ...], kept: torch.Tensor | None = None) -> float:
         """The elements of every activation that is not a layer's output, as a fraction of the unpruned ones."""
-        return self._fraction(self._volume_terms, self.kept(removed) if kept is None else kept)
+        return self._fraction(self._volume, self.kept(removed) if kept is None else kept)
 
     def params(self, removed: list[int] | tuple[int, ...], kept: torch.Tensor | None = None) -> float:
         """The model's parameters left, as a fraction (infinite for a plan that ``empties`` a space)."""
         if self.empties(removed):
             return math.inf
-        return self._fraction(self._param_terms, self.kept(removed) if kept is None else kept)
+        return self._fraction(self._params, self.kept(removed) if kept is None else kept)
 
     def macs(self, removed: list[int] | tuple[int, ...], widths: dict[str, tuple[int, int]] | None = None) -> float:
         """The layers' multiply-accumulates left, as a fraction (infinite for a plan that ``empties`` a space)."""
