@@ -46,8 +46,9 @@ def test_lookups_follow_the_class_hierarchy_field_by_field():
     assert ops.of_target([1], "channels") is None  # an unhashable target has no record
 
 
-def test_register_refuses_unknown_fields_and_contradictions(monkeypatch):
+def test_register_refuses_unknown_fields_and_contradictions(monkeypatch, request):
     monkeypatch.setattr(ops, "OPS", dict(ops.OPS))
+    request.addfinalizer(ops.register)  # no targets: clears the lookup cache filled from the patched records
     with pytest.raises(InputError, match="unknown"):
         ops.register(nn.ReLU, chanels="unary")
     with pytest.raises(InputError, match="already registered"):
@@ -71,13 +72,14 @@ class Net(nn.Module):
         return self.conv2(self.act(self.conv1(x)))
 
 
-def test_one_registration_lets_pruning_through_a_custom_module(monkeypatch):
+def test_one_registration_lets_pruning_through_a_custom_module(monkeypatch, request):
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(2, 3, 8, 8)
     leaf = fxc.compile(model, (x,), [{"pass": "prune", "ratio": 0.5}], leaf_modules=[Swish])
     assert leaf.module.conv1.out_channels == 16  # an unknown leaf is a barrier
     assert any("Swish" in n and "channel rules" in n for h in leaf.history for n in h.notes)
     monkeypatch.setattr(ops, "OPS", dict(ops.OPS))
+    request.addfinalizer(ops.register)  # no targets: clears the lookup cache filled from the patched records
     ops.register(Swish, channels="unary", activation=True)
     pruned = fxc.compile(model, (x,), [{"pass": "prune", "ratio": 0.5}], leaf_modules=[Swish])
     assert pruned.module.conv1.out_channels == 8 and pruned.module.conv2.in_channels == 8
@@ -87,12 +89,13 @@ def test_one_registration_lets_pruning_through_a_custom_module(monkeypatch):
     assert select.stats["groups_scored_by_l1_fallback"] == 0  # the statistics are read after Swish
 
 
-def test_mac_count_follows_the_record(monkeypatch):
+def test_mac_count_follows_the_record(monkeypatch, request):
     torch.manual_seed(0)
     gm = fxc.compile(nn.Sequential(nn.Conv2d(3, 8, 3)), (torch.randn(1, 3, 6, 6),), []).module
     macs = counting.totals(gm).macs
     assert macs == 8 * 4 * 4 * 3 * 9
     monkeypatch.setattr(ops, "OPS", dict(ops.OPS))
+    request.addfinalizer(ops.register)  # no targets: clears the lookup cache, which holds the patched records
     ops.OPS[nn.Conv2d] = ops.Op(channels="conv")  # a record without MACs counts none
     ops.register(F.relu)  # clears the lookup cache
     assert counting.totals(gm).macs == 0
