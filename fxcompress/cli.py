@@ -20,8 +20,8 @@ from fxcompress.passes import PASSES, SHORTHANDS
 from fxcompress.passes.pruning.lib import latency, latency_model, width_search
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.plan_quality import PlanQuality
-from fxcompress.passes.pruning.lib.width_space import WidthSpace
-from fxcompress.passes.pruning.select_channels import CRITERIA, SCORERS
+from fxcompress.passes.pruning.lib.width_space import WidthSpace, candidate_groups
+from fxcompress.passes.pruning.select_channels import CRITERIA, DATA_CRITERIA, SCORERS
 
 from . import counting, data, persist
 from .api import compile as compile_model
@@ -33,7 +33,6 @@ from .export.ort import max_abs_diff
 from .golden import accuracy as golden_accuracy
 from .golden import calibration_batches, load_model, training_data
 from .pass_manager import PassManager
-from .plans import graph_signature
 from .report import node_table
 from .tracing import trace
 
@@ -147,7 +146,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
     if args.batch is not None:
         if args.batch < 1:
             raise InputError(f"--batch must be a positive integer, got {args.batch}.")
-        inputs = tuple(torch.cat([t[:1]] * args.batch) for t in inputs)
+        inputs = latency_model.batched(inputs, args.batch)
     gm = trace(model, inputs, eval_mode=True)
     shapes = latency.layer_shapes(gm)
     if not shapes:
@@ -177,7 +176,7 @@ def _check_prediction(gm, inputs, table, shapes, args: argparse.Namespace) -> No
     """Calibrate the whole-model prediction on measured runs, then predict ``args.check`` random width plans and
     measure them."""
     cg = ChannelGraph(gm)
-    groups = [g for g in cg.groups if g.n_prunable and g.size >= 2]
+    groups = candidate_groups(cg)
     if not groups:
         print("no prunable channel group: the prediction has nothing to vary")
         return
@@ -185,10 +184,7 @@ def _check_prediction(gm, inputs, table, shapes, args: argparse.Namespace) -> No
     calibration = latency_model.calibration_plans(space)
     checked = latency_model.random_plans(space, args.check, seed=1)
     plans = {**calibration, **checked}
-    graph = graph_signature(gm)
-    prepared = {k: latency_model.prepared(latency_model.pruned(gm, inputs, latency_model.targets(space, v, graph))
-                                          if any(v) else gm, args.runtime, inputs) for k, v in plans.items()}
-    measured = latency_model.measure(prepared, inputs, args.threads)
+    measured = latency_model.measure_plans(gm, inputs, space, plans, args.runtime, args.threads)
     predictor = latency_model.Predictor(table, space, shapes)
     predictor.calibrate([(calibration[k], measured[k]) for k in calibration])
     rows = [[k, f"{space.macs(v):.2f}", f"{measured[k] * 1e3:.3f}", f"{predictor.seconds(v) * 1e3:.3f}",
@@ -206,7 +202,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     eval_fn = eval_fn or golden_accuracy(args.model, "val")
     gm = trace(model, inputs, eval_mode=True)
     cg = ChannelGraph(gm)
-    groups = [g for g in cg.groups if g.n_prunable and g.size >= 2]
+    groups = candidate_groups(cg)
     if not groups:
         raise InputError(f"{args.model} has no prunable channel group (see `fxcompress groups {args.model}`).")
     shares = tuple(float(x) for x in args.shares.split(","))
@@ -301,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     sens = sub.add_parser("sensitivity", help="each channel group pruned alone over a ladder of shares, scored")
     sens.add_argument("model", metavar="MODEL", help="golden model name or package.module:factory")
     sens.add_argument("--input-shape", help="example input shape when the factory returns a bare module")
-    sens.add_argument("--criterion", default="l1", choices=CRITERIA, help="which channels go first (default l1)")
+    sens.add_argument("--criterion", default="l1", choices=[c for c in CRITERIA if c not in DATA_CRITERIA],
+                      help="which channels go first (default l1; the data-free criteria)")
     sens.add_argument("--shares", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
                       help="shares of each group's channels to remove, comma-separated")
     sens.add_argument("--calibration-data", metavar="SPEC", help="inputs for the SQNR score (as for compress)")

@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from fxcompress.passes.pruning.lib import latency, latency_model
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
-from fxcompress.passes.pruning.lib.width_space import WidthSpace
+from fxcompress.passes.pruning.lib.width_space import WidthSpace, candidate_groups
 from fxcompress.passes.pruning.select_channels import SCORERS
 
 from .. import golden
@@ -40,7 +40,7 @@ def check_model(name: str, runtimes: list[str], batches: list[int], threads: lis
         inputs = latency_model.batched(example, batch)
         gm = trace(model, inputs, eval_mode=True)
         cg = ChannelGraph(gm)
-        groups = [g for g in cg.groups if g.n_prunable and g.size >= 2]
+        groups = candidate_groups(cg)
         shapes = latency.layer_shapes(gm)
         space = WidthSpace(cg, SCORERS["l1"](cg, None, {}), shapes, groups)
         calibration = latency_model.calibration_plans(space)

@@ -37,13 +37,17 @@ from fxcompress.passes.pruning.lib import (
 )
 from fxcompress.passes.pruning.lib.channel_deps import PRUNE_ORDER, ChannelGraph
 from fxcompress.passes.pruning.lib.plan_quality import PlanQuality
-from fxcompress.passes.pruning.lib.width_space import PruningTargets, WidthSpace
+from fxcompress.passes.pruning.lib.width_space import (
+    PruningTargets,
+    WidthSpace,
+    candidate_groups,
+)
 from fxcompress.passes.pruning.select_channels import CRITERIA, SCORERS
 from fxcompress.passes.train.lib import training
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
-from fxcompress.options import as_patterns, check_patterns, matches
+from fxcompress.options import as_patterns, check_patterns
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import graph_signature
 
@@ -131,8 +135,7 @@ class SearchWidths(Pass):
         refuse_quantized(ctx.gm, self.name, PRUNE_ORDER)
         cg: ChannelGraph = ctx.analyses[ChannelGraph]
         check_patterns(self.name, "exclude", self.exclude, {n for n, _ in ctx.gm.named_modules() if n})
-        groups = [g for g in cg.groups if g.n_prunable and g.size >= 2
-                  and not any(matches(m, p) for m in g.modules for p in self.exclude)]
+        groups = candidate_groups(cg, self.exclude)
         if not groups:
             raise RecipeError(f"{self.name}: the model has no prunable channel group (see `fxcompress groups`); "
                               f"nothing to search.")
@@ -166,19 +169,11 @@ class _Search:
         self.p, self.ctx, self.cg, self.space, self.shapes, self.inputs = p, ctx, cg, space, shapes, inputs
         self.scores = scores
         self.stats, self.notes = stats, []
-        self.graph = graph_signature(ctx.gm)
-        self.measured: dict[tuple[int, ...], float] = {}
 
     def measure(self, plans: dict[str, list[int]]) -> dict[str, float]:
-        """Measured seconds of the model pruned to each plan (the unpruned model among them when absent)."""
-        modules = {k: latency_model.pruned(self.ctx.gm, self.inputs, latency_model.targets(self.space, v, self.graph),
-                                           self.p.criterion, self.ctx.calibration_data) if any(v) else self.ctx.gm
-                   for k, v in plans.items()}
-        prepared = {k: latency_model.prepared(m, self.p.runtime, self.inputs) for k, m in modules.items()}
-        seconds = latency_model.measure(prepared, self.inputs, self.p.threads)
-        for k, v in plans.items():
-            self.measured[tuple(v)] = seconds[k]
-        return seconds
+        """Measured seconds of the model pruned to each plan, in the runtime."""
+        return latency_model.measure_plans(self.ctx.gm, self.inputs, self.space, plans, self.p.runtime,
+                                           self.p.threads, self.p.criterion, self.ctx.calibration_data)
 
     def confirm(self, problem: width_search.Problem, removed: list[int], target: float, cost) -> list[int]:
         """Measure the chosen plan; while it misses the budget, search again with the target lowered by the ratio

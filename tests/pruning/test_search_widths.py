@@ -10,7 +10,11 @@ import torch
 from fxcompress.passes.pruning.lib import amc, latency, latency_model, width_search
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.plan_quality import PlanQuality, sqnr_db
-from fxcompress.passes.pruning.lib.width_space import PruningTargets, WidthSpace
+from fxcompress.passes.pruning.lib.width_space import (
+    PruningTargets,
+    WidthSpace,
+    candidate_groups,
+)
 from fxcompress.passes.pruning.select_channels import SCORERS
 from zoo import build
 
@@ -25,7 +29,7 @@ ARCHS = ["residual", "concat", "grouped_depthwise", "functional", "linear_bn", "
 
 def _space(gm, round_to=1):
     cg = ChannelGraph(gm)
-    groups = [g for g in cg.groups if g.n_prunable and g.size >= 2]
+    groups = candidate_groups(cg)
     return cg, WidthSpace(cg, SCORERS["l1"](cg, None, {}), latency.layer_shapes(gm), groups, round_to)
 
 

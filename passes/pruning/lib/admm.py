@@ -22,17 +22,9 @@ from fxcompress.fxutil import lookup
 
 
 def removed_slices(space: WidthSpace, removed: list[int]) -> list[tuple[str, int, torch.Tensor]]:
-    """(parameter target, dim, indices) of every parameter slice the plan removes."""
-    cg = space.cg
-    counts = torch.tensor([*removed, 0], dtype=torch.long)
-    closed = cg.closure(space.unit_rank < counts[space.unit_group])
-    params = dict(cg.gm.named_parameters())
-    out = []
-    for s, idx in cg.removed_positions(closed).items():
-        member = cg.rel.params.get(s)
-        if member is not None and member.target in params:
-            out.append((member.target, member.dim, idx))
-    return out
+    """(parameter target, dim, indices) of every parameter slice the plan removes (buffers left out)."""
+    params = dict(space.cg.gm.named_parameters())
+    return [(t, d, idx) for t, d, idx in space.removed_slices(removed) if t in params]
 
 
 def admm(ctx: CompileContext, space: WidthSpace, removed: list[int], pass_name: str, rounds: int = 4,

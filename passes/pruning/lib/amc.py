@@ -101,6 +101,7 @@ def amc(p: Problem, lbound: float = 0.2, batch_size: int = 64, memory: int = 200
     space = p.space
     n = len(space.groups)
     static = states(p)
+    normalised = _normalise(static)
     macs = static[:, -1]
     total = max(float(macs.sum()), 1e-12)
     agent = _Agent(static.shape[1] + 3, p.seed)
@@ -116,9 +117,10 @@ def amc(p: Problem, lbound: float = 0.2, batch_size: int = 64, memory: int = 200
         steps, previous = [], 0.0
         for t in range(n):
             current = list(plan[:t]) + [0] * (n - t)
-            reduced = (full_cost - p.cost(current)) / full_cost if np.isfinite(p.cost(current)) else 1.0
+            cost = p.cost(current)
+            reduced = (full_cost - cost) / full_cost if np.isfinite(cost) else 1.0
             dynamic = [reduced, float(macs[t + 1:].sum()) / total, previous]
-            state = np.concatenate([_normalise(static)[t], dynamic])
+            state = np.concatenate([normalised[t], dynamic])
             if episode < warmup:
                 action = float(rng.uniform(lbound, 1.0))
             else:

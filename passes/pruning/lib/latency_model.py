@@ -36,6 +36,7 @@ from fxcompress.errors import InputError
 from fxcompress.export.onnx import export_onnx
 from fxcompress.export.ort import session
 from fxcompress.meta import side_effect_free
+from fxcompress.plans import graph_signature
 from fxcompress.timing import alternated_latency
 
 QUANTIZE = [{"pass": "quantize"}]  # what ort-int8 runs: the default lowering of the quantize shorthand
@@ -139,24 +140,31 @@ class Predictor:
         rows = [(*self.terms(removed), seconds) for removed, seconds in pruned]
         layers, vol, measured = (np.array(col, float) for col in zip(*rows))
         ones = np.ones_like(vol)
-        best = (math.inf, 1.0, 0.0, float(np.mean(measured - layers)))  # (squared error, a, v, c)
+        a, v, c = 1.0, 0.0, float(np.mean(measured - layers))  # c alone when no richer fit is valid
         for cols in ((layers, vol, ones), (layers, ones), (vol, ones)):  # the richest valid fit wins
             if len(rows) < len(cols) + (1 if len(cols) == 3 else 0):
                 continue
             target = measured if cols[0] is layers else measured - layers
             fit, *_ = np.linalg.lstsq(np.stack(cols, 1), target, rcond=None)
-            a = float(fit[0]) if cols[0] is layers else 1.0
-            v = float(fit[-2]) if cols[-2] is vol else 0.0
-            c = float(fit[-1])
-            if a < 0.5 or v < 0:
-                continue
-            error = float(np.sum((a * layers + v * vol + c - measured) ** 2))
-            best = min(best, (error, a, v, c))
-            break
-        _, a, v, c = best
+            fa = float(fit[0]) if cols[0] is layers else 1.0
+            fv = float(fit[-2]) if cols[-2] is vol else 0.0
+            if fa >= 0.5 and fv >= 0:
+                a, v, c = fa, fv, float(fit[-1])
+                break
         self.scale, self.const, self.per_volume = a, c, v
         self.fitted = [{"measured_ms": s * 1e3, "predicted_ms": (a * layer + c + v * vo) * 1e3, "volume": vo}
                        for layer, vo, s in rows]
+
+
+def measure_plans(gm: torch.fx.GraphModule, inputs: tuple, space: WidthSpace, plans: dict[str, list[int]],
+                  runtime: str, threads: int = 1, criterion: str = "l1", calibration_data: Iterable | None = None,
+                  runs: int = 30) -> dict[str, float]:
+    """Median seconds per run of ``gm`` pruned to each plan (``{key: removed}``; the unpruned plan is ``gm``
+    itself), lowered for ``runtime`` and alternated run by run."""
+    graph = graph_signature(gm)
+    modules = {k: pruned(gm, inputs, targets(space, v, graph), criterion, calibration_data) if any(v) else gm
+               for k, v in plans.items()}
+    return measure({k: prepared(m, runtime, inputs) for k, m in modules.items()}, inputs, threads, runs)
 
 
 def pruned(gm: torch.fx.GraphModule, inputs: tuple, targets: PruningTargets, criterion: str = "l1",
@@ -180,23 +188,14 @@ def targets(space: WidthSpace, removed: Iterable[int], graph: str = "") -> Pruni
 def random_plans(space: WidthSpace, n: int, seed: int, top: float = 0.85) -> dict[str, list[int]]:
     """``n`` plans with each group's share of channels removed drawn uniformly in [0, ``top``), at any level."""
     rng = np.random.default_rng(seed)
-    plans = {}
-    for i in range(n):
-        shares = rng.uniform(0, top, len(space.groups))
-        plans[f"plan {i}"] = [min(lv, key=lambda k: abs(k - s * g.size))
-                              for lv, g, s in zip(space.levels, space.groups, shares)]
-    return plans
+    return {f"plan {i}": space.nearest(rng.uniform(0, top, len(space.groups))) for i in range(n)}
 
 
 def calibration_plans(space: WidthSpace, seed: int = 0, random_plans: int = 3) -> dict[str, list[int]]:
     """The plans a predictor is calibrated on: the unpruned model, every group at about 25 %, 50 % and 70 %
     removed, and ``random_plans`` plans with each group's share drawn at random."""
     rng = np.random.default_rng(seed)
-
-    def near(share: float | np.ndarray) -> list[int]:
-        shares = np.broadcast_to(share, (len(space.groups),))
-        return [min(lv, key=lambda k: abs(k - s * g.size)) for lv, g, s in zip(space.levels, space.groups, shares)]
-    plans = {"full": space.full(), "uniform 0.25": near(0.25), "uniform 0.5": near(0.5), "uniform 0.7": near(0.7)}
+    plans = {"full": space.full(), **{f"uniform {s}": space.nearest(s) for s in (0.25, 0.5, 0.7)}}
     for i in range(random_plans):
-        plans[f"random {i}"] = near(rng.uniform(0, 0.8, len(space.groups)))
+        plans[f"random {i}"] = space.nearest(rng.uniform(0, 0.8, len(space.groups)))
     return plans

@@ -61,7 +61,6 @@ class PlanQuality:
         if eval_fn is None and not self.batches:
             raise InputError("scoring width plans needs an eval_fn or calibration data (compile(..., "
                              "calibration_data=...)).")
-        self.members = {s: (p.target, p.dim) for s, p in cg.rel.params.items()}
         self.originals: dict[str, torch.Tensor] = {}
         self.reference = [self._outputs(b) for b in self.batches] if eval_fn is None else []
         self.evaluations = 0
@@ -73,13 +72,7 @@ class PlanQuality:
             return _flat_output(self.module(*batch))
 
     def _mask(self, removed: list[int]) -> list[tuple[str, int, torch.Tensor]]:
-        counts = torch.tensor([*removed, 0], dtype=torch.long)
-        closed = self.cg.closure(self.space.unit_rank < counts[self.space.unit_group])
-        zeroed = []
-        for s, idx in self.cg.removed_positions(closed).items():
-            member = self.members.get(s)
-            if member is not None:
-                zeroed.append((*member, idx))
+        zeroed = self.space.removed_slices(removed)
         self._zero(zeroed)
         return zeroed
 

@@ -57,10 +57,7 @@ class Problem:
         return self.cost(removed) <= self.budget
 
     def nearest(self, share: float | np.ndarray) -> list[int]:
-        """Each group's level nearest to ``share`` of its channels removed (one share or one per group)."""
-        shares = np.broadcast_to(np.asarray(share, float), (len(self.space.groups),))
-        return [min(lv, key=lambda k: abs(k - s * g.size))
-                for lv, g, s in zip(self.space.levels, self.space.groups, shares)]
+        return self.space.nearest(share)
 
     def need_quality(self, strategy: str) -> Callable[[list[int]], float]:
         if self.quality is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 import torch.fx
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph, ChannelGroup
@@ -24,6 +25,7 @@ from fxcompress.passes.pruning.lib.latency import LayerShape
 from fxcompress import meta
 from fxcompress.errors import InputError
 from fxcompress.fxutil import lookup
+from fxcompress.options import matches
 from fxcompress.plans import Artifact, Lifetime
 
 
@@ -47,6 +49,12 @@ class PruningTargets(Artifact):
     def __str__(self) -> str:
         return "\n".join([f"PruningTargets: {self.summary()}"] +
                          [f"  {g}: remove {k}/{self.sizes[g]}" for g, k in self.removed.items() if k])
+
+
+def candidate_groups(cg: ChannelGraph, exclude: tuple[str, ...] = ()) -> list[ChannelGroup]:
+    """The groups a width search may resize: prunable, of two channels or more, no producing module excluded."""
+    return [g for g in cg.groups if g.n_prunable and g.size >= 2
+            and not any(matches(m, p) for m in g.modules for p in exclude)]
 
 
 def levels(grp: ChannelGroup, round_to: int = 1, min_channels: int = 1) -> list[int]:
@@ -168,12 +176,27 @@ class WidthSpace:
                 raise InputError(f"group {grp.name}: {k} removed channels is not one of its levels "
                                  f"({lv[:4]}...{lv[-1:]}).")
 
+    def nearest(self, share: float | np.ndarray) -> list[int]:
+        """Each group's level nearest to ``share`` of its channels removed (one share or one per group)."""
+        shares = np.broadcast_to(np.asarray(share, float), (len(self.groups),))
+        return [min(lv, key=lambda k: abs(k - s * g.size)) for lv, g, s in zip(self.levels, self.groups, shares)]
+
+    def removed_units(self, removed: list[int] | tuple[int, ...]) -> torch.Tensor:
+        """The units ``removed`` removes, closed over products (as ``select_channels`` picks them)."""
+        counts = torch.tensor([*removed, 0], dtype=torch.long)
+        return self.cg.closure(self.unit_rank < counts[self.unit_group])
+
+    def removed_slices(self, removed: list[int] | tuple[int, ...]) -> list[tuple[str, int, torch.Tensor]]:
+        """(parameter or buffer target, dim, indices) of every member slice ``removed`` removes."""
+        members = self.cg.rel.params
+        return [(members[s].target, members[s].dim, idx)
+                for s, idx in self.cg.removed_positions(self.removed_units(removed)).items() if s in members]
+
     def _evaluate(self, removed: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, bool]:
         key = tuple(int(k) for k in removed)
         if self._last is not None and self._last[0] == key:
             return self._last[1], self._last[2]
-        counts = torch.tensor([*key, 0], dtype=torch.long)
-        closed = self.cg.closure(self.unit_rank < counts[self.unit_group])
+        closed = self.removed_units(key)
         lost = torch.zeros(len(self._space_units), dtype=torch.float64)
         lost.index_add_(0, self._segment, closed[self._flat].double())
         gone = torch.zeros(len(self._fragile_sizes), dtype=torch.long)
