@@ -16,6 +16,9 @@ AutoCompress: annealing for the counts, then ADMM-regularised training towards t
 the only strategy that changes the module), ``uniform``.  Strategies that score plans use ``eval_fn`` (higher is better)
 or, without one, the SQNR of the outputs on the calibration data against the unpruned model (``plan_quality``);
 with ``short_term_steps`` and ``train_data`` every scored plan is fine-tuned that many steps first (NetAdapt).
+The knapsack's loss of a group at a width (``estimate``): ``distortion`` (default) measures it, as the noise power
+that pruning the group alone adds to the outputs on the calibration data (or the example inputs), at up to
+``evaluations`` plans in all; ``share`` estimates it from the criterion's scores without running the model.
 Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched), CHANGES for auto_compress.
 Stats: the budget in its unit, the unpruned and predicted (and measured) cost, MAC and parameter fractions, the
 table's and the search's seconds, evaluations, each group's kept width.
@@ -55,6 +58,7 @@ STRATEGIES = {**width_search.STRATEGIES, "amc": amc.amc, "auto_compress": width_
 SCORED = (*width_search.SCORED, "amc", "auto_compress")  # strategies that score plans (eval_fn or calibration data)
 BUDGETS = ("latency", "latency_ms", "macs", "params")
 LATENCY_BUDGETS = ("latency", "latency_ms")
+ESTIMATES = ("distortion", "share")  # the knapsack's loss per group and width: measured, or from the scores
 
 
 def check_budget(name: str, budget: Any) -> tuple[str, float]:
@@ -91,7 +95,7 @@ class SearchWidths(Pass):
                  evaluations: int = 200, round_to: int | None = None, min_channels: int = 1,
                  exclude: str | list[str] | tuple[str, ...] = (), points: int = 16, confirm: int = 4,
                  short_term_steps: int = 0, lr: float = 0.01, admm_rounds: int = 4, admm_rho: float = 1e-2,
-                 epochs: int = 1, max_steps: int | None = None):
+                 epochs: int = 1, max_steps: int | None = None, estimate: str = "distortion"):
         budget = {"latency": 0.5} if budget is None else budget  # half the measured latency unless told
         self.kind, self.value = check_budget(self.name, budget)
         if runtime not in latency.RUNTIMES:
@@ -104,6 +108,10 @@ class SearchWidths(Pass):
             raise RecipeError(f"{self.name}: unknown strategy {strategy!r}."
                               f"{did_you_mean(strategy, STRATEGIES)} Strategies: "
                               f"{', '.join(STRATEGIES)}.")
+        if estimate not in ESTIMATES:
+            raise RecipeError(f"{self.name}: estimate must be one of {', '.join(ESTIMATES)}, got {estimate!r}."
+                              f"{did_you_mean(estimate, ESTIMATES)}")
+        self.estimate = estimate
         if criterion not in CRITERIA:
             raise RecipeError(f"{self.name}: unknown criterion {criterion!r}.{did_you_mean(criterion, CRITERIA)}")
         for option, value, low in (("threads", threads, 1), ("evaluations", evaluations, 1),
@@ -244,17 +252,22 @@ class _Search:
                 raise RecipeError(f"{p.name}: the budget {p.budget} is below what the fewest channels reach: "
                                   f"{fewest:.4f} of the {p.kind} with every group at its fewest channels (round_to "
                                   f"{space.round_to}, min_channels {p.min_channels}); give at least that.")
+        search_start = time.perf_counter()
+        data = self.ctx.calibration_data or [self.ctx.example_inputs]
+        loss = width_search.share_loss(self.scores, space)
+        if p.strategy == "knapsack" and p.estimate == "distortion":
+            sqnr = PlanQuality(self.ctx.gm, self.cg, space, data)
+            loss = width_search.distortion(space, sqnr, p.evaluations)
+            stats["distortion_evaluations"] = sqnr.evaluations
         quality = None
         if p.strategy == "auto_compress" and self.ctx.train_data is None:
             raise RecipeError(f"{p.name}: strategy 'auto_compress' trains the model towards its plan (ADMM): give "
                               f"train_data (compile(..., train_data=...)).")
         if p.strategy in SCORED:
             train = list(training.train_batches(self.ctx, p.name)) if p.short_term_steps else None
-            quality = PlanQuality(self.ctx.gm, self.cg, space, self.ctx.calibration_data or [self.ctx.example_inputs],
-                                  self.ctx.eval_fn, train=train, tune_steps=p.short_term_steps, lr=p.lr)
-        problem = width_search.Problem(space, cost, budget, width_search.removed_importance(self.scores, space),
-                                       quality, p.seed, p.evaluations)
-        search_start = time.perf_counter()
+            quality = PlanQuality(self.ctx.gm, self.cg, space, data, self.ctx.eval_fn, train=train,
+                                  tune_steps=p.short_term_steps, lr=p.lr)
+        problem = width_search.Problem(space, cost, budget, loss, quality, p.seed, p.evaluations)
         removed = STRATEGIES[p.strategy](problem)
         if predictor is not None and p.confirm:
             removed = self.confirm(problem, removed, target, cost)

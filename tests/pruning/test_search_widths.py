@@ -151,21 +151,51 @@ def _problem(arch="residual", budget=0.5):
     gm = fxc.trace(model, x)
     cg, space = _space(gm)
     scores = SCORERS["l1"](cg, None, {})
-    importance = width_search.removed_importance(scores, space)
-    return gm, cg, space, width_search.Problem(space, space.macs, budget, importance), x
+    loss = width_search.share_loss(scores, space)
+    return gm, cg, space, width_search.Problem(space, space.macs, budget, loss), x
 
 
-def _removed_importance(p, plan):
+def _estimated_loss(p, plan):
     return -width_search._value(p, plan)
 
 
 @pytest.mark.parametrize("arch", ["residual", "concat", "attention"])
-def test_the_knapsack_removes_less_importance_than_uniform_at_the_same_budget(arch):
+def test_the_knapsack_loses_less_than_uniform_at_the_same_budget(arch):
     for budget in (0.7, 0.5, 0.3):
         _, _, _, p, _ = _problem(arch, budget)
         knap, uni = width_search.knapsack(p), width_search.uniform(p)
         assert p.feasible(knap) and p.feasible(uni)
-        assert _removed_importance(p, knap) <= _removed_importance(p, uni) + 1e-9
+        assert _estimated_loss(p, knap) <= _estimated_loss(p, uni) + 1e-9
+
+
+def test_distortion_is_the_noise_each_group_adds_alone_and_charges_lost_outputs_steeply():
+    gm, cg, space, _, x = _problem("residual")
+    batches = [tuple(torch.rand_like(t) for t in x) for _ in range(2)]
+    quality = PlanQuality(gm, cg, space, batches)
+    loss = width_search.distortion(space, quality, evaluations=10 * len(space.groups))
+    for g, (lv, curve) in enumerate(zip(space.levels, loss)):
+        assert curve[0] == 0 and len(curve) == len(lv) and np.all(np.diff(curve) >= 0)
+        full = space.full()
+        alone = [10 ** (-v / 10) for plan, v in quality.cache.items()
+                 if all(k == f for h, (k, f) in enumerate(zip(plan, full)) if h != g) and plan[g] != 0]
+        assert lv[-1] in {plan[g] for plan in quality.cache}  # the fewest channels are always measured
+        noise = max(alone)  # the curve is the running maximum of the measured noise
+        expected = noise if noise <= width_search.SMALL_NOISE else \
+            width_search.SMALL_NOISE + (noise - width_search.SMALL_NOISE) * width_search.STEEP
+        assert curve[-1] == pytest.approx(expected, rel=1e-9)
+    assert quality.evaluations <= 10 * len(space.groups) + 1
+
+
+def test_the_knapsack_measures_its_loss_unless_told_to_estimate_it_from_scores(tmp_path, monkeypatch):
+    model, x = build("residual")
+    calibration = [tuple(torch.rand_like(t) for t in x)]
+    for estimate, measured in (("distortion", True), ("share", False)):
+        result = fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"macs": 0.5}, "estimate": estimate}],
+                             calibration_data=calibration)
+        stats = result.history[1].stats
+        assert ("distortion_evaluations" in stats) == measured and stats["macs"] <= 0.5
+    with pytest.raises(fxc.RecipeError, match="estimate must be one of distortion, share"):
+        fxc.compile(model, x, [{"pass": "auto_prune", "estimate": "taylor"}])
 
 
 def test_the_multiple_choice_knapsack_is_optimal_on_a_small_instance():

@@ -2,18 +2,21 @@
 
 A strategy receives a :class:`Problem`: the width space (candidate groups and the counts each may lose), a cost
 (predicted seconds from the measured latency model, or the MAC or parameter fraction) with its budget, each group's
-channel importance, and optionally a quality function of a plan (higher is better: the user's ``eval_fn`` or the
+estimated loss at each of its widths, and optionally a quality function of a plan (higher is better: the user's ``eval_fn`` or the
 SQNR of the outputs, ``plan_quality``).  It returns a plan (one count per group) whose cost is within the budget.
 
 - ``uniform``: one share of every group, the smallest that meets the budget (the baseline).
-- ``knapsack`` (HALP, Shen et al. 2022): channels are items, their importance the value and the latency they cost
-  the weight; a multiple-choice knapsack per budget keeps, in each group, its most important channels first.  A
-  layer's latency depends on the widths of two groups (its input and output), so the weights are each group's
-  marginal latency with the other groups at the current solution, and the knapsack is solved again around each
-  solution until it stops changing.  A group's loss is the square of the share of its importance removed: HALP's
-  Taylor scores estimate the loss itself, magnitudes do not compare across layers, and a loss linear in the
-  share would empty the layers whose channels cost the most time (VGG-small at half the latency: three of seven
-  layers cut to 1-3 channels), which every sensitivity curve shows to cost far more than the sum of small cuts.
+- ``knapsack`` (HALP, Shen et al. 2022): channels are items, the loss their removal causes the (negative) value
+  and the latency they cost the weight; a multiple-choice knapsack per budget keeps, in each group, its most
+  important channels first.  A layer's latency depends on the widths of two groups (its input and output), so the
+  weights are each group's marginal latency with the other groups at the current solution, and the knapsack is
+  solved again around each solution until it stops changing.  HALP's Taylor scores estimate the loss of each
+  channel; here the loss of a group at each width is measured (``distortion``): the noise power its removal adds to
+  the model's outputs on the calibration data, relative to their power.  Noise from independent cuts adds, so the
+  total is the sum over groups that the knapsack needs; it sees what scores cannot (a residual stream cut to a
+  quarter of its width costs far more than the same share of a branch's channels).  Without data the loss is the
+  square of the share of the group's l1 importance removed (``share_loss``): magnitudes do not compare across
+  layers, and a loss linear in the share would empty the layers whose channels cost the most time.
 - ``sensitivity`` (PaddleSlim): every group pruned alone over a ladder of shares and scored; a loss threshold gives
   every group the largest share whose loss stays under it, and a binary search on the threshold meets the budget.
 - ``netadapt`` (NetAdapt, Yang et al. 2018) and ``anneal`` (NNI's SimulatedAnnealingPruner): see their functions.
@@ -36,7 +39,7 @@ class Problem:
     space: WidthSpace
     cost: Callable[[list[int]], float]  # in the budget's unit
     budget: float
-    importance: list[np.ndarray]  # per group: importance removed at each of its levels (ascending from 0)
+    loss: list[np.ndarray]  # per group: the loss at each of its levels (0 at level 0), additive across groups
     quality: Callable[[list[int]], float] | None = None  # higher is better
     seed: int = 0
     evaluations: int = 200  # how many plans the quality function may score
@@ -66,9 +69,10 @@ class Problem:
         return self.quality
 
 
-def removed_importance(scores: torch.Tensor, space: WidthSpace) -> list[np.ndarray]:
-    """Per group: the share of the group's importance that each level removes (its channels' scores summed,
-    over the group's total).  Magnitude scores do not compare across layers; shares do."""
+def share_loss(scores: torch.Tensor, space: WidthSpace) -> list[np.ndarray]:
+    """The data-free loss: per group, the square of the share of the group's importance that each level removes
+    (its channels' scores summed, over the group's total).  Magnitude scores do not compare across layers; shares
+    do, and their squares charge a deep cut of one group more than small cuts of many."""
     out = []
     for grp, lv in zip(space.groups, space.levels):
         s = scores[grp.units].double().clamp_min(0)
@@ -76,7 +80,39 @@ def removed_importance(scores: torch.Tensor, space: WidthSpace) -> list[np.ndarr
         rank = space.unit_rank[grp.units]
         order = torch.argsort(rank)  # removal order
         cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s[order], 0)])
-        out.append(cum[torch.tensor(lv)].numpy())
+        out.append(cum[torch.tensor(lv)].numpy() ** 2)
+    return out
+
+
+SMALL_NOISE = 0.25  # relative noise power (6 dB SQNR) up to which the noise of separate cuts is taken to add
+STEEP = 20.0  # how much more each unit of noise past SMALL_NOISE is charged
+
+
+def distortion(space: WidthSpace, sqnr: Callable[[list[int]], float], evaluations: int) -> list[np.ndarray]:
+    """The measured loss: per group, the noise power that pruning the group alone to each level adds to the outputs,
+    relative to their power (10^(-SQNR/10)), measured at up to ``evaluations / groups`` levels spread over its range
+    (at least 3) and interpolated between them; non-decreasing in the channels removed.  Noise powers add only while
+    they are small: a group's noise saturates near the output's power (the output is lost), where the sum would
+    call one lost group as cheap as small cuts of every group that fine-tuning recovers from.  Noise past
+    ``SMALL_NOISE`` is therefore charged ``STEEP`` times, so the knapsack cuts that deep only where nothing else
+    meets the budget (ResNet-20 at 0.82 of its latency: the stage-3 residual stream kept at 32 of 64 channels
+    instead of 16; 83.3 % instead of 82.5 % after 8 epochs of fine-tuning)."""
+    per_group = max(3, evaluations // max(1, len(space.groups)))
+    measured, plans = [], []
+    for g, lv in enumerate(space.levels):
+        idx = sorted({*np.linspace(1, len(lv) - 1, min(per_group, len(lv) - 1)).round().astype(int).tolist()})
+        measured.append(idx)
+        for i in idx:
+            plan = space.full()
+            plan[g] = lv[i]
+            plans.append(plan)
+    noise = iter(10.0 ** (-np.asarray(evaluate_all(sqnr, plans)) / 10.0))
+    out = []
+    for lv, idx in zip(space.levels, measured):
+        at = np.array([0, *idx], dtype=float)
+        values = np.maximum.accumulate(np.array([0.0, *(next(noise) for _ in idx)]))
+        curve = np.interp(np.arange(len(lv)), at, values)
+        out.append(np.where(curve > SMALL_NOISE, SMALL_NOISE + (curve - SMALL_NOISE) * STEEP, curve))
     return out
 
 
@@ -161,8 +197,8 @@ def _knapsack_rounds(p: Problem, base: list[int], options: list[list[int]], valu
             continue
         plan = [space.levels[g][opts[j]] for g, (opts, j) in enumerate(zip(options, picked))]
         cost, value = p.cost(plan), float(sum(v[j] for v, j in zip(values, picked)))
-        p.log(f"knapsack round {r + 1}: predicted {cost:.6g} (budget {p.budget:.6g}), removed importance "
-              f"{-value:.1f}")
+        p.log(f"knapsack round {r + 1}: predicted {cost:.6g} (budget {p.budget:.6g}), estimated loss "
+              f"{-value:.4g}")
         if cost <= p.budget and value > best_value:
             best, best_value = plan, value
         if cost > p.budget:
@@ -174,11 +210,11 @@ def _knapsack_rounds(p: Problem, base: list[int], options: list[list[int]], valu
 
 
 def _value(p: Problem, plan: list[int]) -> float:
-    return -float(sum(imp[lv.index(k)] ** 2 for imp, lv, k in zip(p.importance, p.space.levels, plan)))
+    return -float(sum(loss[lv.index(k)] for loss, lv, k in zip(p.loss, p.space.levels, plan)))
 
 
 def polish(p: Problem, plan: list[int], steps: int = 100, max_costs: int = 4000) -> list[int]:
-    """Local moves from a feasible plan while they keep it feasible and raise the kept importance: give a group
+    """Local moves from a feasible plan while they keep it feasible and lower the estimated loss: give a group
     back its next level of channels, paying with the fewest extra channels of another group (at most
     ``max_costs`` cost evaluations in all)."""
     levels = p.space.levels
@@ -225,7 +261,7 @@ def knapsack(p: Problem, rounds: int = 6) -> list[int]:
     """HALP's latency knapsack, linearised around the unpruned model and around the uniform plan of the budget
     (each re-solved around its solutions), the better solution polished by local exchanges."""
     options = [_candidate_levels(p, g) for g in range(len(p.space.groups))]
-    values = [-p.importance[g][opts] ** 2 for g, opts in enumerate(options)]
+    values = [-p.loss[g][opts] for g, opts in enumerate(options)]
     start = uniform(p)
     p.info.pop("share", None)
     found = [_knapsack_rounds(p, base, options, values, rounds) for base in (p.space.full(), start)]
@@ -233,7 +269,7 @@ def knapsack(p: Problem, rounds: int = 6) -> list[int]:
     if best is None or (p.feasible(start) and _value(p, start) > best[1]):
         best = (start, _value(p, start))
     plan = polish(p, best[0]) if p.feasible(best[0]) else best[0]
-    p.info["removed_importance"] = round(-_value(p, plan), 4)
+    p.info["estimated_loss"] = round(-_value(p, plan), 6)
     if not p.feasible(plan):
         p.info["fallback"] = "no plan met the budget"
     return plan
