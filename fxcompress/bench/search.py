@@ -68,7 +68,7 @@ def floor(name: str, work: Path) -> dict[str, Any]:
     fastest = latency_model.pruned(gm, inputs, latency_model.targets(space, [lv[-1] for lv in space.levels],
                                                                       graph_signature(gm)))
     prepared = {k: latency_model.prepared(m, "ort-int8", inputs) for k, m in (("full", gm), ("floor", fastest))}
-    seconds = latency_model.measure(prepared, inputs, THREADS, runs=40)
+    seconds = latency_model.measure(prepared, inputs, THREADS, runs=100)
     path = work / f"{name}-floor.onnx"
     path.write_bytes(prepared["floor"])
     return {"full_ms": seconds["full"] * 1e3, "floor_ms": seconds["floor"] * 1e3,
@@ -191,6 +191,27 @@ def format_table(report: dict[str, Any]) -> str:
                                    "test acc %", "vs fp32", "search s", "in budget"], tablefmt="github")
 
 
+def pivot(report: dict[str, Any]) -> str:
+    """The README's table: a row per model and budget, a column per strategy, each cell accuracy % / latency as a
+    multiple of ORT's INT8 of the unpruned model ("over" when the result missed its budget by more than 5 %)."""
+    strategies = list(dict.fromkeys(r["strategy"] for m in report["models"] for r in m["rows"]))
+    rows = []
+    for m in report["models"]:
+        by = {(r["strategy"], r["budget"]): r for r in m["rows"]}
+        for b in m["budgets"]:
+            cells = []
+            for s in strategies:
+                r = by.get((s, b))
+                cells.append("-" if r is None else f"{r['accuracy']:.1f} / {r['vs_ort']:.2f}"
+                             + ("" if r["within_budget"] else " (over)"))
+            rows.append([f"{m['model']} ({m['fp32']:.2f} / {m['ort_int8']['ms']:.2f})", b, *cells])
+    seconds = {s: [r["search_s"] for m in report["models"] for r in m["rows"] if r["strategy"] == s]
+               for s in strategies}
+    table = tabulate(rows, headers=["model (fp32 % / ORT INT8 ms)", "budget", *strategies], tablefmt="github")
+    return table + "\n\nSearch seconds per cell (latency measurements included): " + ", ".join(
+        f"{s} {min(v):.0f}-{max(v):.0f}" for s, v in seconds.items() if v) + "."
+
+
 def plot(report: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -223,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--epochs", type=int, default=8, help="fine-tune epochs, the same for every strategy")
-    parser.add_argument("--runs", type=int, default=40, help="alternated latency runs (default 40)")
+    parser.add_argument("--runs", type=int, default=100, help="alternated latency runs (default 100)")
     parser.add_argument("--ladder", type=float, nargs="*", default=list(LADDER),
                         help="budgets as positions from the width floor (0) to the unpruned INT8 latency (1)")
     parser.add_argument("--json", metavar="OUT.json")
@@ -242,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {report['cpu']}; fine-tune {args.epochs} epochs for every strategy; "
           f"{report['seconds'] / 60:.0f} min in all")
     print(format_table(report))
+    print("\n" + pivot(report))
     print("\n" + "\n".join(summary(report)))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
