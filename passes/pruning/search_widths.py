@@ -21,7 +21,8 @@ that pruning the group alone adds to the outputs on the calibration data (or the
 ``evaluations`` plans in all; ``share`` estimates it from the criterion's scores without running the model.
 Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched), CHANGES for auto_compress.
 Stats: the budget in its unit, the unpruned and predicted (and measured) cost, MAC and parameter fractions, the
-table's and the search's seconds, evaluations, each group's kept width.
+table's, the search's, the distortion measurement's and the confirmation's seconds, evaluations, each group's kept
+width.
 """
 from __future__ import annotations
 
@@ -179,11 +180,13 @@ class _Search:
         self.p, self.ctx, self.cg, self.space, self.shapes, self.inputs = p, ctx, cg, space, shapes, inputs
         self.scores = scores
         self.stats, self.notes = stats, []
+        self.prepared: dict[tuple[int, ...], object] = {}  # plan -> its prepared model, for measuring it again
 
     def measure(self, plans: dict[str, list[int]], runs: int = 30) -> dict[str, float]:
         """Measured seconds of the model pruned to each plan, in the runtime (medians of ``runs`` alternated)."""
         return latency_model.measure_plans(self.ctx.gm, self.inputs, self.space, plans, self.p.runtime,
-                                           self.p.threads, self.p.criterion, self.ctx.calibration_data, runs)
+                                           self.p.threads, self.p.criterion, self.ctx.calibration_data, runs,
+                                           self.prepared)
 
     def confirm(self, problem: width_search.Problem, removed: list[int], target: float, cost) -> list[int]:
         """Measure the chosen plan; while it misses the budget, search again with the target lowered by the ratio
@@ -201,13 +204,13 @@ class _Search:
             plan_s = seconds["plan"] * (stats["full_ms"] / 1e3 / seconds["full"] if p.kind == "latency" else 1.0)
             stats["confirmations"] = attempt + 1
             met = plan_s <= target
+            loss = width_search.estimated_loss(problem, removed)
             self.notes.append(f"attempt {attempt + 1} (target {problem.budget * 1e3:.3f} ms): measured "
                               f"{plan_s * 1e3:.3f} ms {'<=' if met else '>'} budget {target * 1e3:.3f} ms (predicted "
                               f"{cost(removed) * 1e3:.3f} ms, MACs {space.macs(removed):.3f}, estimated loss "
-                              f"{width_search.estimated_loss(problem, removed):.6g})")
+                              f"{loss:.6g})")
             if met:
-                merit = problem.quality(removed) if problem.quality is not None else \
-                    -width_search.estimated_loss(problem, removed)
+                merit = problem.quality(removed) if problem.quality is not None else -loss
                 feasible.append((merit, plan_s, removed, dict(problem.info)))
                 under = factor
                 if over is None:
@@ -265,11 +268,13 @@ class _Search:
                                   f"{space.round_to}, min_channels {p.min_channels}); give at least that.")
         search_start = time.perf_counter()
         data = self.ctx.calibration_data or [self.ctx.example_inputs]
-        loss = width_search.share_loss(self.scores, space)
         if p.strategy == "knapsack" and p.estimate == "distortion":
             sqnr = PlanQuality(self.ctx.gm, self.cg, space, data)
             loss = width_search.distortion(space, sqnr, p.evaluations)
             stats["distortion_evaluations"] = sqnr.evaluations
+            stats["distortion_seconds"] = round(time.perf_counter() - search_start, 2)
+        else:
+            loss = width_search.share_loss(self.scores, space)
         quality = None
         if p.strategy == "auto_compress" and self.ctx.train_data is None:
             raise RecipeError(f"{p.name}: strategy 'auto_compress' trains the model towards its plan (ADMM): give "
@@ -281,7 +286,9 @@ class _Search:
         problem = width_search.Problem(space, cost, budget, loss, quality, p.seed, p.evaluations)
         removed = STRATEGIES[p.strategy](problem)
         if predictor is not None and p.confirm:
+            confirm_start = time.perf_counter()
             removed = self.confirm(problem, removed, target, cost)
+            stats["confirm_seconds"] = round(time.perf_counter() - confirm_start, 2)
         stats["search_seconds"] = round(time.perf_counter() - search_start, 2)
         stats["predicted"] = round(cost(removed) * (1e3 if predictor else 1), 4)
         stats["macs"] = round(space.macs(removed), 4)

@@ -99,6 +99,20 @@ def test_a_table_predicts_from_its_sweeps_and_comes_back_from_the_cache(tmp_path
         latency.build_table([shape], "ort-int8", threads=2)  # another thread count is another table
 
 
+def test_a_wide_layer_charges_every_width_of_a_block_what_the_block_costs(tmp_path, monkeypatch):
+    # 256 output channels on 16 points: the grid steps by 16, so only the widths just past its points (20, 36,
+    # ...) show where the cost climbs; a line through the grid alone would make 36 channels cheaper than 48
+    assert latency.step_starts(256, 16) == list(range(20, 256, 16))
+    assert latency.step_starts(64, 16) == [] and latency.step_starts(3, 16) == []
+    monkeypatch.setenv("FXCOMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "sweep", _blocks)
+    shape = LayerShape("conv", 64, 256, (3, 3), (1, 1), (1, 1), (1, 1), False, (4, 4), 8)
+    table = latency.build_table([shape], "ort-int8")
+    for o in (20, 24, 36, 40, 44, 48, 100, 104, 112, 244, 256):
+        assert table.seconds(shape, 64, o) == pytest.approx(_blocks(None, None, [(64, o)])[(64, o)])
+    assert table.seconds(shape, 64, 36) == pytest.approx(table.seconds(shape, 64, 48))
+
+
 def test_a_depthwise_layer_has_one_width():
     table = latency.LatencyTable("ort-int8", 1, "m", {latency.layer_key(DEPTHWISE): {"dw": {8: 1.0, 16: 2.0,
                                                                                             6: 1.5, 14: 2.5}}})

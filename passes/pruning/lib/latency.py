@@ -44,7 +44,7 @@ from fxcompress.export.ort import optimized_op_counts, session
 from fxcompress.timing import alternated_latency, cpu_model
 
 RUNTIMES = ("ort-int8", "ort-fp32", "torch")
-TABLE_FORMAT = 5  # in the cache key: tables of an older layout are measured again
+TABLE_FORMAT = 6  # in the cache key: tables of an older layout are measured again
 OPSET = 17
 
 
@@ -288,9 +288,21 @@ def anchors(full: int) -> dict[bool, int]:
     return out
 
 
+def step_starts(full: int, points: int, step: int = ALIGN) -> list[int]:
+    """The aligned width just past each point of a ``grid`` coarser than ``step``.  Kernels that pack channels in
+    blocks (U8S8 convolutions: 16 output channels on AVX-512) cost the same from one block boundary up to the next
+    and step up just past it, so a line through the grid alone would charge widths between two block boundaries
+    less than the boundary above them, which costs the same; with these widths the line climbs right after each
+    grid point and stays flat up to the next."""
+    stride = step * max(1, math.ceil(full / step / points))
+    return sorted({w + step for w in range(stride, full, stride) if w + step < full}) if stride > step else []
+
+
 def widths(full: int, points: int) -> list[int]:
-    """Widths a sweep measures up to ``full``: the aligned grid, half as many misaligned widths, the anchors."""
-    return sorted({*grid(full, points), *misaligned(full, max(1, points // 2)), *anchors(full).values()})
+    """Widths a sweep measures up to ``full``: the aligned grid and the width past each of its points, half as many
+    misaligned widths, the anchors."""
+    return sorted({*grid(full, points), *step_starts(full, points), *misaligned(full, max(1, points // 2)),
+                   *anchors(full).values()})
 
 
 def sweep_plan(shape: LayerShape, points: int) -> dict[str, list[tuple[int, int]]]:

@@ -158,13 +158,19 @@ class Predictor:
 
 def measure_plans(gm: torch.fx.GraphModule, inputs: tuple, space: WidthSpace, plans: dict[str, list[int]],
                   runtime: str, threads: int = 1, criterion: str = "l1", calibration_data: Iterable | None = None,
-                  runs: int = 30) -> dict[str, float]:
+                  runs: int = 30, cache: dict[tuple[int, ...], object] | None = None) -> dict[str, float]:
     """Median seconds per run of ``gm`` pruned to each plan (``{key: removed}``; the unpruned plan is ``gm``
-    itself), lowered for ``runtime`` and alternated run by run."""
+    itself), lowered for ``runtime`` and alternated run by run.  ``cache`` keeps each plan's ``prepared`` model
+    between calls (a search measures the unpruned model beside every plan it confirms)."""
     graph = graph_signature(gm)
-    modules = {k: pruned(gm, inputs, targets(space, v, graph), criterion, calibration_data) if any(v) else gm
-               for k, v in plans.items()}
-    return measure({k: prepared(m, runtime, inputs) for k, m in modules.items()}, inputs, threads, runs)
+    cache = {} if cache is None else cache
+    for removed in plans.values():
+        key = tuple(int(k) for k in removed)
+        if key not in cache:
+            module = pruned(gm, inputs, targets(space, removed, graph), criterion, calibration_data) \
+                if any(removed) else gm
+            cache[key] = prepared(module, runtime, inputs)
+    return measure({k: cache[tuple(int(k) for k in v)] for k, v in plans.items()}, inputs, threads, runs)
 
 
 def pruned(gm: torch.fx.GraphModule, inputs: tuple, targets: PruningTargets, criterion: str = "l1",
