@@ -19,6 +19,9 @@ with ``short_term_steps`` and ``train_data`` every scored plan is fine-tuned tha
 The knapsack's loss of a group at a width (``estimate``): ``distortion`` (default) measures it, as the noise power
 that pruning the group alone adds to the outputs on the calibration data (or the example inputs), at up to
 ``evaluations`` plans in all; ``share`` estimates it from the criterion's scores without running the model.
+With ``recalibrate_bn`` (default), every plan measured or scored has its BatchNorm statistics re-estimated on the
+calibration batches first (``plan_quality``): the network judged is the one ``recalibrate_bn`` and fine-tuning start
+from, not one normalising with statistics of channels that are gone.
 Requires: channel_groups.  Contract: EXACT (plans only; the module is not touched), CHANGES for auto_compress.
 Stats: the budget in its unit, the unpruned and predicted (and measured) cost, MAC and parameter fractions, the
 table's, the search's, the distortion measurement's and the confirmation's seconds, evaluations, each group's kept
@@ -98,7 +101,8 @@ class SearchWidths(Pass):
                  evaluations: int = 200, round_to: int | None = None, min_channels: int = 1,
                  exclude: str | list[str] | tuple[str, ...] = (), points: int = 16, confirm: int = 4,
                  short_term_steps: int = 0, lr: float = 0.01, admm_rounds: int = 4, admm_rho: float = 1e-2,
-                 epochs: int = 1, max_steps: int | None = None, estimate: str = "distortion"):
+                 epochs: int = 1, max_steps: int | None = None, estimate: str = "distortion",
+                 recalibrate_bn: bool = True):
         budget = {"latency": 0.5} if budget is None else budget  # half the measured latency unless told
         self.kind, self.value = check_budget(self.name, budget)
         if runtime not in latency.RUNTIMES:
@@ -114,7 +118,7 @@ class SearchWidths(Pass):
         if estimate not in ESTIMATES:
             raise RecipeError(f"{self.name}: estimate must be one of {', '.join(ESTIMATES)}, got {estimate!r}."
                               f"{did_you_mean(estimate, ESTIMATES)}")
-        self.estimate = estimate
+        self.estimate, self.recalibrate_bn = estimate, recalibrate_bn
         if criterion not in CRITERIA:
             raise RecipeError(f"{self.name}: unknown criterion {criterion!r}.{did_you_mean(criterion, CRITERIA)}")
         for option, value, low in (("threads", threads, 1), ("evaluations", evaluations, 1),
@@ -181,6 +185,11 @@ class _Search:
         self.scores = scores
         self.stats, self.notes = stats, []
         self.prepared: dict[tuple[int, ...], object] = {}  # plan -> its prepared model, for measuring it again
+
+    def _recalibration(self, quality: PlanQuality) -> None:
+        self.stats["recalibrated_bn"] = len(quality.norms)
+        if quality.recalibration_skipped and quality.recalibration_skipped not in self.notes:
+            self.notes.append(quality.recalibration_skipped)
 
     def measure(self, plans: dict[str, list[int]], runs: int = 30) -> dict[str, float]:
         """Measured seconds of the model pruned to each plan, in the runtime (medians of ``runs`` alternated)."""
@@ -269,7 +278,8 @@ class _Search:
         search_start = time.perf_counter()
         data = self.ctx.calibration_data or [self.ctx.example_inputs]
         if p.strategy == "knapsack" and p.estimate == "distortion":
-            sqnr = PlanQuality(self.ctx.gm, self.cg, space, data)
+            sqnr = PlanQuality(self.ctx.gm, self.cg, space, data, recalibrate_bn=p.recalibrate_bn)
+            self._recalibration(sqnr)
             loss = width_search.distortion(space, sqnr, p.evaluations)
             stats["distortion_evaluations"] = sqnr.evaluations
             stats["distortion_seconds"] = round(time.perf_counter() - search_start, 2)
@@ -282,7 +292,8 @@ class _Search:
         if p.strategy in SCORED:
             train = list(training.train_batches(self.ctx, p.name)) if p.short_term_steps else None
             quality = PlanQuality(self.ctx.gm, self.cg, space, data, self.ctx.eval_fn, train=train,
-                                  tune_steps=p.short_term_steps, lr=p.lr)
+                                  tune_steps=p.short_term_steps, lr=p.lr, recalibrate_bn=p.recalibrate_bn)
+            self._recalibration(quality)
         problem = width_search.Problem(space, cost, budget, loss, quality, p.seed, p.evaluations)
         removed = STRATEGIES[p.strategy](problem)
         if predictor is not None and p.confirm:

@@ -5,9 +5,9 @@
 
 Pruning removes or zeroes channels upstream of a BatchNorm, so the statistics it normalises with no longer match its
 input; re-estimating them is cheap (forwards only) and recovers much of the accuracy before any fine-tuning.  The
-statistics are reset and accumulated as a cumulative average (``momentum=None`` during the pass, as
-``torch.optim.swa_utils.update_bn`` does; each BN normalises with its batch statistics meanwhile, as in training),
-with every other module in eval mode (dropout off).  Data: ``calibration_data`` (inputs), else the inputs of ``train_data``;
+statistics are reset and accumulated as a cumulative average (``lib/bn_stats.py``: ``momentum=None`` during the
+pass, as ``torch.optim.swa_utils.update_bn`` does; each BN normalises with its batch statistics meanwhile, as in
+training), with every other module in eval mode (dropout off).  Data: ``calibration_data`` (inputs), else the inputs of ``train_data``;
 ``max_samples`` stops early.  ``eval_fn``, if given, is measured before and after.
 
 Requires: nothing.  Contract: CHANGES (the statistics change by design).
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from fxcompress.passes.quant.calibrate import calibration_batches, grouped
+from fxcompress.passes.train.lib.bn_stats import reestimate, tracked_norms
 from fxcompress.passes.train.lib.training import evaluate, train_batches
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -44,34 +44,16 @@ class RecalibrateBN(Pass):
     def run(self, ctx: CompileContext) -> PassResult:
         gm = ctx.gm
         norms = {name: m for name, m in gm.named_modules() if isinstance(m, _BatchNorm)}
-        tracked = {name: m for name, m in norms.items() if m.track_running_stats and m.running_mean is not None}
+        tracked = tracked_norms(gm)
         notes = tuple(f"{name}: no running statistics (track_running_stats=False), left as is"
                       for name in norms if name not in tracked)
         stats: dict[str, Any] = {"bn_layers": len(tracked)}
         if not tracked:
             return PassResult(False, stats | {"samples": 0}, notes + ("no BatchNorm with running statistics",))
         before = evaluate(ctx)
-        saved = {name: (m.momentum, m.training) for name, m in tracked.items()}
-        modes = {name: m.training for name, m in gm.named_modules()}
-        samples = 0
-        try:
-            gm.eval()
-            for m in tracked.values():
-                m.reset_running_stats()
-                m.momentum = None  # cumulative moving average: the exact mean over all batches seen
-                m.train()
-            with torch.no_grad(), progress(self.max_samples, self.name, "sample") as bar:
-                for inputs, _ in grouped(self._inputs(ctx), self.batch_size):
-                    gm(*inputs)
-                    samples += inputs[0].shape[0]
-                    bar.update(inputs[0].shape[0])
-                    if samples >= self.max_samples:
-                        break
-        finally:
-            for name, m in gm.named_modules():
-                m.train(modes[name])
-            for name, m in tracked.items():
-                m.momentum = saved[name][0]
+        with progress(self.max_samples, self.name, "sample") as bar:
+            samples = reestimate(gm, tracked, (inputs for inputs, _ in grouped(self._inputs(ctx), self.batch_size)),
+                                 self.max_samples, bar.update)
         stats["samples"] = samples
         if before is not None:
             stats["eval_before"], stats["eval_after"] = round(before, 6), round(evaluate(ctx), 6)

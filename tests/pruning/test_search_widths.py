@@ -16,6 +16,7 @@ from fxcompress.passes.pruning.lib.width_space import (
     candidate_groups,
 )
 from fxcompress.passes.pruning.select_channels import SCORERS
+from fxcompress.passes.train.lib import bn_stats
 from zoo import build
 
 import fxcompress as fxc
@@ -236,6 +237,51 @@ def test_plan_quality_scores_the_masked_module_and_leaves_it_unchanged():
     assert masked == pytest.approx(sqnr_db(ref.flatten(), out.flatten()), abs=0.05)
     assert quality(space.full()) == 200.0 and quality.evaluations == 2  # cached, restored
     assert counting.totals(gm).params == counting.totals(quality.module).params
+
+
+def test_plan_quality_can_judge_the_plan_with_re_estimated_bn_statistics():
+    gm, cg, space, _, x = _problem("residual")
+    batches = [tuple(torch.rand(16, *t.shape[1:]) for t in x) for _ in range(2)]
+    quality = PlanQuality(gm, cg, space, batches, recalibrate_bn=True)
+    assert quality.norms and quality.recalibration_skipped is None
+    plan = [lv[len(lv) // 2] for lv in space.levels]
+    # what recalibrate_bn leaves after remove_channels: the same outputs, so the same score
+    pruned = latency_model.pruned(gm, x, latency_model.targets(space, plan, graph_signature(gm)))
+    bn_stats.reestimate(pruned, bn_stats.tracked_norms(pruned), batches)
+    with torch.no_grad():
+        ref = torch.cat([gm(*b).flatten() for b in batches])
+        out = torch.cat([pruned(*b).flatten() for b in batches])
+    assert quality(plan) == pytest.approx(sqnr_db(ref, out), abs=0.05)
+    assert quality(plan) != PlanQuality(gm, cg, space, batches)(plan)  # the stale statistics score otherwise
+    buffers = [b.clone() for b in quality.module.buffers()]
+    quality.cache.clear()
+    quality(plan)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, quality.module.buffers()))  # restored every time
+    assert quality(space.full()) < 200.0  # re-estimated statistics are not the trained ones
+    loss = width_search.distortion(space, quality, 4 * len(space.groups) + 1)
+    assert all(curve[0] == 0 and np.all(curve >= 0) for curve in loss)  # the unpruned plan's noise is no group's
+
+
+def test_bn_statistics_are_left_alone_where_too_few_samples_would_give_them():
+    gm, cg, space, _, x = _problem("linear_bn")
+    batches = [tuple(torch.rand(16, *t.shape[1:]) for t in x) for _ in range(3)]
+    few = PlanQuality(gm, cg, space, batches[:1], recalibrate_bn=True)
+    assert not few.norms and "16 samples, fewer than 32" in few.recalibration_skipped
+    assert few(space.full()) == 200.0
+    assert PlanQuality(gm, cg, space, batches, recalibrate_bn=True).norms  # two batches of 16 are scored
+
+
+def test_the_search_re_estimates_bn_statistics_unless_told_not_to():
+    model, x = build("residual")
+    calibration = [tuple(torch.rand(32, *t.shape[1:]) for t in x)]
+    for recalibrate, norms in ((True, True), (False, False)):
+        result = fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"macs": 0.5},
+                                         "recalibrate_bn": recalibrate}], calibration_data=calibration)
+        assert bool(result.history[1].stats["recalibrated_bn"]) == norms
+    notes = fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"macs": 0.5}}]).history[1].notes
+    assert any("not re-estimated" in n for n in notes)  # the example inputs alone are too few
+    with pytest.raises(fxc.RecipeError, match="recalibrate_bn"):
+        fxc.compile(model, x, [{"pass": "auto_prune", "recalibrate_bn": "yes"}])
 
 
 def test_sensitivity_without_data_or_eval_fn_is_refused():

@@ -10,9 +10,15 @@ channel-mixing normalisation (LayerNorm / GroupNorm over channels, softmax over 
 groups) the score is a proxy.  The copy's tensors are restored after every evaluation, so the order of evaluations
 does not matter, and ``gm`` itself is never written.  With training batches and ``tune_steps``, every plan is
 fine-tuned that many steps before it is scored (NetAdapt's short-term fine-tune), the removed channels held at zero.
+With ``recalibrate_bn``, the BatchNorm statistics are re-estimated on the calibration batches for every plan before it
+is scored (EagleEye's adaptive BN): pruned channels shift what flows into every BN downstream, and the stale
+statistics, which ``recalibrate_bn`` and fine-tuning replace anyway, would make an early layer's cut look ruinous
+(VGG-small's first conv at 16 of 32 channels: relative output noise 11.5 with the old statistics, 0.025 with
+re-estimated ones).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable
 
@@ -21,12 +27,16 @@ import torch.fx
 import torch.nn.functional as F
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.width_space import WidthSpace
+from fxcompress.passes.train.lib.bn_stats import reestimate, tracked_norms
 from torch.utils import _pytree as pytree
 
 from fxcompress.errors import InputError
 from fxcompress.fxutil import lookup
 from fxcompress.meta import side_effect_free
 from fxcompress.tree import copy_tree
+
+RECALIBRATION_SAMPLES = 32
+"""Fewest samples BatchNorm statistics are re-estimated from: fewer give statistics noisier than the stale ones."""
 
 
 def _flat_output(out: object) -> torch.Tensor:
@@ -50,7 +60,7 @@ class PlanQuality:
     def __init__(self, gm: torch.fx.GraphModule, cg: ChannelGraph, space: WidthSpace, batches: Iterable[tuple],
                  eval_fn: Callable[[torch.nn.Module], float] | None = None, max_batches: int = 2,
                  train: list[tuple[tuple, object]] | None = None, tune_steps: int = 0, lr: float = 0.01,
-                 loss: Callable[..., torch.Tensor] = F.cross_entropy):
+                 loss: Callable[..., torch.Tensor] = F.cross_entropy, recalibrate_bn: bool = False):
         self.cg, self.space, self.eval_fn = cg, space, eval_fn
         self.module = copy_tree(gm).eval()
         self.batches = []
@@ -66,6 +76,13 @@ class PlanQuality:
         self.evaluations = 0
         self.cache: dict[tuple[int, ...], float] = {}
         self.train, self.tune_steps, self.lr, self.loss = train or [], tune_steps, lr, loss
+        self.norms = tracked_norms(self.module) if recalibrate_bn and self.batches else {}
+        self.recalibration_skipped: str | None = None
+        samples = sum(b[0].shape[0] for b in self.batches if b and isinstance(b[0], torch.Tensor) and b[0].dim())
+        if self.norms and samples < RECALIBRATION_SAMPLES:
+            self.norms, self.recalibration_skipped = {}, (
+                f"BatchNorm statistics not re-estimated: the calibration batches scored hold {samples} samples, "
+                f"fewer than {RECALIBRATION_SAMPLES}; give calibration_data")
 
     def _outputs(self, batch: tuple) -> torch.Tensor:
         with torch.no_grad(), side_effect_free(self.module):
@@ -106,6 +123,25 @@ class PlanQuality:
         self.module.eval()
         return state
 
+    @contextlib.contextmanager
+    def _recalibrated(self):
+        """The BNs' statistics re-estimated on the batches for the plan in place (``recalibrate_bn``), restored
+        afterwards."""
+        saved = {name: [b.detach().clone() for b in m.buffers()] for name, m in self.norms.items()}
+        try:
+            reestimate(self.module, self.norms, self.batches)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, m in self.norms.items():
+                    for b, old in zip(m.buffers(), saved[name]):
+                        b.copy_(old)
+
+    def _score(self) -> float:
+        if self.eval_fn is not None:
+            return float(self.eval_fn(self.module))
+        return sqnr_db(torch.cat(self.reference), torch.cat([self._outputs(b) for b in self.batches]))
+
     def __call__(self, removed: Iterable[int]) -> float:
         removed = [int(k) for k in removed]
         key = tuple(removed)
@@ -114,11 +150,11 @@ class PlanQuality:
         zeroed = self._mask(removed)
         state = self._tune(zeroed) if self.tune_steps and self.train else None
         try:
-            if self.eval_fn is not None:
-                value = float(self.eval_fn(self.module))
+            if self.norms:
+                with self._recalibrated():
+                    value = self._score()
             else:
-                ref = torch.cat(self.reference)
-                value = sqnr_db(ref, torch.cat([self._outputs(b) for b in self.batches]))
+                value = self._score()
         finally:
             if state is not None:
                 self.module.load_state_dict(state)
