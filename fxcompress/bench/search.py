@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tabulate import tabulate
 
@@ -75,36 +76,48 @@ def floor(name: str, work: Path) -> dict[str, Any]:
             "floor": seconds["floor"] / seconds["full"], "path": str(path)}
 
 
-def recipe(name: str, strategy: str, budget: float, epochs: int) -> list[dict[str, Any]]:
+def recipe(name: str, strategy: str, budget: float, epochs: int, seed: int = 0) -> list[dict[str, Any]]:
     optimizer, lr, wd = MODELS[name]
     search = {"pass": "auto_prune", "budget": {"latency": budget}, "runtime": "ort-int8", "batch": BATCH,
               "threads": THREADS, "strategy": strategy, **SEARCH_OPTIONS.get(strategy, {})}
     if strategy == "auto_compress":
         search |= {"lr": lr / 2, "epochs": 1}
     return [search, {"pass": "recalibrate_bn"},
-            {"pass": "finetune", "epochs": epochs, "optimizer": optimizer, "lr": lr, "weight_decay": wd},
+            {"pass": "finetune", "epochs": epochs, "optimizer": optimizer, "lr": lr, "weight_decay": wd,
+             "seed": seed},
             {"pass": "quantize", "activation_observer": "kl_tolerance"}]
 
 
-def cell(name: str, strategy: str, budget: float, epochs: int, work: Path, log: Callable[[str], None]) -> dict:
+def cell(name: str, strategy: str, budget: float, epochs: int, work: Path, log: Callable[[str], None],
+         seeds: int = 1) -> dict:
+    """One strategy at one budget: the search once, then recalibrate_bn -> finetune -> quantize for each of
+    ``seeds`` fine-tune seeds; the accuracy is their mean (each is in ``accuracies``), the file measured seed 0's."""
     model, example = golden.load(name)
     hard = name.endswith("-hard-digits")
     train_images, _ = golden.digits("train", hard)
     calibration = [train_images[i:i + 64] for i in range(0, 512, 64)]
     images, labels = golden.digits("test", hard)
+    data = {"calibration_data": calibration, "train_data": golden.DigitsTraining(hard=hard),
+            "eval_fn": golden.accuracy(name, "val")}
     start = time.perf_counter()
-    result = compile_model(model, example, recipe(name, strategy, budget, epochs), calibration_data=calibration,
-                           train_data=golden.DigitsTraining(hard=hard), eval_fn=golden.accuracy(name, "val"))
+    steps = recipe(name, strategy, budget, epochs)
+    searched = compile_model(model, example, steps[:1], **data)
+    search = next(r for r in searched.history if r.name == "search_widths")
+    accuracies, path = [], None
+    for seed in range(seeds):
+        result = compile_model(searched.module, example, recipe(name, strategy, budget, epochs, seed)[1:], **data)
+        out = export_onnx(result.module, example, work / f"{name}-{strategy}-{budget:.3f}-{seed}.onnx")
+        accuracies.append(float((torch.from_numpy(onnx_outputs(out, images)).argmax(1) == labels).float().mean()
+                                * 100))
+        path = path or out
     seconds = time.perf_counter() - start
-    search = next(r for r in result.history if r.name == "search_widths")
-    path = export_onnx(result.module, example, work / f"{name}-{strategy}-{budget:.3f}.onnx")
-    accuracy = float((torch.from_numpy(onnx_outputs(path, images)).argmax(1) == labels).float().mean() * 100)
-    row = {"model": name, "strategy": strategy, "budget": budget, "accuracy": accuracy, "path": str(path),
-           "macs": result.after.macs / result.before.macs, "search_s": search.seconds, "compile_s": seconds,
-           "search_measured_ms": search.stats.get("measured_ms"), "budget_ms": search.stats.get("budget_ms"),
-           "kept": search.stats.get("kept")}
-    log(f"  {strategy} @ {budget:.3f}: accuracy {accuracy:.2f} %, MACs {row['macs']:.3f}, search "
-        f"{search.seconds:.1f} s, compile {seconds:.0f} s")
+    accuracy = sum(accuracies) / len(accuracies)
+    row = {"model": name, "strategy": strategy, "budget": budget, "accuracy": accuracy, "accuracies": accuracies,
+           "path": str(path), "macs": searched.after.macs / searched.before.macs, "search_s": search.seconds,
+           "compile_s": seconds, "search_measured_ms": search.stats.get("measured_ms"),
+           "budget_ms": search.stats.get("budget_ms"), "kept": search.stats.get("kept")}
+    log(f"  {strategy} @ {budget:.3f}: accuracy {accuracy:.2f} % ({' / '.join(f'{a:.2f}' for a in accuracies)}), "
+        f"MACs {row['macs']:.3f}, search {search.seconds:.1f} s, compile {seconds:.0f} s")
     return row
 
 
@@ -119,7 +132,7 @@ def measure(paths: dict[str, str], runs: int) -> dict[str, float]:
 
 
 def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: Path,
-                log: Callable[[str], None], ladder: tuple[float, ...] = LADDER) -> dict[str, Any]:
+                log: Callable[[str], None], ladder: tuple[float, ...] = LADDER, seeds: int = 1) -> dict[str, Any]:
     log(f"{name}: references ...")
     model, example = golden.load(name)
     fp32 = golden.accuracy(name)(model)
@@ -131,7 +144,7 @@ def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: 
     low = floor(name, work)
     budgets = [round(low["floor"] + t * (1 - low["floor"]), 3) for t in ladder]
     log(f"  floor {low['floor']:.3f} of the unpruned latency; budgets {budgets}")
-    rows = [cell(name, s, b, epochs, work, log) for b in budgets for s in strategies]
+    rows = [cell(name, s, b, epochs, work, log, seeds) for b in budgets for s in strategies]
     paths = {"ORT INT8": str(work / f"{name}-ort-int8.onnx"), "int8": str(ours_path), "floor": low.pop("path"),
              **{f"{r['strategy']}@{r['budget']}": r["path"] for r in rows}}
     ms = measure(paths, runs)
@@ -148,6 +161,21 @@ def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: 
 def _floor_ms(m: dict[str, Any]) -> float:
     """The width floor in the runs of the results (older reports: rescaled from its own runs)."""
     return m["floor"].get("measured_ms") or m["floor"]["floor_ms"] * m["int8_ms"] / m["floor"]["full_ms"]
+
+
+def _per_seed(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The accuracy differences seed by seed, when the results have more than one."""
+    pairs = list(zip(a.get("accuracies", []), b.get("accuracies", [])))
+    return "" if len(pairs) < 2 else f" (per seed {' / '.join(f'{x - y:+.2f}' for x, y in pairs)})"
+
+
+def accuracy_at(rows: list[dict[str, Any]], ms: float) -> float | None:
+    """A strategy's accuracy at a measured latency, interpolated linearly between its results (None outside
+    them)."""
+    pts = sorted((r["ms"], r["accuracy"]) for r in rows)
+    if not pts or not pts[0][0] <= ms <= pts[-1][0]:
+        return None
+    return float(np.interp(ms, [p[0] for p in pts], [p[1] for p in pts]))
 
 
 def summary(report: dict[str, Any]) -> list[str]:
@@ -170,7 +198,13 @@ def summary(report: dict[str, Any]) -> list[str]:
             if k and u:
                 lines.append(f"  budget {b}: knapsack {k['accuracy']:.2f} % at {k['ms']:.3f} ms vs uniform (round_to "
                              f"16) {u['accuracy']:.2f} % at {u['ms']:.3f} ms: {k['accuracy'] - u['accuracy']:+.2f} "
-                             f"points, {(1 - k['ms'] / u['ms']) * 100:+.1f} % time saved")
+                             f"points, {(1 - k['ms'] / u['ms']) * 100:+.1f} % time saved" + _per_seed(k, u))
+        uniform = [r for r in m["rows"] if r["strategy"] == "uniform"]
+        for k in (r for r in m["rows"] if r["strategy"] == "knapsack"):
+            at = accuracy_at(uniform, k["ms"])
+            if at is not None:
+                lines.append(f"  at knapsack's {k['ms']:.3f} ms (budget {k['budget']}) uniform reaches {at:.2f} % "
+                             f"(interpolated): knapsack {k['accuracy'] - at:+.2f} points at equal latency")
     over = [f"{r['model']} {r['strategy']}@{r['budget']}" for m in report["models"] for r in m["rows"]
             if not r["within_budget"]]
     lines.append("every result within its budget (+5 %)" if not over else f"over budget (+5 %): {', '.join(over)}")
@@ -247,20 +281,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=100, help="alternated latency runs (default 100)")
     parser.add_argument("--ladder", type=float, nargs="*", default=list(LADDER),
                         help="budgets as positions from the width floor (0) to the unpruned INT8 latency (1)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="fine-tune seeds per result; its accuracy is their mean (default 1)")
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--plot", metavar="OUT.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    report: dict[str, Any] = {"cpu": cpu_model(), "epochs": args.epochs, "models": []}
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    report: dict[str, Any] = {"cpu": cpu_model(), "epochs": args.epochs, "seeds": args.seeds, "models": []}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fxcompress-search-") as tmp:
         for name in args.models:
             report["models"].append(bench_model(name, args.strategies, args.epochs, args.runs, Path(tmp),
-                                                lambda m: print(m, file=sys.stderr, flush=True), tuple(args.ladder)))
+                                                lambda m: print(m, file=sys.stderr, flush=True), tuple(args.ladder),
+                                                args.seeds))
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=1))
     report["seconds"] = time.perf_counter() - start
-    print(f"CPU: {report['cpu']}; fine-tune {args.epochs} epochs for every strategy; "
+    print(f"CPU: {report['cpu']}; fine-tune {args.epochs} epochs for every strategy, accuracy the mean of "
+          f"{args.seeds} fine-tune seed(s); "
           f"{report['seconds'] / 60:.0f} min in all")
     print(format_table(report))
     print("\n" + pivot(report))
