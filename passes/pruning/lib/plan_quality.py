@@ -11,7 +11,8 @@ groups) the score is a proxy.  The copy's tensors are restored after every evalu
 does not matter, and ``gm`` itself is never written.  With training batches and ``tune_steps``, every plan is
 fine-tuned that many steps before it is scored (NetAdapt's short-term fine-tune), the removed channels held at zero.
 With ``recalibrate_bn``, the BatchNorm statistics are re-estimated on the calibration batches for every plan before it
-is scored (EagleEye's adaptive BN): pruned channels shift what flows into every BN downstream, and the stale
+is scored (EagleEye's adaptive BN), and the SQNR's reference is the unpruned network with statistics re-estimated on
+the same batches: pruned channels shift what flows into every BN downstream, and the stale
 statistics, which ``recalibrate_bn`` and fine-tuning replace anyway, would make an early layer's cut look ruinous
 (VGG-small's first conv at 16 of 32 channels: relative output noise 11.5 with the old statistics, 0.025 with
 re-estimated ones).
@@ -72,7 +73,6 @@ class PlanQuality:
             raise InputError("scoring width plans needs an eval_fn or calibration data (compile(..., "
                              "calibration_data=...)).")
         self.originals: dict[str, torch.Tensor] = {}
-        self.reference = [self._outputs(b) for b in self.batches] if eval_fn is None else []
         self.evaluations = 0
         self.cache: dict[tuple[int, ...], float] = {}
         self.train, self.tune_steps, self.lr, self.loss = train or [], tune_steps, lr, loss
@@ -83,6 +83,10 @@ class PlanQuality:
             self.norms, self.recalibration_skipped = {}, (
                 f"BatchNorm statistics not re-estimated: the calibration batches scored hold {samples} samples, "
                 f"fewer than {RECALIBRATION_SAMPLES}; give calibration_data")
+        # the reference: the unpruned network, its statistics re-estimated on the same batches when a plan's are
+        # (so the noise is the plan's alone, and the unpruned plan has none)
+        with self._recalibrated() if self.norms else contextlib.nullcontext():
+            self.reference = [self._outputs(b) for b in self.batches] if eval_fn is None else []
 
     def _outputs(self, batch: tuple) -> torch.Tensor:
         with torch.no_grad(), side_effect_free(self.module):

@@ -92,14 +92,13 @@ STEEP = 20.0  # how much more each unit of noise past SMALL_NOISE is charged
 def distortion(space: WidthSpace, sqnr: Callable[[list[int]], float], evaluations: int) -> list[np.ndarray]:
     """The measured loss: per group, the noise power that pruning the group alone to each level adds to the outputs,
     relative to their power (10^(-SQNR/10)), measured at up to ``evaluations / groups`` levels spread over its range
-    (at least 3) and interpolated between them, less the noise of the unpruned plan; non-decreasing in the channels
-    removed.  Noise powers add only while they are small: a group's noise saturates near the output's power (the
-    output is lost), where the sum would call one lost group as cheap as small cuts of every group that fine-tuning
-    recovers from.  Noise past
+    (at least 3) and interpolated between them; non-decreasing in the channels removed.  Noise powers add only
+    while they are small: a group's noise saturates near the output's power (the output is lost), where the sum
+    would call one lost group as cheap as small cuts of every group that fine-tuning recovers from.  Noise past
     ``SMALL_NOISE`` is therefore charged ``STEEP`` times, so the knapsack cuts that deep only where nothing else
     meets the budget (ResNet-20 at 0.82 of its latency: the stage-3 residual stream, whose noise alone reaches 0.95
     of the output's power at 16 of 64 channels, is kept at 32 instead of 16)."""
-    per_group = max(3, (evaluations - 1) // max(1, len(space.groups)))
+    per_group = max(3, evaluations // max(1, len(space.groups)))
     measured, plans = [], []
     for g, lv in enumerate(space.levels):
         idx = sorted({*np.linspace(1, len(lv) - 1, min(per_group, len(lv) - 1)).round().astype(int).tolist()})
@@ -108,9 +107,7 @@ def distortion(space: WidthSpace, sqnr: Callable[[list[int]], float], evaluation
             plan = space.full()
             plan[g] = lv[i]
             plans.append(plan)
-    # the unpruned plan's own noise (not zero when the scorer re-estimates BN statistics) is no group's doing
-    base, *noises = 10.0 ** (-np.asarray(evaluate_all(sqnr, [space.full(), *plans])) / 10.0)
-    noise = iter(np.maximum(0.0, np.asarray(noises) - base))
+    noise = iter(10.0 ** (-np.asarray(evaluate_all(sqnr, plans)) / 10.0))
     out = []
     for lv, idx in zip(space.levels, measured):
         at = np.array([0, *idx], dtype=float)
