@@ -164,13 +164,12 @@ def measure_plans(gm: torch.fx.GraphModule, inputs: tuple, space: WidthSpace, pl
     between calls (a search measures the unpruned model beside every plan it confirms)."""
     graph = graph_signature(gm)
     cache = {} if cache is None else cache
-    for removed in plans.values():
-        key = tuple(int(k) for k in removed)
+    keys = {name: tuple(int(k) for k in removed) for name, removed in plans.items()}
+    for key in keys.values():
         if key not in cache:
-            module = pruned(gm, inputs, targets(space, removed, graph), criterion, calibration_data) \
-                if any(removed) else gm
+            module = pruned(gm, inputs, targets(space, key, graph), criterion, calibration_data) if any(key) else gm
             cache[key] = prepared(module, runtime, inputs)
-    return measure({k: cache[tuple(int(k) for k in v)] for k, v in plans.items()}, inputs, threads, runs)
+    return measure({name: cache[key] for name, key in keys.items()}, inputs, threads, runs)
 
 
 def pruned(gm: torch.fx.GraphModule, inputs: tuple, targets: PruningTargets, criterion: str = "l1",

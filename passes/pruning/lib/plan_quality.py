@@ -85,8 +85,10 @@ class PlanQuality:
                 f"fewer than {RECALIBRATION_SAMPLES}; give calibration_data")
         # the reference: the unpruned network, its statistics re-estimated on the same batches when a plan's are
         # (so the noise is the plan's alone, and the unpruned plan has none)
-        with self._recalibrated() if self.norms else contextlib.nullcontext():
-            self.reference = [self._outputs(b) for b in self.batches] if eval_fn is None else []
+        self.reference = []
+        if eval_fn is None:
+            with self._recalibrated():
+                self.reference = [self._outputs(b) for b in self.batches]
 
     def _outputs(self, batch: tuple) -> torch.Tensor:
         with torch.no_grad(), side_effect_free(self.module):
@@ -130,7 +132,10 @@ class PlanQuality:
     @contextlib.contextmanager
     def _recalibrated(self):
         """The BNs' statistics re-estimated on the batches for the plan in place (``recalibrate_bn``), restored
-        afterwards."""
+        afterwards; nothing without ``recalibrate_bn``."""
+        if not self.norms:
+            yield
+            return
         saved = {name: [b.detach().clone() for b in m.buffers()] for name, m in self.norms.items()}
         try:
             reestimate(self.module, self.norms, self.batches)
@@ -154,10 +159,7 @@ class PlanQuality:
         zeroed = self._mask(removed)
         state = self._tune(zeroed) if self.tune_steps and self.train else None
         try:
-            if self.norms:
-                with self._recalibrated():
-                    value = self._score()
-            else:
+            with self._recalibrated():
                 value = self._score()
         finally:
             if state is not None:
