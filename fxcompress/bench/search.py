@@ -3,7 +3,8 @@
     python -m fxcompress.bench.search [--models ...] [--strategies ...] [--epochs N] [--json OUT] [--plot OUT.png]
 
 For each model: its fp32 test accuracy; ONNX Runtime's own INT8 of the unpruned model (``quantize_static``, MinMax,
-per-channel, U8S8); the floor (every channel group at its fewest channels, pruned, quantized and measured).  Then a
+per-channel, U8S8); the floor (the fastest width plan: every channel group at its fewest channels, or the fastest
+plan on the latency table when that measures faster; pruned, quantized and measured).  Then a
 ladder of latency budgets between the floor and the unpruned model's INT8 latency (``LADDER``), and for
 every strategy and budget the recipe of ``recipes/auto_int8.toml`` with that strategy: auto_prune (batch 8,
 1 thread, ort-int8) -> recalibrate_bn -> finetune (the same epochs for every strategy) -> quantize (kl_tolerance).
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from fxcompress.passes.pruning.lib import latency, latency_model
+from fxcompress.passes.pruning.lib import latency, latency_model, width_search
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.width_space import WidthSpace, candidate_groups
 from fxcompress.passes.pruning.select_channels import SCORERS
@@ -58,22 +59,30 @@ SEARCH_OPTIONS = {  # per strategy, besides budget/runtime/batch/threads
 
 
 def floor(name: str, work: Path) -> dict[str, Any]:
-    """The unpruned model's and the fastest width plan's INT8 latency (every group at its fewest channels among the
-    widths the search considers: multiples of ``latency.ALIGN``)."""
+    """The unpruned model's and the fastest width plan's INT8 latency: of every group at its fewest channels among
+    the widths the search considers (multiples of ``latency.ALIGN``) and the fastest plan on the latency table
+    (``width_search.fastest``; U8S8 kernels run 4 output channels slower than 16), the faster as measured."""
     model, example = golden.load(name)
     inputs = latency_model.batched(example, BATCH)
     gm = trace(model, inputs, eval_mode=True)
     cg = ChannelGraph(gm)
     groups = candidate_groups(cg)
-    space = WidthSpace(cg, SCORERS["l1"](cg, None, {}), latency.layer_shapes(gm), groups, latency.ALIGN)
-    fastest = latency_model.pruned(gm, inputs, latency_model.targets(space, [lv[-1] for lv in space.levels],
-                                                                      graph_signature(gm)))
-    prepared = {k: latency_model.prepared(m, "ort-int8", inputs) for k, m in (("full", gm), ("floor", fastest))}
+    shapes = latency.layer_shapes(gm)
+    space = WidthSpace(cg, SCORERS["l1"](cg, None, {}), shapes, groups, latency.ALIGN)
+    table = latency.build_table(shapes.values(), "ort-int8", THREADS)
+    plans = {"fewest": [lv[-1] for lv in space.levels],
+             "fastest": width_search.fastest(space, latency_model.Predictor(table, space, shapes).seconds)}
+    prepared = {"full": latency_model.prepared(gm, "ort-int8", inputs)}
+    for key, plan in plans.items():
+        module = latency_model.pruned(gm, inputs, latency_model.targets(space, plan, graph_signature(gm)))
+        prepared[key] = latency_model.prepared(module, "ort-int8", inputs)
     seconds = latency_model.measure(prepared, inputs, THREADS, runs=100)
+    key = min(plans, key=seconds.__getitem__)
     path = work / f"{name}-floor.onnx"
-    path.write_bytes(prepared["floor"])
-    return {"full_ms": seconds["full"] * 1e3, "floor_ms": seconds["floor"] * 1e3,
-            "floor": seconds["floor"] / seconds["full"], "path": str(path)}
+    path.write_bytes(prepared[key])
+    return {"full_ms": seconds["full"] * 1e3, "floor_ms": seconds[key] * 1e3, "plan": key,
+            "kept": {g.name: g.size - k for g, k in zip(groups, plans[key])},
+            "floor": seconds[key] / seconds["full"], "path": str(path)}
 
 
 def recipe(name: str, strategy: str, budget: float, epochs: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ width.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -185,6 +186,7 @@ class _Search:
         self.scores = scores
         self.stats, self.notes = stats, []
         self.prepared: dict[tuple[int, ...], object] = {}  # plan -> its prepared model, for measuring it again
+        self.floor: list[int] | None = None  # the fastest plan measured (latency budgets)
 
     def _recalibration(self, quality: PlanQuality) -> None:
         self.stats["recalibrated_bn"] = len(quality.norms)
@@ -206,7 +208,7 @@ class _Search:
         p, stats, space = self.p, self.stats, self.space
         factor, over, under = 1.0, None, None  # the target factor tried, the last that missed, the last that met
         feasible: list[tuple[float, float, list[int], dict]] = []
-        last = (float("inf"), removed, dict(problem.info))
+        quickest = (float("inf"), removed, dict(problem.info))  # the fastest plan that missed
         for attempt in range(p.confirm):
             seconds = self.measure({"full": space.full(), "plan": removed}, runs=CONFIRM_RUNS)
             # a fraction of the latency is judged against the unpruned model measured alongside, in the same runs
@@ -226,7 +228,10 @@ class _Search:
                     break  # met at the first try or after lowering: nothing higher left untried
                 factor = (factor + over) / 2
             else:
-                last = (plan_s, removed, dict(problem.info))
+                if plan_s < quickest[0]:
+                    quickest = (plan_s, removed, dict(problem.info))
+                if "fallback" in problem.info:  # nothing met even the predicted budget: a lower target cannot help
+                    break
                 over = factor
                 factor = (factor + under) / 2 if under is not None else factor * 0.99 * target / plan_s
             if attempt + 1 < p.confirm:
@@ -236,9 +241,9 @@ class _Search:
         if feasible:
             _, plan_s, removed, info = max(feasible, key=lambda f: f[:2])
         else:
-            plan_s, removed, info = last
-            self.notes.append(f"no plan measured within the budget in {p.confirm} measurements; the last is "
-                              f"{plan_s / target * 100 - 100:.1f} % over")
+            plan_s, removed, info = quickest
+            self.notes.append(f"no plan measured within the budget in {stats['confirmations']} measurements; "
+                              f"the fastest of them is {plan_s / target * 100 - 100:.1f} % over")
         problem.info.clear()
         problem.info.update(info)
         stats["measured_ms"] = round(plan_s * 1e3, 4)
@@ -253,20 +258,30 @@ class _Search:
             stats["table_seconds"] = round(time.perf_counter() - start, 2)
             predictor = latency_model.Predictor(table, space, self.shapes)
             plans = latency_model.calibration_plans(space, p.seed)
-            plans["fastest"] = [lv[-1] for lv in space.levels]
+            # the floor: every group at its fewest channels, or the fastest plan on the table when that differs
+            # (blocked kernels run some widths slower than wider ones); both are measured, the faster is the floor
+            plans["fewest"] = [lv[-1] for lv in space.levels]
+            fastest = width_search.fastest(space, predictor.seconds)
+            if fastest != plans["fewest"]:
+                plans["fastest"] = fastest
             seconds = self.measure(plans)
             predictor.calibrate([(v, seconds[k]) for k, v in plans.items()])
             full = seconds["full"]
             target = p.value * full if p.kind == "latency" else p.value / 1e3
+            floor = min(("fewest", "fastest"), key=lambda k: seconds.get(k, math.inf))
+            self.floor = plans[floor]
             stats.update(full_ms=round(full * 1e3, 4), budget_ms=round(target * 1e3, 4),
-                         fastest_ms=round(seconds["fastest"] * 1e3, 4))
-            if seconds["fastest"] > target:
+                         fastest_ms=round(seconds[floor] * 1e3, 4),
+                         fastest_kept={g.name: g.size - k for g, k in zip(space.groups, self.floor)})
+            if seconds[floor] > target:
+                where = "every group at its fewest channels" if floor == "fewest" else \
+                    "the fastest width plan on the latency table (stats fastest_kept)"
                 raise RecipeError(
                     f"{p.name}: the budget {p.budget} ({target * 1e3:.3f} ms in {p.runtime}, batch "
                     f"{self.inputs[0].shape[0]}, {p.threads} thread(s)) is below the fastest any width plan reaches: "
-                    f"{seconds['fastest'] * 1e3:.3f} ms with every group at its fewest channels (the unpruned model "
-                    f"takes {full * 1e3:.3f} ms). Per-node overhead sets this floor; give a budget of at least "
-                    f"{seconds['fastest'] / full:.2f} of the latency, or remove layers.")
+                    f"{seconds[floor] * 1e3:.3f} ms with {where} (the unpruned model takes {full * 1e3:.3f} ms). "
+                    f"Per-node overhead sets this floor; give a budget of at least {seconds[floor] / full:.2f} of "
+                    f"the latency, or remove layers.")
             cost, budget = predictor.seconds, target
         else:
             cost, budget = (space.macs, p.value) if p.kind == "macs" else (space.params, p.value)
@@ -294,7 +309,7 @@ class _Search:
             quality = PlanQuality(self.ctx.gm, self.cg, space, data, self.ctx.eval_fn, train=train,
                                   tune_steps=p.short_term_steps, lr=p.lr, recalibrate_bn=p.recalibrate_bn)
             self._recalibration(quality)
-        problem = width_search.Problem(space, cost, budget, loss, quality, p.seed, p.evaluations)
+        problem = width_search.Problem(space, cost, budget, loss, quality, p.seed, p.evaluations, floor=self.floor)
         removed = STRATEGIES[p.strategy](problem)
         if predictor is not None and p.confirm:
             confirm_start = time.perf_counter()

@@ -184,6 +184,65 @@ def test_distortion_is_the_noise_each_group_adds_alone_and_charges_lost_outputs_
     assert quality.evaluations <= 10 * len(space.groups) + 1
 
 
+def _blocked_ms(space, removed):
+    """Milliseconds of a plan where channels cost in blocks of 8 and a group left with fewer than 8 channels takes
+    a slower kernel (as ONNX Runtime's U8S8 convolutions with 4 output channels against 16)."""
+    kept = [g.size - k for g, k in zip(space.groups, removed)]
+    return 1e-3 * sum(-(-n // 8) + (2 if n < 8 else 0) for n in kept)
+
+
+def test_the_floor_is_the_fastest_plan_on_the_table_not_the_fewest_channels():
+    model, x = build("residual")  # groups of 16, 8 and 8 channels
+    _, space = _space(fxc.trace(model, x), round_to=4)
+    loss = width_search.share_loss(SCORERS["l1"](ChannelGraph(fxc.trace(model, x)), None, {}), space)
+
+    def cost(removed):
+        return _blocked_ms(space, removed)
+    fewest = [lv[-1] for lv in space.levels]
+    floor = width_search.fastest(space, cost)
+    assert [g.size - k for g, k in zip(space.groups, floor)] == [8, 8, 8]  # 8 of 16, and 8 of 8 (not 4)
+    assert cost(floor) == pytest.approx(3e-3) and cost(fewest) == pytest.approx(9e-3)
+    p = width_search.Problem(space, cost, 3.5e-3, loss, floor=floor)
+    assert width_search.knapsack(p) == floor and "fallback" not in p.info  # between the floor and the fewest
+    below = width_search.Problem(space, cost, 2.5e-3, loss, floor=floor)
+    assert width_search.knapsack(below) == floor and "fallback" in below.info
+    plan = width_search.uniform(below)  # no uniform share reaches 3.5 ms: the cheapest of them
+    assert "fallback" in below.info and cost(plan) == min(cost(below.nearest(s)) for s in np.arange(0, 1.001, 0.005))
+
+
+class _BlockedPredictor:
+    """A latency model whose cost is ``_blocked_ms`` (stands in for the measured table)."""
+
+    def __init__(self, table, space, shapes):
+        self.space, self.scale, self.const, self.per_volume = space, 1.0, 0.0, 0.0
+
+    def seconds(self, removed):
+        return _blocked_ms(self.space, removed)
+
+    def calibrate(self, points):
+        pass
+
+
+def test_auto_prune_meets_a_budget_below_the_fewest_channels_when_a_wider_plan_is_faster(tmp_path, monkeypatch):
+    measured = []
+
+    def measure_plans(gm, inputs, space, plans, *args, **kwargs):
+        measured.append(dict(plans))
+        return {k: _blocked_ms(space, v) for k, v in plans.items()}
+    monkeypatch.setattr(latency, "build_table", lambda *args, **kwargs: None)
+    monkeypatch.setattr(latency_model, "Predictor", _BlockedPredictor)
+    monkeypatch.setattr(latency_model, "measure_plans", measure_plans)
+    model, x = build("residual")
+    recipe = [{"pass": "auto_prune", "budget": {"latency_ms": 3.5}, "estimate": "share", "round_to": 4}]
+    run = fxc.compile(model, x, recipe).history[1]
+    assert {"fewest", "fastest"} <= set(measured[0])
+    assert run.stats["fastest_ms"] == pytest.approx(3.0) and run.stats["measured_ms"] <= 3.5
+    assert run.stats["fastest_kept"] == run.stats["kept"] == {"down.0": 8, "stem.0": 8, "a.0": 8}
+    recipe[0]["budget"] = {"latency_ms": 2.5}
+    with pytest.raises(fxc.RecipeError, match="3.000 ms with the fastest width plan on the latency table"):
+        fxc.compile(model, x, recipe)
+
+
 def test_the_knapsack_measures_its_loss_unless_told_to_estimate_it_from_scores(tmp_path, monkeypatch):
     model, x = build("residual")
     calibration = [tuple(torch.rand_like(t) for t in x)]

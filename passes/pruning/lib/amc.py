@@ -145,7 +145,10 @@ def amc(p: Problem, lbound: float = 0.2, batch_size: int = 64, memory: int = 200
                 agent.update([replay[i] for i in picks])
         p.log(f"amc episode {episode + 1}: quality {value:.3f} (best {best_value:.3f})")
     p.info.update(episodes=p.evaluations, warmup=warmup, best_quality=round(float(best_value), 4))
-    return best if best is not None else p.nearest(1.0)
+    if best is None:
+        p.info["fallback"] = "no episode's plan met the budget: the cheapest plan"
+        return p.cheapest(p.nearest(1.0))
+    return best
 
 
 def _wall(p: Problem, plan: list[int], t: int, action: float, lbound: float) -> float:
