@@ -1,6 +1,7 @@
 """Every width-search strategy at the same latency budgets on the trained golden models, measured in ONNX Runtime.
 
     python -m fxcompress.bench.search [--models ...] [--strategies ...] [--epochs N] [--json OUT] [--plot OUT.png]
+    python -m fxcompress.bench.search --report OUT.json   # the tables and summary of a saved run
 
 For each model: its fp32 test accuracy; ONNX Runtime's own INT8 of the unpruned model (``quantize_static``, MinMax,
 per-channel, U8S8); the floor (the fastest width plan: every channel group at its fewest channels, or the fastest
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -187,6 +189,19 @@ def accuracy_at(rows: list[dict[str, Any]], ms: float) -> float | None:
     return float(np.interp(ms, [p[0] for p in pts], [p[1] for p in pts]))
 
 
+def latency_for(rows: list[dict[str, Any]], accuracy: float) -> float | None:
+    """The measured latency at which a strategy's results first reach ``accuracy``, going from its fastest result
+    up and interpolating linearly between neighbours (None when none reaches it)."""
+    pts = sorted((r["ms"], r["accuracy"]) for r in rows)
+    for i, (ms, acc) in enumerate(pts):
+        if acc >= accuracy:
+            if i == 0:
+                return ms
+            (ms0, acc0) = pts[i - 1]
+            return ms0 + (accuracy - acc0) * (ms - ms0) / (acc - acc0)
+    return None
+
+
 def summary(report: dict[str, Any]) -> list[str]:
     """What the acceptance asks, read off the measurements."""
     lines = []
@@ -214,6 +229,10 @@ def summary(report: dict[str, Any]) -> list[str]:
             if at is not None:
                 lines.append(f"  at knapsack's {k['ms']:.3f} ms (budget {k['budget']}) uniform reaches {at:.2f} % "
                              f"(interpolated): knapsack {k['accuracy'] - at:+.2f} points at equal latency")
+            ms = latency_for(uniform, k["accuracy"])
+            lines.append(f"  at knapsack's {k['accuracy']:.2f} % (budget {k['budget']}) " + (
+                f"uniform reaches it at {ms:.3f} ms (interpolated): knapsack {(1 - k['ms'] / ms) * 100:+.1f} % time "
+                f"saved at equal accuracy" if ms is not None else "no uniform result is as accurate"))
     over = [f"{r['model']} {r['strategy']}@{r['budget']}" for m in report["models"] for r in m["rows"]
             if not r["within_budget"]]
     lines.append("every result within its budget (+5 %)" if not over else f"over budget (+5 %): {', '.join(over)}")
@@ -294,27 +313,31 @@ def main(argv: list[str] | None = None) -> None:
                         help="fine-tune seeds per result; its accuracy is their mean (default 1)")
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--plot", metavar="OUT.png")
+    parser.add_argument("--report", metavar="IN.json", help="print the tables and summary of a saved --json report "
+                        "(and --plot it) instead of running")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    report: dict[str, Any] = {"cpu": cpu_model(), "epochs": args.epochs, "seeds": args.seeds, "models": []}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fxcompress-search-") as tmp:
-        for name in args.models:
-            report["models"].append(bench_model(name, args.strategies, args.epochs, args.runs, Path(tmp),
-                                                lambda m: print(m, file=sys.stderr, flush=True), tuple(args.ladder),
-                                                args.seeds))
-            if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=1))
-    report["seconds"] = time.perf_counter() - start
-    print(f"CPU: {report['cpu']}; fine-tune {args.epochs} epochs for every strategy, accuracy the mean of "
-          f"{args.seeds} fine-tune seed(s); "
-          f"{report['seconds'] / 60:.0f} min in all")
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+    else:
+        report = {"cpu": cpu_model(), "epochs": args.epochs, "seeds": args.seeds, "models": []}
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="fxcompress-search-") as tmp:
+            for name in args.models:
+                report["models"].append(bench_model(name, args.strategies, args.epochs, args.runs, Path(tmp),
+                                                    lambda m: print(m, file=sys.stderr, flush=True),
+                                                    tuple(args.ladder), args.seeds))
+                if args.json:
+                    Path(args.json).write_text(json.dumps(report, indent=1))
+        report["seconds"] = time.perf_counter() - start
+    print(f"CPU: {report['cpu']}; fine-tune {report['epochs']} epochs for every strategy, accuracy the mean of "
+          f"{report.get('seeds', 1)} fine-tune seed(s); {report.get('seconds', math.nan) / 60:.0f} min in all")
     print(format_table(report))
     print("\n" + pivot(report))
     print("\n" + "\n".join(summary(report)))
-    if args.json:
+    if args.json and not args.report:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(report, args.plot)

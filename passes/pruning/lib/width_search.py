@@ -153,7 +153,7 @@ def uniform(p: Problem) -> list[int]:
         if p.feasible(plan):
             p.info["share"] = round(float(share), 3)
             return plan
-    p.info["fallback"] = "no uniform share meets the budget: the cheapest"
+    p.info["fallback"] = "no uniform share meets the budget: the cheapest share's plan"
     return list(min(plans, key=p.cost))
 
 

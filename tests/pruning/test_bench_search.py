@@ -1,0 +1,32 @@
+"""The search benchmark's comparisons, read off a report: knapsack against uniform at equal latency and at equal
+accuracy."""
+from __future__ import annotations
+
+import pytest
+
+from fxcompress.bench import search
+
+
+def _row(strategy, budget, ms, accuracy):
+    return {"strategy": strategy, "budget": budget, "ms": ms, "accuracy": accuracy, "vs_ort": ms / 2.0,
+            "within_budget": True}
+
+
+def test_accuracy_at_and_latency_for_interpolate_between_measured_results():
+    rows = [_row("uniform", 0.9, 2.0, 88.0), _row("uniform", 0.7, 1.6, 86.0), _row("uniform", 0.5, 1.2, 80.0)]
+    assert search.accuracy_at(rows, 1.4) == pytest.approx(83.0)
+    assert search.accuracy_at(rows, 1.0) is None and search.accuracy_at(rows, 2.1) is None
+    assert search.latency_for(rows, 83.0) == pytest.approx(1.4)  # from the fastest up: first reached at 1.4 ms
+    assert search.latency_for(rows, 79.0) == pytest.approx(1.2)
+    assert search.latency_for(rows, 88.5) is None
+
+
+def test_the_summary_compares_knapsack_and_uniform_at_equal_latency_and_equal_accuracy():
+    rows = [_row("uniform", 0.9, 2.0, 88.0), _row("uniform", 0.5, 1.2, 80.0), _row("knapsack", 0.7, 1.4, 86.0)]
+    report = {"models": [{"model": "m", "fp32": 86.5, "budgets": [0.9, 0.7, 0.5], "rows": rows,
+                          "floor": {"measured_ms": 1.0}, "int8_ms": 2.0}]}
+    lines = search.summary(report)
+    assert any("uniform reaches 82.00 %" in line and "+4.00 points at equal latency" in line for line in lines)
+    # uniform reaches 86 % at 1.8 ms: knapsack's 1.4 ms saves 22.2 %
+    assert any("uniform reaches it at 1.800 ms" in line and "+22.2 % time saved" in line for line in lines)
+    assert lines[0].startswith("m: fastest within 1 point of fp32") and "knapsack at budget 0.7" in lines[0]
