@@ -243,6 +243,21 @@ def test_auto_prune_meets_a_budget_below_the_fewest_channels_when_a_wider_plan_i
         fxc.compile(model, x, recipe)
 
 
+def test_when_no_searched_plan_measures_within_the_budget_the_floor_measured_within_it_is_taken(tmp_path,
+                                                                                                   monkeypatch):
+    def measure_plans(gm, inputs, space, plans, *args, **kwargs):  # every confirmed plan runs 30 % over its prediction
+        return {k: _blocked_ms(space, v) * (1.3 if k == "plan" else 1) for k, v in plans.items()}
+    monkeypatch.setattr(latency, "build_table", lambda *args, **kwargs: None)
+    monkeypatch.setattr(latency_model, "Predictor", _BlockedPredictor)
+    monkeypatch.setattr(latency_model, "measure_plans", measure_plans)
+    model, x = build("residual")
+    recipe = [{"pass": "auto_prune", "budget": {"latency_ms": 3.5}, "estimate": "share", "round_to": 4,
+               "confirm": 3}]
+    run = fxc.compile(model, x, recipe).history[1]
+    assert run.stats["kept"] == run.stats["fastest_kept"] and run.stats["measured_ms"] == pytest.approx(3.0)
+    assert "floor" in run.stats["fallback"] and any("the floor plan" in n for n in run.notes)
+
+
 def test_the_knapsack_measures_its_loss_unless_told_to_estimate_it_from_scores(tmp_path, monkeypatch):
     model, x = build("residual")
     calibration = [tuple(torch.rand_like(t) for t in x)]
