@@ -73,8 +73,7 @@ def floor(name: str, work: Path) -> dict[str, Any]:
     shapes = latency.layer_shapes(gm)
     space = WidthSpace(cg, SCORERS["l1"](cg, None, {}), shapes, groups, latency.ALIGN)
     table = latency.build_table(shapes.values(), "ort-int8", THREADS)
-    plans = {"fewest": [lv[-1] for lv in space.levels],
-             "fastest": width_search.fastest(space, latency_model.Predictor(table, space, shapes).seconds)}
+    plans = width_search.floor_plans(space, latency_model.Predictor(table, space, shapes).seconds)
     prepared = {"full": latency_model.prepared(gm, "ort-int8", inputs)}
     for key, plan in plans.items():
         module = latency_model.pruned(gm, inputs, latency_model.targets(space, plan, graph_signature(gm)))

@@ -30,7 +30,6 @@ width.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -267,15 +266,13 @@ class _Search:
             plans = latency_model.calibration_plans(space, p.seed)
             # the floor: every group at its fewest channels, or the fastest plan on the table when that differs
             # (blocked kernels run some widths slower than wider ones); both are measured, the faster is the floor
-            plans["fewest"] = [lv[-1] for lv in space.levels]
-            fastest = width_search.fastest(space, predictor.seconds)
-            if fastest != plans["fewest"]:
-                plans["fastest"] = fastest
+            floors = width_search.floor_plans(space, predictor.seconds)
+            plans.update(floors)
             seconds = self.measure(plans)
             predictor.calibrate([(v, seconds[k]) for k, v in plans.items()])
             full = seconds["full"]
             target = p.value * full if p.kind == "latency" else p.value / 1e3
-            floor = min(("fewest", "fastest"), key=lambda k: seconds.get(k, math.inf))
+            floor = min(floors, key=seconds.__getitem__)
             self.floor = plans[floor]
             stats.update(full_ms=round(full * 1e3, 4), budget_ms=round(target * 1e3, 4),
                          fastest_ms=round(seconds[floor] * 1e3, 4),

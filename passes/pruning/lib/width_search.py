@@ -143,6 +143,16 @@ def fastest(space: WidthSpace, cost: Callable[[list[int]], float], sweeps: int =
     return plan
 
 
+def floor_plans(space: WidthSpace, cost: Callable[[list[int]], float]) -> dict[str, list[int]]:
+    """The candidates for the floor, to be measured (the faster is the floor): every group at its fewest channels
+    (``fewest``) and, when it differs, the cheapest plan on ``cost`` (``fastest``)."""
+    plans = {"fewest": [lv[-1] for lv in space.levels]}
+    cheapest = fastest(space, cost)
+    if cheapest != plans["fewest"]:
+        plans["fastest"] = cheapest
+    return plans
+
+
 # ---- uniform -------------------------------------------------------------------------------------------------
 
 def uniform(p: Problem) -> list[int]:
