@@ -38,7 +38,6 @@ from ..api import compile as compile_model
 from ..errors import RecipeError
 from ..export.onnx import export_onnx
 from ..export.ort import session
-from ..plans import graph_signature
 from ..timing import alternated_latency, cpu_model
 from ..tracing import trace
 from .runner import onnx_outputs, ort_int8_model
@@ -74,14 +73,12 @@ def floor(name: str, work: Path) -> dict[str, Any]:
     space = WidthSpace(cg, SCORERS["l1"](cg, None, {}), shapes, groups, latency.ALIGN)
     table = latency.build_table(shapes.values(), "ort-int8", THREADS)
     plans = width_search.floor_plans(space, latency_model.Predictor(table, space, shapes).seconds)
-    prepared = {"full": latency_model.prepared(gm, "ort-int8", inputs)}
-    for key, plan in plans.items():
-        module = latency_model.pruned(gm, inputs, latency_model.targets(space, plan, graph_signature(gm)))
-        prepared[key] = latency_model.prepared(module, "ort-int8", inputs)
-    seconds = latency_model.measure(prepared, inputs, THREADS, runs=100)
+    prepared: dict[tuple[int, ...], Any] = {}
+    seconds = latency_model.measure_plans(gm, inputs, space, {"full": space.full(), **plans}, "ort-int8", THREADS,
+                                          runs=100, cache=prepared)
     key = min(plans, key=seconds.__getitem__)
     path = work / f"{name}-floor.onnx"
-    path.write_bytes(prepared[key])
+    path.write_bytes(prepared[tuple(plans[key])])
     return {"full_ms": seconds["full"] * 1e3, "floor_ms": seconds[key] * 1e3, "plan": key,
             "kept": {g.name: g.size - k for g, k in zip(groups, plans[key])},
             "floor": seconds[key] / seconds["full"], "path": str(path)}

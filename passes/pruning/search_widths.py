@@ -185,7 +185,8 @@ class _Search:
         self.scores = scores
         self.stats, self.notes = stats, []
         self.prepared: dict[tuple[int, ...], object] = {}  # plan -> its prepared model, for measuring it again
-        self.floor: list[int] | None = None  # the fastest plan measured (latency budgets)
+        self.floor: list[int] | None = None  # the fastest plan measured (latency budgets) and its seconds
+        self.floor_s = float("inf")
 
     def _recalibration(self, quality: PlanQuality) -> None:
         self.stats["recalibrated_bn"] = len(quality.norms)
@@ -237,7 +238,7 @@ class _Search:
                 problem.budget = target * factor
                 problem.info.clear()
                 removed = STRATEGIES[p.strategy](problem)
-        floor_s = stats["fastest_ms"] / 1e3  # measured beside the unpruned model when the search began
+        floor_s = self.floor_s  # measured beside the unpruned model when the search began
         if feasible:
             _, plan_s, removed, info = max(feasible, key=lambda f: f[:2])
         elif floor_s <= target:  # the floor was measured within the budget: a plan that meets it, if the narrowest
@@ -273,7 +274,7 @@ class _Search:
             full = seconds["full"]
             target = p.value * full if p.kind == "latency" else p.value / 1e3
             floor = min(floors, key=seconds.__getitem__)
-            self.floor = plans[floor]
+            self.floor, self.floor_s = plans[floor], seconds[floor]
             stats.update(full_ms=round(full * 1e3, 4), budget_ms=round(target * 1e3, 4),
                          fastest_ms=round(seconds[floor] * 1e3, 4),
                          fastest_kept={g.name: g.size - k for g, k in zip(space.groups, self.floor)})

@@ -46,7 +46,7 @@ class Problem:
     evaluations: int = 200  # how many plans the quality function may score
     log: Callable[[str], None] = lambda message: None
     info: dict = dataclasses.field(default_factory=dict)  # what the strategy reports (stats)
-    floor: list[int] | None = None  # the fastest plan known (``fastest``), when not every group at its fewest
+    floor: list[int] | None = None  # the fastest plan measured (``floor_plans``), for latency budgets
 
     def __post_init__(self) -> None:
         cost, memo = self.cost, {}
@@ -158,8 +158,9 @@ def floor_plans(space: WidthSpace, cost: Callable[[list[int]], float]) -> dict[s
 def uniform(p: Problem) -> list[int]:
     """The smallest share (in steps of 0.5 %) whose plan meets the budget; when none does, the share whose plan
     costs least (not necessarily the largest: see ``fastest``)."""
-    plans = [p.nearest(share) for share in np.arange(0.0, 1.0 + 1e-9, 0.005)]
-    for share, plan in zip(np.arange(0.0, 1.0 + 1e-9, 0.005), plans):
+    shares = np.arange(0.0, 1.0 + 1e-9, 0.005)
+    plans = [p.nearest(share) for share in shares]
+    for share, plan in zip(shares, plans):
         if p.feasible(plan):
             p.info["share"] = round(float(share), 3)
             return plan
