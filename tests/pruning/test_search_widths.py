@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fxcompress.passes.pruning import search_widths
 from fxcompress.passes.pruning.lib import amc, latency, latency_model, width_search
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.plan_quality import PlanQuality, sqnr_db
@@ -399,10 +400,10 @@ def test_a_missed_budget_is_searched_again_and_the_best_plan_measured_within_it_
     run = result.history[1]
     attempts = [n for n in run.notes if n.startswith("attempt")]
     assert len(attempts) == len(confirmations) == run.stats["confirmations"] >= 3
-    assert "> budget" in attempts[0] and "<= budget" in attempts[1]  # missed, then met at a lowered target
-    met = [float(n.split("estimated loss ")[1].rstrip(")")) for n in attempts if "<= budget" in n]
+    assert " > " in attempts[0] and " <= " in attempts[1]  # missed, then met at a lowered target
+    met = [float(n.split("estimated loss ")[1].rstrip(")")) for n in attempts if " <= " in n]
     assert run.stats["estimated_loss"] == pytest.approx(min(met), rel=1e-5)
-    assert run.stats["measured_ms"] <= run.stats["budget_ms"]
+    assert run.stats["measured_ms"] <= run.stats["budget_ms"] * (1 - search_widths.CONFIRM_MARGIN)
 
 
 def _scored_problem(arch="residual", budget=0.5, evaluations=40):
