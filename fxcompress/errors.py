@@ -47,6 +47,10 @@ class ExportError(FxCompressError):
     """The module could not be exported to ONNX."""
 
 
+class SaveError(FxCompressError):
+    """The module holds something the portable format cannot describe."""
+
+
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """``" Did you mean 'x'?"`` for the closest valid name, or an empty string."""
     close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)

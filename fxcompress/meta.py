@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .modules import Observer
 
@@ -132,10 +133,11 @@ def side_effect_free(gm: torch.nn.Module) -> Iterator[None]:
 
 
 def _plain(value: Any) -> Any:
-    """The Interpreter returns the output node's immutable_dict/immutable_list; the generated code plain ones."""
-    if isinstance(value, dict):
+    """The Interpreter returns the output node's immutable_dict/immutable_list; the generated code plain ones.
+    Other container classes (an OrderedDict the graph's code rebuilt) stay what they are."""
+    if type(value) in (dict, immutable_dict):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if type(value) in (list, immutable_list):
         return [_plain(v) for v in value]
     if type(value) is tuple:
         return tuple(_plain(v) for v in value)
@@ -185,6 +187,8 @@ def writes_in_place(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("_") or node.target == "__setitem__"
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # an ATen op (torch.export's graphs): its schema says
+            return node.target._schema.is_mutable
         name = getattr(node.target, "__name__", "")
         return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
     if node.op == "call_module" and node.graph.owning_module is not None:

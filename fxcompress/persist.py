@@ -42,8 +42,8 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.node import _get_qualified_name
 
-from . import modules
-from .errors import FxCompressError, InputError
+from . import modules, outputs
+from .errors import InputError, SaveError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ _DUNDER_METHODS = frozenset(f"__{n}__" for n in (
     "getitem", "setitem", "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv",
     "itruediv", "floordiv", "rfloordiv", "mod", "rmod", "pow", "rpow", "matmul", "rmatmul", "and", "or", "xor", "neg",
     "pos", "abs", "invert", "lt", "le", "gt", "ge", "eq", "ne", "lshift", "rshift", "len", "contains"))
-
-
-class SaveError(FxCompressError):
-    """The module holds something the portable format cannot describe."""
 
 
 class ArchitectureMismatch(InputError, RuntimeError):
@@ -275,9 +271,12 @@ class _Encoder:
         if isinstance(codegen, torch.fx.graph._PyTreeCodeGen):
             info = codegen.pytree_info
             spec = torch.utils._pytree.treespec_dumps
+            specs = [t for t in (info.in_spec, info.out_spec) if t is not None]
+            classes = [outputs.record(cls, where) for cls in outputs.spec_classes(specs)]  # first: makes them dumpable
             out["pytree"] = {"orig_args": list(info.orig_args),
                              "in_spec": spec(info.in_spec) if info.in_spec is not None else None,
-                             "out_spec": spec(info.out_spec) if info.out_spec is not None else None}
+                             "out_spec": spec(info.out_spec) if info.out_spec is not None else None,
+                             "classes": classes}
         elif type(codegen) is not torch.fx.graph.CodeGen:
             raise SaveError(f"{where}: the graph's code generator {type(codegen).__name__} cannot be saved.")
         return out
@@ -453,6 +452,8 @@ class _Decoder:
             nodes[name] = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
         if "pytree" in record:
             info = record["pytree"]
+            for name, kind in info.get("classes", []):
+                outputs.register(self.resolve.cls(name, f"{where}, output"), kind, where)
             load = torch.utils._pytree.treespec_loads
             graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(
                 info["orig_args"], load(info["in_spec"]) if info["in_spec"] else None,

@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from . import meta
+from . import capture, meta, outputs
 from .errors import (
     InputError,
     TracingError,
@@ -46,6 +46,8 @@ class TraceInfo:
     auto_leaves: dict[str, str]  # qualified name -> why it could not be traced
     inlined_functions: tuple[str, ...] = ()  # custom autograd.Functions traced through (their backward is lost)
     copied_inputs: tuple[str, ...] = ()  # inputs the forward modifies in place: the graph copies them first
+    front_end: str = "fx"  # "fx" (symbolic tracing) or "export" (torch.export, when symbolic tracing failed)
+    fx_failure: str = ""  # why symbolic tracing failed, when torch.export made the graph
 
 
 FLOAT_DTYPES = (torch.float32, torch.float64)  # float16/bfloat16 would fail the float32 tolerances of every check
@@ -107,6 +109,15 @@ class _Tracer(torch.fx.Tracer):
         if not node.stack_trace and node.op not in ("placeholder", "output"):  # made outside the forward
             node.stack_trace = user_frame_text(sys._getframe(1))
         return node
+
+    def create_arg(self, a: Any) -> Any:
+        """fx records containers by their base type (a dict subclass as a dict) and cannot record a dataclass:
+        its leaves are recorded as a list, and ``outputs.restore`` gives the outputs their own classes
+        back."""
+        if dataclasses.is_dataclass(a) and not isinstance(a, (type, dict)):
+            outputs.register_dataclass(type(a))
+            return super().create_arg(pytree.tree_leaves(a))
+        return super().create_arg(a)
 
     def iter(self, obj):
         """Iterating the result of split/chunk/unbind with a known count (``list(x.split((a, b), 1))``)."""
@@ -246,11 +257,30 @@ def trace(
             auto[failure.qualname] = reason
             leaves.add(failure.qualname)
         except Exception as exc:  # noqa: BLE001
-            raise _top_level_error(model, exc) from exc
+            error = _top_level_error(model, exc)
+            if names or types or concrete_args:  # the user shaped the trace: no other front end second-guesses it
+                raise error from exc
+            return _exported(model, inputs, start, error)
     else:  # pragma: no cover - each retry adds a new leaf, so this needs more retries than modules
         raise TracingError(f"cannot trace {type(model).__name__}: retried with every submodule as a leaf.")
 
     return _finish(model, root, graph, root, inputs, names, auto, start, tuple(tracer.inlined))
+
+
+def _exported(model: torch.nn.Module, inputs: tuple, start: float, fx_error: TracingError) -> torch.fx.GraphModule:
+    """The graph of the second front end (``capture``: torch.export, normalised) for a model symbolic tracing
+    cannot trace; when torch.export fails too, the symbolic tracing error, with export's reason added."""
+    root = copy_tree(model)
+    try:
+        graph = capture.export_graph(root, inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise TracingError(f"{fx_error}\n  torch.export could not capture it either: {_describe_cause(exc)}") \
+            from exc
+    log.info("%s: symbolic tracing failed (%s); captured with torch.export", type(model).__name__, fx_error)
+    gm = _finish(model, root, graph, root, inputs, set(), {}, start)
+    info = gm.meta[meta.TRACE_INFO]
+    gm.meta[meta.TRACE_INFO] = dataclasses.replace(info, front_end="export", fx_failure=str(fx_error))
+    return gm
 
 
 def check_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None = None) -> None:
@@ -382,6 +412,14 @@ def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs
                            f"{_describe_cause(exc)}") from exc
     exp_leaves, exp_spec = pytree.tree_flatten(expected)
     got_leaves, got_spec = pytree.tree_flatten(got)
+    unknown = outputs.unknown_container(expected)
+    if exp_spec != got_spec and unknown is None and outputs.restore(gm, exp_spec, got):
+        got_leaves, got_spec = pytree.tree_flatten(meta.propagate(gm, tuple(t.clone() for t in inputs)))
+    if exp_spec != got_spec and unknown is not None:
+        raise TracingError(f"{type(root).__name__} returns a {unknown.__module__}.{unknown.__qualname__}, a container "
+                           f"torch's pytree does not know, so its contents cannot be traced back into it: register "
+                           f"the class (torch.utils._pytree.register_pytree_node(cls, flatten, unflatten, "
+                           f"serialized_type_name=...)) or return a dict, tuple or dataclass.")
     if exp_spec != got_spec:
         raise TracingError(f"the traced graph of {type(root).__name__} returns {got_spec}, the model {exp_spec}; "
                            f"the forward has Python-side behaviour tracing cannot see. Use concrete_args.")

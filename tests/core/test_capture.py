@@ -1,0 +1,109 @@
+"""The second front end: a forward symbolic tracing cannot run (item assignment, loops over sizes) is captured by
+torch.export and normalised to the graph the passes read (built-in layers as modules, ATen ops as the functions
+the registry knows), with batch and sequence dimensions left dynamic."""
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxcompress as fxc
+from fxcompress import meta
+
+
+class Encoder(nn.Module):
+    """A small BERT-like block written as transformers writes it: a mask assigned into, sizes unpacked and looped
+    over, scaled-dot-product attention, LayerNorm, a GELU FFN, and a conv + BatchNorm branch."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(100, d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln = nn.LayerNorm(d)
+        self.ff1, self.act, self.ff2 = nn.Linear(d, 64), nn.GELU(), nn.Linear(64, d)
+        self.conv, self.bn = nn.Conv1d(d, d, 3, padding=1), nn.BatchNorm1d(d)
+
+    def forward(self, ids, mask):
+        x = self.emb(ids)
+        batch, length, width = x.shape
+        mask = mask.clone()
+        mask[:, 0] = 1  # item assignment: symbolic tracing stops here
+        q, k, v = (lin(x).view(batch, length, self.heads, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].to(torch.bool))
+        x = self.ln(x + self.o(a.transpose(1, 2).reshape(batch, length, width)))
+        x = x + self.ff2(self.act(self.ff1(x)))
+        x = x + self.bn(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return {"hidden": x, "pooled": x[:, 0]}
+
+
+def _inputs(batch=2, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[:, length - 2:] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Encoder().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def test_a_forward_symbolic_tracing_cannot_run_is_captured_by_export(model):
+    gm = fxc.trace(model, _inputs())
+    info = gm.meta[meta.TRACE_INFO]
+    assert info.front_end == "export" and "item assignment" in info.fx_failure
+    layers = {n.target: type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
+    assert layers == {"emb": nn.Embedding, "q": nn.Linear, "k": nn.Linear, "v": nn.Linear, "o": nn.Linear,
+                      "ln": nn.LayerNorm, "ff1": nn.Linear, "act": nn.GELU, "ff2": nn.Linear, "conv": nn.Conv1d,
+                      "bn": nn.BatchNorm1d}
+    aten = [n for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    assert not aten, aten  # every op of this model has a function the registry knows
+    for batch, length in ((1, 7), (3, 11)):  # batch and sequence stay dynamic (a batch of one included)
+        x = _inputs(batch, length, seed=1)
+        out, want = gm(*x), model(*x)
+        assert type(out) is dict and out.keys() == want.keys()
+        assert all(torch.equal(out[k], want[k]) for k in want)
+
+
+def test_passes_run_on_the_exported_graph(model, tmp_path):
+    x = _inputs()
+    folded = fxc.compile(model, x, [{"pass": "fold_bn"}])
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.module.modules())
+    assert torch.allclose(folded.module(*x)["hidden"], model(*x)["hidden"], atol=1e-5)
+    loaded = fxc.load(folded.save(tmp_path / "m.pt"))
+    assert all(torch.equal(loaded(*x)[k], folded.module(*x)[k]) for k in ("hidden", "pooled"))
+    session = ort.InferenceSession(str(folded.export_onnx(tmp_path / "m.onnx")))
+    got = session.run(None, {"ids": x[0].numpy(), "mask": x[1].numpy()})
+    assert abs(got[0] - folded.module(*x)["hidden"].detach().numpy()).max() < 1e-4
+
+    mask = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5, "mode": "mask"}])
+    removed = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
+    assert removed.after.macs < 0.8 * removed.before.macs
+    assert removed.module.get_submodule("ff1").out_features == 32  # the FFN's intermediate width
+    for k in ("hidden", "pooled"):
+        assert torch.allclose(removed.module(*x)[k], mask.module(*x)[k], atol=1e-4)
+
+
+def test_a_model_neither_front_end_can_capture_names_both_reasons():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # a branch on values
+                return x.relu()
+            return -x
+    with pytest.raises(fxc.TracingError, match="(?s)symbolically traced.*torch.export could not capture it either"):
+        fxc.trace(DataDependent(), (torch.randn(2, 3),))
+
+
+def test_leaf_modules_or_concrete_args_keep_symbolic_tracing_the_only_front_end(model):
+    with pytest.raises(fxc.TracingError, match="item assignment") as err:
+        fxc.trace(model, _inputs(), leaf_modules=["emb"])
+    assert "torch.export" not in str(err.value)
