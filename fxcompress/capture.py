@@ -31,20 +31,24 @@ from . import meta, ops
 from .tree import named_modules
 
 _DROPPED = frozenset({"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
-                      "sym_constrain_range", "_assert_async", "_assert_async.msg"})
-_IDENTITY = frozenset({"alias", "lift_fresh_copy", "contiguous", "_to_copy_no_op"})
+                      "sym_constrain_range", "_assert_async"})
+_IDENTITY = frozenset({"alias", "lift_fresh_copy"})
 _FACTORY_ONLY_KWARGS = ("pin_memory",)  # ATen factory arguments the Python functions do not take
 _MAX_END = 2 ** 63 - 1  # ATen's "to the end" of a slice
 
 
-def export_graph(model: nn.Module, inputs: tuple) -> torch.fx.Graph:
+def export_graph(model: nn.Module, inputs: tuple, keywords: tuple[str, ...] | None = None) -> torch.fx.Graph:
     """The graph torch.export records for ``model`` on ``inputs`` (every input dimension dynamic where the model lets
     it be; a batch of one is exported as two, so that it is not fixed at one), normalised (module docstring).  The
     constants export lifts out of the forward become non-persistent buffers of ``model`` (a copy the caller owns),
-    under the names the graph reads them by."""
+    under the names the graph reads them by.  ``keywords``: the inputs are the forward's arguments of those names."""
     dims = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in inputs)
     probe = tuple(torch.cat([t, t]) if t.dim() >= 2 and t.shape[0] == 1 else t for t in inputs)
-    program = torch.export.export(model, probe, dynamic_shapes=dims, strict=False)
+    if keywords:
+        program = torch.export.export(model, (), dict(zip(keywords, probe)), strict=False,
+                                      dynamic_shapes=dict(zip(keywords, dims)))
+    else:
+        program = torch.export.export(model, probe, dynamic_shapes=dims, strict=False)
     exported = program.module()
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, Any] = {}
@@ -52,12 +56,13 @@ def export_graph(model: nn.Module, inputs: tuple) -> torch.fx.Graph:
         if node.op == "get_attr":
             value = _attribute(exported, node.target)
             if isinstance(value, torch.Tensor) and not _has_tensor(model, node.target):
-                model.register_buffer(node.target, value.detach().clone(), persistent=False)
+                owner, _, name = node.target.rpartition(".")
+                model.get_submodule(owner).register_buffer(name, value.detach().clone(), persistent=False)
         env[node] = _copy_node(graph, node, env)
     _collapse_layers(graph, model)
     for node in list(graph.nodes):
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            _to_torch(graph, node)
+            _to_torch(node)
     graph.owning_module = model  # the purity check of call_module nodes looks the modules up
     meta.eliminate_dead_code(graph)
     graph.owning_module = None
@@ -144,12 +149,19 @@ def _is_tensor(node: torch.fx.Node) -> bool:
 
 # ---- ATen ops back to the functions the registry knows -------------------------------------------------------------
 
-def _to_torch(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+_OPERATORS = {f"__{n}__": getattr(operator, n.rstrip("_") + "_" if n in ("and", "or") else n)
+              for n in ("and", "or", "xor", "invert", "lshift", "rshift")}
+
+
+def _to_torch(node: torch.fx.Node) -> None:
     """Retarget an ATen call to the function or Tensor method of the same meaning, where there is one."""
     name = node.target.overloadpacket.__name__
     special = _SPECIAL.get(name)
     if special is not None:
         special(node)
+        return
+    if name in _OPERATORS:
+        node.target = _OPERATORS[name]
         return
     kwargs = {k: v for k, v in node.kwargs.items() if k not in _FACTORY_ONLY_KWARGS}
     schema = node.target._schema
@@ -226,11 +238,12 @@ def _pad(node: torch.fx.Node) -> None:
     _set(node, "call_function", F.pad, (x, pad), {"value": value})
 
 
-def _to_copy(node: torch.fx.Node) -> None:
-    _set(node, "call_method", "to", node.args[:1], {k: v for k, v in node.kwargs.items()
-                                                      if k in ("dtype", "device")})
+def _to(node: torch.fx.Node) -> None:
+    """``aten.to`` and ``aten._to_copy`` in every overload: ``Tensor.to`` (which takes no ``layout``)."""
+    _set(node, "call_method", "to", node.args, {k: v for k, v in node.kwargs.items()
+                                                if k in ("dtype", "device", "non_blocking", "copy", "memory_format")})
 
 
 _SPECIAL = {"slice": _slice, "index": _index, "sym_size": _sym_size, "embedding": _embedding,
             "layer_norm": _layer_norm, "group_norm": _group_norm, "batch_norm": _batch_norm, "_softmax": _softmax,
-            "constant_pad_nd": _pad, "_to_copy": _to_copy}
+            "constant_pad_nd": _pad, "_to_copy": _to, "to": _to}

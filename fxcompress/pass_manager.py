@@ -126,8 +126,9 @@ class PassManager:
         (``fxc.load_plans``, an earlier ``result.plans``) are applied by their planners instead of deciding again."""
         inputs = _check_data(example_inputs, calibration_data, train_data, eval_fn)
         given = self._given(plans)
+        by_name = dict(zip(example_inputs, inputs)) if isinstance(example_inputs, dict) else inputs
         with _heap_frozen():
-            gm = trace(model, inputs, share_tensors=True, **trace_options)
+            gm = trace(model, by_name, share_tensors=True, **trace_options)
         if self.dump is not None:
             self.dump.write_initial(gm)
         return CompileContext(gm=gm, example_inputs=inputs, calibration_data=calibration_data, train_data=train_data,

@@ -71,7 +71,26 @@ def _watch_autograd_functions(tracer: _Tracer):
                 raise _CustomFunctionCall(f"it calls the custom autograd.Function {cls.__qualname__}, whose backward "
                                           f"tracing cannot keep")
             tracer.inlined.append(cls.__qualname__)
-        return original.__func__(cls, *args, **kwargs)
+        return original.__get__(None, cls)(*args, **kwargs)  # a classmethod, or in C a classmethod_descriptor
+
+    base.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        base.apply = original
+
+
+@contextlib.contextmanager
+def _record_autograd_functions(inlined: list[str]):
+    """While torch.export captures a forward, every custom ``torch.autograd.Function`` it calls (export keeps its
+    forward's ops and loses its backward) is recorded in ``inlined``, so that the training passes refuse the graph."""
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if not cls.__module__.startswith("torch."):
+            inlined.append(cls.__qualname__)
+        return original.__get__(None, cls)(*args, **kwargs)
 
     base.apply = classmethod(apply)
     try:
@@ -167,9 +186,15 @@ def _split_count(node: torch.fx.Node) -> int | None:
 
 
 def normalize_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple:
-    """A tuple of tensors from a tensor or a tuple/list of tensors; anything else is an InputError."""
+    """A tuple of tensors from a tensor, a tuple/list of tensors or a dict of them by argument name (the forward's
+    keyword arguments, in the order the compiled module takes them); anything else is an InputError."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if isinstance(example_inputs, dict) and example_inputs:
+        bad = [k for k, v in example_inputs.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise InputError(f"{what} as a dict maps argument names to tensors; {bad[0]!r} does not.")
+        return tuple(example_inputs.values())
     if isinstance(example_inputs, (tuple, list)) and example_inputs:
         leaves = pytree.tree_leaves(tuple(example_inputs))
         if all(isinstance(t, torch.Tensor) for t in leaves):
@@ -177,7 +202,8 @@ def normalize_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple
         bad = next(type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor))
         raise InputError(f"{what} must hold tensors only; found a {bad}. Pass non-tensor arguments through concrete_args.")
     raise InputError(
-        f"{what} must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}. "
+        f"{what} must be a tensor, a non-empty tuple of tensors or a dict of them by argument name, got "
+        f"{type(example_inputs).__name__}. "
         f"Example: fxc.compile(model, (torch.randn(1, 3, 224, 224),), recipe)."
     )
 
@@ -221,7 +247,8 @@ def trace(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     inputs = normalize_inputs(example_inputs)
-    check_model(model, inputs, concrete_args)
+    keywords = tuple(example_inputs) if isinstance(example_inputs, dict) else None
+    check_model(model, inputs, concrete_args, keywords)
     start = time.perf_counter()
     try:
         root = copy_tree(model, share_tensors)
@@ -241,6 +268,12 @@ def trace(
             raise InputError(unknown_name_message("submodule", leaf, [k for k in known if k]))
     leaves = set(names)
     auto: dict[str, str] = {}
+    if keywords is not None and not _leading_positional(model, keywords):
+        if names or types or concrete_args:
+            raise InputError(f"example_inputs name {', '.join(keywords)}, which are not the leading positional "
+                             f"arguments of {type(model).__name__}.forward: symbolic tracing (which leaf_modules= and "
+                             f"concrete_args= shape) cannot take them; give them in the forward's order.")
+        return _exported(model, inputs, start, None, keywords)
     if _Tracer(leaves, types).is_leaf_module(root, ""):
         holder, graph = _wrap_leaf_root(root, len(inputs))
         return _finish(model, holder, graph, root, inputs, names, auto, start)
@@ -260,30 +293,50 @@ def trace(
             error = _top_level_error(model, exc)
             if names or types or concrete_args:  # the user shaped the trace: no other front end second-guesses it
                 raise error from exc
-            return _exported(model, inputs, start, error)
+            return _exported(model, inputs, start, error, keywords)
     else:  # pragma: no cover - each retry adds a new leaf, so this needs more retries than modules
         raise TracingError(f"cannot trace {type(model).__name__}: retried with every submodule as a leaf.")
 
     return _finish(model, root, graph, root, inputs, names, auto, start, tuple(tracer.inlined))
 
 
-def _exported(model: torch.nn.Module, inputs: tuple, start: float, fx_error: TracingError) -> torch.fx.GraphModule:
+def _exported(model: torch.nn.Module, inputs: tuple, start: float, fx_error: TracingError | None,
+              keywords: tuple[str, ...] | None) -> torch.fx.GraphModule:
     """The graph of the second front end (``capture``: torch.export, normalised) for a model symbolic tracing
-    cannot trace; when torch.export fails too, the symbolic tracing error, with export's reason added."""
+    cannot trace (``fx_error``) or cannot call (inputs by keyword); when torch.export fails too, the symbolic
+    tracing error, with export's reason added."""
+    why = str(fx_error) if fx_error is not None else f"inputs by keyword ({', '.join(keywords or ())})"
     root = copy_tree(model)
+    inlined: list[str] = []
     try:
-        graph = capture.export_graph(root, inputs)
+        with _record_autograd_functions(inlined):
+            graph = capture.export_graph(root, inputs, keywords)
     except Exception as exc:  # noqa: BLE001
+        if fx_error is None:
+            raise TracingError(f"cannot capture {type(model).__name__} with torch.export: "
+                               f"{_describe_cause(exc)}") from exc
         raise TracingError(f"{fx_error}\n  torch.export could not capture it either: {_describe_cause(exc)}") \
             from exc
-    log.info("%s: symbolic tracing failed (%s); captured with torch.export", type(model).__name__, fx_error)
-    gm = _finish(model, root, graph, root, inputs, set(), {}, start)
+    log.info("%s: captured with torch.export (symbolic tracing: %s)", type(model).__name__, why)
+    gm = _finish(model, root, graph, root, inputs, set(), {}, start, tuple(dict.fromkeys(inlined)), keywords)
     info = gm.meta[meta.TRACE_INFO]
-    gm.meta[meta.TRACE_INFO] = dataclasses.replace(info, front_end="export", fx_failure=str(fx_error))
+    gm.meta[meta.TRACE_INFO] = dataclasses.replace(info, front_end="export", fx_failure=why)
     return gm
 
 
-def check_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None = None) -> None:
+def _leading_positional(model: torch.nn.Module, keywords: tuple[str, ...]) -> bool:
+    """Whether the keywords are the forward's first positional parameters, in order (then calling by position is
+    the same call)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(positional[:len(keywords)]) == keywords
+
+
+def check_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None = None,
+                keywords: tuple[str, ...] | None = None) -> None:
     """What fxcompress cannot compile, said before it is tried: wrappers (torch.compile, TorchScript), weights
     without values (meta) or off the CPU, dtypes other than float32, forwards that take no positional inputs,
     concrete_args naming no argument."""
@@ -323,12 +376,18 @@ def check_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict[str, 
         return
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required_kw = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
-    if required_kw and not any(p.kind is p.VAR_POSITIONAL for p in params) and len(positional) < len(inputs):
+    names = [p.name for p in params]
+    if keywords is not None:
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        unknown = [k for k in keywords if k not in names and not takes_any]
+        if unknown:
+            raise InputError(f"example_inputs names {unknown[0]!r}, which {name}.forward does not take."
+                             f"{did_you_mean(unknown[0], names)} Its arguments: {', '.join(names) or '(none)'}.")
+    elif required_kw and not any(p.kind is p.VAR_POSITIONAL for p in params) and len(positional) < len(inputs):
         raise InputError(f"{name}.forward takes {', '.join(required_kw)} as keyword-only arguments; fxcompress calls "
-                         f"forward with the example inputs by position. Wrap the model in a module whose forward "
-                         f"takes them positionally (def forward(self, x): return self.model(x=x)).")
+                         f"forward with the example inputs by position. Give them by name instead (example_inputs="
+                         f"{{{required_kw[0]!r}: tensor, ...}}).")
     if concrete_args:
-        names = [p.name for p in params]
         for key in concrete_args:
             if key not in names:
                 raise InputError(f"concrete_args names {key!r}, which {name}.forward does not take."
@@ -352,7 +411,7 @@ def _wrap_leaf_root(module: torch.nn.Module, n_inputs: int) -> tuple[torch.nn.Mo
     return holder, graph
 
 
-def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=()) -> torch.fx.GraphModule:
+def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=(), keywords=None) -> torch.fx.GraphModule:
     """The GraphModule over ``root``'s (copied) submodules, checked against ``reference`` on the inputs."""
     gm = CompiledModule(root, graph, class_name=type(model).__name__)
     # GraphModule makes fresh containers for intermediate paths (training=True); copy every flag by name.
@@ -362,7 +421,7 @@ def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=(
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in auto:
             node.meta[meta.AUTO_LEAF] = auto[node.target]
-    copied = _check_against_model(reference, gm, inputs)
+    copied = _check_against_model(reference, gm, inputs, keywords)
     info = TraceInfo(time.perf_counter() - start, len(gm.graph.nodes), tuple(sorted(names)), auto, tuple(inlined),
                      copied)
     gm.meta[meta.TRACE_INFO] = info
@@ -384,11 +443,12 @@ def _copy_modified_inputs(gm: torch.fx.GraphModule, probe: tuple, versions: list
     return tuple(p.target for p in changed)
 
 
-def run_example(module: torch.nn.Module, inputs: Sequence[torch.Tensor], what: str) -> Any:
+def run_example(module: torch.nn.Module, inputs: Sequence[torch.Tensor], what: str,
+                keywords: Sequence[str] | None = None) -> Any:
     inputs = tuple(t.clone() for t in inputs)  # a forward may modify its inputs in place: never the caller's
     try:
         with meta.side_effect_free(module):
-            return module(*inputs)
+            return module(**dict(zip(keywords, inputs))) if keywords else module(*inputs)
     except Exception as exc:  # noqa: BLE001
         raise InputError(
             f"{what} fails on the example inputs ({', '.join(str(meta.describe(t)) for t in inputs)}): "
@@ -396,10 +456,11 @@ def run_example(module: torch.nn.Module, inputs: Sequence[torch.Tensor], what: s
         ) from exc
 
 
-def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> tuple[str, ...]:
+def _check_against_model(root: torch.nn.Module, gm: torch.fx.GraphModule, inputs: tuple,
+                         keywords: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """Compare the graph with the model on the inputs; returns the inputs the graph now copies because the forward
     writes to them (``_copy_modified_inputs``)."""
-    expected = run_example(root, inputs, type(root).__name__)
+    expected = run_example(root, inputs, type(root).__name__, keywords)
     probe = tuple(t.clone() for t in inputs)
     versions = [t._version for t in probe]
     try:

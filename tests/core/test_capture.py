@@ -107,3 +107,52 @@ def test_leaf_modules_or_concrete_args_keep_symbolic_tracing_the_only_front_end(
     with pytest.raises(fxc.TracingError, match="item assignment") as err:
         fxc.trace(model, _inputs(), leaf_modules=["emb"])
     assert "torch.export" not in str(err.value)
+
+
+def test_inputs_by_name_reach_the_forwards_keyword_arguments(model):
+    """Hugging Face forwards take optional arguments between the ones a user gives (GPT-2: input_ids,
+    past_key_values, ..., attention_mask): example inputs by name are passed by name, and the compiled module takes
+    them in the dict's order, by position or by name."""
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids, past=None, mask=None):
+            assert past is None
+            return self.inner(ids, mask)
+    ids, mask = _inputs()
+    result = fxc.compile(Wrapped(), {"ids": ids, "mask": mask}, [{"pass": "fold_bn"}])
+    assert result.trace.front_end == "export" and "by keyword" in result.trace.fx_failure
+    want = model(ids, mask)["hidden"]
+    assert torch.allclose(result.module(ids, mask)["hidden"], want, atol=1e-5)
+    assert torch.allclose(result.module(ids=ids, mask=mask)["hidden"], want, atol=1e-5)
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.sign()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_a_custom_autograd_function_export_inlines_is_recorded_and_training_refuses_it():
+    """torch.export keeps a custom Function's forward ops and loses its backward: the graph says so, as symbolic
+    tracing's does, and the training passes refuse it."""
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = x.clone()
+            x[:, 0] = 0  # symbolic tracing stops here
+            return self.b(_SignSTE.apply(self.a(x)))
+    x = torch.randn(16, 6)
+    result = fxc.compile(Top(), x, [{"pass": "fold_bn"}])
+    assert result.trace.front_end == "export" and result.trace.inlined_functions == ("_SignSTE",)
+    with pytest.raises(fxc.PassError, match="_SignSTE"):
+        fxc.compile(Top(), x, [{"pass": "finetune"}], train_data=[(x, torch.arange(16) % 3)])

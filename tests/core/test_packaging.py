@@ -37,4 +37,4 @@ def test_pyproject_states_ranges_and_requirements_pin_torch():
     text = (ROOT / "pyproject.toml").read_text()
     assert '"torch>=' in text and "==" not in text
     req = (ROOT / "requirements-dev.txt").read_text().split()
-    assert "torch==2.13.0" in req and "-e" in req and ".[dev]" in req
+    assert "torch==2.14.1" in req and "torchvision==0.29.1" in req and "-e" in req and ".[dev]" in req

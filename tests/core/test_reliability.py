@@ -284,8 +284,9 @@ def test_wrapped_and_weightless_models_are_named():
         def forward(self, *, x):
             return x
 
-    with pytest.raises(InputError, match="keyword-only.*positionally"):
+    with pytest.raises(InputError, match="keyword-only.*by name"):
         fxc.compile(KeywordOnly(), X, [{"pass": "fold_bn"}])
+    assert torch.equal(fxc.trace(KeywordOnly(), {"x": X})(X), X)  # given by name, it traces
 
 
 def test_export_to_an_unwritable_path_says_so(tmp_path):

@@ -183,6 +183,8 @@ def test_graph_module_input_is_not_modified():
     ("not a tensor", "must be a tensor"),
     ((torch.randn(2, 3, 8, 8), "x"), "tensors only"),
     ((), "non-empty"),
+    ({"x": "not a tensor"}, "maps argument names to tensors"),
+    ({"y": torch.randn(2, 3, 8, 8)}, "names 'y', which"),
 ])
 def test_bad_example_inputs(bad, match):
     model, _ = zoo.build("residual")

@@ -1,0 +1,77 @@
+"""Third-party models as a new user brings them: torchvision's segmentation models (OrderedDict outputs) and Hugging
+Face transformers (captured with torch.export, ModelOutput results), small configurations, random weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxcompress as fxc
+
+torchvision = pytest.importorskip("torchvision")
+transformers = pytest.importorskip("transformers")
+
+
+def _same_structure(a, b) -> None:
+    from torch.utils import _pytree as pytree
+    assert type(a) is type(b) and pytree.tree_structure(a) == pytree.tree_structure(b)
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
+def test_torchvision_segmentation_models_fold_and_prune_exactly(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    want = model(x)
+    folded = fxc.compile(model, (x,), [{"pass": "fold_bn"}])
+    _same_structure(folded.module(x), want)
+    assert torch.allclose(folded.module(x)["out"], want["out"], atol=1e-5 * want["out"].abs().max().item() + 1e-5)
+    mask = fxc.compile(model, (x,), [{"pass": "prune", "ratio": 0.3, "mode": "mask"}])
+    removed = fxc.compile(model, (x,), [{"pass": "prune", "ratio": 0.3, "mode": "remove"}])
+    assert removed.after.macs < 0.8 * removed.before.macs
+    out = removed.module(x)["out"]
+    assert torch.allclose(out, mask.module(x)["out"], atol=1e-4 * out.abs().max().item())
+
+
+TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def _hf(name: str):
+    t = transformers
+    configs = {
+        "bert": (t.BertConfig(**TEXT), t.BertModel, "text"),
+        "distilbert": (t.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
+                       t.DistilBertModel, "text"),
+        "vit": (t.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64), t.ViTModel, "image"),
+    }
+    config, cls, kind = configs[name]
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    g = torch.Generator().manual_seed(1)
+    if kind == "text":
+        ids = torch.randint(0, 100, (2, 9), generator=g)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, 6:] = 0
+        return model, {"input_ids": ids, "attention_mask": mask}
+    return model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "vit"])
+def test_hugging_face_models_trace_prune_exactly_and_export(name, tmp_path):
+    model, inputs = _hf(name)
+    want = model(**inputs)
+    traced = fxc.compile(model, inputs, [{"pass": "fold_bn"}]) if name == "vit" else None
+    mask = fxc.compile(model, inputs, [{"pass": "prune", "ratio": 0.5, "mode": "mask"}])
+    removed = fxc.compile(model, inputs, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
+    assert removed.trace.front_end == "export"
+    out = removed.module(**inputs)
+    _same_structure(out, want)
+    assert removed.after.macs < 0.7 * removed.before.macs  # heads, head dims, FFN widths (0.50-0.62 measured)
+    scale = out.last_hidden_state.abs().max().item()
+    assert torch.allclose(out.last_hidden_state, mask.module(**inputs).last_hidden_state, atol=1e-4 * scale)
+    if traced is not None:
+        assert torch.allclose(traced.module(**inputs).last_hidden_state, want.last_hidden_state, atol=1e-5)
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(removed.export_onnx(tmp_path / "m.onnx")))
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert abs(got[0] - out.last_hidden_state.detach().numpy()).max() < 1e-4 * scale
