@@ -14,7 +14,7 @@ import inspect
 import logging
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
@@ -58,19 +58,13 @@ class _CustomFunctionCall(Exception):
 
 
 @contextlib.contextmanager
-def _watch_autograd_functions(tracer: _Tracer):
-    """While tracing, a custom ``torch.autograd.Function`` called inside a submodule makes that submodule an
-    opaque leaf (inlined, its forward would be kept and its backward lost); called from the top-level forward, it is
-    inlined and recorded in ``tracer.inlined`` so that the training passes can refuse the graph."""
+def _autograd_function_calls(hook: Callable[[type, tuple, dict], None]):
+    """Call ``hook(cls, args, kwargs)`` before every ``torch.autograd.Function.apply`` while the block runs."""
     base = torch.autograd.function.Function
     original = base.__dict__["apply"]
 
     def apply(cls, *args, **kwargs):
-        if any(isinstance(a, torch.fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
-            if tracer.depth > 0:
-                raise _CustomFunctionCall(f"it calls the custom autograd.Function {cls.__qualname__}, whose backward "
-                                          f"tracing cannot keep")
-            tracer.inlined.append(cls.__qualname__)
+        hook(cls, args, kwargs)
         return original.__get__(None, cls)(*args, **kwargs)  # a classmethod, or in C a classmethod_descriptor
 
     base.apply = classmethod(apply)
@@ -80,23 +74,26 @@ def _watch_autograd_functions(tracer: _Tracer):
         base.apply = original
 
 
-@contextlib.contextmanager
+def _watch_autograd_functions(tracer: _Tracer):
+    """While tracing, a custom ``torch.autograd.Function`` called inside a submodule makes that submodule an
+    opaque leaf (inlined, its forward would be kept and its backward lost); called from the top-level forward, it is
+    inlined and recorded in ``tracer.inlined`` so that the training passes can refuse the graph."""
+    def hook(cls: type, args: tuple, kwargs: dict) -> None:
+        if any(isinstance(a, torch.fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+            if tracer.depth > 0:
+                raise _CustomFunctionCall(f"it calls the custom autograd.Function {cls.__qualname__}, whose backward "
+                                          f"tracing cannot keep")
+            tracer.inlined.append(cls.__qualname__)
+    return _autograd_function_calls(hook)
+
+
 def _record_autograd_functions(inlined: list[str]):
     """While torch.export captures a forward, every custom ``torch.autograd.Function`` it calls (export keeps its
     forward's ops and loses its backward) is recorded in ``inlined``, so that the training passes refuse the graph."""
-    base = torch.autograd.function.Function
-    original = base.__dict__["apply"]
-
-    def apply(cls, *args, **kwargs):
+    def hook(cls: type, args: tuple, kwargs: dict) -> None:
         if not cls.__module__.startswith("torch."):
             inlined.append(cls.__qualname__)
-        return original.__get__(None, cls)(*args, **kwargs)
-
-    base.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        base.apply = original
+    return _autograd_function_calls(hook)
 
 
 class _SubmoduleUntraceable(Exception):
