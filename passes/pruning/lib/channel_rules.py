@@ -320,6 +320,8 @@ def expand(r: Relations, node: torch.fx.Node, _=None) -> None:
             r.equal(r.sp(x, k), r.out(d))
     if node.target == "expand_as":
         broadcast(r, node)
+    else:  # its sizes name the pruned widths (GQA's repeat_kv: x.expand(b, kv_heads, rep, t, head_dim)): rewritten
+        r.hook("reshape")
 
 
 # ---- the table ------------------------------------------------------------------------------------------------
