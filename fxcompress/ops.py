@@ -154,7 +154,7 @@ register(operator.matmul, torch.matmul, torch.bmm, *_methods("matmul", "bmm"), c
          macs="matmul")
 register(torch.mm, T.mm, quant="matmul", macs="matmul")
 register(T.__matmul__, quant="matmul")
-register(torch.addmm, T.addmm, macs="addmm")
+register(torch.addmm, T.addmm, channels="addmm", macs="addmm")
 register(torch.baddbmm, T.baddbmm, macs="baddbmm")
 register(F.scaled_dot_product_attention, channels="sdpa", macs="sdpa")
 

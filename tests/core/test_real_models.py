@@ -41,6 +41,8 @@ def _hf(name: str):
         "bert": (t.BertConfig(**TEXT), t.BertModel, "text"),
         "distilbert": (t.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
                        t.DistilBertModel, "text"),
+        "gpt2": (t.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, use_cache=False, bos_token_id=0,
+                              eos_token_id=0), t.GPT2Model, "text"),
         "llama": (t.LlamaConfig(**TEXT, num_key_value_heads=2, use_cache=False), t.LlamaModel, "text"),
         "vit": (t.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=64), t.ViTModel, "image"),
@@ -57,7 +59,7 @@ def _hf(name: str):
     return model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
 
 
-@pytest.mark.parametrize("name", ["bert", "distilbert", "llama", "vit"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "llama", "vit"])
 def test_hugging_face_models_trace_prune_exactly_and_export(name, tmp_path):
     model, inputs = _hf(name)
     want = model(**inputs)
@@ -67,7 +69,7 @@ def test_hugging_face_models_trace_prune_exactly_and_export(name, tmp_path):
     assert removed.trace.front_end == "export"
     out = removed.module(**inputs)
     _same_structure(out, want)
-    # heads' dims and FFN widths, Llama's grouped KV heads through repeat_kv's expand: 0.50-0.62 measured
+    # heads' dims and FFN widths (GPT-2's Conv1D layers as addmm), Llama's grouped KV heads: 0.50-0.62 measured
     assert removed.after.macs < 0.7 * removed.before.macs
     scale = out.last_hidden_state.abs().max().item()
     assert torch.allclose(out.last_hidden_state, mask.module(**inputs).last_hidden_state, atol=1e-4 * scale)

@@ -110,6 +110,23 @@ def matmul(r: Relations, node: torch.fx.Node, _=None) -> None:
                 r.equal(r.sp(x, k), r.out(d))
 
 
+def addmm(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``addmm(bias, x, w)``: a matmul of two matrices plus a bias broadcast over its result (a linear layer with its
+    weight stored input-major, as transformers' ``Conv1D`` in GPT-2 keeps it)."""
+    bias, x, w = (arg(node, i, name) for i, name in enumerate(("input", "mat1", "mat2")))
+    if not all(isinstance(t, torch.fx.Node) and r.shape(t) is not None and len(r.shape(t)) == 2 for t in (x, w)):
+        return r.barrier(f"{r.where()}: addmm of non-matrices")
+    r.equal(r.sp(x, 1), r.sp(w, 0))  # contracted
+    r.equal(r.sp(x, 0), r.out(0))
+    r.equal(r.sp(w, 1), r.out(1))
+    if isinstance(bias, torch.fx.Node) and r.shape(bias) is not None:
+        sb = r.shape(bias)
+        for k, size in enumerate(sb):
+            d = 2 - len(sb) + k
+            if size == r.shape(node)[d]:
+                r.equal(r.sp(bias, k), r.out(d))
+
+
 def batchnorm(r: Relations, node: torch.fx.Node, m: nn.Module) -> None:
     unary(r, node)
     x = node.args[0]

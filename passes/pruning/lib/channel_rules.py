@@ -18,6 +18,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 from fxcompress.passes.pruning.lib.channel_layer_rules import (
+    addmm,
     batchnorm,
     conv,
     embedding,
@@ -336,7 +337,7 @@ KINDS: dict[str, Callable[..., None]] = {
     "reduce": reduce, "reshape": reshape, "permute": permute, "cat": cat, "stack": stack, "split": split,
     "getitem": getitem, "narrow": narrow, "no_tensor": no_tensor, "expand": expand, "repeat": repeat,
     "conv": conv, "functional_conv": functional_conv, "linear": linear, "functional_linear": functional_linear,
-    "matmul": matmul, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
+    "matmul": matmul, "addmm": addmm, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
     "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm, "prelu": prelu,
     "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
     "sdpa": sdpa, "recurrent": recurrent,
