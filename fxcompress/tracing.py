@@ -48,6 +48,7 @@ class TraceInfo:
     copied_inputs: tuple[str, ...] = ()  # inputs the forward modifies in place: the graph copies them first
     front_end: str = "fx"  # "fx" (symbolic tracing) or "export" (torch.export, when symbolic tracing failed)
     fx_failure: str = ""  # why symbolic tracing failed, when torch.export made the graph
+    dynamic_dims: tuple[tuple[int, ...], ...] = ()  # per input, the dims torch.export kept symbolic (ONNX export)
 
 
 FLOAT_DTYPES = (torch.float32, torch.float64)  # float16/bfloat16 would fail the float32 tolerances of every check
@@ -315,9 +316,11 @@ def _exported(model: torch.nn.Module, inputs: tuple, start: float, fx_error: Tra
         raise TracingError(f"{fx_error}\n  torch.export could not capture it either: {_describe_cause(exc)}") \
             from exc
     log.info("%s: captured with torch.export (symbolic tracing: %s)", type(model).__name__, why)
+    dynamic = tuple(tuple(d for d, size in enumerate(getattr(n.meta.get("val"), "shape", ()))
+                          if not isinstance(size, int)) for n in graph.nodes if n.op == "placeholder")
     gm = _finish(model, root, graph, root, inputs, set(), {}, start, tuple(dict.fromkeys(inlined)), keywords)
     info = gm.meta[meta.TRACE_INFO]
-    gm.meta[meta.TRACE_INFO] = dataclasses.replace(info, front_end="export", fx_failure=why)
+    gm.meta[meta.TRACE_INFO] = dataclasses.replace(info, front_end="export", fx_failure=why, dynamic_dims=dynamic)
     return gm
 
 

@@ -16,7 +16,9 @@ and fall back to the ``torch.export``-based one (``dynamo=True``) when it fails:
 
 Names: inputs are named after the forward's arguments (the graph's placeholders), outputs ``output`` or
 ``output_0``, ``output_1``, ... in the flattened order of the output structure.  Axis 0 of every input is the
-dynamic axis ``batch`` (and of every output whose axis 0 has the batch size in the example).
+dynamic axis ``batch`` (and of every output whose axis 0 has the batch size in the example); so is every input axis
+torch.export kept symbolic when it captured the module (``TraceInfo.dynamic_dims``: a sequence length), and every
+output axis of such an axis's size in the example.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from .. import meta
 from ..errors import ExportError
 from ..tracing import normalize_inputs, run_example
 from .qdq import finalize_qdq, widen_fake_quant
@@ -68,10 +71,7 @@ def output_names(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def _torchscript(wrapper, inputs, path, in_names, out_names, dynamic, opset):
-    axes = None
-    if dynamic is not None:
-        axes = {n: {0: "batch"} for n in in_names} | {n: {0: "batch"} for n in out_names if n in dynamic}
+def _torchscript(wrapper, inputs, path, in_names, out_names, axes, opset):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, inputs, str(path), dynamo=False, input_names=in_names, output_names=out_names,
@@ -115,8 +115,8 @@ def decompose_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
     return gm
 
 
-def _dynamo(wrapper, inputs, path, in_names, out_names, dynamic, opset):
-    shapes = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic is not None else None
+def _dynamo(wrapper, inputs, path, in_names, out_names, axes, opset):
+    shapes = tuple({d: torch.export.Dim.DYNAMIC for d in axes.get(n, {})} for n in in_names) if axes else None
     wrapper = _FlatOutputs(decompose_fake_quant(wrapper.module)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -156,6 +156,29 @@ def export_onnx(
         module.train(was_training)
 
 
+def _dynamic_axes(module, inputs, leaves, in_names, out_names) -> dict[str, dict[int, str]]:
+    """The dynamic axes by input and output name: axis 0 of every input (``batch``), the axes torch.export kept
+    symbolic when it captured the module (a sequence length, ``TraceInfo.dynamic_dims``), and the output axes whose
+    size in the example is the size of one of those."""
+    info = getattr(module, "meta", {}).get(meta.TRACE_INFO)
+    captured = info.dynamic_dims if info is not None and len(info.dynamic_dims) == len(inputs) else ((),) * len(inputs)
+    axes: dict[str, dict[int, str]] = {}
+    by_size: dict[int, str] = {}
+    for name, t, extra in zip(in_names, inputs, captured):
+        dims = sorted({0, *extra}) if t.dim() else []
+        axes[name] = {d: "batch" if d == 0 else f"{name}_{d}" for d in dims}
+        for d in dims:
+            by_size.setdefault(int(t.shape[d]), axes[name][d])
+    batch = inputs[0].shape[0] if inputs[0].dim() else None
+    for name, t in zip(out_names, leaves):
+        out = {0: "batch"} if t.dim() and t.shape[0] == batch else {}
+        out |= {d: by_size[int(size)] for d, size in enumerate(t.shape) if d > 0 and int(size) in by_size
+                and by_size[int(size)] != "batch"}
+        if out:
+            axes[name] = out
+    return axes
+
+
 def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     outputs = run_example(module, inputs, type(module).__name__)
     leaves = pytree.tree_leaves(outputs)
@@ -163,15 +186,13 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
         bad = next(type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor))
         raise ExportError(f"{type(module).__name__} returns a {bad} among its outputs; ONNX outputs are tensors only.")
     in_names, out_names = input_names(module, len(inputs)), output_names(len(leaves))
-    batch = inputs[0].shape[0] if inputs[0].dim() else None
-    # output names whose axis 0 is the batch; None: static shapes
-    dynamic = {n for n, t in zip(out_names, leaves) if t.dim() and t.shape[0] == batch} if dynamic_batch else None
+    axes = _dynamic_axes(module, inputs, leaves, in_names, out_names) if dynamic_batch else None
     wrapper = _FlatOutputs(widen_fake_quant(module)).eval()
     functions = {"torchscript": _torchscript, "dynamo": _dynamo}
     failures = []
     for name in ("torchscript", "dynamo") if exporter == "auto" else (exporter,):
         try:
-            functions[name](wrapper, inputs, path, in_names, out_names, dynamic, opset)
+            functions[name](wrapper, inputs, path, in_names, out_names, axes, opset)
             break
         except Exception as exc:  # noqa: BLE001 - the next exporter may succeed; all failures are reported
             log.info("%s exporter failed: %s", name, exc)

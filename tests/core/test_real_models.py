@@ -79,3 +79,8 @@ def test_hugging_face_models_trace_prune_exactly_and_export(name, tmp_path):
     session = ort.InferenceSession(str(removed.export_onnx(tmp_path / "m.onnx")))
     got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
     assert abs(got[0] - out.last_hidden_state.detach().numpy()).max() < 1e-4 * scale
+    if "input_ids" in inputs:  # batch and sequence length stay dynamic in ONNX
+        other = {"input_ids": torch.randint(0, 100, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+        got = session.run(None, {k: v.numpy() for k, v in other.items()})
+        want = removed.module(**other).last_hidden_state.detach().numpy()
+        assert got[0].shape == want.shape and abs(got[0] - want).max() < 1e-4 * scale
