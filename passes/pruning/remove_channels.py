@@ -441,7 +441,9 @@ def _freeze_size(gm: torch.fx.GraphModule, node: torch.fx.Node, positions: dict)
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         reads = [(node, dim)] if dim is not None else []
     else:
-        reads = [(u, u.args[1]) for u in node.users if u.op == "call_function" and isinstance(u.args[1], int)]
+        # x.shape[d]; a call that takes the whole shape (``math.prod(x.shape)``) reads the pruned shape as it runs
+        reads = [(u, u.args[1]) for u in node.users
+                 if u.op == "call_function" and len(u.args) > 1 and isinstance(u.args[1], int)]
     for user, dim in reads:
         dim %= len(info.shape)
         if (x.name, dim) in positions:
