@@ -3,8 +3,8 @@
 Symbolic tracing (``tracing.trace``) runs the forward on proxies, so Python that looks at shapes or values stops it:
 iterating a size, assigning into a tensor, masks built with ``vmap``, forwards wrapped by decorators that take
 ``*args``.  Most of Hugging Face transformers 5 is written so, and ``torch.export`` (non-strict) is the capture it
-supports: the forward runs for real on fake tensors and the ATen ops it dispatches are recorded, every dimension of
-the inputs symbolic unless the model fixes it.  ``export_graph`` turns that record into the graph the passes read:
+supports: the forward runs for real on fake tensors and the ATen ops it dispatches are recorded, with the batch and
+sequence dimensions symbolic (``_dynamic_rank``).  ``export_graph`` turns that record into the graph the passes read:
 
 - a call of a built-in layer (``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``, ``nn.Embedding``, BatchNorm, an
   activation module, ...) with one tensor in and one out becomes one ``call_module`` node on the model's own module
@@ -38,11 +38,12 @@ _MAX_END = 2 ** 63 - 1  # ATen's "to the end" of a slice
 
 
 def export_graph(model: nn.Module, inputs: tuple, keywords: tuple[str, ...] | None = None) -> torch.fx.Graph:
-    """The graph torch.export records for ``model`` on ``inputs`` (every input dimension dynamic where the model lets
-    it be; a batch of one is exported as two, so that it is not fixed at one), normalised (module docstring).  The
+    """The graph torch.export records for ``model`` on ``inputs`` (their dimensions dynamic where the model lets them
+    be, ``_dynamic_rank``; a batch of one is exported as two, so that it is not fixed at one), normalised (module
+    docstring).  The
     constants export lifts out of the forward become non-persistent buffers of ``model`` (a copy the caller owns),
     under the names the graph reads them by.  ``keywords``: the inputs are the forward's arguments of those names."""
-    dims = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in inputs)
+    dims = tuple({d: torch.export.Dim.AUTO for d in range(_dynamic_rank(t))} for t in inputs)
     probe = tuple(torch.cat([t, t]) if t.dim() >= 2 and t.shape[0] == 1 else t for t in inputs)
     if keywords:
         program = torch.export.export(model, (), dict(zip(keywords, probe)), strict=False,
@@ -68,6 +69,16 @@ def export_graph(model: nn.Module, inputs: tuple, keywords: tuple[str, ...] | No
     graph.owning_module = None
     graph.lint()
     return graph
+
+
+def _dynamic_rank(t: torch.Tensor) -> int:
+    """How many leading dims of an input are exported as dynamic: all of token ids, masks and sequences (integer or
+    boolean tensors, float tensors of up to three dims: batch, length, features), only the batch of images and
+    volumes (float tensors of four dims or more), whose spatial sizes made export reason symbolically through every
+    window partition (a two-stage Swin: 71 s with dynamic height and width, against seconds without)."""
+    if t.dim() >= 4 and t.is_floating_point():
+        return 1
+    return t.dim()
 
 
 def _attribute(module: nn.Module, target: str) -> Any:
@@ -119,10 +130,11 @@ def _collapse_layers(graph: torch.fx.Graph, model: nn.Module) -> None:
         module = modules.get(path)
         if module is not None and leaf.is_leaf_module(module, path):
             groups.setdefault(f"{key}|{path}", []).append(node)
+    attributes = [n for n in graph.nodes if n.op == "get_attr"]
     for key, nodes in groups.items():
         path = key.split("|", 1)[1]
         inside = set(nodes)
-        own = {n for n in graph.nodes if n.op == "get_attr" and n.target.startswith(path + ".")}
+        own = {n for n in attributes if n.target.startswith(path + ".")}
         inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
                                     if a not in inside and a not in own))
         outputs = [n for n in nodes if any(u not in inside for u in n.users)]
