@@ -266,12 +266,13 @@ def trace(
             raise InputError(unknown_name_message("submodule", leaf, [k for k in known if k]))
     leaves = set(names)
     auto: dict[str, str] = {}
+    shaped = bool(names or types or concrete_args)  # the user shaped symbolic tracing: torch.export cannot take over
     if keywords is not None and not _leading_positional(model, keywords):
-        if names or types or concrete_args:
+        if shaped:
             raise InputError(f"example_inputs name {', '.join(keywords)}, which are not the leading positional "
                              f"arguments of {type(model).__name__}.forward: symbolic tracing (which leaf_modules= and "
                              f"concrete_args= shape) cannot take them; give them in the forward's order.")
-        return _exported(model, inputs, start, None, keywords)
+        return _exported(model, root, inputs, start, None, keywords)
     if _Tracer(leaves, types).is_leaf_module(root, ""):
         holder, graph = _wrap_leaf_root(root, len(inputs))
         return _finish(model, holder, graph, root, inputs, names, auto, start)
@@ -289,22 +290,21 @@ def trace(
             leaves.add(failure.qualname)
         except Exception as exc:  # noqa: BLE001
             error = _top_level_error(model, exc)
-            if names or types or concrete_args:  # the user shaped the trace: no other front end second-guesses it
+            if shaped:
                 raise error from exc
-            return _exported(model, inputs, start, error, keywords)
+            return _exported(model, root, inputs, start, error, keywords)
     else:  # pragma: no cover - each retry adds a new leaf, so this needs more retries than modules
         raise TracingError(f"cannot trace {type(model).__name__}: retried with every submodule as a leaf.")
 
     return _finish(model, root, graph, root, inputs, names, auto, start, tuple(tracer.inlined))
 
 
-def _exported(model: torch.nn.Module, inputs: tuple, start: float, fx_error: TracingError | None,
-              keywords: tuple[str, ...] | None) -> torch.fx.GraphModule:
-    """The graph of the second front end (``capture``: torch.export, normalised) for a model symbolic tracing
-    cannot trace (``fx_error``) or cannot call (inputs by keyword); when torch.export fails too, the symbolic
-    tracing error, with export's reason added."""
+def _exported(model: torch.nn.Module, root: torch.nn.Module, inputs: tuple, start: float,
+              fx_error: TracingError | None, keywords: tuple[str, ...] | None) -> torch.fx.GraphModule:
+    """The graph of the second front end (``capture``: torch.export, normalised) over ``root`` (the copy symbolic
+    tracing was given, in its training mode) for a model symbolic tracing cannot trace (``fx_error``) or cannot call
+    (inputs by keyword); when torch.export fails too, the symbolic tracing error, with export's reason added."""
     why = str(fx_error) if fx_error is not None else f"inputs by keyword ({', '.join(keywords or ())})"
-    root = copy_tree(model)
     inlined: list[str] = []
     try:
         with _record_autograd_functions(inlined):
@@ -411,7 +411,8 @@ def _wrap_leaf_root(module: torch.nn.Module, n_inputs: int) -> tuple[torch.nn.Mo
     return holder, graph
 
 
-def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=(), keywords=None) -> torch.fx.GraphModule:
+def _finish(model, root, graph, reference, inputs, names, auto, start, inlined=(),
+            keywords=None) -> torch.fx.GraphModule:
     """The GraphModule over ``root``'s (copied) submodules, checked against ``reference`` on the inputs."""
     gm = CompiledModule(root, graph, class_name=type(model).__name__)
     # GraphModule makes fresh containers for intermediate paths (training=True); copy every flag by name.

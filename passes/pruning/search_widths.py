@@ -221,13 +221,12 @@ class _Search:
             stats["confirmations"] = attempt + 1
             met = plan_s <= aim
             loss = width_search.estimated_loss(problem, removed)
-            merit = problem.quality(removed) if problem.quality is not None else -loss
             self.notes.append(f"attempt {attempt + 1} (target {problem.budget * 1e3:.3f} ms): measured "
                               f"{plan_s * 1e3:.3f} ms {'<=' if met else '>'} {aim * 1e3:.3f} ms (the budget less "
                               f"{CONFIRM_MARGIN:.0%}; predicted {cost(removed) * 1e3:.3f} ms, MACs "
-                              f"{space.macs(removed):.3f}, estimated loss {loss:.6g}"
-                              + (f", score {merit:.6g})" if problem.quality is not None else ")"))
+                              f"{space.macs(removed):.3f}, estimated loss {loss:.6g})")
             if met:
+                merit = problem.quality(removed) if problem.quality is not None else -loss
                 feasible.append((merit, plan_s, removed, dict(problem.info)))
                 under = factor
                 if over is None:

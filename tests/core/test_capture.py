@@ -141,20 +141,36 @@ class _SignSTE(torch.autograd.Function):
         return grad
 
 
+class _Assigned(nn.Module):
+    """Two Linear layers around ``middle(hidden, training)``, after an item assignment symbolic tracing stops at."""
+
+    def __init__(self, middle):
+        super().__init__()
+        self.a, self.b, self.middle = nn.Linear(6, 8), nn.Linear(8, 3), middle
+
+    def forward(self, x):
+        x = x.clone()
+        x[:, 0] = 0
+        return self.b(self.middle(self.a(x), self.training))
+
+
 def test_a_custom_autograd_function_export_inlines_is_recorded_and_training_refuses_it():
     """torch.export keeps a custom Function's forward ops and loses its backward: the graph says so, as symbolic
     tracing's does, and the training passes refuse it."""
-    class Top(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
-
-        def forward(self, x):
-            x = x.clone()
-            x[:, 0] = 0  # symbolic tracing stops here
-            return self.b(_SignSTE.apply(self.a(x)))
     x = torch.randn(16, 6)
-    result = fxc.compile(Top(), x, [{"pass": "fold_bn"}])
+    result = fxc.compile(_Assigned(lambda h, training: _SignSTE.apply(h)), x, [{"pass": "fold_bn"}])
     assert result.trace.front_end == "export" and result.trace.inlined_functions == ("_SignSTE",)
     with pytest.raises(fxc.PassError, match="_SignSTE"):
-        fxc.compile(Top(), x, [{"pass": "finetune"}], train_data=[(x, torch.arange(16) % 3)])
+        fxc.compile(_Assigned(lambda h, training: _SignSTE.apply(h)), x, [{"pass": "finetune"}],
+                    train_data=[(x, torch.arange(16) % 3)])
+
+
+def test_the_exported_graph_is_of_the_model_in_eval_mode_as_compile_asks():
+    """compile traces in eval mode; the export front end captures that same copy, not the caller's training-mode
+    model (whose dropout would be captured as a random op)."""
+    model = _Assigned(lambda h, training: F.dropout(h, 0.5, training)).train()  # an op, not a module
+    x = torch.randn(16, 6)
+    result = fxc.compile(model, x, [{"pass": "fold_bn"}])
+    assert result.trace.front_end == "export" and model.training
+    assert not any(m.training for m in result.module.modules())
+    assert torch.equal(result.module(x), model.eval()(x))
