@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -70,15 +72,45 @@ def register(*targets: Any, **fields: Any) -> None:
         if clash:
             raise InputError(f"op {_name(target)}: {clash} (already registered with another value)")
         OPS[target] = dataclasses.replace(old, **fields)
-    _of_class.cache_clear()
+    _of_class_cached.cache_clear()
+
+
+_PENDING: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []  # (library, "module.attr" paths, fields)
+
+
+def register_library(library: str, *paths: str, **fields: Any) -> None:
+    """``register`` for functions and classes of an optional library (torchvision, timm), done once the library has
+    been imported by whoever uses it: a model calling them has imported it, and the registry never imports it."""
+    _PENDING.append((library, paths, fields))
+    _resolve_pending()
+
+
+def _resolve_pending() -> None:
+    for entry in [e for e in _PENDING if e[0] in sys.modules]:
+        _PENDING.remove(entry)
+        library, paths, fields = entry
+        targets = []
+        for path in paths:
+            module, _, attr = path.rpartition(".")
+            target = getattr(importlib.import_module(module), attr, None)
+            if target is None:
+                raise InputError(f"op registry: {library} has no {path} (a version this registry does not know)")
+            targets.append(target)
+        register(*targets, **fields)
 
 
 def _name(target: Any) -> str:
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
 
 
-@functools.lru_cache(maxsize=None)
 def _of_class(cls: type, field: str) -> Any:
+    if _PENDING:
+        _resolve_pending()
+    return _of_class_cached(cls, field)
+
+
+@functools.lru_cache(maxsize=None)
+def _of_class_cached(cls: type, field: str) -> Any:
     for base in cls.__mro__:
         op = OPS.get(base)
         if op is not None and getattr(op, field) is not None:
@@ -97,6 +129,8 @@ def of_module(module: nn.Module, field: str, exact: bool = False) -> Any:
 
 def of_target(target: Any, field: str) -> Any:
     """``field`` of a function's or ``torch.Tensor`` method's record (None when it has none)."""
+    if _PENDING:
+        _resolve_pending()
     try:
         op = OPS.get(target)
     except TypeError:  # an unhashable target
@@ -119,6 +153,8 @@ def of_node(gm: torch.fx.GraphModule, node: torch.fx.Node, field: str, modules: 
 
 def targets_with(field: str, value: Any = True) -> list[Any]:
     """Every registered target whose own record sets ``field`` to ``value``."""
+    if _PENDING:
+        _resolve_pending()
     return [t for t, op in OPS.items() if getattr(op, field) == value]
 
 
@@ -154,7 +190,7 @@ register(operator.matmul, torch.matmul, torch.bmm, *_methods("matmul", "bmm"), c
          macs="matmul")
 register(torch.mm, T.mm, quant="matmul", macs="matmul")
 register(T.__matmul__, quant="matmul")
-register(torch.addmm, T.addmm, channels="addmm", macs="addmm")
+register(torch.addmm, T.addmm, channels="addmm", quant="addmm", macs="addmm")
 register(torch.baddbmm, T.baddbmm, macs="baddbmm")
 register(F.scaled_dot_product_attention, channels="sdpa", macs="sdpa")
 
@@ -189,6 +225,10 @@ register(operator.sub, operator.mul, operator.truediv, operator.imul, torch.sub,
 register(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, T.softmax, T.log_softmax,
          channels="softmax_like")
 register(F.glu, channels="glu")
+# stochastic depth / drop path: the identity in eval, a per-sample (or per-batch) scale in training
+register_library("torchvision", "torchvision.ops.stochastic_depth", "torchvision.ops.StochasticDepth",
+                 channels="unary", quant="pass")
+register_library("timm", "timm.layers.drop_path", "timm.layers.DropPath", channels="unary", quant="pass")
 
 # ---- pooling, resampling, padding -------------------------------------------------------------------------------
 register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, channels="leading",

@@ -8,22 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from fxcompress.bench import zoo as bench_zoo
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                n = m.num_features
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                    m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.25)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
+    return bench_zoo.randomize_bn(model, seed, mean=0.5, var=(0.25, 2.25), weight=(0.5, 1.5), bias=0.2)
 
 
 def _x(*shape: int, seed: int = 1) -> torch.Tensor:

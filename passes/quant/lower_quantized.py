@@ -381,11 +381,15 @@ class LowerQuantized(Pass):
         return True
 
     def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, wq: FakeQuant, constants: nn.Module) -> None:
-        """Linear -> dynamic_quant_linear(x, int8 weight, zero points, per-row scales, bias)."""
+        """Linear -> dynamic_quant_linear(x, int8 weight, zero points, per-row scales, bias); ``addmm(b, x, W)`` the
+        same with the integer weight transposed to out x in."""
         graph = gm.graph
-        weight = lookup(gm, site.weight)
+        weight = wq.apply(lookup(gm, site.weight).detach())
+        x = node.args[0]
+        if site.kind == "addmm":
+            weight, x = weight.t(), node.args[1]
         scale = wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0]).clone()
-        ints = torch.round(wq.apply(weight.detach()) / scale[:, None]).to(torch.int8)
+        ints = torch.round(weight / scale[:, None]).to(torch.int8)
         key = node.name
         constants.register_buffer(f"{key}_w_int8", ints)
         constants.register_buffer(f"{key}_w_zero", torch.zeros(weight.shape[0], dtype=torch.int8))
@@ -397,7 +401,7 @@ class LowerQuantized(Pass):
             bias = graph.get_attr(site.bias) if site.bias is not None else None
             if bias is not None:
                 bias.meta[meta.TENSOR] = meta.describe(lookup(gm, site.bias))
-            new = graph.call_function(dynamic_quant_linear, (node.args[0], *args, bias))
+            new = graph.call_function(dynamic_quant_linear, (x, *args, bias))
         new.meta[meta.TENSOR] = node.meta[meta.TENSOR]
         meta.add_provenance(new, self.name, f"{site.weight}: int8 weights, activations quantized per batch")
         node.replace_all_uses_with(new)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fxcompress as fxc
+from fxcompress.bench import zoo
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
@@ -32,36 +33,9 @@ def test_torchvision_segmentation_models_fold_and_prune_exactly(name):
     assert torch.allclose(out, mask.module(x)["out"], atol=1e-4 * out.abs().max().item())
 
 
-TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-
-
-def _hf(name: str):
-    t = transformers
-    configs = {
-        "bert": (t.BertConfig(**TEXT), t.BertModel, "text"),
-        "distilbert": (t.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
-                       t.DistilBertModel, "text"),
-        "gpt2": (t.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, use_cache=False, bos_token_id=0,
-                              eos_token_id=0), t.GPT2Model, "text"),
-        "llama": (t.LlamaConfig(**TEXT, num_key_value_heads=2, use_cache=False), t.LlamaModel, "text"),
-        "vit": (t.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64), t.ViTModel, "image"),
-    }
-    config, cls, kind = configs[name]
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    g = torch.Generator().manual_seed(1)
-    if kind == "text":
-        ids = torch.randint(0, 100, (2, 9), generator=g)
-        mask = torch.ones(2, 9, dtype=torch.long)
-        mask[1, 6:] = 0
-        return model, {"input_ids": ids, "attention_mask": mask}
-    return model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
-
-
 @pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "llama", "vit"])
 def test_hugging_face_models_trace_prune_exactly_and_export(name, tmp_path):
-    model, inputs = _hf(name)
+    model, inputs, _ = zoo.build(f"hf:{name}")
     want = model(**inputs)
     traced = fxc.compile(model, inputs, [{"pass": "fold_bn"}]) if name == "vit" else None
     mask = fxc.compile(model, inputs, [{"pass": "prune", "ratio": 0.5, "mode": "mask"}])

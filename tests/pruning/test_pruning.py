@@ -431,3 +431,31 @@ def test_pruning_twice_prunes_the_pruned_attention_again():
     assert new.scale == pytest.approx(orig.head_dim ** -0.5)
     with torch.no_grad():
         assert torch.isfinite(result.module(*x)).all()
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_stochastic_depth_does_not_stop_the_residual_stream(library):
+    """torchvision's stochastic_depth is a call the graph keeps (torch.fx.wrap); timm's DropPath traces to the
+    identity in eval.  Either way the residual stream is one prunable group, pruned exactly."""
+    lib = pytest.importorskip(library)
+    drop = lib.ops.StochasticDepth(0.2, "row") if library == "torchvision" else lib.layers.DropPath(0.2)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.body = nn.Sequential(nn.Conv2d(16, 32, 1), nn.GELU(), nn.Conv2d(32, 16, 1))
+            self.drop = drop
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head(x + self.drop(self.body(x)))
+
+    model, x = Block().eval(), (torch.randn(2, 3, 8, 8),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5
+    stats = removed.history[0].stats
+    assert stats["barrier_ops"] == 0
+    assert stats["prunable_channels"] == stats["channels"] - 3 - 4  # all but the input's and the output's
+    assert removed.module.stem.out_channels == 8 and removed.module.get_submodule("body.0").out_channels == 16

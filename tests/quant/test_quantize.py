@@ -432,3 +432,33 @@ def test_calibration_layout_changes_no_statistic_and_is_restored(model):
         assert a.is_contiguous(), name
     with torch.no_grad():
         torch.testing.assert_close(auto(*example), plain(*example), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_mode_quantizes_addmm_layers_stored_in_by_out(tmp_path):
+    """A layer computed as addmm(bias, x, W) with W stored (in, out), as GPT-2's Conv1D: int8 weights per output
+    column in dynamic mode, on ORT's integer kernels; static mode leaves it float and says so."""
+
+    class Conv1DLike(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in ** 0.5)
+            self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+            self.n_out = n_out
+
+        def forward(self, x):
+            size = x.size()[:-1] + (self.n_out,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size)
+
+    model = nn.Sequential(Conv1DLike(32, 64), nn.GELU(), Conv1DLike(64, 16)).eval()
+    x = torch.randn(4, 7, 32)
+    result = fxc.compile(model, (x,), [{"pass": "quantize", "mode": "dynamic"}])
+    assert result.history[1].stats["weights"] == 2
+    path = result.export_onnx(tmp_path / "addmm.onnx")
+    assert optimized_op_counts(path).get("DynamicQuantizeMatMul", 0) == 2
+    with torch.no_grad():
+        sim, reference = result.module(x).numpy(), model(x).numpy()
+    got = run(path, (x,))[0]
+    assert np.abs(got - sim).max() <= 1e-4 * np.abs(reference).max()
+    assert sqnr_db(reference, sim) > 30  # int8 weights per column (per-tensor would not get there on random weights)
+    static = fxc.compile(model, (x,), [{"pass": "quantize"}], calibration_data=[(x,)])
+    assert any("static mode does not lower addmm" in n for n in static.history[1].notes)

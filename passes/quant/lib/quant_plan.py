@@ -12,7 +12,9 @@ MatMulIntegerToFloat):
 - pass-through ops (max-pool, flatten, view/reshape, permute, squeeze, slices, dropout, identity, ``cat``)
   keep their input's grid: their output shares the input's scale, and ``cat`` makes all its inputs share one,
   so that no requantization appears between them;
-- residual adds stay float (their inputs are not given scales of their own) unless ``quantize_add_inputs``.
+- residual adds stay float (their inputs are not given scales of their own) unless ``quantize_add_inputs``;
+- ``addmm(bias, x, W)`` with parameters ``bias`` and ``W`` (a Linear layer that stores its weight in x out, as
+  Hugging Face's ``Conv1D`` in GPT-2 does) gets int8 weights in dynamic mode; in static mode it stays float.
 
 A *site* is one set of tensors sharing a scale and zero point: the tensors where statistics are taken
 (``values``) and the pass-through tensors that reuse them (``shared``).  Every use of a quantized tensor reads
@@ -36,8 +38,8 @@ from fxcompress.fxutil import arg
 from fxcompress.options import matches
 from fxcompress.plans import Artifact, Lifetime, data_class, graph_signature
 
-ROLES = ("conv", "conv_transpose", "linear", "conv_function", "linear_function", "matmul", "relu", "hardtanh",
-         "pass", "split", "cat", "add")
+ROLES = ("conv", "conv_transpose", "linear", "conv_function", "linear_function", "addmm", "matmul", "relu",
+         "hardtanh", "pass", "split", "cat", "add")
 """The placement roles an op's record in ``fxcompress/ops.py`` names in its ``quant`` field (what each does is
 in the module docstring); an op with another role or none is left float."""
 _LAYER_ROLES = ("conv", "conv_transpose", "linear")  # modules ONNX Runtime lowers: only the classes themselves
@@ -69,7 +71,8 @@ class Site:
 @data_class
 @dataclasses.dataclass(frozen=True)
 class WeightSite:
-    """A weighted op whose weight is quantized; ``kind`` in conv, conv_transpose, linear, matmul."""
+    """A weighted op whose weight is quantized; ``kind`` in conv, conv_transpose, linear, addmm (a linear layer
+    whose weight is stored in x out), matmul."""
 
     node: str
     kind: str
@@ -268,10 +271,21 @@ class Planner:
                 self.float_ops[node.name] = f"{node.name}: weight or bias is computed, not a parameter; left float"
                 return True
             axis = 0
+        elif role == "addmm":
+            kind, axis = "addmm", 1
+            b, x, w = arg(node, 0, "input"), arg(node, 1, "mat1"), arg(node, 2, "mat2")
+            weight, bias = _param(gm, w), _param(gm, b)
+            if o.mode != "dynamic":
+                self.float_ops[node.name] = (f"{node.name}: static mode does not lower addmm (a weight stored in x "
+                                             f"out); left float (mode='dynamic' quantizes it)")
+                return True
+            if weight is None or bias is None or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                self.float_ops[node.name] = f"{node.name}: not addmm(bias, x, weight) with parameters; left float"
+                return True
         else:
             return False
         name = node.target if node.op == "call_module" else node.name
-        if o.mode == "dynamic" and kind != "linear":
+        if o.mode == "dynamic" and kind not in ("linear", "addmm"):
             self.float_ops[node.name] = (f"{name}: dynamic mode quantizes Linear layers only (ONNX Runtime's "
                                          f"dynamically quantized convolutions are slower than float)")
             return True

@@ -1,0 +1,53 @@
+"""The conformance suite (``python -m fxcompress.bench.zoo``): a fast sample by default, the catalogues when slow."""
+from __future__ import annotations
+
+import pytest
+
+from fxcompress.bench import zoo
+
+pytest.importorskip("torchvision")
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+SAMPLE = ["segmentation:lraspp_mobilenet_v3_large", "timm:mobilenetv3_small_050", "hf:distilbert", "hf:gpt2"]
+
+
+def _every_step_passes(row: dict) -> None:
+    failed = {s: row["errors"].get(s, row["steps"][s]) for s in zoo.STEPS[:-1] if not zoo.step_passed(row, s)}
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("spec", SAMPLE)
+def test_sample_passes_every_step(spec, tmp_path):
+    row = zoo.check(spec, 0.3, tmp_path)
+    _every_step_passes(row)
+    assert row["macs_kept"] < 0.9 and 0 < row["share"] <= 1
+
+
+def test_a_model_that_runs_out_of_time_is_a_row_that_says_so():
+    row = zoo.run_isolated("hf:bert", 0.3, timeout=0.5)
+    assert row["errors"] == {"run": "timed out after 0.5 s"} and set(row["steps"].values()) == {"-"}
+
+
+def test_tables_and_the_readme_section(tmp_path):
+    rows = [{"model": "hf:bert", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "share": 0.5,
+             "macs_kept": 0.7, "tp_macs_kept": None},
+            {"model": "hf:opt", "steps": {**dict.fromkeys(zoo.STEPS, "-"), "trace": "FAIL"},
+             "errors": {"trace": "TracingError: no"}}]
+    table = zoo.coverage_table(rows)
+    cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
+    assert cells == ["hf", "2"] + ["1"] * (len(zoo.STEPS) + 1)  # tried, each step, every step
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{zoo.README_BEGIN}\nstale table\n{zoo.README_END}\nrest\n")
+    zoo.write_readme(readme, rows, "python -m fxcompress.bench.zoo --suites hf", "a CPU")
+    text = readme.read_text()
+    assert "stale table" not in text and "trace: TracingError: no" in text and text.endswith("rest\n")
+    readme.write_text("no section")
+    with pytest.raises(SystemExit, match="zoo:begin"):
+        zoo.write_readme(readme, rows, "cmd", "a CPU")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", zoo.catalogue("torchvision") + zoo.catalogue("segmentation") + zoo.catalogue("hf"))
+def test_catalogue_passes_every_step(spec, tmp_path):
+    _every_step_passes(zoo.check(spec, 0.3, tmp_path))
