@@ -23,12 +23,16 @@ differs from mask where the pass said it would), ``-`` (an earlier step failed) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -91,7 +95,8 @@ def _hf_configs() -> dict[str, tuple[Callable[[], nn.Module], str]]:
         "whisper-encoder": (lambda: t.WhisperModel(t.WhisperConfig(
             vocab_size=1000, d_model=64, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
-            max_source_positions=32)).get_encoder(), "mel"),
+            max_source_positions=32, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
+            suppress_tokens=[], begin_suppress_tokens=[])).get_encoder(), "mel"),
     }
 
 
@@ -243,8 +248,47 @@ def _ort_error(path: Path, inputs: Any, want: Any) -> float:
     return relative_error(got, _floats(want))
 
 
-def check(spec: str, ratio: float, work: Path) -> dict[str, Any]:
-    """Run every step on one model; a step after a failed one it needs is ``-``."""
+@contextlib.contextmanager
+def limits(seconds: float, gigabytes: float):
+    """Raise ``TimeoutError`` or ``MemoryError`` in this (main) thread once ``seconds`` have passed or the process's
+    resident memory exceeds ``gigabytes`` (checked every 0.2 s), instead of being killed by the system."""
+    reason: list[BaseException] = []
+
+    def interrupt(*_):
+        raise reason[0]
+    done = threading.Event()
+
+    def watch() -> None:
+        start = time.perf_counter()
+        while not done.wait(0.2):
+            if time.perf_counter() - start > seconds:
+                reason.append(TimeoutError(f"still running after {seconds:g} s"))
+            elif resident_gb() > gigabytes:
+                reason.append(MemoryError(f"over {gigabytes:g} GB of memory"))
+            else:
+                continue
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+            return
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def resident_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gigabytes: float = 12.0) -> dict[str, Any]:
+    """Run every step on one model; a step after a failed one it needs is ``-``.  Torch-Pruning gets
+    ``tp_seconds`` and ``tp_gigabytes`` (it does not finish on some models, and fills the memory on others), so that
+    its failure does not lose our row."""
     row: dict[str, Any] = {"model": spec, "steps": dict.fromkeys(STEPS, "-"), "errors": {}}
     steps, errors = row["steps"], row["errors"]
 
@@ -302,10 +346,13 @@ def check(spec: str, ratio: float, work: Path) -> dict[str, Any]:
     if attempt("int8", int8) is not None:
         steps["int8"] = "ok"
     if _have_torch_pruning():
-        kept = attempt("torch-pruning", lambda: torch_pruning_macs(model, inputs, ratio))
+        def contender() -> float | None:
+            with limits(tp_seconds, tp_gigabytes):
+                return torch_pruning_macs(model, inputs, ratio)
+        kept = attempt("torch-pruning", lambda: [contender()])  # [None]: it ran, its result did not trace
         if kept is not None:
             steps["torch-pruning"] = "ok"
-            row["tp_macs_kept"] = kept
+            row["tp_macs_kept"] = kept[0]
     return row
 
 
@@ -389,8 +436,10 @@ def write_readme(readme: Path, rows: list[dict[str, Any]], command: str, header:
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to fill")
-    body = (f"{README_BEGIN}\n{header}; `{command}`:\n\n{coverage_table(rows)}\n\nPer model (MACs kept at the "
-            f"ratio; Torch-Pruning's counted by the same counter):\n\n{model_table(rows)}\n{README_END}")
+    body = (f"{README_BEGIN}\n{header}; `{command}`:\n\n{coverage_table(rows)}\n\n<details><summary>Per model: "
+            f"each step, the share of channels in prunable groups, the MACs kept at the ratio (Torch-Pruning's "
+            f"counted by the same counter), the first failure</summary>\n\n{model_table(rows)}\n\n</details>\n"
+            f"{README_END}")
     pattern = re.escape(README_BEGIN) + ".*?" + re.escape(README_END)
     readme.write_text(re.sub(pattern, lambda _: body, text, flags=re.S))
 
@@ -402,6 +451,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     parser.add_argument("--json", type=Path, help="write every row (with tracebacks) here")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of --json for the models not run now (rerun some, tabulate all)")
     parser.add_argument("--readme", type=Path, help="fill the README's zoo section with the tables")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON on the last line
     args = parser.parse_args(argv)
@@ -411,23 +462,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(check(args.one, args.ratio, Path(tmp))))
         return []
+    if args.update and not (args.json and args.json.exists()):
+        parser.error("--update needs --json naming an earlier run's file")
     specs = args.models or [s for suite in args.suites for s in catalogue(suite)]
-    rows = []
+    kept = json.loads(args.json.read_text())["rows"] if args.update else []
+    rows = {r["model"]: r for r in kept}
     for spec in specs:
-        row = run_isolated(spec, args.ratio, args.timeout)
-        rows.append(row)
-        failed = {k: v for k, v in row["errors"].items()}
+        row = rows[spec] = run_isolated(spec, args.ratio, args.timeout)
         print(f"{spec}: {' '.join(row['steps'][s] for s in STEPS)} ({row['seconds']['total']} s)"
-              + (f"  {failed}" if failed else ""), flush=True)
+              + (f"  {row['errors']}" if row["errors"] else ""), flush=True)
         if args.json:
-            args.json.write_text(json.dumps({"cpu": cpu_model(), "ratio": args.ratio, "rows": rows}, indent=1))
-    print(coverage_table(rows))
-    print(model_table(rows))
+            report = {"cpu": cpu_model(), "torch": torch.__version__, "ratio": args.ratio, "rows": list(rows.values())}
+            args.json.write_text(json.dumps(report, indent=1))
+    order = {suite: i for i, suite in enumerate(SUITES)}
+    table = sorted(rows.values(), key=lambda r: order[r["model"].partition(":")[0]])
+    print(coverage_table(table))
+    print(model_table(table))
     if args.readme:
         command = "python -m fxcompress.bench.zoo " + " ".join(argv if argv is not None else sys.argv[1:])
         header = f"{cpu_model()}, torch {torch.__version__}, ratio {args.ratio}"
-        write_readme(args.readme, rows, command, header)
-    return rows
+        write_readme(args.readme, table, command, header)
+    return table
 
 
 if __name__ == "__main__":

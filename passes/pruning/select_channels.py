@@ -299,10 +299,11 @@ def _keep_every_space(cg: ChannelGraph, groups: list[ChannelGroup], removed: dic
 # ---- counts ---------------------------------------------------------------------------------------------------
 
 def _count(grp: ChannelGroup, want: float, round_to: int, min_channels: int) -> int:
-    """Channels to remove from a group for a wanted (fractional) number, within its constraints."""
+    """Channels to remove from a group for a wanted (fractional) number, within its constraints: a fraction rounds
+    up (ratio 0.3 of 64 channels removes 20, keeps 44), so that at least the ratio asked is removed."""
     n, free = grp.size, grp.n_prunable
     keep_min = max(1, min_channels)
-    k = int(math.floor(want + 0.5))
+    k = int(math.ceil(want - 1e-6))
     if round_to > 1:
         kept = max(round_to, int(math.floor((n - want) / round_to + 0.5)) * round_to)
         k = n - kept
@@ -311,7 +312,8 @@ def _count(grp: ChannelGroup, want: float, round_to: int, min_channels: int) -> 
         nb = int(grp.blocks.max()) + 1
         per_block = [int((grp.prunable & (grp.blocks == b)).sum()) for b in range(nb)]
         block_size = n // nb
-        kb = min(int(math.floor(k / nb + 0.5)), min(per_block), block_size - 1)
+        target = k if round_to > 1 else min(want, k)  # per block, a fraction rounds up too
+        kb = min(int(math.ceil(target / nb - 1e-6)), min(per_block), block_size - 1)
         k = max(0, kb) * nb
     return k
 

@@ -29,6 +29,18 @@ def test_a_model_that_runs_out_of_time_is_a_row_that_says_so():
     assert row["errors"] == {"run": "timed out after 0.5 s"} and set(row["steps"].values()) == {"-"}
 
 
+def test_limits_interrupt_a_step_that_runs_too_long_or_grows_too_large():
+    with pytest.raises(TimeoutError, match="after 0.3 s"), zoo.limits(0.3, 100.0):
+        while True:
+            pass
+    hoard = []
+    with pytest.raises(MemoryError, match="GB of memory"), zoo.limits(60.0, zoo.resident_gb() + 0.2):
+        while True:
+            hoard.append(bytearray(10_000_000))
+            hoard[-1][::4096] = b"x" * len(range(0, 10_000_000, 4096))  # resident, not only reserved
+    assert 15 <= len(hoard) <= 60
+
+
 def test_tables_and_the_readme_section(tmp_path):
     rows = [{"model": "hf:bert", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "share": 0.5,
              "macs_kept": 0.7, "tp_macs_kept": None},
