@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
 
-from . import counting, meta, persist
+from . import counting, meta, persist, pieces
 from .context import PassRecord
 from .counting import Totals
+from .errors import ExportError, TopLevelUntraceable, TracingError
 from .export.onnx import export_onnx as _export_onnx
 from .pass_manager import PassManager
 from .plans import Artifact, Store
 from .report import compile_report
-from .tracing import TraceInfo
+from .tracing import TraceInfo, wrap_root
+from .tree import copy_tree
 
 
 @dataclasses.dataclass
@@ -29,6 +32,7 @@ class CompileResult:
     after: Totals
     trace: TraceInfo
     plans: Store = dataclasses.field(default_factory=Store)  # plans by type (or kind name); prints summaries
+    pieces: dict[str, CompileResult] = dataclasses.field(default_factory=dict)  # when compiled piece by piece
 
     def report(self) -> str:
         leaves = ", ".join(f"{k} ({v})" for k, v in self.trace.auto_leaves.items()) or "none"
@@ -42,6 +46,11 @@ class CompileResult:
 
     def export_onnx(self, path: str | Path, **options: Any) -> Path:
         """Write the compiled module as ONNX (QDQ where quantized), checked with onnx.checker; returns the Path."""
+        if self.pieces:
+            raise ExportError(f"{type(self.module).__name__} was compiled piece by piece: its own forward "
+                              f"({', '.join(self.trace.auto_leaves)} and the code around them) is Python, not a "
+                              f"graph. Export the pieces: result.pieces[name].export_onnx(path) for name in "
+                              f"{', '.join(self.pieces)}.")
         return _export_onnx(self.module, self.example_inputs, path, **options)
 
 
@@ -64,11 +73,48 @@ def compile(
     (``fxc.load_plans(path)``, an earlier ``result.plans``) are applied instead of decided again: each planner of the
     recipe whose plan is given checks that it was made for the graph it sees and applies it."""
     pm = PassManager(recipe, verify=verify, check_numerics=check_numerics, dump_dir=dump_dir)
-    ctx = pm.context(model, example_inputs, calibration_data, train_data=train_data, eval_fn=eval_fn,
-                     plans=plans, leaf_modules=leaf_modules,
-                     concrete_args=concrete_args, eval_mode=True)
+    try:
+        ctx = pm.context(model, example_inputs, calibration_data, train_data=train_data, eval_fn=eval_fn,
+                         plans=plans, leaf_modules=leaf_modules,
+                         concrete_args=concrete_args, eval_mode=True)
+    except TopLevelUntraceable as exc:
+        given = [k for k, v in (("train_data", train_data), ("eval_fn", eval_fn), ("plans", plans),
+                                ("dump_dir", dump_dir)) if v is not None]
+        if given or isinstance(example_inputs, dict):
+            raise TracingError(f"{exc}\n  compiling its pieces instead takes example_inputs by position and no "
+                               f"{', '.join(given) or 'inputs by name'}.") from exc
+        return _compile_pieces(model, example_inputs, recipe, calibration_data, exc,
+                               dict(verify=verify, check_numerics=check_numerics))
     before = counting.totals(ctx.gm)
     pm.run(ctx)
     gm = ctx.gm.eval()
     return CompileResult(module=gm, history=ctx.history, example_inputs=ctx.example_inputs, before=before,
                          after=counting.totals(gm), trace=gm.meta[meta.TRACE_INFO], plans=ctx.plans)
+
+
+def _compile_pieces(model: torch.nn.Module, example_inputs: Any, recipe: Any, calibration_data: Iterable | None,
+                    failure: TopLevelUntraceable, options: dict[str, Any]) -> CompileResult:
+    """``compile`` of a model whose own forward no front end captures: its largest traceable submodules are
+    compiled with the recipe, each on what it receives, inside a copy of the model (``fxcompress/pieces.py``)."""
+    start = time.perf_counter()
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    root = copy_tree(model).eval()
+    runs = pieces.record_calls(root, [inputs, *pieces.calibration_runs(calibration_data)])
+
+    def one(name: str, module: torch.nn.Module, args: tuple, calibration: list[tuple]) -> CompileResult:
+        return compile(module, args, recipe, calibration or None, **options)
+    compiled, left = pieces.compile_pieces(root, runs, one, (TracingError,))
+    reason = str(failure).splitlines()[0]
+    if not compiled:
+        why = "; ".join(f"{k}: {v}" for k, v in list(left.items())[:6])
+        raise TracingError(f"{reason}\n  no submodule of it compiles on its own either: {why}") from failure
+    for name, result in compiled.items():
+        pieces.install(root, name, result.module)
+    gm = wrap_root(root, len(inputs), type(model).__name__)
+    info = TraceInfo(time.perf_counter() - start, sum(r.trace.nodes for r in compiled.values()), (), left,
+                     front_end="pieces", fx_failure=reason)
+    gm.meta[meta.TRACE_INFO] = info
+    history = [dataclasses.replace(h, piece=name) for name, r in compiled.items() for h in r.history]
+    return CompileResult(module=gm, history=history, example_inputs=inputs,
+                         before=counting.add(r.before for r in compiled.values()),
+                         after=counting.add(r.after for r in compiled.values()), trace=info, pieces=compiled)

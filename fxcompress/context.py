@@ -30,6 +30,7 @@ class PassRecord:
     error: float | None = None  # max |after - before| / max|before| of the numeric check, if run
     check_seconds: float = 0.0  # time the instruments spent around this pass
     dump_path: str | None = None
+    piece: str = ""  # the submodule this pass ran on, when the model was compiled piece by piece
     inner: tuple[PassRecord, ...] = ()  # passes run from inside this one (PassManager.run_inner), in order
 
     def summary(self) -> str:

@@ -44,6 +44,12 @@ class Totals:
     nodes: int
 
 
+def add(totals_: Iterable[Totals]) -> Totals:
+    """The sum of several modules' totals (the pieces of a model compiled piece by piece)."""
+    parts = list(totals_)
+    return Totals(*(sum(getattr(t, f.name) for t in parts) for f in dataclasses.fields(Totals)))
+
+
 def _info(arg: Any) -> TensorInfo | None:
     return meta.tensor_info(arg) if isinstance(arg, torch.fx.Node) else None
 

@@ -27,6 +27,11 @@ class TracingError(FxCompressError):
     """The model's forward could not be traced into an FX graph."""
 
 
+class TopLevelUntraceable(TracingError):
+    """Neither front end captures the model's own forward (or its inputs are not tensors): ``compile`` then
+    compiles its pieces (``fxcompress/pieces.py``)."""
+
+
 class RecipeError(FxCompressError):
     """The recipe names an unknown pass or option, or an option has a bad value."""
 

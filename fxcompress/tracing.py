@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from . import capture, meta, outputs
 from .errors import (
     InputError,
+    TopLevelUntraceable,
     TracingError,
     did_you_mean,
     unknown_name_message,
@@ -196,7 +197,12 @@ def normalize_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple
     if isinstance(example_inputs, (tuple, list)) and example_inputs:
         leaves = pytree.tree_leaves(tuple(example_inputs))
         if all(isinstance(t, torch.Tensor) for t in leaves):
-            return tuple(example_inputs)
+            nested = next((i for i, t in enumerate(example_inputs) if not isinstance(t, torch.Tensor)), None)
+            if nested is None:
+                return tuple(example_inputs)
+            error = TopLevelUntraceable if what == "example_inputs" else InputError
+            raise error(f"{what}: argument {nested} is a {type(example_inputs[nested]).__name__} of tensors; a "
+                        f"graph takes tensors (a model taking containers is compiled piece by piece)")
         bad = next(type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor))
         raise InputError(f"{what} must hold tensors only; found a {bad}. Pass non-tensor arguments through concrete_args.")
     raise InputError(
@@ -313,8 +319,8 @@ def _exported(model: torch.nn.Module, root: torch.nn.Module, inputs: tuple, star
         if fx_error is None:
             raise TracingError(f"cannot capture {type(model).__name__} with torch.export: "
                                f"{_describe_cause(exc)}") from exc
-        raise TracingError(f"{fx_error}\n  torch.export could not capture it either: {_describe_cause(exc)}") \
-            from exc
+        raise TopLevelUntraceable(f"{fx_error}\n  torch.export could not capture it either: "
+                                  f"{_describe_cause(exc)}") from exc
     log.info("%s: captured with torch.export (symbolic tracing: %s)", type(model).__name__, why)
     dynamic = tuple(tuple(d for d, size in enumerate(getattr(n.meta.get("val"), "shape", ()))
                           if not isinstance(size, int)) for n in graph.nodes if n.op == "placeholder")
@@ -392,6 +398,12 @@ def check_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict[str, 
             if key not in names:
                 raise InputError(f"concrete_args names {key!r}, which {name}.forward does not take."
                                  f"{did_you_mean(key, names)} Its arguments: {', '.join(names) or '(none)'}.")
+
+
+def wrap_root(module: torch.nn.Module, n_inputs: int, class_name: str) -> CompiledModule:
+    """A compiled module whose graph calls ``module`` as one opaque node (a model compiled piece by piece)."""
+    holder, graph = _wrap_leaf_root(module, n_inputs)
+    return CompiledModule(holder, graph, class_name=class_name)
 
 
 def _wrap_leaf_root(module: torch.nn.Module, n_inputs: int) -> tuple[torch.nn.Module, torch.fx.Graph]:

@@ -58,3 +58,18 @@ def test_hugging_face_models_trace_prune_exactly_and_export(name, tmp_path):
         got = session.run(None, {k: v.numpy() for k, v in other.items()})
         want = removed.module(**other).last_hidden_state.detach().numpy()
         assert got[0].shape == want.shape and abs(got[0] - want).max() < 1e-4 * scale
+
+
+def test_torchvision_detection_compiles_piece_by_piece_exactly():
+    """Faster R-CNN: the image list, transform, anchors, RoI pooling and NMS stay Python; the backbone with its FPN
+    and the box head and predictor compile, fold and prune exactly (each piece on what it receives)."""
+    model, x, _ = zoo.build("detection:fasterrcnn_mobilenet_v3_large_320_fpn")
+    folded = fxc.compile(model, x, [{"pass": "fold_bn"}])
+    assert set(folded.pieces) == {"backbone", "roi_heads.box_head", "roi_heads.box_predictor"}
+    assert {"transform", "rpn", "roi_heads.box_roi_pool"} <= set(folded.trace.auto_leaves)
+    assert zoo.compare(folded, model, x) <= 1e-5
+    _same_structure(folded.module(*x), model(*x))
+    mask = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.3, "mode": "mask"}])
+    removed = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.3, "mode": "remove"}])
+    assert removed.after.macs < 0.75 * removed.before.macs
+    assert zoo.compare(removed, mask.module, x) <= 1e-4
