@@ -236,8 +236,9 @@ def compare(result: Any, reference: nn.Module, inputs: Any) -> float:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text[:300]
+    """The exception's type and message, its lines joined, cut at 300 characters."""
+    text = " / ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _last_layer(model: nn.Module) -> nn.Module | None:
@@ -457,13 +458,14 @@ def model_table(rows: list[dict[str, Any]]) -> str:
                     tablefmt="github")
 
 
-def write_readme(readme: Path, rows: list[dict[str, Any]], command: str, header: str) -> None:
-    """Replace the text between the zoo markers of ``readme`` with the coverage table."""
+def write_readme(readme: Path, rows: list[dict[str, Any]], commands: list[str], header: str) -> None:
+    """Replace the text between the zoo markers of ``readme`` with the tables of ``rows``, made by ``commands``."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to fill")
-    body = (f"{README_BEGIN}\n{header}; `{command}`:\n\n{coverage_table(rows)}\n\n<details><summary>Per model: "
-            f"each step, the share of channels in prunable groups, the MACs kept at the ratio (Torch-Pruning's "
+    made = "; ".join(f"`{c}`" for c in commands)
+    body = (f"{README_BEGIN}\n{header}; made by {made}:\n\n{coverage_table(rows)}\n\n<details><summary>Per "
+            f"model: each step, the share of channels in prunable groups, the MACs kept at the ratio (Torch-Pruning's "
             f"counted by the same counter), the first failure</summary>\n\n{model_table(rows)}\n\n</details>\n"
             f"{README_END}")
     pattern = re.escape(README_BEGIN) + ".*?" + re.escape(README_END)
@@ -479,6 +481,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json", type=Path, help="write every row (with tracebacks) here")
     parser.add_argument("--update", action="store_true",
                         help="keep the rows of --json for the models not run now (rerun some, tabulate all)")
+    parser.add_argument("--tabulate", action="store_true", help="run nothing: tabulate the rows of --json")
     parser.add_argument("--readme", type=Path, help="fill the README's zoo section with the tables")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON on the last line
     args = parser.parse_args(argv)
@@ -488,26 +491,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(check(args.one, args.ratio, Path(tmp))))
         return []
-    if args.update and not (args.json and args.json.exists()):
-        parser.error("--update needs --json naming an earlier run's file")
-    specs = args.models or [s for suite in args.suites for s in catalogue(suite)]
-    kept = json.loads(args.json.read_text())["rows"] if args.update else []
-    rows = {r["model"]: r for r in kept}
-    for spec in specs:
-        row = rows[spec] = run_isolated(spec, args.ratio, args.timeout)
-        print(f"{spec}: {' '.join(row['steps'][s] for s in STEPS)} ({row['seconds']['total']} s)"
-              + (f"  {row['errors']}" if row["errors"] else ""), flush=True)
-        if args.json:
-            report = {"cpu": cpu_model(), "torch": torch.__version__, "ratio": args.ratio, "rows": list(rows.values())}
-            args.json.write_text(json.dumps(report, indent=1))
+    if (args.update or args.tabulate) and not (args.json and args.json.exists()):
+        parser.error("--update and --tabulate need --json naming an earlier run's file")
+    earlier = json.loads(args.json.read_text()) if args.update or args.tabulate else {"rows": [], "commands": []}
+    rows = {r["model"]: r for r in earlier["rows"]}
+    commands = list(earlier.get("commands", []))
+    if not args.tabulate:
+        commands.append("python -m fxcompress.bench.zoo " + " ".join(argv if argv is not None else sys.argv[1:]))
+        specs = args.models or [s for suite in args.suites for s in catalogue(suite)]
+        for spec in specs:
+            row = rows[spec] = run_isolated(spec, args.ratio, args.timeout)
+            print(f"{spec}: {' '.join(row['steps'][s] for s in STEPS)} ({row['seconds']['total']} s)"
+                  + (f"  {row['errors']}" if row["errors"] else ""), flush=True)
+            if args.json:
+                report = {"cpu": cpu_model(), "torch": torch.__version__, "ratio": args.ratio, "commands": commands,
+                          "rows": list(rows.values())}
+                args.json.write_text(json.dumps(report, indent=1))
     order = {suite: i for i, suite in enumerate(SUITES)}
     table = sorted(rows.values(), key=lambda r: order[r["model"].partition(":")[0]])
     print(coverage_table(table))
     print(model_table(table))
     if args.readme:
-        command = "python -m fxcompress.bench.zoo " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = f"{cpu_model()}, torch {torch.__version__}, ratio {args.ratio}"
-        write_readme(args.readme, table, command, header)
+        cpu = earlier.get("cpu", cpu_model())
+        header = f"{cpu}, torch {earlier.get('torch', torch.__version__)}, ratio {earlier.get('ratio', args.ratio)}"
+        write_readme(args.readme, table, commands, header)
     return table
 
 

@@ -51,12 +51,12 @@ def test_tables_and_the_readme_section(tmp_path):
     assert cells == ["hf", "2"] + ["1"] * (len(zoo.STEPS) + 1)  # tried, each step, every step
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{zoo.README_BEGIN}\nstale table\n{zoo.README_END}\nrest\n")
-    zoo.write_readme(readme, rows, "python -m fxcompress.bench.zoo --suites hf", "a CPU")
+    zoo.write_readme(readme, rows, ["python -m fxcompress.bench.zoo --suites hf"], "a CPU")
     text = readme.read_text()
     assert "stale table" not in text and "trace: TracingError: no" in text and text.endswith("rest\n")
     readme.write_text("no section")
     with pytest.raises(SystemExit, match="zoo:begin"):
-        zoo.write_readme(readme, rows, "cmd", "a CPU")
+        zoo.write_readme(readme, rows, ["cmd"], "a CPU")
 
 
 @pytest.mark.slow
