@@ -112,6 +112,17 @@ def _mha_module(node: torch.fx.Node, m: nn.MultiheadAttention) -> int:
     return batch * (projections + 2 * L * S * E)
 
 
+def _window_attention(node: torch.fx.Node, _=None) -> int:
+    """torchvision's ``shifted_window_attention``: qkv and output projections of every token, and the attention
+    products within windows of ``window_size`` tokens (2 x tokens x window x C; padding to whole windows ignored)."""
+    x, qkv, proj = (_info(arg(node, i, n)) for i, n in enumerate(("input", "qkv_weight", "proj_weight")))
+    window = arg(node, 4, "window_size")
+    if x is None or qkv is None or proj is None or not isinstance(window, (list, tuple)):
+        return 0
+    tokens, c = _prod(x.shape[:-1]), x.shape[-1]
+    return tokens * (_prod(qkv.shape) + _prod(proj.shape) + 2 * _prod(window) * c)
+
+
 MAC_RULES: dict[str, Callable[[torch.fx.Node, Any], int]] = {
     "matmul": _out_times_k(0, "input"),  # F.linear, matmul, mm, bmm: output elements x the reduced dim
     "addmm": _out_times_k(1, "mat1"),
@@ -122,6 +133,7 @@ MAC_RULES: dict[str, Callable[[torch.fx.Node, Any], int]] = {
     "linear_layer": _linear_module,
     "conv_layer": _conv_module,
     "attention_layer": _mha_module,
+    "window_attention": _window_attention,
 }
 """The MAC count of each ``macs`` kind that ``fxcompress/ops.py`` records name: ``rule(node, module or None)``."""
 

@@ -229,6 +229,11 @@ register(F.glu, channels="glu")
 register_library("torchvision", "torchvision.ops.stochastic_depth", "torchvision.ops.StochasticDepth",
                  channels="unary", quant="pass")
 register_library("timm", "timm.layers.drop_path", "timm.layers.DropPath", channels="unary", quant="pass")
+register_library("torchvision", "torchvision.models.swin_transformer.shifted_window_attention",
+                 channels="window_attention", macs="window_attention")
+register_library("torchvision", "torchvision.models.swin_transformer._patch_merging_pad", channels="channels_last_pad")
+register_library("torchvision", "torchvision.models.swin_transformer._get_relative_position_bias",
+                 channels="not_channels")
 
 # ---- pooling, resampling, padding -------------------------------------------------------------------------------
 register(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, channels="leading",

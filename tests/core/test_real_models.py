@@ -73,3 +73,20 @@ def test_torchvision_detection_compiles_piece_by_piece_exactly():
     removed = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.3, "mode": "remove"}])
     assert removed.after.macs < 0.75 * removed.before.macs
     assert zoo.compare(removed, mask.module, x) <= 1e-4
+
+
+def test_torchvision_swin_prunes_its_mlps_exactly_and_names_why_its_stream_stays_whole():
+    """torchvision's window attention is a function of the block's weights: its MACs count (Swin-T: 4.5 G, as
+    published) and its channel rule keeps the width it derives head dimensions from, naming why."""
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t().eval()
+    macs = fxc.compile(model, (torch.randn(1, 3, 224, 224),), [{"pass": "fold_bn"}]).before.macs
+    assert 4.45e9 < macs < 4.55e9
+    x = (torch.randn(1, 3, 112, 112),)
+    mask = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.3, "mode": "mask"}])
+    removed = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.3, "mode": "remove"}])
+    deps = removed.history[0]
+    assert deps.stats["barrier_ops"] == 0
+    assert any("derives its head dimension from the input's width" in n for n in deps.notes)
+    assert removed.after.macs < 0.85 * removed.before.macs  # the MLPs: 0.81 of the MACs kept
+    assert zoo.relative_error(removed.module(*x), mask.module(*x)) <= 1e-4

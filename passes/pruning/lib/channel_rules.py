@@ -38,6 +38,7 @@ from fxcompress.passes.pruning.lib.channel_layer_rules import (
     repeat,
     sdpa,
 )
+from fxcompress.passes.pruning.lib.channel_library_rules import RULES as LIBRARY_RULES
 from fxcompress.passes.pruning.lib.channel_spaces import (
     Factor,
     GroupedInput,
@@ -340,7 +341,7 @@ KINDS: dict[str, Callable[..., None]] = {
     "matmul": matmul, "addmm": addmm, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
     "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm, "prelu": prelu,
     "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
-    "sdpa": sdpa, "recurrent": recurrent,
+    "sdpa": sdpa, "recurrent": recurrent, **LIBRARY_RULES,
 }
 """The channel rule of each ``channels`` kind that ``fxcompress/ops.py`` records name."""
 
