@@ -123,6 +123,23 @@ def _window_attention(node: torch.fx.Node, _=None) -> int:
     return tokens * (_prod(qkv.shape) + _prod(proj.shape) + 2 * _prod(window) * c)
 
 
+def _einsum(node: torch.fx.Node, _=None) -> int:
+    """``torch.einsum`` of two operands: the product of the sizes of every subscript letter (each output element
+    sums over the contracted letters); of one operand or more than two: not counted."""
+    operands = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
+    eq = node.args[0]
+    if len(operands) != 2 or not isinstance(eq, str) or "..." in eq:
+        return 0
+    infos = [_info(o) for o in operands]
+    if any(i is None for i in infos):
+        return 0
+    sizes: dict[str, int] = {}
+    for sub, info in zip(eq.replace(" ", "").partition("->")[0].split(","), infos):
+        for c, n in zip(sub, info.shape):
+            sizes[c] = max(sizes.get(c, 1), int(n))
+    return _prod(sizes.values())
+
+
 MAC_RULES: dict[str, Callable[[torch.fx.Node, Any], int]] = {
     "matmul": _out_times_k(0, "input"),  # F.linear, matmul, mm, bmm: output elements x the reduced dim
     "addmm": _out_times_k(1, "mat1"),
@@ -134,6 +151,7 @@ MAC_RULES: dict[str, Callable[[torch.fx.Node, Any], int]] = {
     "conv_layer": _conv_module,
     "attention_layer": _mha_module,
     "window_attention": _window_attention,
+    "einsum": _einsum,
 }
 """The MAC count of each ``macs`` kind that ``fxcompress/ops.py`` records name: ``rule(node, module or None)``."""
 

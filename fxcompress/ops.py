@@ -193,6 +193,7 @@ register(T.__matmul__, quant="matmul")
 register(torch.addmm, T.addmm, channels="addmm", quant="addmm", macs="addmm")
 register(torch.baddbmm, T.baddbmm, macs="baddbmm")
 register(F.scaled_dot_product_attention, channels="sdpa", macs="sdpa")
+register(torch.einsum, torch.functional.einsum, channels="einsum", macs="einsum")
 
 # ---- normalisation ----------------------------------------------------------------------------------------------
 register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,

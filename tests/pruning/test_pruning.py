@@ -459,3 +459,30 @@ def test_stochastic_depth_does_not_stop_the_residual_stream(library):
     assert stats["barrier_ops"] == 0
     assert stats["prunable_channels"] == stats["channels"] - 3 - 4  # all but the input's and the output's
     assert removed.module.stem.out_channels == 8 and removed.module.get_submodule("body.0").out_channels == 16
+
+
+def test_einsum_prunes_like_the_products_it_spells():
+    """Attention and a linear layer written with torch.einsum (MaxViT's, many timm blocks'): every subscript letter
+    is one space, contracted letters included, and the MACs count as the matmuls they are."""
+
+    class EinsumBlock(nn.Module):
+        def __init__(self, c=32, heads=4):
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(c, 3 * c)
+            self.proj = nn.Parameter(torch.randn(16, c) / c ** 0.5)
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            attn = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+            y = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, c)
+            return self.head(F.gelu(torch.einsum("bnc,oc->bno", y, self.proj)))
+
+    model, x = EinsumBlock().eval(), (torch.randn(2, 6, 32),)
+    traced = fxc.compile(model, x, [{"pass": "fold_bn"}])
+    assert traced.before.macs == 2 * 6 * (32 * 96 + 2 * 6 * 32 + 32 * 16 + 16 * 5)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5 and removed.history[0].stats["barrier_ops"] == 0
+    assert removed.after.macs < 0.6 * removed.before.macs

@@ -11,6 +11,7 @@ touches is fixed and the reason is recorded.
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Callable
 
@@ -326,6 +327,57 @@ def expand(r: Relations, node: torch.fx.Node, _=None) -> None:
         r.hook("reshape")
 
 
+def einsum_subscripts(node: torch.fx.Node) -> tuple[list[tuple[Any, list[str]]], list[str]] | None:
+    """((operand, its letters), output letters) of ``torch.einsum(equation, *operands)``, an ellipsis spelled as
+    numbered letters aligned from the right; None when the equation is not a constant or the shapes are unknown."""
+    eq, operands = node.args[0], list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(eq, str) or not all(isinstance(o, torch.fx.Node) for o in operands):
+        return None
+    eq = eq.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    inputs = lhs.split(",")
+    if len(inputs) != len(operands):
+        return None
+    shapes = [meta.tensor_info(o).shape if isinstance(meta.tensor_info(o), meta.TensorInfo) else None for o in operands]
+    if any(s is None for s in shapes):
+        return None
+    ellipsis = max((len(s) - len(sub.replace("...", "")) for s, sub in zip(shapes, inputs) if "..." in sub), default=0)
+    ell = [f"#{i}" for i in range(ellipsis)]
+
+    def letters(sub: str, rank: int | None) -> list[str]:
+        head, dots, tail = sub.partition("...")
+        middle = ell[ellipsis - (rank - len(head) - len(tail)):] if dots and rank is not None else (ell if dots else [])
+        return [*head, *middle, *tail]
+    ops = [(o, letters(sub, len(s))) for o, sub, s in zip(operands, inputs, shapes)]
+    if not arrow:  # implicit output: the letters seen once, in alphabetical order, after the ellipsis
+        counts = collections.Counter(c for sub in inputs for c in sub.replace("...", ""))
+        rhs = ("..." if ellipsis else "") + "".join(sorted(c for c, n in counts.items() if n == 1))
+    return ops, letters(rhs, None)
+
+
+def einsum(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``torch.einsum``: every occurrence of a subscript letter is one space (in the output, or contracted between
+    operands, as in a matmul); a letter of size 1 broadcasts and stays apart."""
+    parsed = einsum_subscripts(node)
+    if parsed is None:
+        return r.barrier(f"{r.where()}: einsum with an equation or operands that are not known")
+    ops, out = parsed
+    first: dict[str, Any] = {}
+    for d, c in enumerate(out):
+        first[c] = r.out(d)
+    for operand, subs in ops:
+        for d, c in enumerate(subs):
+            space = r.sp(operand, d)
+            if r.shape(operand)[d] == 1 and c in first and r.sizes[first[c]] != 1:
+                continue  # broadcast
+            if c in first:
+                r.equal(first[c], space)
+            else:
+                first[c] = space
+
+
 # ---- the table ------------------------------------------------------------------------------------------------
 
 def _pad(r: Relations, node: torch.fx.Node, _=None) -> None:
@@ -341,7 +393,7 @@ KINDS: dict[str, Callable[..., None]] = {
     "matmul": matmul, "addmm": addmm, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
     "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm, "prelu": prelu,
     "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
-    "sdpa": sdpa, "recurrent": recurrent, **LIBRARY_RULES,
+    "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, **LIBRARY_RULES,
 }
 """The channel rule of each ``channels`` kind that ``fxcompress/ops.py`` records name."""
 
