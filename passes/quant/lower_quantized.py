@@ -90,6 +90,13 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _reads_metadata(node: torch.fx.Node) -> bool:
+    """``w.shape``, ``w.size()``, ``w.dim()``, ``w.dtype``: a read of a weight's metadata, not of its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
 def weight_fake_quant(site: WeightSite, weight: torch.Tensor) -> FakeQuant:
     cal = MinMax(site.spec.axis)
     cal.update(weight)
@@ -187,7 +194,8 @@ class LowerQuantized(Pass):
         for node in gm.graph.nodes:
             if node.op == "get_attr" and node.target in weights:
                 bad = [u.name for u in node.users if u.target not in (torch.fake_quantize_per_tensor_affine,
-                                                                       torch.fake_quantize_per_channel_affine)]
+                                                                       torch.fake_quantize_per_channel_affine)
+                       and not _reads_metadata(u)]
                 if bad:
                     raise VerificationError(f"[{self.name}] {node.target} is read unquantized by {bad[:3]}.")
             if node.op == "call_module" and any(w.rpartition(".")[0] == node.target for w in weights):

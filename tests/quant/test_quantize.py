@@ -443,10 +443,9 @@ def test_dynamic_mode_quantizes_addmm_layers_stored_in_by_out(tmp_path):
             super().__init__()
             self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in ** 0.5)
             self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
-            self.n_out = n_out
 
         def forward(self, x):
-            size = x.size()[:-1] + (self.n_out,)
+            size = x.size()[:-1] + (self.weight.shape[1],)  # a read of the weight's shape, not of its values
             return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size)
 
     model = nn.Sequential(Conv1DLike(32, 64), nn.GELU(), Conv1DLike(64, 16)).eval()
