@@ -79,7 +79,8 @@ def compile(
                          concrete_args=concrete_args, eval_mode=True)
     except TopLevelUntraceable as exc:
         given = [k for k, v in (("train_data", train_data), ("eval_fn", eval_fn), ("plans", plans),
-                                ("dump_dir", dump_dir)) if v is not None]
+                                ("dump_dir", dump_dir), ("leaf_modules", leaf_modules or None),
+                                ("concrete_args", concrete_args)) if v is not None]
         if given or isinstance(example_inputs, dict):
             raise TracingError(f"{exc}\n  compiling its pieces instead takes example_inputs by position and no "
                                f"{', '.join(given) or 'inputs by name'}.") from exc
@@ -102,7 +103,10 @@ def _compile_pieces(model: torch.nn.Module, example_inputs: Any, recipe: Any, ca
     runs = pieces.record_calls(root, [inputs, *pieces.calibration_runs(calibration_data)])
 
     def one(name: str, module: torch.nn.Module, args: tuple, calibration: list[tuple]) -> CompileResult:
-        return compile(module, args, recipe, calibration or None, **options)
+        result = compile(module, args, recipe, calibration or None, **options)
+        if result.pieces:  # its own forward is not captured either: open it up here, one level of pieces
+            raise TracingError(f"{type(module).__name__}.forward is not captured: {result.trace.fx_failure}")
+        return result
     compiled, left = pieces.compile_pieces(root, runs, one, (TracingError,))
     reason = str(failure).splitlines()[0]
     if not compiled:

@@ -90,6 +90,8 @@ def test_what_pieces_cannot_take_is_an_error_that_says_why():
     model, x = _detector()
     with pytest.raises(TracingError, match="no train_data"):
         fxc.compile(model, x, [{"pass": "fold_bn"}], train_data=[x])
+    with pytest.raises(TracingError, match="no leaf_modules"):
+        fxc.compile(model, x, [{"pass": "fold_bn"}], leaf_modules=["heads"])
 
     class Opaque(nn.Module):
         def __init__(self):
