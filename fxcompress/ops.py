@@ -266,6 +266,7 @@ register(torch.split, torch.chunk, torch.unbind, *_methods("split", "chunk", "un
 register(torch.tensor_split, T.tensor_split, quant="split")
 register(operator.getitem, channels="getitem")
 register(torch.narrow, T.narrow, channels="narrow")
+register(torch.select, T.select, channels="select", quant="pass")
 register(T.size, T.dim, getattr, channels="no_tensor")
 register(torch.mean, torch.sum, torch.amax, torch.amin, *_methods("mean", "sum", "amax", "amin", "std", "var"),
          channels="reduce")

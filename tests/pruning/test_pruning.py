@@ -486,3 +486,22 @@ def test_einsum_prunes_like_the_products_it_spells():
     err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
     assert err <= 1e-5 and removed.history[0].stats["barrier_ops"] == 0
     assert removed.after.macs < 0.6 * removed.before.macs
+
+
+def test_select_maps_the_other_dims_through():
+    """``x.select(1, 0)`` (how torch.export records BERT's pooler reading ``hidden[:, 0]``): the hidden width
+    before it prunes; a select along the channel dim keeps that dim whole."""
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.b(F.gelu(self.a(x)))
+            return self.c(F.gelu(h.select(1, 0))), h.select(2, 5)
+
+    model, x = Pool().eval(), (torch.randn(2, 5, 8),)
+    err, _, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5 and removed.history[0].stats["barrier_ops"] == 0
+    assert removed.module.a.out_features == 16 and removed.module.b.out_features == 16  # b's outputs: selected

@@ -327,6 +327,20 @@ def expand(r: Relations, node: torch.fx.Node, _=None) -> None:
         r.hook("reshape")
 
 
+def select(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``x.select(dim, index)`` (``x[:, 0]`` as torch.export records it): the other dims map through; the selected
+    dim stays whole (its index names one of its elements)."""
+    x, dim = node.args[0], arg(node, 1, "dim")
+    shape = r.shape(x)
+    if shape is None or not isinstance(dim, int):
+        return r.barrier(f"{r.where()}: select along a dim that is not a constant")
+    dim %= len(shape)
+    for d in range(len(shape)):
+        if d != dim:
+            r.equal(r.sp(x, d), r.out(d - (d > dim)))
+    r.fixed(r.sp(x, dim), f"{r.where()}: an element selected by index")
+
+
 def einsum_subscripts(node: torch.fx.Node) -> tuple[list[tuple[Any, list[str]]], list[str]] | None:
     """((operand, its letters), output letters) of ``torch.einsum(equation, *operands)``, an ellipsis spelled as
     numbered letters aligned from the right; None when the equation is not a constant or the shapes are unknown."""
@@ -393,7 +407,7 @@ KINDS: dict[str, Callable[..., None]] = {
     "matmul": matmul, "addmm": addmm, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
     "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm, "prelu": prelu,
     "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
-    "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, **LIBRARY_RULES,
+    "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, "select": select, **LIBRARY_RULES,
 }
 """The channel rule of each ``channels`` kind that ``fxcompress/ops.py`` records name."""
 
