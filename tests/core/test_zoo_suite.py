@@ -60,6 +60,7 @@ def test_tables_and_the_readme_section(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", zoo.catalogue("torchvision") + zoo.catalogue("segmentation") + zoo.catalogue("hf"))
+@pytest.mark.parametrize("spec", [s for suite in ("torchvision", "segmentation", "detection", "hf")
+                                  for s in zoo.catalogue(suite)])
 def test_catalogue_passes_every_step(spec, tmp_path):
     _every_step_passes(zoo.check(spec, 0.3, tmp_path))
