@@ -1,7 +1,8 @@
 """Hugging Face transformers in INT8: fxcompress's dynamic and static quantization against ONNX Runtime's
 ``quantize_dynamic`` of the same fp32 export, in ORT at batch 1 and one thread.
 
-    python -m fxcompress.bench.hf_int8 [--models bert distilbert gpt2 vit] [--layers 4] [--runs 30]
+    python -m fxcompress.bench.hf_int8 [--models bert distilbert roberta albert gpt2 opt llama t5-encoder vit]
+                                       [--layers 4] [--runs 30]
 
 Each model is a Hugging Face architecture at its base width (768 hidden, 12 heads, 3072 FFN) with ``--layers``
 layers and random weights (no downloads); text models take 128 tokens, ViT a 224x224 image.  For each: the fp32
@@ -26,7 +27,7 @@ import fxcompress as fxc
 from ..export.onnx import export_onnx
 from .measure import alternated_latency, cpu_model, sqnr_db
 
-MODELS = ("bert", "distilbert", "gpt2", "vit")
+MODELS = ("bert", "distilbert", "roberta", "albert", "gpt2", "opt", "llama", "t5-encoder", "vit")
 
 
 def build(name: str, layers: int, seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor], list]:
@@ -38,6 +39,13 @@ def build(name: str, layers: int, seed: int = 0) -> tuple[torch.nn.Module, dict[
         "bert": lambda: t.BertModel(t.BertConfig(vocab_size=30522, **base)),
         "distilbert": lambda: t.DistilBertModel(t.DistilBertConfig(n_layers=layers)),
         "gpt2": lambda: t.GPT2Model(t.GPT2Config(n_layer=layers, use_cache=False)),
+        "roberta": lambda: t.RobertaModel(t.RobertaConfig(vocab_size=30522, **base)),
+        "albert": lambda: t.AlbertModel(t.AlbertConfig(vocab_size=30000, embedding_size=128, **base)),
+        "opt": lambda: t.OPTModel(t.OPTConfig(hidden_size=768, num_attention_heads=12, ffn_dim=3072,
+                                              num_hidden_layers=layers, word_embed_proj_dim=768, use_cache=False)),
+        "llama": lambda: t.LlamaModel(t.LlamaConfig(vocab_size=32000, use_cache=False, **base)),
+        "t5-encoder": lambda: t.T5EncoderModel(t.T5Config(d_model=768, d_ff=3072, d_kv=64, num_heads=12,
+                                                          num_layers=layers, use_cache=False)),
         "vit": lambda: t.ViTModel(t.ViTConfig(**base)),
     }
     model = configs[name]().eval()
