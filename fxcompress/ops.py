@@ -204,6 +204,7 @@ register(F.layer_norm, channels="functional_layernorm")
 register(nn.RMSNorm, channels="layernorm", resize="layernorm")  # LayerNorm's structure: weight, no bias
 register(F.rms_norm, channels="functional_layernorm")
 register(nn.GroupNorm, channels="groupnorm", resize="groupnorm")
+register(F.group_norm, channels="functional_groupnorm")
 
 # ---- elementwise ------------------------------------------------------------------------------------------------
 register(nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu, T.relu, channels="unary", quant="relu", activation=True)
@@ -267,6 +268,7 @@ register(torch.tensor_split, T.tensor_split, quant="split")
 register(operator.getitem, channels="getitem")
 register(torch.narrow, T.narrow, channels="narrow")
 register(torch.select, T.select, channels="select", quant="pass")
+register(T.reshape_as, T.view_as, channels="reshape_as", quant="pass")
 register(T.size, T.dim, getattr, channels="no_tensor")
 register(torch.mean, torch.sum, torch.amax, torch.amin, *_methods("mean", "sum", "amax", "amin", "std", "var"),
          channels="reduce")

@@ -505,3 +505,35 @@ def test_select_maps_the_other_dims_through():
     err, _, removed = mask_vs_remove(model, x, ratio=0.5)
     assert err <= 1e-5 and removed.history[0].stats["barrier_ops"] == 0
     assert removed.module.a.out_features == 16 and removed.module.b.out_features == 16  # b's outputs: selected
+
+
+def test_functional_group_norm_view_as_and_weight_standardisation_are_no_barriers():
+    """F.group_norm (timm's GroupNorm1) prunes equally in each of its groups and, normalising over groups of
+    channels, is reported inexact like nn.GroupNorm; view_as / reshape_as map dims like reshape; a weight
+    standardised with batch statistics (NF-Nets' ScaledStdConv2d: F.batch_norm over the fan-in, then reshape_as the
+    weight) changes when its input channels go, so that group is reported inexact instead of pruned as if exact."""
+
+    class Block(nn.Module):
+        def __init__(self, standardise: bool):
+            super().__init__()
+            self.standardise = standardise
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+            self.norm = nn.Parameter(torch.rand(16) + 0.5)
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = F.group_norm(F.relu(self.a(x)), 4, self.norm)
+            w = self.b.weight
+            if self.standardise:
+                w = F.batch_norm(w.reshape(1, 16, -1), None, None, training=True, eps=1e-5).reshape_as(w)
+            y = F.conv2d(y, w, self.b.bias, padding=1)
+            return self.head(F.relu(y).view_as(y))
+
+    x = (torch.randn(2, 3, 8, 8),)
+    for standardise, reason in ((False, "group_norm normalises over groups"),
+                                (True, "batch statistics normalise over this dim")):
+        removed = prune(Block(standardise).eval(), x, ratio=0.5)
+        deps = removed.history[0]
+        assert deps.stats["barrier_ops"] == 0 and any(reason in n for n in deps.notes), deps.notes
+        assert removed.module.a.out_channels == 8 and removed.module.norm.shape == (8,)  # 2 of 4 per group
+        assert removed.module.head.in_channels == 8

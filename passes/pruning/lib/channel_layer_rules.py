@@ -140,11 +140,18 @@ def batchnorm(r: Relations, node: torch.fx.Node, m: nn.Module) -> None:
 
 
 def functional_batchnorm(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``F.batch_norm``: per channel (dim 1); with batch statistics (``training=True`` or no running statistics, as
+    weight standardisation calls it on a weight reshaped to (1, out, in x k x k)) it normalises over every other
+    dim, which pruning those changes: inexact there."""
     unary(r, node)
     for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
         p = arg(node, i, name)
         if isinstance(p, torch.fx.Node):
             r.equal(r.out(1), r.sp(p, 0))
+    if arg(node, 5, "training") is not False or not isinstance(arg(node, 1, "running_mean"), torch.fx.Node):
+        for d in range(len(r.shape(node))):
+            if d != 1:
+                r.inexact(r.out(d), f"{r.where()}: batch statistics normalise over this dim")
 
 
 def layernorm(r: Relations, node: torch.fx.Node, m: nn.LayerNorm) -> None:
@@ -182,6 +189,20 @@ def groupnorm(r: Relations, node: torch.fx.Node, m: nn.GroupNorm) -> None:
     if m.affine:
         for name in ("weight", "bias"):
             r.equal(r.out(1), r.param_space(f"{node.target}.{name}", 0, "norm", node.target))
+
+
+def functional_groupnorm(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``F.group_norm(x, num_groups, weight, bias)``: as ``nn.GroupNorm`` (timm's GroupNorm1 calls it)."""
+    x, groups, w, b = node.args[0], arg(node, 1, "num_groups"), arg(node, 2, "weight"), arg(node, 3, "bias")
+    if not isinstance(groups, int) or r.shape(x) is None or len(r.shape(x)) < 2:
+        return r.barrier(f"{r.where()}: group_norm with a computed number of groups")
+    unary(r, node)
+    if groups != r.shape(x)[1]:
+        r.inexact(r.out(1), f"{r.where()}: group_norm normalises over groups of channels")
+    r.grouped(r.out(1), groups)
+    for p in (w, b):
+        if isinstance(p, torch.fx.Node):
+            r.equal(r.out(1), r.sp(p, 0))
 
 
 def prelu(r: Relations, node: torch.fx.Node, m: nn.PReLU) -> None:

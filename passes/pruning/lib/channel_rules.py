@@ -25,6 +25,7 @@ from fxcompress.passes.pruning.lib.channel_layer_rules import (
     embedding,
     functional_batchnorm,
     functional_conv,
+    functional_groupnorm,
     functional_layernorm,
     functional_linear,
     glu,
@@ -150,6 +151,15 @@ def reshape(r: Relations, node: torch.fx.Node, _=None) -> None:
                 r.fixed(r.sp(x, d), why)
             for d in ib:
                 r.fixed(r.out(d), why)
+
+
+def reshape_as(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``x.reshape_as(y)`` / ``x.view_as(y)``: a reshape whose result has ``y``'s dims (no sizes to rewrite)."""
+    reshape(r, node)
+    other = node.args[1]
+    if r.shape(other) == r.shape(node):
+        for d in range(len(r.shape(node))):
+            r.equal(r.out(d), r.sp(other, d))
 
 
 def _blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -405,9 +415,10 @@ KINDS: dict[str, Callable[..., None]] = {
     "getitem": getitem, "narrow": narrow, "no_tensor": no_tensor, "expand": expand, "repeat": repeat,
     "conv": conv, "functional_conv": functional_conv, "linear": linear, "functional_linear": functional_linear,
     "matmul": matmul, "addmm": addmm, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
-    "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm, "prelu": prelu,
+    "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm,
+    "functional_groupnorm": functional_groupnorm, "prelu": prelu,
     "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
-    "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, "select": select, **LIBRARY_RULES,
+    "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, "select": select, "reshape_as": reshape_as, **LIBRARY_RULES,
 }
 """The channel rule of each ``channels`` kind that ``fxcompress/ops.py`` records name."""
 
