@@ -282,11 +282,12 @@ def trace(
     if _Tracer(leaves, types).is_leaf_module(root, ""):
         holder, graph = _wrap_leaf_root(root, len(inputs))
         return _finish(model, holder, graph, root, inputs, names, auto, start)
+    fixed = {**_defaults_not_given(root, len(inputs)), **(concrete_args or {})}
     for _ in range(len(known) + 1):
         tracer = _Tracer(leaves, types)
         try:
             with _watch_autograd_functions(tracer):
-                graph = tracer.trace(root, concrete_args=concrete_args)
+                graph = tracer.trace(root, concrete_args=fixed or None)
             break
         except _SubmoduleUntraceable as failure:
             reason = _describe_cause(failure.cause)
@@ -339,6 +340,17 @@ def _leading_positional(model: torch.nn.Module, keywords: tuple[str, ...]) -> bo
         return False
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return tuple(positional[:len(keywords)]) == keywords
+
+
+def _defaults_not_given(root: torch.nn.Module, n_inputs: int) -> dict[str, Any]:
+    """The forward's arguments after the ``n_inputs`` given ones whose default is None: traced as the caller calls
+    the model, with None (``if mask is not None:`` would otherwise take the branch of a mask nobody gave)."""
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: None for p in positional[n_inputs:] if p.default is None}
 
 
 def check_model(model: torch.nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None = None,

@@ -224,3 +224,25 @@ def test_trace_keeps_training_flags_and_eval_mode_option():
     assert gm.get_submodule("a.1").training and not gm.get_submodule("b.1").training
     gm_eval = fxc.trace(copy.deepcopy(model), inputs, eval_mode=True)
     assert not any(m.training for m in gm_eval.modules())
+
+
+def test_optional_arguments_not_given_are_traced_as_none():
+    """``forward(x, mask=None)`` called with x only: the branch on ``mask is not None`` is the one the caller takes
+    (timm's Hiera and Gemma4 ViT failed their trace check before)."""
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x, mask=None):
+            y = self.conv(x)
+            if mask is not None:
+                y = y * mask.view(mask.shape[0], 1, 1, 1)
+            return y
+
+    x = torch.randn(2, 3, 4, 4)
+    model = Masked().eval()
+    gm = fxc.trace(model, (x,))
+    assert torch.equal(gm(x), model(x))
+    assert sum(n.op == "call_module" for n in gm.graph.nodes) == 1 and "mul" not in gm.code
