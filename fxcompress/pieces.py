@@ -86,6 +86,11 @@ def calibration_runs(calibration_data: Iterable | None) -> list[tuple]:
     return runs
 
 
+def _empty(args: tuple) -> bool:
+    """A call on an empty batch (a RoI head when an image has no proposals): nothing to calibrate from."""
+    return any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 0 for a in args)
+
+
 def install(root: nn.Module, name: str, piece: nn.Module) -> None:
     """Put ``piece`` where the submodule ``name`` of ``root`` was."""
     parent, _, leaf = name.rpartition(".")
@@ -111,7 +116,8 @@ def compile_pieces(root: nn.Module, runs: list[Calls], compile_one: Callable[[st
             why = why_not_piece(name, calls)
             if why is None:
                 try:
-                    compiled[name] = compile_one(name, child, calls[0], [r[name][0] for r in runs[1:] if r.get(name)])
+                    calibration = [r[name][0] for r in runs[1:] if r.get(name) and not _empty(r[name][0])]
+                    compiled[name] = compile_one(name, child, calls[0], calibration)
                     continue
                 except errors as exc:
                     lines = str(exc).strip().splitlines()

@@ -103,3 +103,28 @@ def test_what_pieces_cannot_take_is_an_error_that_says_why():
 
     with pytest.raises(TracingError, match="no submodule of it compiles.*conv: called 2 times"):
         fxc.compile(Opaque().eval(), ([torch.randn(3, 4, 4), torch.randn(3, 4, 4)],), [{"pass": "fold_bn"}])
+
+
+def test_a_piece_that_receives_an_empty_batch_calibrates_on_the_others():
+    """A head called on the rows an image selects (Mask R-CNN's mask head on its RoIs) sees an empty batch when an
+    image selects nothing: that calibration call is skipped, not an error."""
+
+    class Selects(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, images: list[torch.Tensor]):
+            x = torch.cat(images)
+            return self.head(self.embed(x)[x[:, 0] > 0])
+
+    torch.manual_seed(0)
+    model = Selects().eval()
+    g = torch.Generator().manual_seed(1)
+    x = ([torch.randn(16, 4, generator=g).abs()],)
+    never = torch.randn(16, 4, generator=g)
+    never[:, 0] = -never[:, 0].abs()  # selects no row: the head's call is on an empty batch
+    calibration = [([torch.randn(16, 4, generator=g).abs()],), ([never],)]
+    result = fxc.compile(model, x, [{"pass": "quantize"}], calibration_data=calibration)
+    assert set(result.pieces) == {"embed", "head"}
+    assert result.pieces["head"].history[-1].stats["activations"] > 0
