@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json", type=Path, help="write every row (with tracebacks) here")
     parser.add_argument("--update", action="store_true",
                         help="keep the rows of --json for the models not run now (rerun some, tabulate all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --update: run only the models that have no row in --json yet (an interrupted run)")
     parser.add_argument("--tabulate", action="store_true", help="run nothing: tabulate the rows of --json")
     parser.add_argument("--readme", type=Path, help="fill the README's zoo section with the tables")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON on the last line
@@ -493,12 +495,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     if (args.update or args.tabulate) and not (args.json and args.json.exists()):
         parser.error("--update and --tabulate need --json naming an earlier run's file")
+    if args.resume and not args.update:
+        parser.error("--resume continues an earlier run: give it with --update and that run's --json")
     earlier = json.loads(args.json.read_text()) if args.update or args.tabulate else {"rows": [], "commands": []}
     rows = {r["model"]: r for r in earlier["rows"]}
     commands = list(earlier.get("commands", []))
     if not args.tabulate:
         commands.append("python -m fxcompress.bench.zoo " + " ".join(argv if argv is not None else sys.argv[1:]))
         specs = args.models or [s for suite in args.suites for s in catalogue(suite)]
+        if args.resume:
+            specs = [s for s in specs if s not in rows]
         for spec in specs:
             row = rows[spec] = run_isolated(spec, args.ratio, args.timeout)
             print(f"{spec}: {' '.join(row['steps'][s] for s in STEPS)} ({row['seconds']['total']} s)"

@@ -64,3 +64,22 @@ def test_tables_and_the_readme_section(tmp_path):
                                   for s in zoo.catalogue(suite)])
 def test_catalogue_passes_every_step(spec, tmp_path):
     _every_step_passes(zoo.check(spec, 0.3, tmp_path))
+
+
+def test_resume_runs_only_the_models_without_a_row(tmp_path, monkeypatch, capsys):
+    done = {"model": "hf:bert", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "seconds": {"total": 1.0}}
+    report = tmp_path / "zoo.json"
+    report.write_text(zoo.json.dumps({"rows": [done], "commands": ["first"]}))
+    ran = []
+
+    def fake(spec, ratio, timeout):
+        ran.append(spec)
+        return {**done, "model": spec}
+
+    monkeypatch.setattr(zoo, "run_isolated", fake)
+    zoo.main(["--models", "hf:bert", "hf:opt", "--json", str(report), "--update", "--resume"])
+    assert ran == ["hf:opt"]
+    assert [r["model"] for r in zoo.json.loads(report.read_text())["rows"]] == ["hf:bert", "hf:opt"]
+    with pytest.raises(SystemExit):
+        zoo.main(["--models", "hf:bert", "--json", str(report), "--resume"])
+    assert "--resume continues an earlier run" in capsys.readouterr().err

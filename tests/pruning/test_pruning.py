@@ -185,7 +185,33 @@ class Pixel(nn.Module):
         return self.c(self.down(F.relu(self.b(self.up(self.a(x))))))
 
 
-@pytest.mark.parametrize("cls", [Shuffle, C2f, GLU, Pixel])
+class SplitTranspose(nn.Module):
+    """EdgeNeXt's split-transpose block: chunks of the stream, a running sum of depthwise convs, the last chunk
+    taken as ``[-1]``, a cat, a reshape whose channel count is read from the cat's shape, and a residual branch of
+    its own on the cat (so the cat's channels are a group of their own, joined to the stream by its parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 48, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1, groups=16) for _ in range(2))
+        self.proj = nn.Linear(48, 48)
+        self.head = nn.Conv2d(48, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        spx = x.chunk(3, dim=1)
+        out, sp = [], spx[0]
+        for i, conv in enumerate(self.convs):
+            sp = conv(sp if i == 0 else sp + spx[i])
+            out.append(sp)
+        y = torch.cat([*out, spx[-1]], 1)
+        b, c, h, w = y.shape
+        y = y.reshape(b, c, h * w).permute(0, 2, 1)
+        y = y + self.proj(F.gelu(y))
+        return self.head(y.permute(0, 2, 1).reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("cls", [Shuffle, C2f, GLU, Pixel, SplitTranspose])
 def test_tricky_structures_are_pruned_exactly(cls):
     torch.manual_seed(0)
     model, x = randomize_bn(cls()).eval(), (torch.randn(2, 3, 6, 6),)

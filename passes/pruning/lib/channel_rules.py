@@ -272,7 +272,8 @@ def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
     src, index = node.args
     info = src.meta.get(meta.TENSOR) if isinstance(src, torch.fx.Node) else None
     if isinstance(info, (tuple, list)):  # one tensor out of a structured value
-        if isinstance(index, int) and isinstance(info[index], meta.TensorInfo):
+        if isinstance(index, int) and -len(info) <= index < len(info) and isinstance(info[index], meta.TensorInfo):
+            index %= len(info)  # chunk[-1] is the space of chunk's last output, named by its position
             for d, size in enumerate(info[index].shape):
                 r.equal(r.space(f"{src.name}.{index}", d, size), r.out(d))
         return
