@@ -108,7 +108,7 @@ class Observer(nn.Module):
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and isinstance(x, torch.Tensor):
+        if self.enabled and isinstance(x, torch.Tensor) and x.numel():  # an empty tensor (no RoIs) has no range
             self.calibrator.update(x)
             self.batches += 1
         return x

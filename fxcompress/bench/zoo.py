@@ -123,6 +123,29 @@ def randomize_bn(model: nn.Module, seed: int = 0, mean: float = 0.1, var: tuple[
     return model
 
 
+def randomize_quiet_parameters(model: nn.Module, seed: int = 0) -> list[str]:
+    """Redraw, in place, the parameters a fresh model initialises so that parts of it do not reach the output: an
+    all-zero weight matrix or kernel (torchvision ViT's head: every output 0, so every comparison would hold) gets
+    PyTorch's default uniform draw; a constant tiny non-bias tensor (layer scale at 1e-5, a zero gate) gets values
+    uniform in [0.5, 1.5], so a branch a wrong rewrite breaks moves the output.  Returns the names redrawn."""
+    g = torch.Generator().manual_seed(seed)
+    redrawn = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point() or p.numel() == 0 or name.endswith("bias"):
+                continue
+            flat = p.detach().reshape(-1)
+            if p.dim() >= 2 and not bool(flat.any()):
+                bound = 1.0 / max(p[0].numel(), 1) ** 0.5
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+            elif bool((flat == flat[0]).all()) and float(flat[0].abs()) < 1e-3:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                continue
+            redrawn.append(name)
+    return redrawn
+
+
 def _hf_inputs(kind: str, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if kind == "text":
@@ -142,7 +165,9 @@ def build(spec: str, seed: int = 1) -> tuple[nn.Module, Any, Callable[[int], Any
     torch.manual_seed(0)
     if suite == "hf":
         factory, kind = _hf_configs()[name]
-        return factory().eval(), _hf_inputs(kind, seed), lambda s: _hf_inputs(kind, s)
+        model = factory().eval()
+        randomize_quiet_parameters(model)
+        return model, _hf_inputs(kind, seed), lambda s: _hf_inputs(kind, s)
     if suite == "timm":
         import timm
         model = timm.create_model(name, pretrained=False)
@@ -157,6 +182,7 @@ def build(spec: str, seed: int = 1) -> tuple[nn.Module, Any, Callable[[int], Any
     else:
         raise SystemExit(f"unknown suite {suite!r} in {spec!r}: one of {', '.join(SUITES)}")
     randomize_bn(model.eval())
+    randomize_quiet_parameters(model)
 
     def sample(s: int) -> Any:
         x = torch.randn((1, *size), generator=torch.Generator().manual_seed(s))
@@ -214,6 +240,9 @@ def relative_error(got: Any, want: Any) -> float:
         return float("inf")
     if not b:
         return 0.0
+    if not any(bool(y.any()) for y in b):
+        raise ValueError("the reference output is all zeros: a comparison with it proves nothing (a zero-initialised "
+                         "layer that randomize_quiet_parameters did not redraw?)")
     scale = max(float(y.abs().max()) if y.numel() else 0.0 for y in b) or 1.0
     return max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b)) / scale
 
@@ -306,15 +335,22 @@ def resident_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
-def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gigabytes: float = 12.0) -> dict[str, Any]:
+def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gigabytes: float = 12.0,
+          progress: Path | None = None) -> dict[str, Any]:
     """Run every step on one model; a step after a failed one it needs is ``-``.  Torch-Pruning gets
     ``tp_seconds`` and ``tp_gigabytes`` (it does not finish on some models, and fills the memory on others), so that
-    its failure does not lose our row."""
+    its failure does not lose our row.  With ``progress``, the row so far is written there before and after every
+    step (``running``: the step under way), so that a process killed on the way (out of memory, time-out) still
+    tells what passed and where it stopped.  Each result is dropped once its steps are done: a model of a few GB
+    must fit with its copies."""
     row: dict[str, Any] = {"model": spec, "steps": dict.fromkeys(STEPS, "-"), "errors": {}}
     steps, errors = row["steps"], row["errors"]
 
     def attempt(step: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
+        row["running"] = step
+        if progress is not None:
+            progress.write_text(json.dumps(row))
         try:
             value = fn()
         except Exception as exc:  # noqa: BLE001  (the suite records every failure and goes on)
@@ -322,6 +358,9 @@ def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gig
             row.setdefault("tracebacks", {})[step] = traceback.format_exc()[-2000:]
             value = None
         row.setdefault("seconds", {})[step] = round(time.perf_counter() - start, 2)
+        del row["running"]
+        if progress is not None:
+            progress.write_text(json.dumps(row))
         return value
 
     def verdict(step: str, err: float, tol: float, inexact: bool = False) -> None:
@@ -341,6 +380,7 @@ def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gig
     row["front_end"] = folded.trace.front_end
     row["auto_leaves"] = len(folded.trace.auto_leaves)
     verdict("fold", compare(folded, model, inputs), FOLD_TOL)
+    del folded
 
     def prune(mode: str):
         return fxc.compile(model, inputs, [{"pass": "prune", "ratio": ratio, "mode": mode}])
@@ -351,11 +391,13 @@ def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gig
         row.update(_prune_stats(removed), macs_kept=removed.after.macs / max(removed.before.macs, 1))
         verdict("remove = mask", compare(removed, mask.module, inputs), REMOVE_TOL,
                 inexact=row["inexact_groups"] > 0)
+        del pruned, mask
         error = attempt("export", lambda: max(_ort_error(r.export_onnx(work / "pruned.onnx"), r.example_inputs,
                                                          _call(r.module, r.example_inputs))
                                               for r in (removed.pieces or {"": removed}).values()))
         if error is not None:
             verdict("export", error, ORT_TOL)
+        del removed
 
     def int8() -> float:
         dynamic = isinstance(inputs, dict) and "input_ids" in inputs
@@ -411,22 +453,34 @@ def torch_pruning_macs(model: nn.Module, inputs: Any, ratio: float) -> float | N
 
 
 def run_isolated(spec: str, ratio: float, timeout: float) -> dict[str, Any]:
-    """``check`` in a fresh process, so that one model's crash, leak or hang cannot take the others down."""
+    """``check`` in a fresh process, so that one model's crash, leak or hang cannot take the others down; a process
+    that ends early gives the row it had written so far, the step under way failed with the reason."""
     start = time.perf_counter()
-    command = [sys.executable, "-m", "fxcompress.bench.zoo", "--one", spec, "--ratio", str(ratio)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": spec, "steps": dict.fromkeys(STEPS, "-"), "errors": {"run": f"timed out after {timeout:g} s"},
-                "seconds": {"total": round(time.perf_counter() - start, 1)}}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"model": spec, "steps": dict.fromkeys(STEPS, "-"),
-                "errors": {"run": f"process ended with code {done.returncode}: {tail[:300]}"},
-                "seconds": {"total": round(time.perf_counter() - start, 1)}}
-    row = json.loads(lines[-1])
-    row["seconds"]["total"] = round(time.perf_counter() - start, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        progress = Path(tmp) / "row.json"
+        command = [sys.executable, "-m", "fxcompress.bench.zoo", "--one", spec, "--ratio", str(ratio),
+                   "--progress", str(progress)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            lines = done.stdout.strip().splitlines()
+            if done.returncode == 0 and lines:
+                row = json.loads(lines[-1])
+                row["seconds"]["total"] = round(time.perf_counter() - start, 1)
+                return row
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            why = f"process ended with code {done.returncode}" + (
+                " (killed: out of memory?)" if done.returncode == -signal.SIGKILL else "") + f": {tail[:300]}"
+        except subprocess.TimeoutExpired:
+            why = f"timed out after {timeout:g} s"
+        row = json.loads(progress.read_text()) if progress.exists() else \
+            {"model": spec, "steps": dict.fromkeys(STEPS, "-"), "errors": {}}
+    step = row.pop("running", None)
+    if step is not None:
+        row["steps"][step] = "FAIL"
+        row["errors"][step] = why
+    else:
+        row["errors"]["run"] = why
+    row.setdefault("seconds", {})["total"] = round(time.perf_counter() - start, 1)
     return row
 
 
@@ -486,12 +540,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--tabulate", action="store_true", help="run nothing: tabulate the rows of --json")
     parser.add_argument("--readme", type=Path, help="fill the README's zoo section with the tables")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON on the last line
+    parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)  # the child's row so far
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(check(args.one, args.ratio, Path(tmp))))
+            print(json.dumps(check(args.one, args.ratio, Path(tmp), progress=args.progress)))
         return []
     if (args.update or args.tabulate) and not (args.json and args.json.exists()):
         parser.error("--update and --tabulate need --json naming an earlier run's file")

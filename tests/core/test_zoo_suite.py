@@ -83,3 +83,37 @@ def test_resume_runs_only_the_models_without_a_row(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         zoo.main(["--models", "hf:bert", "--json", str(report), "--resume"])
     assert "--resume continues an earlier run" in capsys.readouterr().err
+
+
+def test_a_process_killed_on_the_way_keeps_the_steps_it_passed(monkeypatch):
+    def killed(command, **_):  # the child wrote its row, then died in the middle of pruning
+        progress = zoo.Path(command[command.index("--progress") + 1])
+        steps = {**dict.fromkeys(zoo.STEPS, "-"), "trace": "ok", "fold": "ok"}
+        progress.write_text(zoo.json.dumps({"model": "hf:bert", "steps": steps, "errors": {}, "running": "prune"}))
+        return zoo.subprocess.CompletedProcess(command, -9, "", "")
+
+    monkeypatch.setattr(zoo.subprocess, "run", killed)
+    row = zoo.run_isolated("hf:bert", 0.3, timeout=60)
+    assert row["steps"]["fold"] == "ok" and row["steps"]["prune"] == "FAIL" and "running" not in row
+    assert row["errors"] == {"prune": "process ended with code -9 (killed: out of memory?): no output"}
+
+
+def test_quiet_parameters_are_redrawn_and_an_all_zero_reference_is_refused():
+    class Quiet(zoo.nn.Module):  # a zero-initialised head (torchvision ViT) and a layer scale at 1e-5
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = zoo.nn.Linear(4, 4), zoo.nn.Linear(4, 2)
+            self.gamma = zoo.nn.Parameter(zoo.torch.full((4,), 1e-5))
+            zoo.nn.init.zeros_(self.head.weight)
+            zoo.nn.init.zeros_(self.head.bias)
+
+        def forward(self, x):
+            return self.head(x + self.gamma * self.body(x))
+
+    model, x = Quiet(), zoo.torch.randn(3, 4)
+    with pytest.raises(ValueError, match="all zeros"):
+        zoo.relative_error(model(x), model(x))
+    assert zoo.randomize_quiet_parameters(model) == ["gamma", "head.weight"]
+    assert model.head.weight.abs().min() > 0 and 0.5 <= float(model.gamma.min()) <= float(model.gamma.max()) <= 1.5
+    assert not model.head.bias.any()  # biases stay as initialised
+    assert zoo.relative_error(model(x), model(x)) == 0.0

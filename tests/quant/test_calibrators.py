@@ -227,3 +227,20 @@ def test_resampled_has_exactly_the_target_bins_over_the_data_range():
     direct = torch.histc(torch.cat([x[:1000] * 0.1, x]).abs().double(), bins=2048, min=0, max=top)
     # each stored bin is at most half a new one, so a new bin's count is off by at most its neighbours' edges
     assert float((r.counts - direct).abs().sum()) <= 0.02 * float(direct.sum())
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "kl"])
+def test_observer_skips_empty_tensors(method):
+    """A detector's mask head gets no RoIs on some images: an empty tensor has no range and counts as no batch."""
+    from fxcompress.passes.quant.lib.quant_spec import QuantSpec, qparams
+
+    from fxcompress.modules import Observer
+
+    obs = Observer(QuantSpec(signed=False, method=method))
+    empty = torch.zeros(0, 8, 4, 4)
+    assert obs(empty) is empty and obs.batches == 0
+    with pytest.raises(ValueError, match="saw no data"):
+        qparams(obs.spec, obs.calibrator)
+    obs(torch.rand(2, 8, 4, 4))
+    obs(empty)
+    assert obs.batches == 1 and 0 < obs.calibrator.max <= 1
