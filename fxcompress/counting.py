@@ -113,14 +113,15 @@ def _mha_module(node: torch.fx.Node, m: nn.MultiheadAttention) -> int:
 
 
 def _window_attention(node: torch.fx.Node, _=None) -> int:
-    """torchvision's ``shifted_window_attention``: qkv and output projections of every token, and the attention
-    products within windows of ``window_size`` tokens (2 x tokens x window x C; padding to whole windows ignored)."""
+    """torchvision's ``shifted_window_attention`` (and ``fxcompress.modules.window_attention``): qkv and output
+    projections of every token, and the attention products within windows of ``window_size`` tokens (2 x tokens x
+    window x heads x head_dim; padding to whole windows ignored)."""
     x, qkv, proj = (_info(arg(node, i, n)) for i, n in enumerate(("input", "qkv_weight", "proj_weight")))
     window = arg(node, 4, "window_size")
     if x is None or qkv is None or proj is None or not isinstance(window, (list, tuple)):
         return 0
-    tokens, c = _prod(x.shape[:-1]), x.shape[-1]
-    return tokens * (_prod(qkv.shape) + _prod(proj.shape) + 2 * _prod(window) * c)
+    tokens = _prod(x.shape[:-1])
+    return tokens * (_prod(qkv.shape) + _prod(proj.shape) + 2 * _prod(window) * (qkv.shape[0] // 3))
 
 
 def _einsum(node: torch.fx.Node, _=None) -> int:

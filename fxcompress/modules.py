@@ -276,9 +276,67 @@ def quantized_add(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zer
     return (q - zy) * sy
 
 
+def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                     relative_position_bias: torch.Tensor, window_size: list[int], num_heads: int,
+                     shift_size: list[int], attention_dropout: float = 0.0, dropout: float = 0.0,
+                     qkv_bias: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+                     logit_scale: torch.Tensor | None = None, training: bool = True,
+                     head_scale: float | None = None) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` (Swin V1 and V2: the same arguments, the same numbers) with the
+    widths taken from the weights instead of the input: per-head width ``qkv_weight.shape[0] // (3 * num_heads)``,
+    output width ``proj_weight.shape[0]``, so that channel removal can narrow the heads apart from the residual
+    stream.  ``head_scale`` is the query scale of V1 (default: the per-head width ** -0.5; a pruned model keeps its
+    original one)."""
+    B, H, W, C = input.shape
+    wh, ww = window_size
+    x = F.pad(input, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
+    ph, pw = x.shape[1], x.shape[2]
+    sh = 0 if wh >= ph else shift_size[0]  # a window as large as the map does not shift
+    sw = 0 if ww >= pw else shift_size[1]
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    nh, nw = ph // wh, pw // ww
+    tokens = wh * ww
+    x = x.view(B, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, tokens, C)
+    if logit_scale is not None and qkv_bias is not None:  # V2: no key bias
+        third = qkv_bias.numel() // 3
+        qkv_bias = torch.cat([qkv_bias[:third], torch.zeros_like(qkv_bias[third:2 * third]), qkv_bias[2 * third:]])
+    head_dim = qkv_weight.shape[0] // (3 * num_heads)
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).reshape(x.size(0), tokens, 3, num_heads, head_dim) \
+        .permute(2, 0, 3, 1, 4)
+    if logit_scale is not None:  # V2: cosine attention
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * (head_dim ** -0.5 if head_scale is None else head_scale)).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sh or sw:  # tokens from different regions of the rolled map do not attend to each other
+        def regions(n: int, window: int, shift: int) -> torch.Tensor:  # one region where that axis does not shift
+            i = torch.arange(n, device=x.device)
+            return (i >= n - window).long() + (i >= n - shift).long() if shift else torch.zeros_like(i)
+        region = (regions(ph, wh, sh)[:, None] * 3 + regions(pw, ww, sw)[None, :]).to(x.dtype)
+        region = region.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, tokens)
+        mask = region.unsqueeze(1) - region.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+        attn = attn.view(B, nh * nw, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), tokens, num_heads * head_dim)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    out = proj_weight.shape[0]
+    x = x.view(B, nh, nw, wh, ww, out).permute(0, 1, 3, 2, 4, 5).reshape(B, ph, pw, out)
+    if sh or sw:
+        x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+torch.fx.wrap("window_attention")
+
 # Functions the rewrites put into graphs: ``fxc.load`` accepts them by name (``persist``), tracing keeps them whole.
-GRAPH_FUNCTIONS = (requantized_conv, quantized_add, dynamic_quant_linear)
-_QUANTIZED_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine, *GRAPH_FUNCTIONS)
+_QUANTIZED_FUNCTIONS = (requantized_conv, quantized_add, dynamic_quant_linear)
+GRAPH_FUNCTIONS = (*_QUANTIZED_FUNCTIONS, window_attention)
+_QUANTIZED_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine,
+                      *_QUANTIZED_FUNCTIONS)
 
 
 def quantization_stage(gm: torch.fx.GraphModule) -> tuple[str, torch.fx.Node] | None:

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import InputError
-from .modules import PrunedMultiheadAttention, dynamic_quant_linear, requantized_conv
+from .modules import PrunedMultiheadAttention, dynamic_quant_linear, requantized_conv, window_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,7 @@ def register(*targets: Any, **fields: Any) -> None:
 
 
 _PENDING: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []  # (library, "module.attr" paths, fields)
+_LIBRARY_TARGETS: dict[str, Any] = {}  # fx's qualified name -> a library function the registry names (fxc.load)
 
 
 def register_library(library: str, *paths: str, **fields: Any) -> None:
@@ -96,7 +97,22 @@ def _resolve_pending() -> None:
             if target is None:
                 raise InputError(f"op registry: {library} has no {path} (a version this registry does not know)")
             targets.append(target)
+            if not isinstance(target, type):
+                _LIBRARY_TARGETS[torch.fx.node._get_qualified_name(target)] = target
         register(*targets, **fields)
+
+
+def library_function(name: str) -> Any:
+    """The function of an optional library that the registry names, by fx's qualified name (what a saved graph
+    calls), importing that library; None for any other name."""
+    library = name.partition(".")[0]
+    if any(entry[0] == library for entry in _PENDING) and library not in sys.modules:
+        try:
+            importlib.import_module(library)
+        except ImportError:
+            return None
+    _resolve_pending()
+    return _LIBRARY_TARGETS.get(name)
 
 
 def _name(target: Any) -> str:
@@ -233,7 +249,8 @@ register_library("torchvision", "torchvision.ops.stochastic_depth", "torchvision
 register_library("timm", "timm.layers.drop_path", "timm.layers.DropPath", channels="unary", quant="pass")
 register_library("torchvision", "torchvision.models.swin_transformer.shifted_window_attention",
                  channels="window_attention", macs="window_attention")
-register_library("torchvision", "torchvision.models.swin_transformer._patch_merging_pad", channels="channels_last_pad")
+register(window_attention, channels="window_attention", macs="window_attention")  # what pruned Swin blocks call
+register_library("torchvision", "torchvision.models.swin_transformer._patch_merging_pad", channels="patch_merging")
 register_library("torchvision", "torchvision.models.swin_transformer._get_relative_position_bias",
                  channels="not_channels")
 

@@ -42,7 +42,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.node import _get_qualified_name
 
-from . import modules, outputs
+from . import modules, ops, outputs
 from .errors import InputError, SaveError
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,9 @@ class _Resolver:
             return allowed[name]
         if self.trusted:
             return _import_name(name)
+        known = ops.library_function(name)  # torchvision's and timm's functions that the op registry names
+        if known is not None:
+            return known
         raise InputError(f"fxc.load: {where} calls {name!r}, which is not a PyTorch tensor operation or one of "
                          f"fxcompress's. If you trust the file, pass the function: fxc.load(path, allow=[fn]).")
 

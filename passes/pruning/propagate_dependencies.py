@@ -49,7 +49,8 @@ class PropagateDependencies(Pass):
             "fixed_groups": sum(1 for g in groups if not g.n_prunable),
             "partially_fixed_groups": sum(1 for g in groups if 0 < g.n_prunable < g.size),
             "inexact_groups": sum(1 for g in groups if g.inexact and g.n_prunable),
-            "channels": sum(g.size for g in groups),
+            "channels": sum(g.size for g in groups if not g.positional),  # position and head indices are not
+            "positional_groups": sum(1 for g in groups if g.positional),
             "prunable_channels": sum(g.n_prunable for g in groups),
             "barrier_ops": len(cg.rel.barriers),
         }

@@ -15,6 +15,7 @@ Requires: channel_groups, pruning_plan.  Contract: CHANGES.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -32,7 +33,7 @@ from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError, VerificationError
 from fxcompress.fxutil import lookup
-from fxcompress.modules import PrunedMultiheadAttention
+from fxcompress.modules import PrunedMultiheadAttention, window_attention
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import ChannelMasks
 from fxcompress.tree import named_modules, named_tensors
@@ -389,11 +390,27 @@ def _rewrite_graph(gm: torch.fx.GraphModule, cg: ChannelGraph, positions: dict, 
             _freeze_size(gm, node, positions)
         elif kind == "layernorm":
             _rewrite_layernorm(gm, node, new_size)
+        elif kind == "window_attention":
+            _rewrite_window_attention(gm, node)
         elif kind == "sdpa":
             q = node.args[0] if node.args else node.kwargs["query"]
             d = len(meta.tensor_info(q).shape) - 1
             if (q.name, d) in positions and node.kwargs.get("scale") is None:
                 node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(cg.sizes[(q.name, d)])}
+
+
+def _rewrite_window_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """torchvision's window attention derives its per-head width and query scale from the input's width: call the
+    equivalent that reads the widths from the (now narrower) weights and keeps the original scale."""
+    if node.target is window_attention:
+        return
+    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    kwargs = dict(a)
+    if a["logit_scale"] is None:  # V1: q * (C // num_heads) ** -0.5, C the input's original width
+        kwargs["head_scale"] = (meta.tensor_info(a["input"]).shape[-1] // a["num_heads"]) ** -0.5
+    node.target, node.args, node.kwargs = window_attention, (), kwargs
 
 
 def _rewrite_split(node: torch.fx.Node, cg: ChannelGraph, new_size: dict) -> None:

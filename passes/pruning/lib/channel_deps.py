@@ -57,6 +57,7 @@ class ChannelGroup:
     members: tuple[str, ...]  # "target[dim]" of every parameter/buffer slice that moves with the channels
     modules: tuple[str, ...]  # modules whose outputs are in the group
     spaces: tuple[Space, ...]
+    positional: bool = False  # it indexes positions or heads (a bias table), not channels
 
     @property
     def size(self) -> int:
@@ -317,7 +318,7 @@ class ChannelGraph(Artifact):
             id=gid, name="", units=u, prunable=~barred[u], blocks=None,
             fixed=tuple(sorted(reasons)) if bool(barred[u].any()) else (),
             inexact=tuple(sorted(inexact_reasons)) if bool(inexact[u].any()) else (),
-            members=(), modules=(), spaces=tuple(spaces)))
+            members=(), modules=(), spaces=tuple(spaces), positional=any(sp in self.rel.positional for sp in spaces)))
 
     def _units_of(self, spaces) -> torch.Tensor:
         """A mask of the units of ``spaces``."""

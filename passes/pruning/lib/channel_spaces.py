@@ -104,6 +104,7 @@ class Relations:
         self.barriers: dict[str, str] = {}  # node name -> why it is a barrier
         self.node: torch.fx.Node | None = None
         self.touched: set[Space] = set()  # spaces the current rule mentioned
+        self.positional: set[Space] = set()  # dims that index positions or heads (bias tables), not channels
 
     # -- spaces -------------------------------------------------------------------------------------------------
     def shape(self, value: Any) -> tuple[int, ...] | None:
@@ -179,6 +180,16 @@ class Relations:
         self.barriers[self.node.name] = why
         for value in [*self.node.all_input_nodes, self.node]:
             self.fix_all(value, why)
+
+    def not_channels(self, value: torch.fx.Node, why: str) -> None:
+        """Every dim of ``value`` stays whole and is no channel dim (a relative position bias table: positions and
+        heads), so its groups do not count among the model's channels."""
+        before = set(self.fixed_spaces)
+        self.fix_all(value, why)
+        info = value.meta.get(meta.TENSOR)
+        if isinstance(info, meta.TensorInfo):
+            self.positional.update(self.sp(value, d) for d in range(len(info.shape)))
+        self.positional.update(set(self.fixed_spaces) - before)
 
     def fix_all(self, value: torch.fx.Node, why: str) -> None:
         info = value.meta.get(meta.TENSOR)
