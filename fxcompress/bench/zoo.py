@@ -452,14 +452,14 @@ def torch_pruning_macs(model: nn.Module, inputs: Any, ratio: float) -> float | N
     return after / max(before, 1)
 
 
-def run_isolated(spec: str, ratio: float, timeout: float) -> dict[str, Any]:
+def run_isolated(spec: str, ratio: float, timeout: float, tp_seconds: float = 300.0) -> dict[str, Any]:
     """``check`` in a fresh process, so that one model's crash, leak or hang cannot take the others down; a process
     that ends early gives the row it had written so far, the step under way failed with the reason."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         progress = Path(tmp) / "row.json"
         command = [sys.executable, "-m", "fxcompress.bench.zoo", "--one", spec, "--ratio", str(ratio),
-                   "--progress", str(progress)]
+                   "--progress", str(progress), "--tp-seconds", str(tp_seconds)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             lines = done.stdout.strip().splitlines()
@@ -532,6 +532,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--models", nargs="+", help="specs suite:name instead of whole suites (hf:bert, timm:...)")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    parser.add_argument("--tp-seconds", type=float, default=300.0,
+                        help="seconds Torch-Pruning gets per model (it hangs on some)")
     parser.add_argument("--json", type=Path, help="write every row (with tracebacks) here")
     parser.add_argument("--update", action="store_true",
                         help="keep the rows of --json for the models not run now (rerun some, tabulate all)")
@@ -546,7 +548,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore")
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(check(args.one, args.ratio, Path(tmp), progress=args.progress)))
+            print(json.dumps(check(args.one, args.ratio, Path(tmp), tp_seconds=args.tp_seconds,
+                                   progress=args.progress)))
         return []
     if (args.update or args.tabulate) and not (args.json and args.json.exists()):
         parser.error("--update and --tabulate need --json naming an earlier run's file")
@@ -561,7 +564,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.resume:
             specs = [s for s in specs if s not in rows]
         for spec in specs:
-            row = rows[spec] = run_isolated(spec, args.ratio, args.timeout)
+            row = rows[spec] = run_isolated(spec, args.ratio, args.timeout, args.tp_seconds)
             print(f"{spec}: {' '.join(row['steps'][s] for s in STEPS)} ({row['seconds']['total']} s)"
                   + (f"  {row['errors']}" if row["errors"] else ""), flush=True)
             if args.json:

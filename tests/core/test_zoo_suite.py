@@ -72,7 +72,7 @@ def test_resume_runs_only_the_models_without_a_row(tmp_path, monkeypatch, capsys
     report.write_text(zoo.json.dumps({"rows": [done], "commands": ["first"]}))
     ran = []
 
-    def fake(spec, ratio, timeout):
+    def fake(spec, ratio, timeout, tp_seconds):
         ran.append(spec)
         return {**done, "model": spec}
 
