@@ -563,3 +563,34 @@ def test_functional_group_norm_view_as_and_weight_standardisation_are_no_barrier
         assert deps.stats["barrier_ops"] == 0 and any(reason in n for n in deps.notes), deps.notes
         assert removed.module.a.out_channels == 8 and removed.module.norm.shape == (8,)  # 2 of 4 per group
         assert removed.module.head.in_channels == 8
+
+
+class TableBias(nn.Module):
+    """MaxViT's attention: a relative position bias gathered from a table by an index buffer, added per head."""
+
+    def __init__(self, dim=32, heads=4, side=3):
+        super().__init__()
+        self.heads, self.n = heads, side * side
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * side - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + side - 1
+        self.register_buffer("index", rel[..., 0] * (2 * side - 1) + rel[..., 1])
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index.view(-1)].view(self.n, self.n, -1).permute(2, 0, 1)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + bias.unsqueeze(0), dim=-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_a_table_gathered_by_an_index_tensor_is_positions_not_channels():
+    torch.manual_seed(0)
+    model, x = TableBias().eval(), (torch.randn(2, 9, 32),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    deps = removed.history[0].stats
+    assert deps["barrier_ops"] == 0 and deps["positional_groups"] >= 1
+    assert deps["prunable_channels"] == 8  # the head dim (attention="dims"); the stream is the model's input
+    assert err <= 1e-5 and removed.module.qkv.out_features == 48
+    assert any("rows picked by an index tensor" in n for n in removed.history[0].notes)

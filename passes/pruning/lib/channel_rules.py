@@ -268,6 +268,22 @@ def split(r: Relations, node: torch.fx.Node, _=None) -> None:
         r.fixed(r.sp(x, dim), f"{r.where()} selects single entries of this dim")
 
 
+def _gather_rows(r: Relations, node: torch.fx.Node, src: torch.fx.Node, index: torch.fx.Node,
+                 info: meta.TensorInfo, idx: meta.TensorInfo) -> None:
+    """``table[index]`` with an integer tensor: rows of ``table`` picked by position (a relative position bias
+    table, an embedding): the picked dim and the index's dims are positions, not channels; the table's other dims
+    map through to the output's last ones."""
+    why = f"{r.where()}: rows picked by an index tensor (positions, not channels)"
+    r.not_channels(index, why)
+    r.positional.add(r.sp(src, 0))
+    r.fixed(r.sp(src, 0), why)
+    for d in range(len(idx.shape)):
+        r.positional.add(r.out(d))
+        r.fixed(r.out(d), why)
+    for d in range(1, len(info.shape)):
+        r.equal(r.sp(src, d), r.out(len(idx.shape) + d - 1))
+
+
 def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
     src, index = node.args
     info = src.meta.get(meta.TENSOR) if isinstance(src, torch.fx.Node) else None
@@ -279,6 +295,9 @@ def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
         return
     if not isinstance(info, meta.TensorInfo):
         return  # indexing a shape or a list: no tensor space
+    idx = meta.tensor_info(index) if isinstance(index, torch.fx.Node) else None
+    if idx is not None and not idx.dtype.is_floating_point and idx.dtype != torch.bool:
+        return _gather_rows(r, node, src, index, info, idx)
     d_in = d_out = 0
     touched = False
     for item in index_items(index, len(info.shape)):
