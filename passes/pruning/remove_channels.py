@@ -32,7 +32,7 @@ from fxcompress.passes.pruning.select_channels import PruningPlan
 from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import PassError, RecipeError, VerificationError
-from fxcompress.fxutil import lookup
+from fxcompress.fxutil import arg, lookup
 from fxcompress.modules import PrunedMultiheadAttention, window_attention
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import ChannelMasks
@@ -390,6 +390,14 @@ def _rewrite_graph(gm: torch.fx.GraphModule, cg: ChannelGraph, positions: dict, 
             _freeze_size(gm, node, positions)
         elif kind == "layernorm":
             _rewrite_layernorm(gm, node, new_size)
+        elif kind == "functional_depthwise":
+            x = node.args[0]
+            c = 1 if len(meta.tensor_info(x).shape) == len(meta.tensor_info(arg(node, 1, "weight")).shape) else 0
+            groups = new_size.get((x.name, c), cg.sizes.get((x.name, c)))
+            if len(node.args) > 6:
+                node.args = (*node.args[:6], groups, *node.args[7:])
+            else:
+                node.kwargs = {**node.kwargs, "groups": groups}
         elif kind == "window_attention":
             _rewrite_window_attention(gm, node)
         elif kind == "sdpa":

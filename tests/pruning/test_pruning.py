@@ -594,3 +594,30 @@ def test_a_table_gathered_by_an_index_tensor_is_positions_not_channels():
     assert deps["prunable_channels"] == 8  # the head dim (attention="dims"); the stream is the model's input
     assert err <= 1e-5 and removed.module.qkv.out_features == 48
     assert any("rows picked by an index tensor" in n for n in removed.history[0].notes)
+
+
+class FunctionalGroups(nn.Module):
+    """Grouped and depthwise convs called as functions on computed weights (timm's weight-standardised convs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.grouped = nn.Parameter(torch.randn(24, 4, 3, 3) * 0.2)  # 16 -> 24 channels in 4 groups
+        self.gain = nn.Parameter(torch.rand(24, 1, 1, 1) + 0.5)
+        self.depthwise = nn.Parameter(torch.randn(48, 1, 3, 3) * 0.2)  # 24 -> 48: multiplier 2
+        self.head = nn.Conv2d(48, 5, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(F.conv2d(x, self.grouped * self.gain, padding=1, groups=4))
+        return self.head(F.relu(F.conv2d(x, self.depthwise, padding=1, groups=24)))
+
+
+def test_functional_grouped_and_depthwise_convs_prune_exactly():
+    torch.manual_seed(0)
+    model, x = FunctionalGroups().eval(), (torch.randn(2, 3, 8, 8),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    deps = removed.history[0].stats
+    assert err <= 1e-5 and deps["barrier_ops"] == 0
+    assert removed.module.grouped.shape == (12, 2, 3, 3)  # every group keeps the same offsets: 4 x 3 out, 2 in
+    assert removed.module.stem.out_channels == 8 and removed.module.depthwise.shape[0] == 24

@@ -62,16 +62,38 @@ def functional_conv(r: Relations, node: torch.fx.Node, _=None) -> None:
     b = arg(node, 2, "bias")
     groups = arg(node, 6, "groups", 1)
     transposed = "transpose" in node.target.__name__
-    if groups != 1 or not isinstance(w, torch.fx.Node):
-        return r.barrier(f"{r.where()}: functional conv with groups={groups}")
+    if not isinstance(w, torch.fx.Node) or not isinstance(groups, int) or (groups != 1 and transposed):
+        return r.barrier(f"{r.where()}: functional conv with groups={groups}" + (" (transposed)" if transposed else ""))
     w_out, w_in = (1, 0) if transposed else (0, 1)
     c = 1 if len(r.shape(x)) == len(r.shape(w)) else 0
     for d in range(c):
         r.equal(r.sp(x, d), r.out(d))
-    r.equal(r.sp(x, c), r.sp(w, w_in))
-    r.equal(r.out(c), r.sp(w, w_out))
     if isinstance(b, torch.fx.Node):
         r.equal(r.out(c), r.sp(b, 0))
+    if groups == 1:
+        r.equal(r.sp(x, c), r.sp(w, w_in))
+        r.equal(r.out(c), r.sp(w, w_out))
+        return
+    # grouped (timm's weight-standardised convs): the weight is computed, so the call keeps its groups and every
+    # group loses the same offsets, of its inputs (weight dim 1) and of its outputs; depthwise: input i feeds
+    # outputs i*mult .. (i+1)*mult - 1
+    r.equal(r.out(c), r.sp(w, 0))
+    cin, cout = r.shape(x)[c], r.shape(w)[0]
+    mult = cout // groups
+    if cin == groups:
+        r.hook("functional_depthwise")  # remove mode: groups = the new input width
+        if mult == 1:
+            r.equal(r.sp(x, c), r.out(c))
+            return
+        virtual = r.space(f"~{node.name}.multiplier", 0, mult)
+        r.fixed(virtual, f"{r.where()}: depthwise channel multiplier")
+        r.factors(r.out(c), [r.sp(x, c), virtual])
+        return
+    for side, space, per_group in (("in", r.sp(x, c), r.sp(w, 1)), ("out", r.out(c), None)):
+        block = r.space(f"~{node.name}.groups_{side}", 0, groups)
+        r.fixed(block, f"{r.where()}: conv groups (every group loses the same offsets)")
+        r.positional.add(block)  # a count of groups, no channel dim
+        r.factors(space, [block, per_group if per_group is not None else r.space(f"~{node.name}.per_group", 0, mult)])
 
 
 def linear(r: Relations, node: torch.fx.Node, m: nn.Linear) -> None:

@@ -104,7 +104,7 @@ class Relations:
         self.barriers: dict[str, str] = {}  # node name -> why it is a barrier
         self.node: torch.fx.Node | None = None
         self.touched: set[Space] = set()  # spaces the current rule mentioned
-        self.positional: set[Space] = set()  # dims that index positions or heads (bias tables), not channels
+        self.positional: set[Space] = set()  # dims that are no channels: positions (bias tables), group counts
 
     # -- spaces -------------------------------------------------------------------------------------------------
     def shape(self, value: Any) -> tuple[int, ...] | None:
