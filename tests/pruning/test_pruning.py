@@ -593,7 +593,7 @@ def test_a_table_gathered_by_an_index_tensor_is_positions_not_channels():
     assert deps["barrier_ops"] == 0 and deps["positional_groups"] >= 1
     assert deps["prunable_channels"] == 8  # the head dim (attention="dims"); the stream is the model's input
     assert err <= 1e-5 and removed.module.qkv.out_features == 48
-    assert any("rows picked by an index tensor" in n for n in removed.history[0].notes)
+    assert any("entries picked by an index tensor" in n for n in removed.history[0].notes)
 
 
 class FunctionalGroups(nn.Module):
@@ -621,3 +621,31 @@ def test_functional_grouped_and_depthwise_convs_prune_exactly():
     assert err <= 1e-5 and deps["barrier_ops"] == 0
     assert removed.module.grouped.shape == (12, 2, 3, 3)  # every group keeps the same offsets: 4 x 3 out, 2 in
     assert removed.module.stem.out_channels == 8 and removed.module.depthwise.shape[0] == 24
+
+
+class SubsampleBias(nn.Module):
+    """LeViT's attention downsampling: tokens subsampled by a strided slice, a bias table indexed as [:, idxs]."""
+
+    def __init__(self, dim=16, heads=2, side=4):
+        super().__init__()
+        self.heads, self.side = heads, side
+        self.q, self.kv, self.proj = nn.Linear(dim, 8 * heads), nn.Linear(dim, 16 * heads), nn.Linear(8 * heads, dim)
+        self.biases = nn.Parameter(torch.randn(heads, side * side))
+        self.register_buffer("idxs", torch.randint(0, side * side, ((side // 2) ** 2, side * side)))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        k, v = self.kv(x).view(b, n, self.heads, -1).permute(0, 2, 1, 3).split([8, 8], dim=3)
+        sub = x.view(b, self.side, self.side, c)[:, ::2, ::2].reshape(b, -1, c)
+        q = self.q(sub).view(b, -1, self.heads, 8).permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1) * 0.3 + self.biases[:, self.idxs]).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, -1, 8 * self.heads))
+
+
+def test_strided_token_slices_and_bias_tables_indexed_by_tensors_prune_exactly():
+    torch.manual_seed(0)
+    model, x = SubsampleBias().eval(), (torch.randn(2, 16, 16),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    deps = removed.history[0]
+    assert err <= 1e-5 and deps.stats["barrier_ops"] == 0 and removed.module.q.out_features < 16
+    assert deps.stats["positional_groups"] >= 1  # the table's positions

@@ -268,20 +268,25 @@ def split(r: Relations, node: torch.fx.Node, _=None) -> None:
         r.fixed(r.sp(x, dim), f"{r.where()} selects single entries of this dim")
 
 
-def _gather_rows(r: Relations, node: torch.fx.Node, src: torch.fx.Node, index: torch.fx.Node,
-                 info: meta.TensorInfo, idx: meta.TensorInfo) -> None:
-    """``table[index]`` with an integer tensor: rows of ``table`` picked by position (a relative position bias
-    table, an embedding): the picked dim and the index's dims are positions, not channels; the table's other dims
-    map through to the output's last ones."""
-    why = f"{r.where()}: rows picked by an index tensor (positions, not channels)"
+def _is_index_tensor(item: Any) -> bool:
+    info = meta.tensor_info(item) if isinstance(item, torch.fx.Node) else None
+    return info is not None and not info.dtype.is_floating_point and info.dtype != torch.bool
+
+
+def _gather(r: Relations, node: torch.fx.Node, src: torch.fx.Node, info: meta.TensorInfo, k: int,
+            index: torch.fx.Node) -> None:
+    """``table[..., index, ...]`` with one integer tensor at dim ``k`` (full slices elsewhere): entries picked by
+    position (a relative position bias table, an embedding): dim ``k`` and the index's dims are positions, not
+    channels; the other dims map through around the index's dims."""
+    why = f"{r.where()}: entries picked by an index tensor (positions, not channels)"
+    n_idx = len(meta.tensor_info(index).shape)
     r.not_channels(index, why)
-    r.positional.add(r.sp(src, 0))
-    r.fixed(r.sp(src, 0), why)
-    for d in range(len(idx.shape)):
-        r.positional.add(r.out(d))
-        r.fixed(r.out(d), why)
-    for d in range(1, len(info.shape)):
-        r.equal(r.sp(src, d), r.out(len(idx.shape) + d - 1))
+    for space in (r.sp(src, k), *(r.out(k + j) for j in range(n_idx))):
+        r.positional.add(space)
+        r.fixed(space, why)
+    for d in range(len(info.shape)):
+        if d != k:
+            r.equal(r.sp(src, d), r.out(d if d < k else d + n_idx - 1))
 
 
 def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
@@ -295,12 +300,14 @@ def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
         return
     if not isinstance(info, meta.TensorInfo):
         return  # indexing a shape or a list: no tensor space
-    idx = meta.tensor_info(index) if isinstance(index, torch.fx.Node) else None
-    if idx is not None and not idx.dtype.is_floating_point and idx.dtype != torch.bool:
-        return _gather_rows(r, node, src, index, info, idx)
+    items = index_items(index, len(info.shape))
+    tensors = [k for k, item in enumerate(items) if isinstance(item, torch.fx.Node)]
+    if len(tensors) == 1 and _is_index_tensor(items[tensors[0]]) and all(
+            k in tensors or item == slice(None) for k, item in enumerate(items)):
+        return _gather(r, node, src, info, tensors[0], items[tensors[0]])
     d_in = d_out = 0
     touched = False
-    for item in index_items(index, len(info.shape)):
+    for item in items:
         if item is None:
             d_out += 1
         elif isinstance(item, int):
@@ -312,6 +319,14 @@ def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
             if r.shape(node)[d_out] != info.shape[d_in]:
                 touched = True
             r.part(r.out(d_out), r.sp(src, d_in), start)
+            d_in += 1
+            d_out += 1
+        elif isinstance(item, slice) and all(isinstance(v, (int, type(None))) for v in (item.start, item.stop)) \
+                and isinstance(item.step, int) and item.step > 1:  # every k-th entry (LeViT's token subsampling)
+            why = f"{r.where()} takes every {item.step}-th entry of this dim"
+            r.fixed(r.sp(src, d_in), why)
+            r.fixed(r.out(d_out), why)
+            touched = True
             d_in += 1
             d_out += 1
         else:
