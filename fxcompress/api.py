@@ -37,6 +37,9 @@ class CompileResult:
     def report(self) -> str:
         leaves = ", ".join(f"{k} ({v})" for k, v in self.trace.auto_leaves.items()) or "none"
         line = f"traced {self.trace.nodes} nodes in {self.trace.seconds:.2f} s; submodules kept opaque: {leaves}"
+        if self.trace.shape_branches:  # the graph asserts them: inputs of other shapes fail loudly
+            line += "; branches on input shapes taken as the example inputs take them: " + \
+                ", ".join(dict.fromkeys(self.trace.shape_branches))
         return compile_report(type(self.module).__name__, self.before, self.after, self.history, line)
 
     def save(self, path: str | Path) -> Path:

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .modules import GRAPH_FUNCTIONS
 from .persist import CompiledModule
+from .shape_branches import ShapeBranches
 from .tree import copy_tree
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TraceInfo:
     front_end: str = "fx"  # "fx" (symbolic tracing) or "export" (torch.export, when symbolic tracing failed)
     fx_failure: str = ""  # why symbolic tracing failed, when torch.export made the graph
     dynamic_dims: tuple[tuple[int, ...], ...] = ()  # per input, the dims torch.export kept symbolic (ONNX export)
+    shape_branches: tuple[str, ...] = ()  # Python ifs on input shapes, taken as the example inputs take them
 
 
 FLOAT_DTYPES = (torch.float32, torch.float64)  # float16/bfloat16 would fail the float32 tolerances of every check
@@ -104,15 +106,20 @@ class _SubmoduleUntraceable(Exception):
         self.qualname, self.module, self.cause = qualname, module, cause
 
 
-class _Tracer(torch.fx.Tracer):
+class _Tracer(ShapeBranches, torch.fx.Tracer):
+    """``examples`` (the example inputs) turns on the concrete run of ``ShapeBranches``: a Python ``if`` on input
+    shapes takes the branch the example inputs take, and the graph asserts it."""
+
     # Defaults are needed: unpickling a GraphModule re-creates its tracer class with no arguments.
-    def __init__(self, leaves: set[str] | None = None, leaf_types: tuple[type, ...] = ()):
+    def __init__(self, leaves: set[str] | None = None, leaf_types: tuple[type, ...] = (),
+                 examples: tuple | None = None):
         super().__init__(autowrap_functions=GRAPH_FUNCTIONS)  # a compiled module traces again as it is
         self.record_stack_traces = False  # torch's full stack capture costs 1 ms a node; create_node keeps one frame
         self.depth = 0  # submodule calls being traced through
         self.inlined: list[str] = []
         self.leaves = leaves if leaves is not None else set()
         self.leaf_types = leaf_types
+        self.start_concrete_run(examples)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -283,13 +290,18 @@ def trace(
         holder, graph = _wrap_leaf_root(root, len(inputs))
         return _finish(model, holder, graph, root, inputs, names, auto, start)
     fixed = {**_defaults_not_given(root, len(inputs)), **(concrete_args or {})}
-    for _ in range(len(known) + 1):
-        tracer = _Tracer(leaves, types)
+    examples = None  # the concrete run, once a submodule branches on a traced value (it may be a shape)
+    for _ in range(len(known) + 2):
+        tracer = _Tracer(leaves, types, examples)
         try:
-            with _watch_autograd_functions(tracer):
+            with _watch_autograd_functions(tracer), torch.no_grad() if examples else contextlib.nullcontext():
                 graph = tracer.trace(root, concrete_args=fixed or None)
             break
         except _SubmoduleUntraceable as failure:
+            if examples is None and isinstance(failure.cause, torch.fx.proxy.TraceError) \
+                    and "control flow" in str(failure.cause):
+                examples = inputs
+                continue
             reason = _describe_cause(failure.cause)
             log.warning("submodule %r (%s) cannot be traced, kept as a leaf: %s",
                         failure.qualname, type(failure.module).__name__, reason)
@@ -303,7 +315,12 @@ def trace(
     else:  # pragma: no cover - each retry adds a new leaf, so this needs more retries than modules
         raise TracingError(f"cannot trace {type(model).__name__}: retried with every submodule as a leaf.")
 
-    return _finish(model, root, graph, root, inputs, names, auto, start, tuple(tracer.inlined))
+    gm = _finish(model, root, graph, root, inputs, names, auto, start, tuple(tracer.inlined))
+    if tracer.branches:
+        log.info("%s: branches on input shapes taken as the example inputs take them: %s", type(model).__name__,
+                 "; ".join(tracer.branches))
+        gm.meta[meta.TRACE_INFO] = dataclasses.replace(gm.meta[meta.TRACE_INFO], shape_branches=tuple(tracer.branches))
+    return gm
 
 
 def _exported(model: torch.nn.Module, root: torch.nn.Module, inputs: tuple, start: float,

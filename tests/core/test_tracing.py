@@ -112,6 +112,47 @@ def test_untraceable_submodule_becomes_a_leaf_and_is_reported():
     assert "branchy" in result.report()
 
 
+class PadToEven(nn.Module):
+    """MobileViT's unfold: a Python ``if`` on the input's shape (pad to a multiple of the patch size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, w % 2, 0, h % 2))
+        return self.conv(x)
+
+
+class WithShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pad, self.head = PadToEven(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.pad(x))
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_an_if_on_input_shapes_takes_the_example_branch_and_asserts_it(size):
+    """The submodule traces (no opaque leaf): the branch is the one the example inputs take, any batch size runs,
+    and inputs whose shapes take the other branch fail loudly instead of computing the wrong thing."""
+    model, x = WithShapeBranch().eval(), torch.randn(2, 3, size, size)
+    gm = fxc.trace(model, x)
+    info = gm.meta[meta.TRACE_INFO]
+    assert not info.auto_leaves and info.shape_branches
+    assert all(b == f"`if h % 2 or w % 2:` -> {bool(size % 2)}" for b in info.shape_branches)
+    assert any(n.op == "call_module" and n.target == "pad.conv" for n in gm.graph.nodes)
+    bigger = torch.randn(5, 3, size, size)
+    torch.testing.assert_close(gm(bigger), model(bigger), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="trace the model again"):
+        gm(torch.randn(2, 3, size + 1, size + 1))
+    result = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
+    assert result.module.pad.conv.out_channels == 2
+
+
 class UntraceableTop(nn.Module):
     def __init__(self):
         super().__init__()
@@ -246,3 +287,9 @@ def test_optional_arguments_not_given_are_traced_as_none():
     gm = fxc.trace(model, (x,))
     assert torch.equal(gm(x), model(x))
     assert sum(n.op == "call_module" for n in gm.graph.nodes) == 1 and "mul" not in gm.code
+
+
+def test_the_report_names_the_branches_taken_on_input_shapes():
+    result = fxc.compile(WithShapeBranch().eval(), torch.randn(1, 3, 5, 5), [{"pass": "fold_bn"}])
+    assert "branches on input shapes taken as the example inputs take them: `if h % 2 or w % 2:` -> True" \
+        in result.report()
