@@ -649,3 +649,29 @@ def test_strided_token_slices_and_bias_tables_indexed_by_tensors_prune_exactly()
     deps = removed.history[0]
     assert err <= 1e-5 and deps.stats["barrier_ops"] == 0 and removed.module.q.out_features < 16
     assert deps.stats["positional_groups"] >= 1  # the table's positions
+
+
+class RegisterTokens(nn.Module):
+    """Register tokens (a parameter concatenated along the tokens) attended to by scaled_dot_product_attention;
+    the other tokens are pooled to a fixed grid, so no input dim holds the token count."""
+
+    def __init__(self, dim=16, registers=4):
+        super().__init__()
+        self.reg = nn.Parameter(torch.randn(1, registers, dim))
+        self.embed, self.pool = nn.Conv2d(3, dim, 1), nn.AdaptiveAvgPool2d(3)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        x = self.pool(self.embed(x)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.reg.expand(x.shape[0], -1, -1), x], dim=1)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(y).mean(1)  # pooled over the tokens (timm's global average pooling)
+
+
+def test_tokens_an_attention_attends_over_are_not_pruned():
+    torch.manual_seed(0)
+    model, x = RegisterTokens().eval(), (torch.randn(2, 3, 7, 7),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5 and removed.module.reg.shape[1] == 4 and removed.module.qkv.out_features < 48

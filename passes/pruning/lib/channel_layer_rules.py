@@ -311,6 +311,7 @@ def sdpa(r: Relations, node: torch.fx.Node, _=None) -> None:
     r.equal(r.sp(v, -1), r.out(-1))
     r.equal(r.sp(q, -2), r.out(-2))
     r.equal(r.sp(k, -2), r.sp(v, -2))
+    r.fixed(r.sp(k, -2), f"{r.where()}: the keys' tokens (its softmax normalises over them), not channels")
     so = r.shape(node)
     for x in (q, k, v):
         s = r.shape(x)
