@@ -179,6 +179,30 @@ def _dynamic_axes(module, inputs, leaves, in_names, out_names) -> dict[str, dict
     return axes
 
 
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model keeps its tensors outside the .onnx file
+
+
+def external_files(model: onnx.ModelProto) -> set[str]:
+    """The files the model's tensors are stored in, outside the .onnx file (an exporter writes one per tensor for
+    a model over 2 GB)."""
+    return {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for entry in t.external_data if entry.key == "location"}
+
+
+def save_model(model: onnx.ModelProto, path: Path, old_files: set[str] = frozenset()) -> None:
+    """Write ``model`` (its tensors loaded) to ``path``: one file when it fits protobuf's 2 GB, else the graph in
+    ``path`` and every tensor in one ``path.name + ".data"`` beside it; the scattered tensor files an exporter wrote
+    (``old_files``, relative to the same folder) are removed."""
+    tensors = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in model.graph.initializer)
+    if tensors < PROTOBUF_LIMIT - 2**24:  # the graph itself: far less than 16 MB
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    for name in old_files - {path.name + ".data", path.name}:
+        (path.parent / name).unlink(missing_ok=True)
+
+
 def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     outputs = run_example(module, inputs, type(module).__name__)
     leaves = pytree.tree_leaves(outputs)
@@ -201,9 +225,15 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
         raise ExportError(f"cannot export {type(module).__name__} to ONNX:\n  " + "\n  ".join(failures) +
                           "\n  hint: an op without an ONNX translation is usually named above; replace it or keep it "
                           "out of the exported module.")
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    scattered = external_files(model)
+    if scattered:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        onnx.save(finalize_qdq(model), str(path))
+        model = finalize_qdq(model)
+    if scattered or any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        save_model(model, path, scattered)
+    del model
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001

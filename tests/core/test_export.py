@@ -111,6 +111,25 @@ def test_falls_back_to_dynamo_when_torchscript_fails(tmp_path, monkeypatch):
     assert max_abs_diff(model, path, _other_batch(inputs)) <= 1e-4
 
 
+def test_a_model_over_the_protobuf_limit_keeps_its_tensors_in_one_file_beside_it(tmp_path, monkeypatch):
+    """Over 2 GB the TorchScript exporter writes one file per tensor beside the .onnx; the export gathers them into
+    ``name.onnx.data`` (the limit lowered here, so that a small model takes that path) and removes the scattered
+    ones."""
+    exporter = onnx_export._torchscript
+
+    def scattering(wrapper, inputs, path, *rest):
+        exporter(wrapper, inputs, path, *rest)
+        onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)
+
+    monkeypatch.setattr(onnx_export, "_torchscript", scattering)
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 2**24 + 1000)
+    model, inputs = zoo.build("residual")
+    path = fxc.export_onnx(model, inputs, tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert max_abs_diff(model, path, _other_batch(inputs)) <= 1e-4
+
+
 def test_export_failure_names_both_exporters(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported op foo")
