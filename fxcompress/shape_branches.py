@@ -103,4 +103,3 @@ class ShapeBranches:
                           f"`{source}` {taken}; trace the model again with inputs of these shapes"), {})
         self.branches.append(f"`{source}` -> {taken}")
         return taken
-

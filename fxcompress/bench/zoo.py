@@ -346,11 +346,14 @@ def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gig
     row: dict[str, Any] = {"model": spec, "steps": dict.fromkeys(STEPS, "-"), "errors": {}}
     steps, errors = row["steps"], row["errors"]
 
+    def save() -> None:
+        if progress is not None:
+            progress.write_text(json.dumps(row))
+
     def attempt(step: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         row["running"] = step
-        if progress is not None:
-            progress.write_text(json.dumps(row))
+        save()
         try:
             value = fn()
         except Exception as exc:  # noqa: BLE001  (the suite records every failure and goes on)
@@ -359,8 +362,7 @@ def check(spec: str, ratio: float, work: Path, tp_seconds: float = 300.0, tp_gig
             value = None
         row.setdefault("seconds", {})[step] = round(time.perf_counter() - start, 2)
         del row["running"]
-        if progress is not None:
-            progress.write_text(json.dumps(row))
+        save()
         return value
 
     def verdict(step: str, err: float, tol: float, inexact: bool = False) -> None:

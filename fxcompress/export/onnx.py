@@ -229,9 +229,10 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     scattered = external_files(model)
     if scattered:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+    quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if quantized:
         model = finalize_qdq(model)
-    if scattered or any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+    if scattered or quantized:
         save_model(model, path, scattered)
     del model
     try:

@@ -393,7 +393,7 @@ def _rewrite_graph(gm: torch.fx.GraphModule, cg: ChannelGraph, positions: dict, 
         elif kind == "functional_depthwise":
             x = node.args[0]
             c = 1 if len(meta.tensor_info(x).shape) == len(meta.tensor_info(arg(node, 1, "weight")).shape) else 0
-            groups = new_size.get((x.name, c), cg.sizes.get((x.name, c)))
+            groups = new_size[(x.name, c)]
             if len(node.args) > 6:
                 node.args = (*node.args[:6], groups, *node.args[7:])
             else:

@@ -91,8 +91,7 @@ def functional_conv(r: Relations, node: torch.fx.Node, _=None) -> None:
         return
     for side, space, per_group in (("in", r.sp(x, c), r.sp(w, 1)), ("out", r.out(c), None)):
         block = r.space(f"~{node.name}.groups_{side}", 0, groups)
-        r.fixed(block, f"{r.where()}: conv groups (every group loses the same offsets)")
-        r.positional.add(block)  # a count of groups, no channel dim
+        r.position(block, f"{r.where()}: conv groups (every group loses the same offsets)")  # a count, no channels
         r.factors(space, [block, per_group if per_group is not None else r.space(f"~{node.name}.per_group", 0, mult)])
 
 

@@ -282,8 +282,7 @@ def _gather(r: Relations, node: torch.fx.Node, src: torch.fx.Node, info: meta.Te
     n_idx = len(meta.tensor_info(index).shape)
     r.not_channels(index, why)
     for space in (r.sp(src, k), *(r.out(k + j) for j in range(n_idx))):
-        r.positional.add(space)
-        r.fixed(space, why)
+        r.position(space, why)
     for d in range(len(info.shape)):
         if d != k:
             r.equal(r.sp(src, d), r.out(d if d < k else d + n_idx - 1))

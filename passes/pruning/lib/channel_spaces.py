@@ -181,26 +181,30 @@ class Relations:
         for value in [*self.node.all_input_nodes, self.node]:
             self.fix_all(value, why)
 
+    def position(self, space: Space, why: str) -> None:
+        """``space`` stays whole and is no channel dim (positions of a bias table, a count of conv groups): its
+        group does not count among the model's channels."""
+        self.fixed(space, why)
+        self.positional.add(space)
+
     def not_channels(self, value: torch.fx.Node, why: str) -> None:
-        """Every dim of ``value`` stays whole and is no channel dim (a relative position bias table: positions and
-        heads), so its groups do not count among the model's channels."""
-        before = set(self.fixed_spaces)
-        self.fix_all(value, why)
-        info = value.meta.get(meta.TENSOR)
-        if isinstance(info, meta.TensorInfo):
-            self.positional.update(self.sp(value, d) for d in range(len(info.shape)))
-        self.positional.update(set(self.fixed_spaces) - before)
+        """Every dim of ``value`` is a ``position`` (a relative position bias table: positions and heads)."""
+        for space in self._spaces(value):
+            self.position(space, why)
 
     def fix_all(self, value: torch.fx.Node, why: str) -> None:
+        for space in self._spaces(value):
+            self.fixed(space, why)
+
+    def _spaces(self, value: torch.fx.Node) -> list[Space]:
+        """Every dim of ``value``'s tensor, or of each tensor of a structured value."""
         info = value.meta.get(meta.TENSOR)
         if isinstance(info, meta.TensorInfo):
-            for d in range(len(info.shape)):
-                self.fixed(self.sp(value, d), why)
-        elif isinstance(info, (tuple, list)):
-            for i, item in enumerate(info):
-                if isinstance(item, meta.TensorInfo):
-                    for d in range(len(item.shape)):
-                        self.fixed(self.space(f"{value.name}.{i}", d, item.shape[d]), why)
+            return [self.sp(value, d) for d in range(len(info.shape))]
+        if isinstance(info, (tuple, list)):
+            return [self.space(f"{value.name}.{i}", d, item.shape[d]) for i, item in enumerate(info)
+                    if isinstance(item, meta.TensorInfo) for d in range(len(item.shape))]
+        return []
 
 
 def op_name(fn: Any) -> str:
