@@ -1,0 +1,120 @@
+"""Pruning beside dims that are not channels: positions picked from bias tables, counts of conv groups, token
+subsampling, the tokens an attention attends over."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from test_pruning import mask_vs_remove
+
+
+class TableBias(nn.Module):
+    """MaxViT's attention: a relative position bias gathered from a table by an index buffer, added per head."""
+
+    def __init__(self, dim=32, heads=4, side=3):
+        super().__init__()
+        self.heads, self.n = heads, side * side
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * side - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + side - 1
+        self.register_buffer("index", rel[..., 0] * (2 * side - 1) + rel[..., 1])
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index.view(-1)].view(self.n, self.n, -1).permute(2, 0, 1)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + bias.unsqueeze(0), dim=-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_a_table_gathered_by_an_index_tensor_is_positions_not_channels():
+    torch.manual_seed(0)
+    model, x = TableBias().eval(), (torch.randn(2, 9, 32),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    deps = removed.history[0].stats
+    assert deps["barrier_ops"] == 0 and deps["positional_groups"] >= 1
+    assert deps["prunable_channels"] == 8  # the head dim (attention="dims"); the stream is the model's input
+    assert err <= 1e-5 and removed.module.qkv.out_features == 48
+    assert any("entries picked by an index tensor" in n for n in removed.history[0].notes)
+
+
+class FunctionalGroups(nn.Module):
+    """Grouped and depthwise convs called as functions on computed weights (timm's weight-standardised convs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.grouped = nn.Parameter(torch.randn(24, 4, 3, 3) * 0.2)  # 16 -> 24 channels in 4 groups
+        self.gain = nn.Parameter(torch.rand(24, 1, 1, 1) + 0.5)
+        self.depthwise = nn.Parameter(torch.randn(48, 1, 3, 3) * 0.2)  # 24 -> 48: multiplier 2
+        self.head = nn.Conv2d(48, 5, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(F.conv2d(x, self.grouped * self.gain, padding=1, groups=4))
+        return self.head(F.relu(F.conv2d(x, self.depthwise, padding=1, groups=24)))
+
+
+def test_functional_grouped_and_depthwise_convs_prune_exactly():
+    torch.manual_seed(0)
+    model, x = FunctionalGroups().eval(), (torch.randn(2, 3, 8, 8),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    deps = removed.history[0].stats
+    assert err <= 1e-5 and deps["barrier_ops"] == 0
+    assert removed.module.grouped.shape == (12, 2, 3, 3)  # every group keeps the same offsets: 4 x 3 out, 2 in
+    assert removed.module.stem.out_channels == 8 and removed.module.depthwise.shape[0] == 24
+
+
+class SubsampleBias(nn.Module):
+    """LeViT's attention downsampling: tokens subsampled by a strided slice, a bias table indexed as [:, idxs]."""
+
+    def __init__(self, dim=16, heads=2, side=4):
+        super().__init__()
+        self.heads, self.side = heads, side
+        self.q, self.kv, self.proj = nn.Linear(dim, 8 * heads), nn.Linear(dim, 16 * heads), nn.Linear(8 * heads, dim)
+        self.biases = nn.Parameter(torch.randn(heads, side * side))
+        self.register_buffer("idxs", torch.randint(0, side * side, ((side // 2) ** 2, side * side)))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        k, v = self.kv(x).view(b, n, self.heads, -1).permute(0, 2, 1, 3).split([8, 8], dim=3)
+        sub = x.view(b, self.side, self.side, c)[:, ::2, ::2].reshape(b, -1, c)
+        q = self.q(sub).view(b, -1, self.heads, 8).permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1) * 0.3 + self.biases[:, self.idxs]).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, -1, 8 * self.heads))
+
+
+def test_strided_token_slices_and_bias_tables_indexed_by_tensors_prune_exactly():
+    torch.manual_seed(0)
+    model, x = SubsampleBias().eval(), (torch.randn(2, 16, 16),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    deps = removed.history[0]
+    assert err <= 1e-5 and deps.stats["barrier_ops"] == 0 and removed.module.q.out_features < 16
+    assert deps.stats["positional_groups"] >= 1  # the table's positions
+
+
+class RegisterTokens(nn.Module):
+    """Register tokens (a parameter concatenated along the tokens) attended to by scaled_dot_product_attention;
+    the other tokens are pooled to a fixed grid, so no input dim holds the token count."""
+
+    def __init__(self, dim=16, registers=4):
+        super().__init__()
+        self.reg = nn.Parameter(torch.randn(1, registers, dim))
+        self.embed, self.pool = nn.Conv2d(3, dim, 1), nn.AdaptiveAvgPool2d(3)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        x = self.pool(self.embed(x)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.reg.expand(x.shape[0], -1, -1), x], dim=1)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(y).mean(1)  # pooled over the tokens (timm's global average pooling)
+
+
+def test_tokens_an_attention_attends_over_are_not_pruned():
+    torch.manual_seed(0)
+    model, x = RegisterTokens().eval(), (torch.randn(2, 3, 7, 7),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5 and removed.module.reg.shape[1] == 4 and removed.module.qkv.out_features < 48
