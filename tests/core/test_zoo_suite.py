@@ -117,3 +117,28 @@ def test_quiet_parameters_are_redrawn_and_an_all_zero_reference_is_refused():
     assert model.head.weight.abs().min() > 0 and 0.5 <= float(model.gamma.min()) <= float(model.gamma.max()) <= 1.5
     assert not model.head.bias.any()  # biases stay as initialised
     assert zoo.relative_error(model(x), model(x)) == 0.0
+
+
+def test_fold_is_judged_in_float64_where_float32_rounding_is_larger_than_the_tolerance():
+    torch, nn = zoo.torch, zoo.nn
+
+    class Cancelling(nn.Module):  # the output is the small difference of two large branches: float32 noise shows
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.twin = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(3, 8, 3)
+            self.bn.eval().running_var.fill_(0.37)
+            self.bn.running_mean.fill_(0.1)
+            self.twin.load_state_dict(self.conv.state_dict())
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) - 0.99 * (self.twin(x) - 0.1) / (0.37 + 1e-5) ** 0.5
+
+    torch.manual_seed(0)
+    model, x = Cancelling().eval(), (torch.randn(2, 3, 16, 16),)
+    folded = zoo.fxc.compile(model, x, [{"pass": "fold_bn"}])
+    assert zoo.compare(folded, model, x) > zoo.FOLD_TOL  # float32 rounding of the same sum, in another order
+    assert zoo.compare_float64(folded, model, x) <= zoo.FOLD_TOL
+    with torch.no_grad():  # a fold that is wrong by 1e-4 of one weight fails in float64 too
+        folded.module.conv.weight[0, 0, 0, 0] *= 1 + 1e-4
+    assert zoo.compare_float64(folded, model, x) > zoo.FOLD_TOL
+    assert model.conv.weight.dtype == torch.float32  # the copies were widened, not the model

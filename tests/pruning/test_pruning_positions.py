@@ -118,3 +118,35 @@ def test_tokens_an_attention_attends_over_are_not_pruned():
     model, x = RegisterTokens().eval(), (torch.randn(2, 3, 7, 7),)
     err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
     assert err <= 1e-5 and removed.module.reg.shape[1] == 4 and removed.module.qkv.out_features < 48
+
+
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention: features of ``radix`` splits weighted by a softmax over the splits, computed from
+    a vector that is reshaped to (radix, C) like the features it multiplies."""
+
+    def __init__(self, c=16, radix=2):
+        super().__init__()
+        self.radix = radix
+        self.stem = nn.Conv2d(3, c, 1)
+        self.conv = nn.Conv2d(c, c * radix, 3, padding=1, groups=radix)
+        self.fc1, self.fc2 = nn.Conv2d(c, 8, 1), nn.Conv2d(8, c * radix, 1)
+        self.head = nn.Conv2d(c, 5, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(F.relu(self.stem(x))))
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        gap = self.fc1(x.sum(dim=1).mean((2, 3), keepdim=True))
+        attn = self.fc2(F.relu(gap)).view(b, 1, self.radix, -1).transpose(1, 2)
+        attn = torch.softmax(attn, dim=1).reshape(b, -1).view(b, -1, 1, 1)
+        return self.head((x * attn.reshape(b, self.radix, rc // self.radix, 1, 1)).sum(dim=1))
+
+
+def test_two_views_that_split_the_same_channels_alike_lose_the_same_channels():
+    torch.manual_seed(0)
+    model, x = SplitAttention().eval(), (torch.randn(2, 3, 8, 8),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5
+    m = removed.module
+    assert m.conv.out_channels == m.fc2.out_channels < 32  # one plan for the features and their attention
+    assert m.conv.out_channels == 2 * m.head.in_channels

@@ -2,8 +2,9 @@
 (the ``propagate_dependencies`` pass runs it and leaves it in ``ctx.analyses[ChannelGraph]``).
 
 Every op's rule (``channel_rules.KINDS``, chosen by its record in ``fxcompress/ops.py``) relates dimensions
-("spaces") of its inputs, outputs and parameters.  The spaces and relations form a networkx graph keyed by node names (``ChannelGraph.graph``; edge attribute
-``map`` holds an ``Identity``, ``Offset`` or ``Factor``).  Elements linked by identity/offset relations are the
+("spaces") of its inputs, outputs and parameters (``channel_rules.build_relations``).  The spaces and relations
+form a networkx graph keyed by node names (``ChannelGraph.graph``; edge attribute ``map`` holds an ``Identity``,
+``Offset`` or ``Factor``).  Elements linked by identity/offset relations are the
 same *unit*; a space that is the product of others (a flatten into Linear, a channel shuffle, attention heads)
 is *controlled* by its factors' units and removed when any of them is.  A *group* is the free units of one
 connected set of spaces that reach a parameter: removing a unit of a group removes the matching slice of every
@@ -28,17 +29,13 @@ import torch
 import torch.fx
 from fxcompress.passes.pruning.lib.channel_rules import (
     Identity,
-    Relations,
     Space,
-    rule_for,
+    build_relations,
 )
 
-from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
-from fxcompress.fxutil import lookup
 from fxcompress.plans import Artifact, Lifetime
-from fxcompress.tree import named_tensors
 
 ATTENTION_MODES = ("dims", "heads", "both")
 
@@ -85,7 +82,11 @@ class ChannelGraph(Artifact):
         self.rel = build_relations(gm)
         self.sizes = self.rel.sizes
         self._graph: nx.Graph | None = None
+        self.same_factors: list[tuple[Space, Space, Identity]] = []
         self._assign_units()
+        self.same_factors = self._same_factorizations()
+        if self.same_factors:
+            self._assign_units()
         self._controls()
         self._groups(attention)
 
@@ -97,13 +98,14 @@ class ChannelGraph(Artifact):
             g.add_nodes_from((s, {"size": n}) for s, n in self.sizes.items())
             g.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.edges)
             g.add_edges_from((a, b, {"map": m}) for a, b, m in self.rel.factor_edges)
+            g.add_edges_from((a, b, {"map": m}) for a, b, m in self.same_factors)
             self._graph = g
         return self._graph
 
     # -- units ------------------------------------------------------------------------------------------------
     def _assign_units(self) -> None:
         adj: dict[Space, list[tuple[Space, Any, bool]]] = collections.defaultdict(list)
-        for a, b, m in self.rel.edges:  # for Offset, a is the part
+        for a, b, m in [*self.rel.edges, *self.same_factors]:  # for Offset, a is the part
             adj[a].append((b, m, True))
             adj[b].append((a, m, False))
         units: dict[Space, torch.Tensor] = {}
@@ -153,6 +155,26 @@ class ChannelGraph(Artifact):
         self.units = units
         self.component = comp
         self.n_components = n_comp
+
+    def _same_factorizations(self) -> list[tuple[Space, Space, Identity]]:
+        """Identity relations between the factors of two views that split the same units the same way (an attention
+        vector reshaped to (radix, C) like the features it multiplies): the i-th slice of one view is the i-th of the
+        other, so removing a factor's channel through one view alone would leave the other's shape uneven."""
+        by_merged: dict[Space, list[tuple[int, int, Space]]] = collections.defaultdict(list)
+        for merged, factor, f in self.rel.factor_edges:
+            by_merged[merged].append((f.stride, f.size, factor))
+        first: dict[tuple, list[Space]] = {}
+        out: list[tuple[Space, Space, Identity]] = []
+        for merged, factors in by_merged.items():
+            factors.sort(key=lambda x: -x[0])
+            if len(factors) < 2 or _prod(f[1] for f in factors) != self.sizes[merged]:
+                continue
+            key = (tuple(self.units[merged].tolist()), tuple((st, n) for st, n, _ in factors))
+            seen = first.setdefault(key, [f for _, _, f in factors])
+            for a, (_, _, b) in zip(seen, factors):
+                if a != b and not torch.equal(self.units[a], self.units[b]):
+                    out.append((a, b, Identity()))
+        return out
 
     def _fill_whole(self, t: Space, adj, units, nxt: int) -> tuple[torch.Tensor, int]:
         """Units of a whole space reached from one of its parts: visited parts first, fresh units for the rest."""
@@ -471,6 +493,13 @@ class ChannelGraph(Artifact):
         return "\n".join(str(g) for g in self.groups)
 
 
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
 def _union(n: int, conflicts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Labels after merging every pair of units in ``conflicts`` (vectorised union by minimum label)."""
     labels = torch.arange(n)
@@ -490,78 +519,6 @@ def _union(n: int, conflicts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.
             if torch.equal(jumped, labels):
                 break
             labels = jumped
-
-
-def build_relations(gm: torch.fx.GraphModule) -> Relations:
-    """Run every node's rule; ops without a rule, and rules that fail, become barriers."""
-    r = Relations(gm)
-    for node in gm.graph.nodes:
-        r.node = node
-        if node.op == "placeholder":
-            r.fix_all(node, f"model input {node.name!r}")
-        elif node.op == "output":
-            for x in node.all_input_nodes:
-                r.fix_all(x, "model output")
-        elif node.op == "get_attr":
-            info = meta.tensor_info(node)
-            if info is not None:
-                t = lookup(gm, node.target)
-                role = "attr" if isinstance(t, torch.nn.Parameter) else "buffer"
-                for d in range(len(info.shape)):
-                    r.equal(r.out(d), r.param_space(node.target, d, role))
-        else:
-            tensors_in = [x for x in node.all_input_nodes if _has_tensor(x)]
-            if not tensors_in and not _has_tensor(node):
-                continue  # arithmetic on sizes and other Python values
-            rule, module, what = rule_for(gm, node)
-            if rule is None:
-                r.barrier(f"{what} is not in the channel rules")
-                continue
-            r.touched = set()
-            try:
-                rule(r, node, module)
-            except Exception as exc:  # noqa: BLE001 - an op the rule cannot read is a barrier, never a crash
-                r.barrier(f"{what}: its rule could not read this call ({type(exc).__name__}: {exc})")
-                continue
-            _fix_untouched(r, [x for x in tensors_in if meta.tensor_info(x) is not None] + [node], what)
-    _tie_aliases(r, gm)
-    return r
-
-
-def _tie_aliases(r: Relations, gm: torch.fx.GraphModule) -> None:
-    """A tensor held under several names (an embedding tied to the output layer) is one tensor: each of its dims is
-    one channel space under every name, so that pruning removes the same channels at all of its uses."""
-    names: dict[int, list[str]] = {}
-    dims: dict[int, int] = {}
-    for name, t in named_tensors(gm):
-        names.setdefault(id(t), []).append(name)
-        dims[id(t)] = t.dim()
-    r.node = None
-    for key, group in names.items():
-        if len(group) < 2:  # one name: nothing to tie
-            continue
-        for d in range(dims[key]):
-            spaces = [("@" + n, d) for n in group if ("@" + n, d) in r.sizes]
-            for a, b in zip(spaces, spaces[1:]):
-                r.equal(a, b)
-
-
-def _has_tensor(node: torch.fx.Node) -> bool:
-    return any(True for _ in meta.iter_tensor_infos(node.meta.get(meta.TENSOR)))
-
-
-def _fix_untouched(r: Relations, values: list[torch.fx.Node], what: str) -> None:
-    """Dims a rule used without relating them (a conv's kernel dims, spatial dims) are fixed."""
-    for value in values:
-        info = value.meta.get(meta.TENSOR)
-        items = [(value.name, info)] if isinstance(info, meta.TensorInfo) else \
-            [(f"{value.name}.{i}", t) for i, t in enumerate(info)] if isinstance(info, (tuple, list)) else []
-        for owner, t in items:
-            if not isinstance(t, meta.TensorInfo):
-                continue
-            for d, size in enumerate(t.shape):
-                if (owner, d) not in r.touched and size > 1:
-                    r.fixed(r.space(owner, d, size), f"{what} uses dim {d} of {owner} without relating it")
 
 
 @contextlib.contextmanager

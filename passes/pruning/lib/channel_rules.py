@@ -57,7 +57,8 @@ from fxcompress.passes.pruning.lib.channel_spaces import (
 )
 
 from fxcompress import meta, ops
-from fxcompress.fxutil import arg
+from fxcompress.fxutil import arg, lookup
+from fxcompress.tree import named_tensors
 
 __all__ = ["KINDS", "rule_for", "Relations", "Space", "Identity", "Offset", "Factor", "ParamMember", "GroupedInput"]
 
@@ -468,3 +469,75 @@ def rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node,
     if node.op == "call_method":
         return rule, None, f"Tensor.{node.target}"
     return rule, None, op_name(node.target)
+
+
+def build_relations(gm: torch.fx.GraphModule) -> Relations:
+    """Run every node's rule; ops without a rule, and rules that fail, become barriers."""
+    r = Relations(gm)
+    for node in gm.graph.nodes:
+        r.node = node
+        if node.op == "placeholder":
+            r.fix_all(node, f"model input {node.name!r}")
+        elif node.op == "output":
+            for x in node.all_input_nodes:
+                r.fix_all(x, "model output")
+        elif node.op == "get_attr":
+            info = meta.tensor_info(node)
+            if info is not None:
+                t = lookup(gm, node.target)
+                role = "attr" if isinstance(t, torch.nn.Parameter) else "buffer"
+                for d in range(len(info.shape)):
+                    r.equal(r.out(d), r.param_space(node.target, d, role))
+        else:
+            tensors_in = [x for x in node.all_input_nodes if _has_tensor(x)]
+            if not tensors_in and not _has_tensor(node):
+                continue  # arithmetic on sizes and other Python values
+            rule, module, what = rule_for(gm, node)
+            if rule is None:
+                r.barrier(f"{what} is not in the channel rules")
+                continue
+            r.touched = set()
+            try:
+                rule(r, node, module)
+            except Exception as exc:  # noqa: BLE001 - an op the rule cannot read is a barrier, never a crash
+                r.barrier(f"{what}: its rule could not read this call ({type(exc).__name__}: {exc})")
+                continue
+            _fix_untouched(r, [x for x in tensors_in if meta.tensor_info(x) is not None] + [node], what)
+    _tie_aliases(r, gm)
+    return r
+
+
+def _tie_aliases(r: Relations, gm: torch.fx.GraphModule) -> None:
+    """A tensor held under several names (an embedding tied to the output layer) is one tensor: each of its dims is
+    one channel space under every name, so that pruning removes the same channels at all of its uses."""
+    names: dict[int, list[str]] = {}
+    dims: dict[int, int] = {}
+    for name, t in named_tensors(gm):
+        names.setdefault(id(t), []).append(name)
+        dims[id(t)] = t.dim()
+    r.node = None
+    for key, group in names.items():
+        if len(group) < 2:  # one name: nothing to tie
+            continue
+        for d in range(dims[key]):
+            spaces = [("@" + n, d) for n in group if ("@" + n, d) in r.sizes]
+            for a, b in zip(spaces, spaces[1:]):
+                r.equal(a, b)
+
+
+def _has_tensor(node: torch.fx.Node) -> bool:
+    return any(True for _ in meta.iter_tensor_infos(node.meta.get(meta.TENSOR)))
+
+
+def _fix_untouched(r: Relations, values: list[torch.fx.Node], what: str) -> None:
+    """Dims a rule used without relating them (a conv's kernel dims, spatial dims) are fixed."""
+    for value in values:
+        info = value.meta.get(meta.TENSOR)
+        items = [(value.name, info)] if isinstance(info, meta.TensorInfo) else \
+            [(f"{value.name}.{i}", t) for i, t in enumerate(info)] if isinstance(info, (tuple, list)) else []
+        for owner, t in items:
+            if not isinstance(t, meta.TensorInfo):
+                continue
+            for d, size in enumerate(t.shape):
+                if (owner, d) not in r.touched and size > 1:
+                    r.fixed(r.space(owner, d, size), f"{what} uses dim {d} of {owner} without relating it")
