@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from .. import meta
 from ..errors import ExportError
+from ..fxutil import lookup
 from ..tracing import normalize_inputs, run_example
 from .qdq import finalize_qdq, widen_fake_quant
 
@@ -102,7 +103,11 @@ def decompose_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
             quant, dequant = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
             params = (a["scale"], a["zero_point"], a["axis"], a["quant_min"], a["quant_max"], dtype)
         else:
-            tensor_args = isinstance(a["scale"], torch.fx.Node)
+            stored = [lookup(gm, a[k].target) if isinstance(a[k], torch.fx.Node) and a[k].op == "get_attr" else None
+                      for k in ("scale", "zero_point")]
+            if all(isinstance(t, torch.Tensor) and t.numel() == 1 for t in stored):  # constants of the export
+                a["scale"], a["zero_point"] = float(stored[0].item()), int(stored[1].item())
+            tensor_args = isinstance(a["scale"], torch.fx.Node) or isinstance(a["zero_point"], torch.fx.Node)
             quant = qd.quantize_per_tensor.tensor if tensor_args else qd.quantize_per_tensor.default
             dequant = qd.dequantize_per_tensor.tensor if tensor_args else qd.dequantize_per_tensor.default
             params = (a["scale"], a["zero_point"], a["quant_min"], a["quant_max"], dtype)
@@ -115,9 +120,27 @@ def decompose_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
     return gm
 
 
+def _two_samples(wrapper, inputs, in_names, axes) -> tuple:
+    """The example inputs, their batch of 1 repeated to 2 where axis 0 is dynamic: torch.export treats a size of
+    1 as a constant wherever a kernel's stride rule asks about it (convolutions on strided views), and the export
+    then holds reshapes sized for one sample behind an input declared dynamic (timm CSATv2 failed at batch 2 in
+    ONNX Runtime).  The originals when the module does not run on the repeated batch."""
+    if not axes or not any(t.dim() and t.shape[0] == 1 and 0 in axes.get(n, {}) for n, t in zip(in_names, inputs)):
+        return inputs
+    two = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 and 0 in axes.get(n, {}) else t
+                for n, t in zip(in_names, inputs))
+    try:
+        with torch.no_grad():
+            wrapper(*two)
+    except Exception:  # noqa: BLE001 - a module for one sample only: export what the example gives
+        return inputs
+    return two
+
+
 def _dynamo(wrapper, inputs, path, in_names, out_names, axes, opset):
     shapes = tuple({d: torch.export.Dim.DYNAMIC for d in axes.get(n, {})} for n in in_names) if axes else None
     wrapper = _FlatOutputs(decompose_fake_quant(wrapper.module)).eval()
+    inputs = _two_samples(wrapper, inputs, in_names, axes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, inputs, dynamo=True, input_names=in_names, output_names=out_names,

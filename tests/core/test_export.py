@@ -170,3 +170,19 @@ def test_unknown_exporter(tmp_path):
     model, inputs = zoo.build("residual")
     with pytest.raises(fxc.ExportError, match="exporter must be one of"):
         fxc.export_onnx(model, inputs, tmp_path / "e.onnx", exporter="tflite")
+
+
+def test_dynamo_export_traces_a_batch_of_two_where_the_example_has_one():
+    import torch.nn as nn
+
+    from fxcompress.export import onnx as E
+
+    x = torch.randn(1, 4)
+    two = E._two_samples(nn.Linear(4, 2), (x,), ["x"], {"x": {0: "batch"}})
+    assert two[0].shape == (2, 4) and torch.equal(two[0][1], x[0])  # torch.export keeps a size of 2 symbolic
+    assert E._two_samples(nn.Linear(4, 2), (x,), ["x"], None)[0] is x  # a static batch stays as given
+
+    class OneSample(nn.Module):
+        def forward(self, t):
+            return t.view(4)
+    assert E._two_samples(OneSample(), (x,), ["x"], {"x": {0: "batch"}})[0] is x
