@@ -125,10 +125,10 @@ def _two_samples(wrapper, inputs, in_names, axes) -> tuple:
     1 as a constant wherever a kernel's stride rule asks about it (convolutions on strided views), and the export
     then holds reshapes sized for one sample behind an input declared dynamic (timm CSATv2 failed at batch 2 in
     ONNX Runtime).  The originals when the module does not run on the repeated batch."""
-    if not axes or not any(t.dim() and t.shape[0] == 1 and 0 in axes.get(n, {}) for n, t in zip(in_names, inputs)):
-        return inputs
-    two = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 and 0 in axes.get(n, {}) else t
+    two = tuple(torch.cat([t, t]) if axes and t.dim() and t.shape[0] == 1 and 0 in axes.get(n, {}) else t
                 for n, t in zip(in_names, inputs))
+    if all(a is b for a, b in zip(two, inputs)):
+        return inputs
     try:
         with torch.no_grad():
             wrapper(*two)

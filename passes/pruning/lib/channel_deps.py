@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import math
 from typing import Any
 
 import networkx as nx
@@ -167,7 +168,7 @@ class ChannelGraph(Artifact):
         out: list[tuple[Space, Space, Identity]] = []
         for merged, factors in by_merged.items():
             factors.sort(key=lambda x: -x[0])
-            if len(factors) < 2 or _prod(f[1] for f in factors) != self.sizes[merged]:
+            if len(factors) < 2 or math.prod(f[1] for f in factors) != self.sizes[merged]:
                 continue
             key = (tuple(self.units[merged].tolist()), tuple((st, n) for st, n, _ in factors))
             seen = first.setdefault(key, [f for _, _, f in factors])
@@ -491,13 +492,6 @@ class ChannelGraph(Artifact):
 
     def summary(self) -> str:
         return "\n".join(str(g) for g in self.groups)
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _union(n: int, conflicts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
