@@ -150,3 +150,24 @@ def test_two_views_that_split_the_same_channels_alike_lose_the_same_channels():
     m = removed.module
     assert m.conv.out_channels == m.fc2.out_channels < 32  # one plan for the features and their attention
     assert m.conv.out_channels == 2 * m.head.in_channels
+
+
+class TracedRepeat(nn.Module):
+    """Tiles whose counts are traced values (XCiT repeats by a count read from a shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(32, 5, 1)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        return self.head(h.repeat(1, x.shape[0], 1, 1))  # channels tiled batch-many times (2 here)
+
+
+def test_a_tile_counted_by_a_traced_value_prunes_both_copies_alike():
+    torch.manual_seed(0)
+    model, x = TracedRepeat().eval(), (torch.randn(2, 3, 8, 8),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5
+    assert removed.module.conv.out_channels < 16
+    assert removed.module.head.in_channels == 2 * removed.module.conv.out_channels

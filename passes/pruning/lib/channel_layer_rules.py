@@ -324,15 +324,14 @@ def sdpa(r: Relations, node: torch.fx.Node, _=None) -> None:
 def repeat(r: Relations, node: torch.fx.Node, _=None) -> None:
     """Tiling: output element e of a repeated dim is input element e % n."""
     x = node.args[0]
-    reps = node.args[1:] if len(node.args) > 2 or isinstance(node.args[1], int) else node.args[1]
     shape, out = r.shape(x), r.shape(node)
     extra = len(out) - len(shape)
     for k, size in enumerate(shape):
         d = k + extra
-        if reps[d] == 1:
+        if out[d] == size:  # the repeat counts are read from the shapes: they may be traced values (xcit)
             r.equal(r.sp(x, k), r.out(d))
         else:
-            tile = r.space(f"~{node.name}.tile{d}", 0, reps[d])
+            tile = r.space(f"~{node.name}.tile{d}", 0, out[d] // size)
             r.fixed(tile, f"{r.where()}: tile index")
             r.factors(r.out(d), [tile, r.sp(x, k)])
 
