@@ -9,7 +9,8 @@ forwards are much faster than many small ones).  ``max_samples`` stops early.  P
 terminal and as a line every 30 s in logs (``fxcompress.progress``); ``progress=False`` hides it.
 
 Requires: ``quant_plan`` (insert_observers).  Contract: EXACT (the graph is not changed; observers record).
-Stats: batches, samples, seconds (forwards and threshold search), peak memory growth, clipped sites.
+Stats: batches, samples, seconds (forwards and threshold search), peak memory growth, clipped sites, values that
+were infinite or NaN (left out of the ranges, named in the notes).
 """
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ class Calibrate(Pass):
                 if self.max_samples is not None and samples >= self.max_samples:
                     break
         forward_seconds = time.perf_counter() - start
-        params, notes, clipped = {}, [], 0
+        params, notes, clipped, nonfinite = {}, [], 0, 0
         for name, obs in observers.items():
             site = plan.sites[name]
             if obs.batches == 0:
@@ -210,11 +211,17 @@ class Calibrate(Pass):
             scale, zero = qparams(site.spec, obs.calibrator)
             params[name] = FakeQuant.of(site.spec, scale, zero, storage_unsigned=True)
             clipped += int(_clips(obs, params[name]))
+            if obs.calibrator.nonfinite:
+                nonfinite += obs.calibrator.nonfinite
+                notes.append(f"{name} ({', '.join(site.values)}) saw {obs.calibrator.nonfinite} infinite or NaN "
+                             f"values: left out of its range, they saturate at its ends (a -inf padding before a "
+                             f"max pool is harmless; anything else means the model overflows on this data)")
         ctx.plans[QuantParams] = QuantParams(params, graph_signature(gm))
         seconds = time.perf_counter() - start
         peak = _proc_status_mb("VmHWM")
         stats: dict[str, Any] = {
             "batches": batches, "samples": samples, "sites": len(params), "clipped_sites": clipped,
+            "nonfinite_values": nonfinite,
             "forward_seconds": round(forward_seconds, 3), "search_seconds": round(seconds - forward_seconds, 3),
             "calibrator_kb": round(sum(_nbytes(o) for o in observers.values()) / 1024, 1),
         }

@@ -244,3 +244,16 @@ def test_observer_skips_empty_tensors(method):
     obs(torch.rand(2, 8, 4, 4))
     obs(empty)
     assert obs.batches == 1 and 0 < obs.calibrator.max <= 1
+
+
+@pytest.mark.parametrize("method", ["minmax", "minmax_channel", "histogram"])
+def test_infinities_and_nans_are_left_out_of_the_range_and_counted(method):
+    x = torch.tensor([[-2.0, 1.0, -math.inf], [0.5, math.inf, math.nan]])
+    cal = {"minmax": MinMax, "minmax_channel": lambda: MinMax(axis=0), "histogram": Histogram}[method]()
+    cal.update(x)
+    cal.update(torch.tensor([[0.25, 3.0, -1.0], [0.0, 0.0, 0.0]]))
+    assert cal.nonfinite == 3
+    lo, hi = (float(cal.min.min()), float(cal.max.max())) if method != "histogram" else (cal.min, cal.max)
+    assert (lo, hi) == (-2.0, 3.0)
+    if method == "histogram":
+        assert float(cal.counts.sum()) == 9 and cal.range >= 3.0  # the finite values only

@@ -461,3 +461,29 @@ def test_dynamic_mode_quantizes_addmm_layers_stored_in_by_out(tmp_path):
     assert sqnr_db(reference, sim) > 30  # int8 weights per column (per-tensor would not get there on random weights)
     static = fxc.compile(model, (x,), [{"pass": "quantize"}], calibration_data=[(x,)])
     assert any("static mode does not lower addmm" in n for n in static.history[1].notes)
+
+
+class SamePadPool(nn.Module):
+    """timm's "same" max pool: a -inf padding the pool never picks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(self.conv(x), (0, 1, 0, 1), value=-float("inf"))
+        return self.head(torch.nn.functional.max_pool2d(x, 3, 2))
+
+
+def test_a_minus_infinity_padding_calibrates_on_its_finite_values(tmp_path):
+    torch.manual_seed(0)
+    model, example = SamePadPool().eval(), (torch.randn(2, 3, 12, 12),)
+    result = fxc.compile(model, example, [{"pass": "quantize"}], calibration_data=_calib(example, 4))
+    calibrate = next(r for r in result.history if r.name == "calibrate")
+    assert calibrate.stats["nonfinite_values"] > 0
+    assert any("infinite or NaN" in n for n in calibrate.notes)
+    x = _calib(example, 1, seed=5)[0]
+    with torch.no_grad():
+        want, got = model(*x), result.module(*x)
+    assert torch.isfinite(got).all() and sqnr_db(got, want) > 25
+    assert max_abs_diff(result.module, result.export_onnx(tmp_path / "q.onnx"), x) <= 2 * _step(result.module, x)

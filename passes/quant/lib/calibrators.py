@@ -14,6 +14,9 @@ needed) and every 2^k old bins merge into one new bin, so re-binning is exact.  
 - ``kl_tolerance(levels, tolerance)``: the largest threshold whose KL is within ``tolerance`` times the
   smallest (``tolerance=1.0`` is plain KL).
 
+Infinities and NaNs are left out of every range and counted (``nonfinite``): a -inf padding before a max pool
+(timm's "same" padding) saturates at the bottom of the range, where the pool never picks it.
+
 Every threshold search is vectorised over all candidates at once.  ``levels`` is 128 for signed int8
 (|x| maps to 0..127) and 256 for unsigned (x >= 0 maps to 0..255).
 """
@@ -46,6 +49,7 @@ class MinMax:
         self.axis = axis
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
+        self.nonfinite = 0  # values left out of the range (see the module docstring)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -54,6 +58,11 @@ class MinMax:
         else:
             flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
             lo, hi = torch.aminmax(flat, dim=1)
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            finite = torch.isfinite(x)
+            self.nonfinite += int(x.numel() - finite.sum())
+            self.update(torch.where(finite, x, torch.zeros(())))  # zero is in every range (qparams)
+            return
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 
@@ -69,6 +78,7 @@ class Histogram:
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.min = math.inf
         self.max = -math.inf
+        self.nonfinite = 0
 
     @property
     def width(self) -> float:
@@ -79,6 +89,11 @@ class Histogram:
         if not x.numel():
             return
         lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            finite = x[torch.isfinite(x)]
+            self.nonfinite += x.numel() - finite.numel()
+            self.update(finite)
+            return
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         top = max(-lo, hi)
         if self.range == 0.0:
