@@ -142,3 +142,10 @@ def test_fold_is_judged_in_float64_where_float32_rounding_is_larger_than_the_tol
         folded.module.conv.weight[0, 0, 0, 0] *= 1 + 1e-4
     assert zoo.compare_float64(folded, model, x) > zoo.FOLD_TOL
     assert model.conv.weight.dtype == torch.float32  # the copies were widened, not the model
+
+
+def test_timm_models_made_for_very_large_inputs_run_at_224_px_where_they_take_any_size():
+    _, (x,), sample = zoo.build("timm:sam2_hiera_tiny")  # pretrained at 896 px, any size accepted
+    assert tuple(x.shape) == (1, 3, 224, 224) == tuple(sample(3)[0].shape)
+    _, (x,), _ = zoo.build("timm:csatv2")  # 512 px: not over the limit
+    assert tuple(x.shape) == (1, 3, 512, 512)
