@@ -12,7 +12,10 @@ and fall back to the ``torch.export``-based one (``dynamo=True``) when it fails:
   into ``quantized_decomposed.quantize_*`` + ``dequantize_*``, which it translates to QuantizeLinear /
   DequantizeLinear with the same numbers.  It also takes seconds where the TorchScript exporter takes tens of ms;
 - the TorchScript exporter is deprecated since torch 2.9, and some newer ops have no TorchScript symbolic: for
-  those, and for the day it is removed, the ``torch.export`` path takes over.
+  those, and for the day it is removed, the ``torch.export`` path takes over;
+- a file that fails ``onnx.checker`` counts as a failure of its exporter; last comes the ``torch.export`` path
+  without its graph optimizer, which can drop a constant a node still reads (timm Gemma4's clamps on stored
+  infinite bounds).
 
 Names: inputs are named after the forward's arguments (the graph's placeholders), outputs ``output`` or
 ``output_0``, ``output_1``, ... in the flattened order of the output structure.  Axis 0 of every input is the
@@ -23,6 +26,7 @@ output axis of such an axis's size in the example.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import inspect
 import logging
@@ -137,7 +141,7 @@ def _two_samples(wrapper, inputs, in_names, axes) -> tuple:
     return two
 
 
-def _dynamo(wrapper, inputs, path, in_names, out_names, axes, opset):
+def _dynamo(wrapper, inputs, path, in_names, out_names, axes, opset, optimize: bool = True):
     shapes = tuple({d: torch.export.Dim.DYNAMIC for d in axes.get(n, {})} for n in in_names) if axes else None
     wrapper = _FlatOutputs(decompose_fake_quant(wrapper.module)).eval()
     inputs = _two_samples(wrapper, inputs, in_names, axes)
@@ -145,7 +149,7 @@ def _dynamo(wrapper, inputs, path, in_names, out_names, axes, opset):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, inputs, dynamo=True, input_names=in_names, output_names=out_names,
                                     dynamic_shapes=(shapes,) if shapes else None, opset_version=opset,
-                                    external_data=False, verbose=False, optimize=True)
+                                    external_data=False, verbose=False, optimize=optimize)
     program.save(str(path), external_data=False)
 
 
@@ -235,19 +239,26 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     in_names, out_names = input_names(module, len(inputs)), output_names(len(leaves))
     axes = _dynamic_axes(module, inputs, leaves, in_names, out_names) if dynamic_batch else None
     wrapper = _FlatOutputs(widen_fake_quant(module)).eval()
-    functions = {"torchscript": _torchscript, "dynamo": _dynamo}
+    # The dynamo exporter's graph optimizer can drop a constant that a node still reads (timm Gemma4's clamps on
+    # stored infinite bounds: a Clip whose min is produced nowhere); unoptimized, the same export is valid.
+    functions = {"torchscript": _torchscript, "dynamo": _dynamo,
+                 "dynamo (unoptimized)": functools.partial(_dynamo, optimize=False)}
     failures = []
-    for name in ("torchscript", "dynamo") if exporter == "auto" else (exporter,):
+    chosen = {"auto": list(functions), "torchscript": ["torchscript"], "dynamo": ["dynamo", "dynamo (unoptimized)"]}
+    for name in chosen[exporter]:
         try:
             functions[name](wrapper, inputs, path, in_names, out_names, axes, opset)
-            break
+            return _finish(path)
         except Exception as exc:  # noqa: BLE001 - the next exporter may succeed; all failures are reported
             log.info("%s exporter failed: %s", name, exc)
             failures.append(f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
-    else:
-        raise ExportError(f"cannot export {type(module).__name__} to ONNX:\n  " + "\n  ".join(failures) +
-                          "\n  hint: an op without an ONNX translation is usually named above; replace it or keep it "
-                          "out of the exported module.")
+    raise ExportError(f"cannot export {type(module).__name__} to ONNX:\n  " + "\n  ".join(failures) +
+                      "\n  hint: an op without an ONNX translation is usually named above; replace it or keep it "
+                      "out of the exported module.")
+
+
+def _finish(path: Path) -> Path:
+    """Weights gathered into the file, QDQ finalized, and the file checked: an invalid file is an ExportError."""
     model = onnx.load(str(path), load_external_data=False)
     scattered = external_files(model)
     if scattered:

@@ -111,6 +111,30 @@ def test_falls_back_to_dynamo_when_torchscript_fails(tmp_path, monkeypatch):
     assert max_abs_diff(model, path, _other_batch(inputs)) <= 1e-4
 
 
+def test_an_invalid_file_from_the_graph_optimizer_falls_back_to_the_unoptimized_export(tmp_path, monkeypatch):
+    """The dynamo exporter's optimizer can leave a node reading a value produced nowhere (timm Gemma4): the checker
+    rejects that file and the export runs again without the optimizer."""
+    exporter, calls = onnx_export._dynamo, []
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no symbolic for this op")
+
+    def dropping(wrapper, inputs, path, *rest, optimize=True):
+        calls.append(optimize)
+        exporter(wrapper, inputs, path, *rest, optimize=optimize)
+        if optimize:  # as the optimizer did: a node reads a constant that is not there
+            model = onnx.load(str(path))
+            model.graph.node[-1].input[0] = "dropped_constant"
+            onnx.save(model, str(path))
+
+    monkeypatch.setattr(onnx_export, "_torchscript", broken)
+    monkeypatch.setattr(onnx_export, "_dynamo", dropping)
+    model, inputs = zoo.build("residual")
+    path = fxc.export_onnx(fxc.trace(model, inputs), inputs, tmp_path / "d.onnx")
+    assert calls == [True, False]
+    assert max_abs_diff(model, path, _other_batch(inputs)) <= 1e-4
+
+
 def test_a_model_over_the_protobuf_limit_keeps_its_tensors_in_one_file_beside_it(tmp_path, monkeypatch):
     """Over 2 GB the TorchScript exporter writes one file per tensor beside the .onnx; the export gathers them into
     ``name.onnx.data`` (the limit lowered here, so that a small model takes that path) and removes the scattered
