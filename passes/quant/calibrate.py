@@ -105,6 +105,8 @@ SCALE_RATIO = 30.0  # calibration data this many times larger or smaller than th
 def _check_scale(where: str, x: torch.Tensor, example: torch.Tensor) -> None:
     """Calibration data on another scale than the example inputs (images in 0..255 for a model traced on
     normalised ones) would give scales that fit neither: an InputError naming both ranges."""
+    if not x.numel() or not example.numel():  # no values to compare (a detector's piece traced on zero proposals)
+        return
     got, want = float(x.abs().max()), float(example.abs().max())
     if got > 0 and want > 0 and not 1 / SCALE_RATIO <= got / want <= SCALE_RATIO:
         raise InputError(f"{where} reaches |x| = {got:.4g}, the example input {want:.4g}: a factor of "

@@ -487,3 +487,13 @@ def test_a_minus_infinity_padding_calibrates_on_its_finite_values(tmp_path):
         want, got = model(*x), result.module(*x)
     assert torch.isfinite(got).all() and sqnr_db(got, want) > 25
     assert max_abs_diff(result.module, result.export_onnx(tmp_path / "q.onnx"), x) <= 2 * _step(result.module, x)
+
+
+def test_an_example_of_no_samples_calibrates_on_the_data():
+    """A detector's mask head, compiled as a piece, may be traced on zero proposals."""
+    model, example = build("residual")
+    empty = tuple(t[:0] for t in example)
+    plain = fxc.compile(model, example, [{"pass": "quantize"}], calibration_data=_calib(example, 4))
+    traced_empty = fxc.compile(model, empty, [{"pass": "quantize"}], calibration_data=_calib(example, 4))
+    with torch.no_grad():
+        assert torch.equal(plain.module(*example), traced_empty.module(*example))
