@@ -42,7 +42,7 @@ def test_lookups_follow_the_class_hierarchy_field_by_field():
     linear = nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)
     assert ops.of_module(linear, "quant", exact=True) == "linear"  # its own record
     assert ops.of_module(linear, "channels") == "linear" and ops.of_module(linear, "folds_bn")  # from nn.Linear
-    assert ops.of_target(torch.Tensor.relu, "activation") and ops.of_target(torch.roll, "channels") is None
+    assert ops.of_target(torch.Tensor.relu, "activation") and ops.of_target(torch.flip, "channels") is None
     assert ops.of_target([1], "channels") is None  # an unhashable target has no record
 
 

@@ -107,20 +107,20 @@ def test_recurrent_and_unknown_ops_left_whole_with_reason():
     assert deps.stats["barrier_ops"] == 1
     assert any("LSTM" in n and "recurrent" in n for n in deps.notes)
 
-    class Rolled(nn.Module):
+    class Flipped(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
 
         def forward(self, x):
             y = F.relu(self.a(x))
-            return self.c(torch.roll(self.b(y), 1, dims=1))
+            return self.c(torch.flip(self.b(y), dims=(1,)))
 
-    model, x = Rolled().eval(), (torch.randn(2, 3, 6, 6),)
+    model, x = Flipped().eval(), (torch.randn(2, 3, 6, 6),)
     result = prune(model, x, ratio=0.5)
     deps, sel = result.history[0], result.history[1]
-    assert any("torch.roll is not in the channel rules" in n for n in deps.notes)
-    assert "b" not in sel.stats["layer_ratios"]  # b's output reaches the roll: left whole
+    assert any("torch.flip is not in the channel rules" in n for n in deps.notes)
+    assert "b" not in sel.stats["layer_ratios"]  # b's output reaches the flip: left whole
     assert sel.stats["layer_ratios"]["a"] == 0.5
     assert result.module.b.out_channels == 8 and result.module.a.out_channels == 4
     with torch.no_grad():

@@ -171,3 +171,44 @@ def test_a_tile_counted_by_a_traced_value_prunes_both_copies_alike():
     assert err <= 1e-5
     assert removed.module.conv.out_channels < 16
     assert removed.module.head.in_channels == 2 * removed.module.conv.out_channels
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's padding to whole windows by traced amounts, cyclic shift and crop back at traced bounds."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # (B, H, W, C)
+        _, h, w, _ = x.shape
+        y = F.gelu(self.fc1(x))
+        y = F.pad(y, (0, 0, 0, (4 - w % 4) % 4, 0, (4 - h % 4) % 4))
+        y = torch.roll(y, shifts=(-2, -2), dims=(1, 2))
+        y = F.gelu(self.fc2(y[:, :h, :w, :]))
+        return self.head(y)
+
+
+def test_shifted_windows_padded_and_cropped_at_traced_bounds_prune_exactly():
+    torch.manual_seed(0)
+    model, x = ShiftedWindows().eval(), (torch.randn(2, 6, 7, 8),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    deps = removed.history[0].stats
+    assert err <= 1e-5 and deps["barrier_ops"] == 0
+    assert deps["prunable_channels"] == 32  # fc1's and fc2's outputs; H and W are positions
+    assert removed.module.fc1.out_features == removed.module.fc2.in_features < 16
+
+
+def test_a_roll_along_the_channels_leaves_them_whole_with_the_reason():
+    class Rolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.roll(self.b(F.relu(self.a(x))), 1, dims=1))
+
+    model, x = Rolled().eval(), (torch.randn(2, 3, 6, 6),)
+    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    assert err <= 1e-5 and removed.module.b.out_channels == 8 and removed.module.a.out_channels == 4
+    assert any("torch.roll uses dim 1" in n for n in removed.history[0].notes)

@@ -329,6 +329,12 @@ def getitem(r: Relations, node: torch.fx.Node, _=None) -> None:
             touched = True
             d_in += 1
             d_out += 1
+        elif isinstance(item, slice) and item.step in (None, 1):  # a traced bound (Swin's x[:, :H, :W] after padding)
+            why = f"{r.where()} slices this dim at a traced bound"
+            r.fixed(r.sp(src, d_in), why)
+            r.fixed(r.out(d_out), why)
+            d_in += 1
+            d_out += 1
         else:
             return r.barrier(f"{r.where()}: index {item!r} is not a constant slice")
     for d in range(d_in, len(info.shape)):
@@ -440,8 +446,31 @@ def einsum(r: Relations, node: torch.fx.Node, _=None) -> None:
 # ---- the table ------------------------------------------------------------------------------------------------
 
 def _pad(r: Relations, node: torch.fx.Node, _=None) -> None:
-    pad = arg(node, 1, "pad")
-    leading(r, node, spatial=len(pad) // 2)
+    """Padding: a dim padded by nothing maps through (Swin pads H and W by traced amounts and the channels by 0);
+    the padded dims are positions."""
+    x, pad = node.args[0], list(arg(node, 1, "pad"))
+    shape, out = r.shape(x), r.shape(node)
+    if shape is None or out is None or len(shape) != len(out) or len(pad) % 2 or len(pad) // 2 > len(shape):
+        return r.barrier(f"{r.where()}: unexpected shapes")
+    for d in range(len(shape)):
+        k = len(shape) - 1 - d  # pad[2k], pad[2k + 1] pad dim d
+        if 2 * k >= len(pad) or all(isinstance(p, int) and p == 0 for p in pad[2 * k:2 * k + 2]):
+            if shape[d] != out[d]:
+                return r.barrier(f"{r.where()}: changes dim {d}")
+            r.equal(r.sp(x, d), r.out(d))
+
+
+def roll(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``torch.roll`` along some dims (Swin's shifted windows): the rolled dims are positions, the others map
+    through."""
+    x, dims = node.args[0], arg(node, 2, "dims")
+    shape = r.shape(x)
+    if dims is None or shape is None:
+        return r.barrier(f"{r.where()}: rolls the flattened tensor")
+    rolled = {d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims)}
+    for d in range(len(shape)):
+        if d not in rolled:
+            r.equal(r.sp(x, d), r.out(d))
 
 
 KINDS: dict[str, Callable[..., None]] = {
@@ -453,7 +482,8 @@ KINDS: dict[str, Callable[..., None]] = {
     "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm,
     "functional_groupnorm": functional_groupnorm, "prelu": prelu,
     "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
-    "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, "select": select, "reshape_as": reshape_as, **LIBRARY_RULES,
+    "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, "select": select, "reshape_as": reshape_as, "roll": roll,
+    **LIBRARY_RULES,
 }
 """The channel rule of each ``channels`` kind that ``fxcompress/ops.py`` records name."""
 
