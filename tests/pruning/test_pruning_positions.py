@@ -56,12 +56,17 @@ class FunctionalGroups(nn.Module):
         return self.head(F.relu(F.conv2d(x, self.depthwise, padding=1, groups=24)))
 
 
-def test_functional_grouped_and_depthwise_convs_prune_exactly():
+def pruned_exactly_without_barriers(model: nn.Module, *shape: int):
+    """The model pruned at ratio 0.5 in remove mode (equal to mask mode, no barrier op) and its dependency stats."""
     torch.manual_seed(0)
-    model, x = FunctionalGroups().eval(), (torch.randn(2, 3, 8, 8),)
-    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
+    err, masked, removed = mask_vs_remove(model.eval(), (torch.randn(*shape),), ratio=0.5)
     deps = removed.history[0].stats
     assert err <= 1e-5 and deps["barrier_ops"] == 0
+    return removed, deps
+
+
+def test_functional_grouped_and_depthwise_convs_prune_exactly():
+    removed, deps = pruned_exactly_without_barriers(FunctionalGroups(), 2, 3, 8, 8)
     assert removed.module.grouped.shape == (12, 2, 3, 3)  # every group keeps the same offsets: 4 x 3 out, 2 in
     assert removed.module.stem.out_channels == 8 and removed.module.depthwise.shape[0] == 24
 
@@ -190,11 +195,7 @@ class ShiftedWindows(nn.Module):
 
 
 def test_shifted_windows_padded_and_cropped_at_traced_bounds_prune_exactly():
-    torch.manual_seed(0)
-    model, x = ShiftedWindows().eval(), (torch.randn(2, 6, 7, 8),)
-    err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
-    deps = removed.history[0].stats
-    assert err <= 1e-5 and deps["barrier_ops"] == 0
+    removed, deps = pruned_exactly_without_barriers(ShiftedWindows(), 2, 6, 7, 8)
     assert deps["prunable_channels"] == 32  # fc1's and fc2's outputs; H and W are positions
     assert removed.module.fc1.out_features == removed.module.fc2.in_features < 16
 
