@@ -56,6 +56,7 @@ from .zoo_models import (  # noqa: F401  (the suite's models, part of this modul
     SUITES,
     build,
     catalogue,
+    detect_something,
     randomize_bn,
     randomize_quiet_parameters,
     smallest_timm_models,

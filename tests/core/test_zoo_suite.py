@@ -149,3 +149,21 @@ def test_timm_models_made_for_very_large_inputs_run_at_224_px_where_they_take_an
     assert tuple(x.shape) == (1, 3, 224, 224) == tuple(sample(3)[0].shape)
     _, (x,), _ = zoo.build("timm:csatv2")  # 512 px: not over the limit
     assert tuple(x.shape) == (1, 3, 512, 512)
+
+
+def test_a_detector_that_finds_nothing_gets_its_score_threshold_lowered():
+    import torch
+
+    class Detector(torch.nn.Module):
+        score_thresh = 0.05
+
+        def forward(self, images):
+            scores = torch.full((3,), 1e-6)
+            keep = scores > self.score_thresh
+            return [{"boxes": torch.ones(3, 4)[keep], "scores": scores[keep]} for _ in images]
+
+    model, inputs = Detector(), ([torch.zeros(3, 8, 8)],)
+    zoo.detect_something(model, inputs)
+    assert model.score_thresh == 0.0 and len(model(*inputs)[0]["boxes"]) == 3
+    zoo.detect_something(model, inputs)  # finds boxes now: left as it is
+    assert model.score_thresh == 0.0
