@@ -363,7 +363,12 @@ def _rewrite_graph(gm: torch.fx.GraphModule, cg: ChannelGraph, positions: dict, 
             if dims != list(shape):
                 args = list(node.args[1:])
                 flat = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-                flat = [a if (isinstance(a, int) and a == -1) or dims[d] == shape[d] else dims[d]
+                # A changed size computed as the model runs (MobileViT's B * C * H / p, which merges the batch)
+                # becomes -1 where it is the only one and nothing else is inferred: the example's value would hold
+                # for one batch size only.
+                traced = [d for d, a in enumerate(flat) if isinstance(a, torch.fx.Node) and dims[d] != shape[d]]
+                infer = traced[0] if len(traced) == 1 and -1 not in flat else None
+                flat = [a if (isinstance(a, int) and a == -1) or dims[d] == shape[d] else -1 if d == infer else dims[d]
                         for d, a in enumerate(flat)]
                 node.args = (node.args[0], *flat) if node.op == "call_method" else (node.args[0], tuple(flat))
         elif kind == "unflatten":

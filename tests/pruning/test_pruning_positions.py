@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_pruning import mask_vs_remove
 
+import fxcompress as fxc
+
 
 class TableBias(nn.Module):
     """MaxViT's attention: a relative position bias gathered from a table by an index buffer, added per head."""
@@ -213,3 +215,35 @@ def test_a_roll_along_the_channels_leaves_them_whole_with_the_reason():
     err, masked, removed = mask_vs_remove(model, x, ratio=0.5)
     assert err <= 1e-5 and removed.module.b.out_channels == 8 and removed.module.a.out_channels == 4
     assert any("torch.roll uses dim 1" in n for n in removed.history[0].notes)
+
+
+class PatchUnfold(nn.Module):
+    """MobileViT's unfolding into patches and folding back: the channels are merged with the patch rows
+    ((B, C, H, W) -> (B * C * H / p, p, W / p, p)) and split out again."""
+
+    def __init__(self, p=2):
+        super().__init__()
+        self.p = p
+        self.conv, self.mix, self.head = nn.Conv2d(3, 16, 1), nn.Linear(16, 16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        b, c, h, w = y.shape
+        p, nh, nw = self.p, h // self.p, w // self.p
+        t = y.reshape(b * c * nh, p, nw, p).transpose(1, 2)  # (B C nh, nw, p, p)
+        t = t.reshape(b, c, nh * nw, p * p).transpose(1, 3)  # (B, p p, N, C)
+        t = F.relu(self.mix(t)).transpose(1, 3)  # (B, C, N, p p)
+        y = t.reshape(b * c * nh, nw, p, p).transpose(1, 2).reshape(b, c, h, w)
+        return self.head(y)
+
+
+def test_patches_unfolded_with_the_channels_prune_exactly_at_any_batch_size():
+    torch.manual_seed(0)
+    model = PatchUnfold().eval()
+    removed, deps = pruned_exactly_without_barriers(model, 2, 3, 8, 8)
+    assert deps["prunable_channels"] == 32  # conv's and mix's outputs
+    assert removed.module.conv.out_channels < 16 and removed.module.mix.out_features < 16
+    masked = fxc.compile(model, (torch.randn(2, 3, 8, 8),), [{"pass": "prune", "ratio": 0.5, "mode": "mask"}])
+    x = torch.randn(3, 3, 8, 8)  # the merged dim B * C * H / p holds another batch size
+    with torch.no_grad():
+        assert torch.allclose(removed.module(x), masked.module(x), atol=1e-6)
