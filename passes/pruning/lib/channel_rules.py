@@ -12,9 +12,7 @@ touches is fixed and the reason is recorded.
 from __future__ import annotations
 
 import collections
-import itertools
 import math
-import operator
 from typing import Any, Callable
 
 import torch
@@ -51,10 +49,12 @@ from fxcompress.passes.pruning.lib.channel_spaces import (
     ParamMember,
     Relations,
     Space,
+    common_pieces,
     index_items,
     op_name,
     slice_start,
     tensor_args,
+    through_pieces,
     unary,
 )
 
@@ -148,44 +148,14 @@ def reshape(r: Relations, node: torch.fx.Node, _=None) -> None:
             r.factors(r.sp(x, big_a[0]), [r.out(d) for d in big_b])
         elif len(big_b) == 1:
             r.factors(r.out(big_b[0]), [r.sp(x, d) for d in big_a])
-        elif (pieces := _common_pieces([a[d] for d in big_a], [b[d] for d in big_b])) is not None:
-            _through_pieces(r, node, [r.sp(x, d) for d in big_a] + [r.out(d) for d in big_b], pieces)
+        elif (pieces := common_pieces([a[d] for d in big_a], [b[d] for d in big_b])) is not None:
+            through_pieces(r, node, [r.sp(x, d) for d in big_a] + [r.out(d) for d in big_b], pieces)
         else:
             why = f"{r.where()} regroups several dims at once"
             for d in ia:
                 r.fixed(r.sp(x, d), why)
             for d in ib:
                 r.fixed(r.out(d), why)
-
-
-def _common_pieces(sa: list[int], sb: list[int]) -> list[tuple[int, list[int]]] | None:
-    """The coarsest sizes both shapes are row-major products of, as (size, the dims of ``sa + sb`` each piece
-    lies in): (C, H) -> (C * n, H / n) is C | n | H / n (MobileViT's unfolding into patches).  None when the dims
-    interleave (6 x 4 -> 4 x 6)."""
-    ends = sorted(set(itertools.accumulate(sa, operator.mul)) | set(itertools.accumulate(sb, operator.mul)))
-    if any(hi % lo for lo, hi in zip(ends, ends[1:])):
-        return None
-    starts = [1, *ends[:-1]]
-    owner: dict[int, list[int]] = collections.defaultdict(list)
-    for offset, sizes in ((0, sa), (len(sa), sb)):
-        lo = 1
-        for k, size in enumerate(sizes):  # dim k spans the prefix products (lo, lo * size]
-            for j, (start, end) in enumerate(zip(starts, ends)):
-                if lo <= start and end <= lo * size:
-                    owner[j].append(offset + k)
-            lo *= size
-    return [(hi // lo, owner[j]) for j, (lo, hi) in enumerate(zip(starts, ends))]
-
-
-def _through_pieces(r: Relations, node: torch.fx.Node, dims: list[Space], pieces) -> None:
-    """Each dim of a reshape is its piece, or the row-major product of its pieces (virtual spaces)."""
-    spaces = [r.space(f"~{node.name}.piece{j}", 0, size) for j, (size, _) in enumerate(pieces)]
-    for k, dim in enumerate(dims):
-        mine = [spaces[j] for j, (_, owners) in enumerate(pieces) if k in owners]
-        if len(mine) == 1:
-            r.equal(dim, mine[0])
-        else:
-            r.factors(dim, mine)
 
 
 def reshape_as(r: Relations, node: torch.fx.Node, _=None) -> None:

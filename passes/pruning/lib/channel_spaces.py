@@ -19,8 +19,11 @@ A rule receives a :class:`Relations` builder and states, as data:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import math
+import operator
 from typing import Any
 
 import torch
@@ -241,3 +244,33 @@ def slice_start(item: slice, size: int) -> int:
     """Where a constant slice starts along a dim of ``size`` (negative starts counted from the end)."""
     start = item.start or 0
     return start + size if start < 0 else min(start, size)
+
+
+def common_pieces(sa: list[int], sb: list[int]) -> list[tuple[int, list[int]]] | None:
+    """The coarsest sizes both shapes are row-major products of, as (size, the dims of ``sa + sb`` each piece
+    lies in): (C, H) -> (C * n, H / n) is C | n | H / n (MobileViT's unfolding into patches).  None when the dims
+    interleave (6 x 4 -> 4 x 6)."""
+    ends = sorted(set(itertools.accumulate(sa, operator.mul)) | set(itertools.accumulate(sb, operator.mul)))
+    if any(hi % lo for lo, hi in zip(ends, ends[1:])):
+        return None
+    starts = [1, *ends[:-1]]
+    owner: dict[int, list[int]] = collections.defaultdict(list)
+    for offset, sizes in ((0, sa), (len(sa), sb)):
+        lo = 1
+        for k, size in enumerate(sizes):  # dim k spans the prefix products (lo, lo * size]
+            for j, (start, end) in enumerate(zip(starts, ends)):
+                if lo <= start and end <= lo * size:
+                    owner[j].append(offset + k)
+            lo *= size
+    return [(hi // lo, owner[j]) for j, (lo, hi) in enumerate(zip(starts, ends))]
+
+
+def through_pieces(r: Relations, node: torch.fx.Node, dims: list[Space], pieces) -> None:
+    """Each dim of a reshape is its piece, or the row-major product of its pieces (virtual spaces)."""
+    spaces = [r.space(f"~{node.name}.piece{j}", 0, size) for j, (size, _) in enumerate(pieces)]
+    for k, dim in enumerate(dims):
+        mine = [spaces[j] for j, (_, owners) in enumerate(pieces) if k in owners]
+        if len(mine) == 1:
+            r.equal(dim, mine[0])
+        else:
+            r.factors(dim, mine)
