@@ -229,9 +229,9 @@ register(nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, F.gelu, 
          F.elu, F.mish, torch.relu_, T.relu_, channels="unary", activation=True)
 register(nn.SELU, nn.CELU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softplus, nn.AlphaDropout, F.hardsigmoid,
          F.hardtanh, F.selu, F.softplus, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
-         torch.neg, torch.clamp, operator.neg, torch.square, torch.sqrt, torch.erf,
+         torch.neg, torch.clamp, operator.neg, torch.square, torch.sqrt, torch.rsqrt, torch.erf,
          *_methods("sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_", "float", "half", "double", "to",
-                   "type_as", "clone", "detach", "sqrt", "square", "pow", "sigmoid_"),
+                   "type_as", "clone", "detach", "sqrt", "rsqrt", "square", "pow", "sigmoid_"),
          channels="unary")
 register(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, F.dropout, T.contiguous,
          channels="unary", quant="pass")
@@ -288,5 +288,6 @@ register(torch.narrow, T.narrow, channels="narrow")
 register(torch.select, T.select, channels="select", quant="pass")
 register(T.reshape_as, T.view_as, channels="reshape_as", quant="pass")
 register(T.size, T.dim, getattr, channels="no_tensor")
-register(torch.mean, torch.sum, torch.amax, torch.amin, *_methods("mean", "sum", "amax", "amin", "std", "var"),
+register(torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std,
+         *_methods("mean", "sum", "amax", "amin", "std", "var"),
          channels="reduce")

@@ -247,3 +247,26 @@ def test_patches_unfolded_with_the_channels_prune_exactly_at_any_batch_size():
     x = torch.randn(3, 3, 8, 8)  # the merged dim B * C * H / p holds another batch size
     with torch.no_grad():
         assert torch.allclose(removed.module(x), masked.module(x), atol=1e-6)
+
+
+class RmsNormed(nn.Module):
+    """timm's functional RMS norm over channels (ConvNeXt-RMS): torch.var and torch.rsqrt."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pw, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 24, 1), nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y * torch.rsqrt(torch.var(y, dim=1, keepdim=True) + 1e-5)
+        return self.head(F.gelu(self.pw(y)))
+
+
+def test_a_functional_norm_over_the_channels_is_inexact_not_a_barrier():
+    torch.manual_seed(0)
+    err, masked, removed = mask_vs_remove(RmsNormed().eval(), (torch.randn(2, 3, 6, 6),), ratio=0.5)
+    deps = removed.history[0]
+    assert deps.stats["barrier_ops"] == 0 and deps.stats["inexact_groups"] == 1
+    assert deps.stats["prunable_channels"] == 40  # stem's (normalised over: inexact, reported) and pw's
+    assert any("torch.var" in n and "reduces over this dim" in n for n in deps.notes)
+    assert removed.module.pw.out_channels < 24 and removed.module.stem.out_channels < 16

@@ -107,9 +107,9 @@ def reduce(r: Relations, node: torch.fx.Node, _=None) -> None:
     x = node.args[0]
     shape, out = r.shape(x), r.shape(node)
     dims = arg(node, 1, "dim")
-    keepdim = bool(arg(node, 2, "keepdim", False))
     if shape is None or out is None:
         return r.barrier(f"{r.where()}: unexpected shapes")
+    keepdim = len(out) == len(shape)  # from the shapes: torch.var's third argument is ``unbiased``
     if dims is None:
         dims = tuple(range(len(shape)))
     dims = {d % len(shape) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
