@@ -452,8 +452,10 @@ def einsum(r: Relations, node: torch.fx.Node, _=None) -> None:
 def _pad(r: Relations, node: torch.fx.Node, _=None) -> None:
     """Padding: a dim padded by nothing maps through (Swin pads H and W by traced amounts and the channels by 0);
     the padded dims are positions."""
-    x, pad = node.args[0], list(arg(node, 1, "pad"))
+    x, pad = node.args[0], arg(node, 1, "pad")
     shape, out = r.shape(x), r.shape(node)
+    if not isinstance(pad, (tuple, list)):
+        return r.barrier(f"{r.where()}: the padding is one traced value, not a list of amounts")
     if shape is None or out is None or len(shape) != len(out) or len(pad) % 2 or len(pad) // 2 > len(shape):
         return r.barrier(f"{r.where()}: unexpected shapes")
     for d in range(len(shape)):

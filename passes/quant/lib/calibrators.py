@@ -139,7 +139,7 @@ class Histogram:
         at[-1] = cdf[-1]  # everything up to max|x| (and float dust beyond it) is in
         out = Histogram.__new__(Histogram)
         out.bins, out.range, out.counts = target, top, torch.diff(at).clamp(min=0)
-        out.min, out.max = self.min, self.max
+        out.min, out.max, out.nonfinite = self.min, self.max, self.nonfinite
         return out
 
     def edges(self) -> torch.Tensor:
