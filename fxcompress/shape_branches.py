@@ -5,8 +5,9 @@ multiple of a patch or window size): the whole submodule would stay an opaque le
 the tracer) runs the example inputs alongside the trace, every node on real values, and records which values
 depend on tensor shapes only (``x.shape``, ``x.size()``, ``x.dim()`` and arithmetic on them).  A condition on such
 a value takes the branch the example inputs take, and the graph gets ``torch._assert`` of that condition, so that
-inputs whose shapes take the other branch fail loudly rather than run the wrong code.  A condition on tensor
-*values* (``if x.sum() > 0``) still cannot be traced, as before.
+inputs whose shapes take the other branch fail loudly rather than run the wrong code.  ``int()`` of such a value
+(timm's SAM ViT: ``int(2 * max(q_size, k_size) - 1)`` sizes its relative positions) is the example's value, and
+the graph asserts it.  A condition on tensor *values* (``if x.sum() > 0``) still cannot be traced, as before.
 """
 from __future__ import annotations
 
@@ -90,6 +91,23 @@ class ShapeBranches:
         if node.op == "call_module":
             return self.root.get_submodule(node.target)(*args, **kwargs)
         return _UNKNOWN
+
+    def to_int(self, obj: torch.fx.Proxy) -> int:
+        """``int()`` of a traced value: the example's value where it depends on shapes only (asserted in the
+        graph); anything else cannot be traced (a TraceError that turns the concrete run on, when it is off)."""
+        value = self.values.get(obj.node, _UNKNOWN) if self.examples is not None else _UNKNOWN
+        if obj.node not in self.shape_only or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise torch.fx.proxy.TraceError(
+                f"int() of the symbolically traced value {obj.node.name}: a Python number is needed here, which "
+                f"the trace has only for values that depend on input shapes (as in control flow on them)")
+        number = int(value)
+        where = user_frame_text(sys._getframe(1)).strip().splitlines()
+        source = where[-1].strip() if where else obj.node.name
+        equal = self.create_proxy("call_function", operator.eq, (obj, value), {})
+        self.create_proxy("call_function", torch._assert, (equal, f"traced for inputs whose shapes make `{source}` "
+                          f"use the value {number}; trace the model again with inputs of these shapes"), {})
+        self.branches.append(f"`{source}` -> int {number}")
+        return number
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         value = self.values.get(obj.node, _UNKNOWN) if self.examples is not None else _UNKNOWN

@@ -170,11 +170,15 @@ class _Tracer(ShapeBranches, torch.fx.Tracer):
 
 
 class _Proxy(torch.fx.Proxy):
-    """A Proxy whose ``len`` is known for split/chunk results, so ``list(x.split(...))`` traces."""
+    """A Proxy whose ``len`` is known for split/chunk results, so ``list(x.split(...))`` traces, and whose ``int()``
+    is the example's value where it depends on input shapes only (``ShapeBranches.to_int``)."""
 
     def __len__(self) -> int:
         n = _split_count(self.node)
         return n if n is not None else super().__len__()
+
+    def __int__(self) -> int:
+        return self.tracer.to_int(self)
 
 
 def _split_count(node: torch.fx.Node) -> int | None:
@@ -299,7 +303,7 @@ def trace(
             break
         except _SubmoduleUntraceable as failure:
             if examples is None and isinstance(failure.cause, torch.fx.proxy.TraceError) \
-                    and "control flow" in str(failure.cause):
+                    and ("control flow" in str(failure.cause) or str(failure.cause).startswith("int() of")):
                 examples = inputs
                 continue
             reason = _describe_cause(failure.cause)

@@ -153,6 +153,51 @@ def test_an_if_on_input_shapes_takes_the_example_branch_and_asserts_it(size):
     assert result.module.pad.conv.out_channels == 2
 
 
+class RelativeBias(nn.Module):
+    """timm's SAM ViT: a table of relative positions sized by ``int()`` of a value computed from the input's shape,
+    added to the attention of every head."""
+
+    def __init__(self, size=5, dim=4):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel = nn.Parameter(torch.randn(2 * size - 1, 1))
+
+    def forward(self, x):
+        n = x.shape[1]
+        span = int(2 * n - 1)
+        rel = self.rel if self.rel.shape[0] == span else self.rel[:span]
+        coords = torch.arange(n)[:, None] - torch.arange(n)[None, :] + (n - 1)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1) + rel[coords.long()][..., 0]).softmax(-1)
+        return self.proj(attn @ v) + x
+
+
+def test_int_of_a_shape_takes_the_example_value_and_asserts_it():
+    """``int()`` of a value computed from shapes no longer makes the module opaque: the graph uses the example's
+    value and asserts it, so any batch runs, another sequence length fails loudly, and the block prunes."""
+    model, x = nn.Sequential(RelativeBias(), nn.Linear(4, 2)).eval(), torch.randn(2, 5, 4)
+    gm = fxc.trace(model, x)
+    info = gm.meta[meta.TRACE_INFO]
+    assert not info.auto_leaves
+    assert "`span = int(2 * n - 1)` -> int 9" in info.shape_branches
+    bigger = torch.randn(7, 5, 4)
+    torch.testing.assert_close(gm(bigger), model(bigger), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="use the value 9"):
+        gm(torch.randn(2, 4, 4))
+    result = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
+    assert result.module.get_submodule("0.qkv").out_features < 12  # q and k, or v, pruned inside the block
+
+
+def test_int_of_a_tensor_value_keeps_the_submodule_opaque():
+    class Counted(nn.Module):
+        def forward(self, x):
+            return x[:, : int(x.sum() > 0) + 1]
+
+    model = nn.Sequential(nn.Linear(4, 4), Counted()).eval()
+    gm = fxc.trace(model, torch.randn(2, 4))
+    assert "int() of the symbolically traced value" in gm.meta[meta.TRACE_INFO].auto_leaves["1"]
+
+
 class UntraceableTop(nn.Module):
     def __init__(self):
         super().__init__()
