@@ -221,6 +221,7 @@ register(nn.RMSNorm, channels="layernorm", resize="layernorm")  # LayerNorm's st
 register(F.rms_norm, channels="functional_layernorm")
 register(nn.GroupNorm, channels="groupnorm", resize="groupnorm")
 register(F.group_norm, channels="functional_groupnorm")
+register(F.normalize, channels="lp_normalize")
 
 # ---- elementwise ------------------------------------------------------------------------------------------------
 register(nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu, T.relu, channels="unary", quant="relu", activation=True)

@@ -270,3 +270,56 @@ def test_a_functional_norm_over_the_channels_is_inexact_not_a_barrier():
     assert deps.stats["prunable_channels"] == 40  # stem's (normalised over: inexact, reported) and pw's
     assert any("torch.var" in n and "reduces over this dim" in n for n in deps.notes)
     assert removed.module.pw.out_channels < 24 and removed.module.stem.out_channels < 16
+
+
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention: queries and keys L2-normalised over their channels."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.stem, self.q, self.k = nn.Linear(8, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.w_g = nn.Parameter(torch.randn(dim, 1))
+        self.proj, self.head = nn.Linear(dim, dim), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        q, k = F.normalize(self.q(x), dim=-1), F.normalize(self.k(x), dim=-1)
+        g = F.normalize((q @ self.w_g).softmax(dim=1), dim=1)  # over the tokens: positions, not channels
+        return self.head(F.gelu(self.proj((g * q).sum(dim=1, keepdim=True) * k)) + x)
+
+
+def test_an_l2_normalisation_over_the_channels_prunes_exactly():
+    removed, deps = pruned_exactly_without_barriers(AdditiveAttention(), 2, 5, 8)
+    assert deps["inexact_groups"] == 0 and deps["prunable_channels"] == 33  # stream; q, k, w_g, proj in; w_g out
+    assert removed.module.q.out_features == removed.module.k.out_features < 16 and removed.module.w_g.shape[0] < 16
+
+
+class DecomposedBias(nn.Module):
+    """SAM's attention: heads merged into the batch, a relative position bias computed from the queries passed to
+    scaled_dot_product_attention as its mask."""
+
+    def __init__(self, dim=16, heads=2, side=3):
+        super().__init__()
+        self.heads, self.side = heads, side
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel = nn.Parameter(torch.randn(side, side, dim // heads))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * self.heads, n, -1)\
+            .unbind(0)
+        rel = torch.einsum("bhwc,hkc->bhwk", q.reshape(-1, self.side, self.side, q.shape[-1]), self.rel)
+        bias = (rel[:, :, :, :, None] + rel[:, :, :, None, :]).reshape(-1, n, n)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(y.view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_an_attention_mask_computed_per_head_relates_to_the_heads():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), DecomposedBias(), nn.GELU(), nn.Linear(16, 4)).eval()
+    removed, deps = pruned_exactly_without_barriers(model, 2, 9, 8)
+    assert removed.module.get_submodule("1.qkv").out_features < 48 and removed.module.get_parameter("1.rel").shape[-1] < 8
+    x = (torch.randn(2, 9, 8),)
+    err, masked, heads = mask_vs_remove(model, x, ratio=0.5, attention="heads")
+    assert err <= 1e-5 and heads.module.get_submodule("1.qkv").out_features == 24  # one of the two heads
+    assert not any("without relating it" in n for n in heads.history[0].notes)

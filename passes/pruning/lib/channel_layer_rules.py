@@ -226,6 +226,17 @@ def functional_groupnorm(r: Relations, node: torch.fx.Node, _=None) -> None:
             r.equal(r.out(1), r.sp(p, 0))
 
 
+def lp_normalize(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``F.normalize(x, p, dim)``: elementwise in its channels, and exact under pruning even over the normalised
+    dim, as a removed (zeroed) channel adds nothing to a p-norm with p > 0 (SwiftFormer's additive attention)."""
+    p = arg(node, 1, "p")
+    p = 2.0 if p is None else p
+    unary(r, node)
+    if not isinstance(p, (int, float)) or p <= 0:
+        dim = arg(node, 2, "dim")
+        r.inexact(r.out(1 if dim is None else dim), f"{r.where()}: a norm with p={p} counts zeroed channels")
+
+
 def prelu(r: Relations, node: torch.fx.Node, m: nn.PReLU) -> None:
     unary(r, node)
     if m.num_parameters > 1:
@@ -318,6 +329,17 @@ def sdpa(r: Relations, node: torch.fx.Node, _=None) -> None:
             d = len(so) - len(s) + j
             if s[j] == so[d]:
                 r.equal(r.sp(x, j), r.out(d))
+    mask = arg(node, 3, "attn_mask")  # an additive bias or a mask over the scores (B.., query tokens, key tokens)
+    sm = r.shape(mask) if isinstance(mask, torch.fx.Node) else None
+    if sm is not None and len(sm) >= 2:
+        if sm[-1] == r.shape(k)[-2]:
+            r.equal(r.sp(mask, -1), r.sp(k, -2))
+        if sm[-2] == so[-2]:
+            r.equal(r.sp(mask, -2), r.out(-2))
+        for j in range(len(sm) - 2):  # leading dims broadcast against the output's (a head's bias per head)
+            d = len(so) - len(sm) + j
+            if d >= 0 and sm[j] == so[d]:
+                r.equal(r.sp(mask, j), r.out(d))
     r.hook("sdpa")
 
 
