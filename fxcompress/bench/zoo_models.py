@@ -100,6 +100,31 @@ def randomize_quiet_parameters(model: nn.Module, seed: int = 0) -> list[str]:
     return redrawn
 
 
+_HF_SMALL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, image_size=64, num_mel_bins=16, max_source_positions=32, head_dim=16)
+_HF_KINDS = {"input_ids": "text", "pixel_values": "image", "input_values": "audio", "input_features": "mel"}
+
+
+def _hf_auto(model_type: str) -> tuple[Callable[[], nn.Module], str]:
+    """Any other Hugging Face architecture, as a new user would build it: ``AutoModel`` of the default config of
+    ``model_type`` with the usual size fields made small where the config has them as one number (``_HF_SMALL``);
+    the inputs follow the model's ``main_input_name``."""
+    import transformers as t
+    try:
+        config = t.AutoConfig.for_model(model_type)
+    except ValueError as exc:
+        raise SystemExit(f"hf:{model_type}: not one of {', '.join(HF_MODELS)} nor a transformers model type "
+                         f"({exc})") from None
+    fields = config.to_dict()
+    config.update({k: v for k, v in _HF_SMALL.items() if isinstance(fields.get(k), int)})  # not per-stage lists
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    kind = _HF_KINDS.get(t.AutoModel.from_config(config).main_input_name)
+    if kind is None:
+        raise SystemExit(f"hf:{model_type}: its main input is not one of {', '.join(_HF_KINDS)}")
+    return (lambda: t.AutoModel.from_config(config)), kind
+
+
 def _hf_inputs(kind: str, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if kind == "text":
@@ -124,7 +149,7 @@ def build(spec: str, seed: int = 1) -> tuple[nn.Module, Any, Callable[[int], Any
     suite, _, name = spec.partition(":")
     torch.manual_seed(0)
     if suite == "hf":
-        factory, kind = _hf_configs()[name]
+        factory, kind = _hf_configs()[name] if name in HF_MODELS else _hf_auto(name)
         model = factory().eval()
         randomize_quiet_parameters(model)
         return model, _hf_inputs(kind, seed), lambda s: _hf_inputs(kind, s)

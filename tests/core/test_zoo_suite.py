@@ -41,14 +41,28 @@ def test_limits_interrupt_a_step_that_runs_too_long_or_grows_too_large():
     assert 15 <= len(hoard) <= 60
 
 
+def test_channels_removed_counts_the_output_channels_of_the_layers_in_both_models():
+    import torch.nn as nn
+    before = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ConvTranspose2d(8, 4, 2), nn.Linear(4, 4))
+    after = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2), nn.Linear(4, 4))
+    assert zoo.widths(before) == {"0": 8, "1": 4, "2": 4}
+    assert zoo.channels_removed(zoo.widths(before), after) == 0.25
+
+
 def test_tables_and_the_readme_section(tmp_path):
     rows = [{"model": "hf:bert", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "share": 0.5,
              "macs_kept": 0.7, "tp_macs_kept": None},
             {"model": "hf:opt", "steps": {**dict.fromkeys(zoo.STEPS, "-"), "trace": "FAIL"},
-             "errors": {"trace": "TracingError: no"}}]
-    table = zoo.coverage_table(rows)
+             "errors": {"trace": "TracingError: no"}},
+            {"model": "timm:ghostnet_050", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "share": 0.8,
+             "macs_kept": 0.52, "tp_macs_kept": 0.28, "channels_removed": 0.37, "tp_channels_removed": 0.44},
+            {"model": "timm:resnet10t", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "share": 0.8,
+             "macs_kept": 0.5, "tp_macs_kept": 0.5, "channels_removed": 0.3, "tp_channels_removed": 0.32}]
+    table = zoo.coverage_table(rows[:2])
     cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
     assert cells == ["hf", "2"] + ["1"] * (len(zoo.STEPS) + 1)  # tried, each step, every step
+    models = zoo.model_table(rows)
+    assert "28 % (removes 44 % of the channels, we 37 %)" in models and "removes 32 %" not in models
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{zoo.README_BEGIN}\nstale table\n{zoo.README_END}\nrest\n")
     zoo.write_readme(readme, rows, ["python -m fxcompress.bench.zoo --suites hf"], "a CPU")
@@ -167,3 +181,12 @@ def test_a_detector_that_finds_nothing_gets_its_score_threshold_lowered():
     assert model.score_thresh == 0.0 and len(model(*inputs)[0]["boxes"]) == 3
     zoo.detect_something(model, inputs)  # finds boxes now: left as it is
     assert model.score_thresh == 0.0
+
+
+def test_any_transformers_model_type_is_built_small_with_its_main_input():
+    model, inputs, _ = zoo.build("hf:dinov2")
+    assert list(inputs) == ["pixel_values"] and model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    model, inputs, _ = zoo.build("hf:electra")
+    assert list(inputs) == ["input_ids", "attention_mask"] and model.config.vocab_size == 1000
+    with pytest.raises(SystemExit, match="nor a transformers model type"):
+        zoo.build("hf:no-such-model")
