@@ -36,6 +36,20 @@ def register_dataclass(cls: type) -> None:
         pytree.register_dataclass(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
 
 
+class OutputCodeGen(torch.fx.graph._PyTreeCodeGen):
+    """fx's pytree code generator for the outputs only: the forward keeps its own signature (arguments with
+    defaults and ``**kwargs`` included, which fx's flattening of inputs writes as invalid code: Hugging Face
+    ResNet) and its code rebuilds the output containers of ``pytree_info.out_spec``."""
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, **options: Any) -> str:
+        return torch.fx.graph.CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, **options)
+
+
+def codegen(names: list[str], out_spec: pytree.TreeSpec) -> OutputCodeGen:
+    """The code generator of a graph whose placeholders are ``names`` that returns ``out_spec``'s containers."""
+    return OutputCodeGen(torch.fx.graph._PyTreeInfo(names, None, out_spec))
+
+
 def restore(gm: torch.fx.GraphModule, spec: pytree.TreeSpec, got: Any) -> bool:
     """Make ``gm`` return the model's own output containers (``spec``: an ``OrderedDict``, a namedtuple, a dataclass,
     a Hugging Face ``ModelOutput``) where fx recorded their base types or built them in a node (``got``: what the
@@ -51,9 +65,7 @@ def restore(gm: torch.fx.GraphModule, spec: pytree.TreeSpec, got: Any) -> bool:
         for node in reversed([n for n in gm.graph.nodes if n not in before]):  # the reads just inserted
             gm.graph.erase_node(node)
         return False
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    in_spec = pytree.tree_flatten(tuple(range(len(names))))[1]
-    gm.graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(names, in_spec, spec))
+    gm.graph._codegen = codegen([n.target for n in gm.graph.nodes if n.op == "placeholder"], spec)
     output.args = (leaves,)
     gm.recompile()
     return True

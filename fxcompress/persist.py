@@ -458,9 +458,12 @@ class _Decoder:
             for name, kind in info.get("classes", []):
                 outputs.register(self.resolve.cls(name, f"{where}, output"), kind, where)
             load = torch.utils._pytree.treespec_loads
-            graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(
-                info["orig_args"], load(info["in_spec"]) if info["in_spec"] else None,
-                load(info["out_spec"]) if info["out_spec"] else None))
+            if info["in_spec"] is None and info["out_spec"]:  # outputs rebuilt, the forward's own signature
+                graph._codegen = outputs.codegen(info["orig_args"], load(info["out_spec"]))
+            else:
+                graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(
+                    info["orig_args"], load(info["in_spec"]) if info["in_spec"] else None,
+                    load(info["out_spec"]) if info["out_spec"] else None))
         return graph
 
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import operator
 import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -100,6 +101,24 @@ def _record_autograd_functions(inlined: list[str]):
     return _autograd_function_calls(hook)
 
 
+@contextlib.contextmanager
+def _state_kept(root: torch.nn.Module):
+    """A forward that caches a computed tensor on its module (timm ConViT: ``self.rel_indices = ...``) leaves a
+    Proxy there after tracing, and the module then fails in eager mode; every such attribute gets its value from
+    before the trace back (or is removed, if it was new)."""
+    before = {m: {**m.__dict__, **m._buffers} for m in root.modules()}
+    try:
+        yield
+    finally:
+        for m, saved in before.items():
+            for store in (m._buffers, m.__dict__):
+                for name in [k for k, v in store.items() if isinstance(v, torch.fx.Proxy)]:
+                    if name in saved:
+                        store[name] = saved[name]
+                    else:
+                        del store[name]
+
+
 class _SubmoduleUntraceable(Exception):
     def __init__(self, qualname: str, module: torch.nn.Module, cause: BaseException):
         super().__init__(qualname)
@@ -179,6 +198,11 @@ class _Proxy(torch.fx.Proxy):
 
     def __int__(self) -> int:
         return self.tracer.to_int(self)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``x[key] = value`` on a traced tensor: an ``operator.setitem`` node, which fx keeps as a side effect
+        (timm ConViT's and MViTv2's relative positions)."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 def _split_count(node: torch.fx.Node) -> int | None:
@@ -298,7 +322,8 @@ def trace(
     for _ in range(len(known) + 2):
         tracer = _Tracer(leaves, types, examples)
         try:
-            with _watch_autograd_functions(tracer), torch.no_grad() if examples else contextlib.nullcontext():
+            with _watch_autograd_functions(tracer), _state_kept(root), \
+                    torch.no_grad() if examples else contextlib.nullcontext():
                 graph = tracer.trace(root, concrete_args=fixed or None)
             break
         except _SubmoduleUntraceable as failure:

@@ -87,6 +87,24 @@ def test_outputs_keep_the_models_containers_through_passes_and_save_load(kind, t
     assert pruned.after.macs < pruned.before.macs
 
 
+class WithOptions(Net):
+    """A forward as Hugging Face writes it: options with defaults and ``**kwargs`` after the input."""
+
+    def forward(self, x, output_hidden_states=None, return_dict=None, **kwargs):
+        return super().forward(x)
+
+
+def test_a_forward_with_defaults_and_kwargs_keeps_its_signature_and_containers(tmp_path):
+    torch.manual_seed(0)
+    model = WithOptions("registered").eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = fxc.compile(model, (x,), [{"pass": "fold_bn"}])
+    assert result.trace.front_end == "fx"
+    _same(result.module(x), model(x))
+    loaded = fxc.load(result.save(tmp_path / "m.pt"), allow=[Output])
+    _same(loaded(x), result.module(x), exact=True)
+
+
 def test_an_ordered_dict_model_exports_to_onnx_and_runs_in_ort(tmp_path):
     torch.manual_seed(0)
     model = Net("ordered").eval()

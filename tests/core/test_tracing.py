@@ -1,4 +1,5 @@
 import copy
+import operator
 
 import pytest
 import torch
@@ -196,6 +197,35 @@ def test_int_of_a_tensor_value_keeps_the_submodule_opaque():
     model = nn.Sequential(nn.Linear(4, 4), Counted()).eval()
     gm = fxc.trace(model, torch.randn(2, 4))
     assert "int() of the symbolically traced value" in gm.meta[meta.TRACE_INFO].auto_leaves["1"]
+
+
+class CachedTable(nn.Module):
+    """timm ConViT: a table of relative positions built by item assignment, cached on the module in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.register_buffer("table", torch.zeros(1, 1, 3), persistent=False)
+
+    def forward(self, x):
+        n = x.shape[1]
+        if self.table.shape[1] != n:
+            table = torch.zeros(1, n, 3)
+            table[:, :, 0] = torch.arange(n, dtype=torch.float32)
+            table[:, :, 2] = 1.0
+            self.table = table
+        return self.fc(x + self.table)
+
+
+def test_item_assignment_traces_and_a_tensor_cached_on_the_module_is_not_left_a_proxy():
+    model, x = nn.Sequential(CachedTable(), nn.ReLU()).eval(), torch.randn(2, 5, 3)
+    gm = fxc.trace(model, x)
+    assert not gm.meta[meta.TRACE_INFO].auto_leaves
+    assert sum(n.target is operator.setitem for n in gm.graph.nodes) == 2
+    other = torch.randn(7, 5, 3)
+    torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
+    assert not [v for m in gm.modules() for v in (*m.__dict__.values(), *m._buffers.values())
+                if isinstance(v, torch.fx.Proxy)]
 
 
 class UntraceableTop(nn.Module):
