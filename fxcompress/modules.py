@@ -200,6 +200,12 @@ def dynamic_quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_zero: tor
     return _DynamicQuantLinear.apply(x, weight, weight_zero, scale, bias)
 
 
+def quantized_embedding(ids: torch.Tensor, table: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``F.embedding`` of an int8 ``table`` with a ``scale`` per row (rows x 1): only the rows looked up are
+    dequantized.  Exported to ONNX as a Gather of the int8 table times a Gather of the scales."""
+    return F.embedding(ids, table).to(scale.dtype) * F.embedding(ids, scale)
+
+
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _FLOAT32_EXACT = 1 << 24  # integers up to 2^24 are exact in float32
 
@@ -333,7 +339,7 @@ def window_attention(input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight:
 torch.fx.wrap("window_attention")
 
 # Functions the rewrites put into graphs: ``fxc.load`` accepts them by name (``persist``), tracing keeps them whole.
-_QUANTIZED_FUNCTIONS = (requantized_conv, quantized_add, dynamic_quant_linear)
+_QUANTIZED_FUNCTIONS = (requantized_conv, quantized_add, dynamic_quant_linear, quantized_embedding)
 GRAPH_FUNCTIONS = (*_QUANTIZED_FUNCTIONS, window_attention)
 _QUANTIZED_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine,
                       *_QUANTIZED_FUNCTIONS)

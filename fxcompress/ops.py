@@ -39,7 +39,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import InputError
-from .modules import PrunedMultiheadAttention, dynamic_quant_linear, requantized_conv, window_attention
+from .modules import (
+    PrunedMultiheadAttention,
+    dynamic_quant_linear,
+    quantized_embedding,
+    requantized_conv,
+    window_attention,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +199,14 @@ register(F.conv1d, F.conv2d, F.conv3d, channels="functional_conv", quant="conv_f
 register(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, channels="functional_conv",
          macs="conv_transpose")
 register(F.linear, channels="functional_linear", quant="linear_function", macs="matmul")
-register(nn.Embedding, channels="embedding", resize="embedding")
+register(nn.Embedding, channels="embedding", resize="embedding", quant="embedding")
 register(nn.PReLU, channels="prelu", resize="prelu")
 register(nn.MultiheadAttention, channels="multihead_attention", macs="attention_layer")
 register(PrunedMultiheadAttention, channels="multihead_attention")
 register(nn.LSTM, nn.GRU, nn.RNN, channels="recurrent")
 register(requantized_conv, macs="conv")  # the quantized simulation's convolutions and Linear layers
 register(dynamic_quant_linear, macs="matmul")
+register(quantized_embedding)
 
 # ---- matrix products and attention ------------------------------------------------------------------------------
 register(operator.matmul, torch.matmul, torch.bmm, *_methods("matmul", "bmm"), channels="matmul", quant="matmul",

@@ -79,6 +79,7 @@ from fxcompress.modules import (
     dynamic_quant_linear,
     quantization_stage,
     quantized_add,
+    quantized_embedding,
     requantized_conv,
 )
 from fxcompress.pass_base import Contract, Pass, PassResult
@@ -257,7 +258,9 @@ class LowerQuantized(Pass):
                 continue
             stats["weights"] += 1
             wq = weights[site.node]
-            if plan.mode == "dynamic":
+            if site.kind == "embedding":
+                self._lower_embedding(gm, nodes[site.node], site, wq, constants)
+            elif plan.mode == "dynamic":
                 self._lower_dynamic(gm, nodes[site.node], site, wq, constants)
             else:
                 stats["biases_rounded"] += self._lower_weighted(gm, nodes[site.node], site, wq, constants,
@@ -415,6 +418,26 @@ class LowerQuantized(Pass):
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
+    def _lower_embedding(self, gm, node: torch.fx.Node, site: WeightSite, wq: FakeQuant,
+                         constants: nn.Module) -> None:
+        """Embedding -> quantized_embedding(ids, int8 table, scale per row)."""
+        graph = gm.graph
+        weight = wq.apply(lookup(gm, site.weight).detach())
+        scale = wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0])
+        scale = scale.float().reshape(-1, 1).clone()
+        key = node.name
+        constants.register_buffer(f"{key}_table_int8", torch.round(weight / scale).to(torch.int8))
+        constants.register_buffer(f"{key}_table_scale", scale)
+        with graph.inserting_before(node):
+            args = [graph.get_attr(f"{CONSTANTS}.{key}_table_{part}") for part in ("int8", "scale")]
+            for a, part in zip(args, ("int8", "scale")):
+                a.meta[meta.TENSOR] = meta.describe(getattr(constants, f"{key}_table_{part}"))
+            new = graph.call_function(quantized_embedding, (node.args[0], *args))
+        new.meta[meta.TENSOR] = node.meta[meta.TENSOR]
+        meta.add_provenance(new, self.name, f"{site.weight}: int8 table, rows dequantized as they are read")
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
     def _bias(self, gm, node, site: WeightSite, wq: FakeQuant, xq: FakeQuant | None, constants: nn.Module,
               correction: torch.Tensor | None = None):
         """(bias node or None, whether it was rounded to the int32 grid of input scale x weight scale); a bias
@@ -448,7 +471,7 @@ class LowerQuantized(Pass):
         out).  ``x`` is the float input, as the calibration forwards see it."""
         deltas, ops = {}, {}
         for site in plan.weights.values():
-            if site.kind == "matmul" or site.node not in nodes:
+            if site.kind in ("matmul", "embedding") or site.node not in nodes:
                 continue
             weight = lookup(gm, site.weight).detach()
             deltas[site.node] = weights[site.node].apply(weight) - weight

@@ -15,7 +15,7 @@ from zoo import ZOO, build
 import fxcompress as fxc
 from fxcompress.export.ort import max_abs_diff, optimized_op_counts, run
 from fxcompress.instruments import sqnr_db
-from fxcompress.modules import Observer
+from fxcompress.modules import Observer, quantized_embedding
 
 FLOAT_COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -497,3 +497,41 @@ def test_an_example_of_no_samples_calibrates_on_the_data():
     traced_empty = fxc.compile(model, empty, [{"pass": "quantize"}], calibration_data=_calib(example, 4))
     with torch.no_grad():
         assert torch.equal(plain.module(*example), traced_empty.module(*example))
+
+
+class _Tokens(nn.Module):
+    def __init__(self, vocab=500, width=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(16, width)
+        self.fc = nn.Linear(width, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids) + self.pos(torch.arange(ids.shape[1])))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_embedding_tables_are_stored_in_int8_and_only_the_rows_read_are_dequantized(mode, tmp_path):
+    """As ORT's quantize_dynamic stores them: the file holds int8 tables (a quarter of their bytes), ORT gathers
+    int8 rows, and the outputs equal PyTorch's; a scale per row keeps the tables' own error tiny."""
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ids = torch.randint(0, 500, (3, 12))
+    calib = [(torch.randint(0, 500, (3, 12)),) for _ in range(4)]
+    result = fxc.compile(model, (ids,), [{"pass": "quantize", "mode": mode}], calibration_data=calib)
+    lowered = [n for n in result.module.graph.nodes if n.target is quantized_embedding]
+    assert len(lowered) == 2 and result.module.qparams.emb_table_int8.dtype == torch.int8
+    table = model.emb.weight.detach()
+    rows = result.module.qparams.emb_table_int8.float() * result.module.qparams.emb_table_scale
+    assert sqnr_db(table.numpy(), rows.numpy()) > 40
+    path = result.export_onnx(tmp_path / "tokens.onnx")
+    assert path.stat().st_size < 0.4 * 4 * table.numel()
+    with torch.no_grad():
+        sim = result.module(ids).numpy()
+    assert np.abs(run(path, (ids,))[0] - sim).max() <= 1e-5 * np.abs(sim).max()
+    loaded = fxc.load(result.save(tmp_path / "tokens.pt"))
+    assert torch.equal(loaded(ids), result.module(ids))
+    kept = fxc.compile(model, (ids,), [{"pass": "quantize", "mode": mode, "exclude": ["pos"]}],
+                       calibration_data=calib)
+    assert sum(n.target is quantized_embedding for n in kept.module.graph.nodes) == 1
+    assert any("pos: excluded" in n for n in kept.history[1].notes)

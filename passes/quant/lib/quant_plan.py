@@ -14,7 +14,10 @@ MatMulIntegerToFloat):
   so that no requantization appears between them;
 - residual adds stay float (their inputs are not given scales of their own) unless ``quantize_add_inputs``;
 - ``addmm(bias, x, W)`` with parameters ``bias`` and ``W`` (a Linear layer that stores its weight in x out, as
-  Hugging Face's ``Conv1D`` in GPT-2 does) gets int8 weights in dynamic mode; in static mode it stays float.
+  Hugging Face's ``Conv1D`` in GPT-2 does) gets int8 weights in dynamic mode; in static mode it stays float;
+- the table of an ``nn.Embedding`` (without ``max_norm``) is stored in int8 with a scale per row (per tensor without
+  ``per_channel``), in both modes, as ONNX Runtime's ``quantize_dynamic`` stores it: a lookup reads int8 rows and
+  dequantizes only those (``quantized_embedding``), and the file holds a quarter of the table's bytes.
 
 A *site* is one set of tensors sharing a scale and zero point: the tensors where statistics are taken
 (``values``) and the pass-through tensors that reuse them (``shared``).  Every use of a quantized tensor reads
@@ -38,11 +41,11 @@ from fxcompress.fxutil import arg
 from fxcompress.options import matches
 from fxcompress.plans import Artifact, Lifetime, data_class, graph_signature
 
-ROLES = ("conv", "conv_transpose", "linear", "conv_function", "linear_function", "addmm", "matmul", "relu",
-         "hardtanh", "pass", "split", "cat", "add")
+ROLES = ("conv", "conv_transpose", "linear", "conv_function", "linear_function", "addmm", "matmul", "embedding",
+         "relu", "hardtanh", "pass", "split", "cat", "add")
 """The placement roles an op's record in ``fxcompress/ops.py`` names in its ``quant`` field (what each does is
 in the module docstring); an op with another role or none is left float."""
-_LAYER_ROLES = ("conv", "conv_transpose", "linear")  # modules ONNX Runtime lowers: only the classes themselves
+_LAYER_ROLES = ("conv", "conv_transpose", "linear", "embedding")  # modules lowered: only the classes themselves
 
 
 def quant_role(gm: torch.fx.GraphModule, node: Any) -> str | None:
@@ -72,7 +75,7 @@ class Site:
 @dataclasses.dataclass(frozen=True)
 class WeightSite:
     """A weighted op whose weight is quantized; ``kind`` in conv, conv_transpose, linear, addmm (a linear layer
-    whose weight is stored in x out), matmul."""
+    whose weight is stored in x out), matmul, embedding (weight only: its table)."""
 
     node: str
     kind: str
@@ -234,7 +237,7 @@ class Planner:
         for node in gm.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
-            handled = self._weighted(node) or self._matmul(node) or self._add(node)
+            handled = self._embedding(node) or self._weighted(node) or self._matmul(node) or self._add(node)
             if not handled:
                 self._note_float(node)
         for a, b in self._links:
@@ -302,6 +305,20 @@ class Planner:
         self.demand(x, f"input of {name}")
         if kind in ("conv", "conv_transpose"):
             self.demand(self._output_point(node), f"output of {name} (QLinearConv has no float output)")
+        return True
+
+    def _embedding(self, node: torch.fx.Node) -> bool:
+        if quant_role(self.gm, node) != "embedding":
+            return False
+        m = _module(self.gm, node)
+        if m.max_norm is not None or len(node.args) != 1 or node.kwargs:
+            self.float_ops[node.name] = f"{node.target}: an embedding with max_norm or extra arguments; left float"
+        elif self._excluded(node):
+            self.float_ops[node.name] = f"{node.target}: excluded"
+        elif m.weight.is_floating_point():
+            spec = QuantSpec(bits=self.o.weight_bits, signed=True, symmetric=True,
+                             axis=0 if self.o.per_channel else None)
+            self.weights[node.name] = WeightSite(node.name, "embedding", f"{node.target}.weight", None, spec, None)
         return True
 
     def _matmul(self, node: torch.fx.Node) -> bool:
