@@ -401,18 +401,28 @@ def model_table(rows: list[dict[str, Any]]) -> str:
                     tablefmt="github")
 
 
-def write_readme(readme: Path, rows: list[dict[str, Any]], commands: list[str], header: str) -> None:
-    """Replace the text between the zoo markers of ``readme`` with the tables of ``rows``, made by ``commands``."""
+def markers(section: str | None) -> tuple[str, str]:
+    """The README markers around the zoo tables (``<!-- zoo:begin -->``), or around a named section's."""
+    if section is None:
+        return README_BEGIN, README_END
+    return README_BEGIN.replace(" -->", f" {section} -->"), README_END.replace(" -->", f" {section} -->")
+
+
+def write_readme(readme: Path, rows: list[dict[str, Any]], commands: list[str], header: str,
+                 section: str | None = None) -> None:
+    """Replace the text between the zoo markers of ``readme`` (of ``section``'s, if named) with the tables of
+    ``rows``, made by ``commands``."""
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to fill")
+    begin, end = markers(section)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} section to fill")
     made = "; ".join(f"`{c}`" for c in commands)
-    body = (f"{README_BEGIN}\n{header}; made by {made}:\n\n{coverage_table(rows)}\n\n<details><summary>Per "
+    body = (f"{begin}\n{header}; made by {made}:\n\n{coverage_table(rows)}\n\n<details><summary>Per "
             f"model: each step, the share of channels in prunable groups, the MACs kept at the ratio (Torch-Pruning's "
             f"counted by the same counter; where it removed over 5 points more of the channels than we did, both "
             f"shares), the first failure</summary>\n\n{model_table(rows)}\n\n</details>\n"
-            f"{README_END}")
-    pattern = re.escape(README_BEGIN) + ".*?" + re.escape(README_END)
+            f"{end}")
+    pattern = re.escape(begin) + ".*?" + re.escape(end)
     readme.write_text(re.sub(pattern, lambda _: body, text, flags=re.S))
 
 
@@ -432,6 +442,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="with --update: run only the models that have no row in --json yet (an interrupted run)")
     parser.add_argument("--tabulate", action="store_true", help="run nothing: tabulate the rows of --json")
     parser.add_argument("--readme", type=Path, help="fill the README's zoo section with the tables")
+    parser.add_argument("--section", help="with --readme: fill the section marked <!-- zoo:begin SECTION --> instead")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON on the last line
     parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)  # the child's row so far
     args = parser.parse_args(argv)
@@ -469,7 +480,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.readme:
         cpu = earlier.get("cpu", cpu_model())
         header = f"{cpu}, torch {earlier.get('torch', torch.__version__)}, ratio {earlier.get('ratio', args.ratio)}"
-        write_readme(args.readme, table, commands, header)
+        write_readme(args.readme, table, commands, header, args.section)
     return table
 
 

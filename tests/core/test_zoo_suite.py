@@ -68,6 +68,11 @@ def test_tables_and_the_readme_section(tmp_path):
     zoo.write_readme(readme, rows, ["python -m fxcompress.bench.zoo --suites hf"], "a CPU")
     text = readme.read_text()
     assert "stale table" not in text and "trace: TracingError: no" in text and text.endswith("rest\n")
+    begin, end = zoo.markers("other")
+    readme.write_text(f"a\n{zoo.README_BEGIN}\nmain\n{zoo.README_END}\n{begin}\nold\n{end}\n")
+    zoo.write_readme(readme, rows[:1], ["cmd"], "a CPU", "other")
+    text = readme.read_text()
+    assert "\nmain\n" in text and "\nold\n" not in text and "hf:bert" in text.split("zoo:begin other")[1]
     readme.write_text("no section")
     with pytest.raises(SystemExit, match="zoo:begin"):
         zoo.write_readme(readme, rows, ["cmd"], "a CPU")
