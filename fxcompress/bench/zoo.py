@@ -79,6 +79,9 @@ def _floats(out: Any) -> list[torch.Tensor]:
     return [t.detach() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+VANISHING = 1e-20  # a reference output whose largest |value| is smaller is refused (near float32's denormals)
+
+
 def relative_error(got: Any, want: Any) -> float:
     """max |got - want| / max |want| over the floating-point leaves; inf when the structures or shapes differ."""
     a, b = _floats(got), _floats(want)
@@ -90,6 +93,9 @@ def relative_error(got: Any, want: Any) -> float:
         raise ValueError("the reference output is all zeros: a comparison with it proves nothing (a zero-initialised "
                          "layer that randomize_quiet_parameters did not redraw?)")
     scale = max(float(y.abs().max()) if y.numel() else 0.0 for y in b) or 1.0
+    if scale < VANISHING:
+        raise ValueError(f"the reference output vanishes (largest |value| {scale:.1e}): float32 rounding decides "
+                         f"every comparison (BatchNorm weights drawn near 0 that randomize_bn did not reach?)")
     return max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b)) / scale
 
 

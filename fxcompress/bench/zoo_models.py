@@ -151,6 +151,7 @@ def build(spec: str, seed: int = 1) -> tuple[nn.Module, Any, Callable[[int], Any
     if suite == "hf":
         factory, kind = _hf_configs()[name] if name in HF_MODELS else _hf_auto(name)
         model = factory().eval()
+        randomize_bn(model)  # Hugging Face draws BatchNorm weights ~ N(0, 0.02): MobileViT's outputs were 1e-40
         randomize_quiet_parameters(model)
         return model, _hf_inputs(kind, seed), lambda s: _hf_inputs(kind, s)
     if suite == "timm":

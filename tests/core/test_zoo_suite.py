@@ -136,6 +136,14 @@ def test_quiet_parameters_are_redrawn_and_an_all_zero_reference_is_refused():
     assert model.head.weight.abs().min() > 0 and 0.5 <= float(model.gamma.min()) <= float(model.gamma.max()) <= 1.5
     assert not model.head.bias.any()  # biases stay as initialised
     assert zoo.relative_error(model(x), model(x)) == 0.0
+    with pytest.raises(ValueError, match="vanishes"):
+        zoo.relative_error(x * 1e-30, x * 1e-30)
+
+
+def test_hugging_face_batchnorm_weights_are_redrawn_so_that_outputs_do_not_vanish():
+    model, inputs, _ = zoo.build("hf:mobilevit")  # BatchNorm weights ~ N(0, 0.02): outputs were about 1e-40
+    with zoo.torch.no_grad():
+        assert model(**inputs).last_hidden_state.abs().max() > 1e-3
 
 
 def test_fold_is_judged_in_float64_where_float32_rounding_is_larger_than_the_tolerance():

@@ -257,3 +257,15 @@ def test_infinities_and_nans_are_left_out_of_the_range_and_counted(method):
     assert (lo, hi) == (-2.0, 3.0)
     if method == "histogram":
         assert float(cal.counts.sum()) == 9 and cal.range >= 3.0  # the finite values only
+
+
+def test_a_histogram_of_vanishing_values_has_the_bins_of_the_same_values_scaled_up():
+    """Values of 1e-40 (activations of a model whose BatchNorm weights were drawn near 0) made bins / range
+    overflow float32: the indices were garbage and bincount failed."""
+    torch.manual_seed(0)
+    x = torch.randn(10_000)
+    tiny, normal = Histogram(2048), Histogram(2048)
+    tiny.update(x * 2.0 ** -121)
+    normal.update(x)
+    assert tiny.range == normal.range * 2.0 ** -121 and tiny.counts.sum() == x.numel()
+    assert torch.equal(tiny.counts, normal.counts)

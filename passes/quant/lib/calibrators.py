@@ -27,6 +27,7 @@ import math
 import torch
 
 HIST_CHUNK = 1 << 16  # values binned per step of a histogram update
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def dense_flat(x: torch.Tensor) -> torch.Tensor:
@@ -104,11 +105,15 @@ class Histogram:
         # Chunks of HIST_CHUNK values keep the temporaries in cache (int32 indices, then bincount).
         # A value within rounding of the range can land one past the last bin: bincount grows, and the overflow
         # folds back into the last bin.  Non-negative data (after a ReLU) skips the abs.
+        # A range so small that bins / range overflows float32 (outputs of 1e-40 in a model whose activations
+        # vanish) divides by the range first: the same bins, and no infinite index.
         factor = self.bins / self.range
+        overflow = factor > FLOAT32_MAX
         counts = torch.zeros(self.bins + 1, dtype=torch.int64)
         magnitude = torch.abs if lo < 0 else _identity
         for chunk in x.split(HIST_CHUNK):
-            counts += torch.bincount(magnitude(chunk).mul(factor).to(torch.int32), minlength=self.bins + 1)
+            scaled = magnitude(chunk).div(self.range).mul(self.bins) if overflow else magnitude(chunk).mul(factor)
+            counts += torch.bincount(scaled.to(torch.int32), minlength=self.bins + 1)
         counts[-2] += counts[-1]
         self.counts += counts[:-1].double()
 
