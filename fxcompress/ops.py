@@ -229,6 +229,7 @@ register(F.rms_norm, channels="functional_layernorm")
 register(nn.GroupNorm, channels="groupnorm", resize="groupnorm")
 register(F.group_norm, channels="functional_groupnorm")
 register(F.normalize, channels="lp_normalize")
+register(torch.norm, torch.linalg.vector_norm, T.norm, channels="p_norm")
 
 # ---- elementwise ------------------------------------------------------------------------------------------------
 register(nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu, T.relu, channels="unary", quant="relu", activation=True)

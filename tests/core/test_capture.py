@@ -175,3 +175,24 @@ def test_the_exported_graph_is_of_the_model_in_eval_mode_as_compile_asks():
     assert result.trace.front_end == "export" and model.training
     assert not any(m.training for m in result.module.modules())
     assert torch.equal(result.module(x), model.eval()(x))
+
+
+def test_a_vector_norm_export_records_as_aten_reads_as_torch_linalg_vector_norm():
+    """ConvNeXt-V2's global response norm: torch.norm is recorded by torch.export as aten.linalg_vector_norm, which
+    torch has only as torch.linalg.vector_norm; the graph reads it as that function (the pruning rules know it)."""
+    class Grn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = self.a(x) * torch.ones(x.shape[0], 1, 1)  # made with traced sizes: torch.export captures it
+            g = h.norm(p=2, dim=1, keepdim=True)
+            return self.b(h * g / (g.mean(dim=-1, keepdim=True) + 1e-6))
+
+    x = torch.randn(2, 5, 8)
+    gm = fxc.trace(Grn().eval(), x)
+    assert gm.meta[meta.TRACE_INFO].front_end == "export"
+    assert any(n.target is torch.linalg.vector_norm for n in gm.graph.nodes)
+    pruned = fxc.compile(Grn().eval(), x, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
+    assert pruned.module.a.out_features == 8

@@ -318,8 +318,34 @@ def test_an_attention_mask_computed_per_head_relates_to_the_heads():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), DecomposedBias(), nn.GELU(), nn.Linear(16, 4)).eval()
     removed, deps = pruned_exactly_without_barriers(model, 2, 9, 8)
-    assert removed.module.get_submodule("1.qkv").out_features < 48 and removed.module.get_parameter("1.rel").shape[-1] < 8
+    qkv, rel = removed.module.get_submodule("1.qkv"), removed.module.get_parameter("1.rel")
+    assert qkv.out_features < 48 and rel.shape[-1] < 8
     x = (torch.randn(2, 9, 8),)
     err, masked, heads = mask_vs_remove(model, x, ratio=0.5, attention="heads")
     assert err <= 1e-5 and heads.module.get_submodule("1.qkv").out_features == 24  # one of the two heads
     assert not any("without relating it" in n for n in heads.history[0].notes)
+
+
+class ResponseNorm(nn.Module):
+    """ConvNeXt-V2's global response normalisation: a p-norm over the positions, divided by its mean over the
+    channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pw1, self.pw2 = nn.Conv2d(3, 8, 1), nn.Linear(8, 32), nn.Linear(32, 8)
+        self.gamma, self.beta = nn.Parameter(torch.rand(32)), nn.Parameter(torch.rand(32))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x).permute(0, 2, 3, 1)
+        h = F.gelu(self.pw1(y))
+        g = h.norm(p=2, dim=(1, 2), keepdim=True)
+        h = self.gamma * (h * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + h
+        return self.head((y + self.pw2(h)).permute(0, 3, 1, 2))
+
+
+def test_a_norm_over_the_positions_maps_the_channels_through():
+    err, masked, removed = mask_vs_remove(ResponseNorm().eval(), (torch.randn(2, 3, 5, 5),), ratio=0.5)
+    deps = removed.history[0]
+    assert deps.stats["barrier_ops"] == 0 and removed.module.pw1.out_features < 32
+    assert any("mean" in n and "reduces over this dim" in n for n in deps.notes)  # the mean over channels: inexact

@@ -7,7 +7,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from fxcompress.passes.pruning.lib.channel_spaces import GroupedInput, Relations, unary
+from fxcompress.passes.pruning.lib.channel_spaces import GroupedInput, Relations, reduce_over, unary
 
 from fxcompress import meta
 from fxcompress.fxutil import arg
@@ -235,6 +235,15 @@ def lp_normalize(r: Relations, node: torch.fx.Node, _=None) -> None:
     if not isinstance(p, (int, float)) or p <= 0:
         dim = arg(node, 2, "dim")
         r.inexact(r.out(1 if dim is None else dim), f"{r.where()}: a norm with p={p} counts zeroed channels")
+
+
+def p_norm(r: Relations, node: torch.fx.Node, _=None) -> None:
+    """``torch.norm(x, p, dim)``, ``torch.linalg.vector_norm(x, ord, dim)``: a reduction over ``dim``, exact over
+    channels for p > 0, as a zeroed channel adds nothing (ConvNeXt-V2's global response norm over the positions)."""
+    p = arg(node, 1, "ord" if "vector_norm" in getattr(node.target, "__name__", "") else "p")
+    p = 2.0 if p is None or p == "fro" else p
+    exact = isinstance(p, (int, float)) and p > 0
+    reduce_over(r, node, arg(node, 2, "dim"), exact=exact)
 
 
 def prelu(r: Relations, node: torch.fx.Node, m: nn.PReLU) -> None:

@@ -35,6 +35,7 @@ from fxcompress.passes.pruning.lib.channel_layer_rules import (
     lp_normalize,
     matmul,
     multihead_attention,
+    p_norm,
     pixel_shuffle,
     prelu,
     recurrent,
@@ -53,6 +54,7 @@ from fxcompress.passes.pruning.lib.channel_spaces import (
     common_pieces,
     index_items,
     op_name,
+    reduce_over,
     slice_start,
     tensor_args,
     through_pieces,
@@ -105,26 +107,8 @@ def softmax_like(r: Relations, node: torch.fx.Node, module: Any = None) -> None:
 
 def reduce(r: Relations, node: torch.fx.Node, _=None) -> None:
     """sum/mean/amax/...: kept dims map through; reducing over a channel dim is inexact unless it is a sum."""
-    x = node.args[0]
-    shape, out = r.shape(x), r.shape(node)
-    dims = arg(node, 1, "dim")
-    if shape is None or out is None:
-        return r.barrier(f"{r.where()}: unexpected shapes")
-    keepdim = len(out) == len(shape)  # from the shapes: torch.var's third argument is ``unbiased``
-    if dims is None:
-        dims = tuple(range(len(shape)))
-    dims = {d % len(shape) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    k = 0
-    for d in range(len(shape)):
-        if d in dims:
-            if name != "sum":
-                r.inexact(r.sp(x, d), f"{r.where()} reduces over this dim")
-            if keepdim:
-                k += 1
-            continue
-        r.equal(r.sp(x, d), r.out(k))
-        k += 1
+    reduce_over(r, node, arg(node, 1, "dim"), exact=name == "sum")
 
 
 def reshape(r: Relations, node: torch.fx.Node, _=None) -> None:
@@ -488,6 +472,7 @@ KINDS: dict[str, Callable[..., None]] = {
     "matmul": matmul, "addmm": addmm, "batchnorm": batchnorm, "functional_batchnorm": functional_batchnorm,
     "layernorm": layernorm, "functional_layernorm": functional_layernorm, "groupnorm": groupnorm,
     "functional_groupnorm": functional_groupnorm, "prelu": prelu, "lp_normalize": lp_normalize,
+    "p_norm": p_norm,
     "embedding": embedding, "pixel_shuffle": pixel_shuffle, "glu": glu, "multihead_attention": multihead_attention,
     "sdpa": sdpa, "recurrent": recurrent, "einsum": einsum, "select": select, "reshape_as": reshape_as, "roll": roll,
     **LIBRARY_RULES,

@@ -230,6 +230,30 @@ def unary(r: Relations, node: torch.fx.Node, _=None) -> None:
         r.equal(r.sp(x, d), r.out(d))
 
 
+def reduce_over(r: Relations, node: torch.fx.Node, dims: Any, exact: bool) -> None:
+    """A reduction of ``node.args[0]`` over ``dims`` (None: all; keepdim read from the shapes, as torch.var's third
+    argument is ``unbiased``): kept dims map through; reducing over a channel dim is inexact unless ``exact`` (a
+    sum or a p-norm, to which a zeroed channel adds nothing)."""
+    x = node.args[0]
+    shape, out = r.shape(x), r.shape(node)
+    if shape is None or out is None:
+        return r.barrier(f"{r.where()}: unexpected shapes")
+    keepdim = len(out) == len(shape)
+    if dims is None:
+        dims = tuple(range(len(shape)))
+    dims = {d % len(shape) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+    k = 0
+    for d in range(len(shape)):
+        if d in dims:
+            if not exact:
+                r.inexact(r.sp(x, d), f"{r.where()} reduces over this dim")
+            if keepdim:
+                k += 1
+            continue
+        r.equal(r.sp(x, d), r.out(k))
+        k += 1
+
+
 def index_items(index: Any, rank: int) -> list:
     """A getitem index as a list with one entry per indexed dim (``...`` expanded; ``None`` entries kept)."""
     items = list(index) if isinstance(index, tuple) else [index]
