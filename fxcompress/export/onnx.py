@@ -257,6 +257,26 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
                       "out of the exported module.")
 
 
+def _add_value_shapes(path: Path) -> None:
+    """Write the shapes of the file's values into it (ONNX shape inference), except around a residual add that
+    feeds a LayerNormalization.  Without shapes ORT's planner cannot run an elementwise op in place (T5's FFN ReLU
+    on a fresh 1.5 MB buffer took twice as long: the INT8 T5 encoder 3 % slower); with the add's shapes known it
+    fuses add and norm into SkipLayerNormalization, which on ORT 1.32's CPU provider takes 0.55 ms for 128 x 768
+    where the two ops take 0.1 ms (base-width BERT and DistilBERT 10 % slower)."""
+    model = onnx.load(str(path), load_external_data=False)  # tensors kept outside stay there, by reference
+    model = onnx.shape_inference.infer_shapes(model)
+    producer = {out: n for n in model.graph.node for out in n.output}
+    skip = set()
+    for n in model.graph.node:
+        add = producer.get(n.input[0]) if n.op_type == "LayerNormalization" and n.input else None
+        if add is not None and add.op_type == "Add":
+            skip.update((n.input[0], *add.input))
+    kept = [v for v in model.graph.value_info if v.name not in skip]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    onnx.save_model(model, str(path))
+
+
 def _finish(path: Path) -> Path:
     """Weights gathered into the file, QDQ finalized, value shapes inferred, and the file checked: an invalid file
     is an ExportError."""
@@ -270,9 +290,8 @@ def _finish(path: Path) -> Path:
     if scattered or quantized:
         save_model(model, path, scattered)
     del model
-    try:  # the value shapes in the file: without them ORT's planner cannot run an elementwise op in place (T5's
-        # FFN ReLU on a fresh 1.5 MB buffer took twice as long); a file shape inference cannot read stays as it is
-        onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    try:
+        _add_value_shapes(path)
     except Exception as exc:  # noqa: BLE001 - the checker below reports a file that is invalid
         log.info("shape inference of %s failed: %s", path, exc)
     try:
