@@ -304,14 +304,9 @@ class LowerQuantized(Pass):
         graph = gm.graph
         weight = lookup(gm, site.weight)
         key = node.name
-        target = site.weight
-        if site.kind == "addmm":  # addmm(b, x, W) with W stored (in, out): F.linear(x, W^T, b), per row of W^T
-            weight = weight.detach().t().contiguous()
-            constants.register_buffer(f"{key}_weight_t", weight)
-            target, wq = f"{CONSTANTS}.{key}_weight_t", dataclasses.replace(wq, axis=0 if wq.axis is not None else None)
         weight_quantizer = Quantizer.register(constants, f"{key}_w", wq)
         with graph.inserting_before(node):
-            w = graph.get_attr(target)
+            w = graph.get_attr(site.weight)
             scale, zero = weight_quantizer.nodes(gm, node)
             if wq.axis is None:
                 wfq = graph.call_function(torch.fake_quantize_per_tensor_affine, (w, scale, zero, wq.qmin, wq.qmax))
@@ -326,7 +321,7 @@ class LowerQuantized(Pass):
             args[site.operand] = wfq
             node.args = tuple(args)
             return 0
-        x = node.args[1] if site.kind == "addmm" else node.args[0]
+        x = node.args[0]
         x_quantizer = quantizers.get(x)  # every use of a quantized value goes through its fake-quant node
         xq = x_quantizer.fq if x_quantizer is not None else None
         bias_node, rounded = self._bias(gm, node, site, wq, xq, constants, correction)
@@ -476,7 +471,7 @@ class LowerQuantized(Pass):
         out).  ``x`` is the float input, as the calibration forwards see it."""
         deltas, ops = {}, {}
         for site in plan.weights.values():
-            if site.kind in ("matmul", "embedding", "addmm") or site.node not in nodes:
+            if site.kind in ("matmul", "embedding") or site.node not in nodes:
                 continue
             weight = lookup(gm, site.weight).detach()
             deltas[site.node] = weights[site.node].apply(weight) - weight
@@ -512,8 +507,6 @@ class LowerQuantized(Pass):
 
     def _functional(self, gm, node, site: WeightSite):
         """(function, positional args after (x, w, b), kwargs, (padding, mode) or None) for the weighted op."""
-        if site.kind == "addmm":
-            return F.linear, (), {}, None
         if node.op != "call_module":
             rest = tuple(node.args[3:])
             kwargs = {k: v for k, v in node.kwargs.items() if k not in ("weight", "bias")}

@@ -434,9 +434,9 @@ def test_calibration_layout_changes_no_statistic_and_is_restored(model):
         torch.testing.assert_close(auto(*example), plain(*example), rtol=1e-4, atol=1e-5)
 
 
-def test_addmm_layers_stored_in_by_out_get_int8_weights_in_both_modes(tmp_path):
+def test_dynamic_mode_quantizes_addmm_layers_stored_in_by_out(tmp_path):
     """A layer computed as addmm(bias, x, W) with W stored (in, out), as GPT-2's Conv1D: int8 weights per output
-    column, on ORT's integer kernels: DynamicQuantizeMatMul in dynamic mode, QGemm in static mode."""
+    column in dynamic mode, on ORT's integer kernels; static mode leaves it float and says so."""
 
     class Conv1DLike(nn.Module):
         def __init__(self, n_in, n_out):
@@ -460,13 +460,7 @@ def test_addmm_layers_stored_in_by_out_get_int8_weights_in_both_modes(tmp_path):
     assert np.abs(got - sim).max() <= 1e-4 * np.abs(reference).max()
     assert sqnr_db(reference, sim) > 30  # int8 weights per column (per-tensor would not get there on random weights)
     static = fxc.compile(model, (x,), [{"pass": "quantize"}], calibration_data=[(x,)])
-    assert static.history[1].stats["weights"] == 2  # static: the Linear layer it is, weight transposed
-    path = static.export_onnx(tmp_path / "addmm_static.onnx")
-    assert optimized_op_counts(path).get("QGemm", 0) == 2
-    with torch.no_grad():
-        sim = static.module(x).numpy()
-    assert np.abs(run(path, (x,))[0] - sim).max() <= 2 * (reference.max() - reference.min()) / 255
-    assert sqnr_db(reference, sim) > 25
+    assert any("static mode does not lower addmm" in n for n in static.history[1].notes)
 
 
 class SamePadPool(nn.Module):

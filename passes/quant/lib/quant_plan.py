@@ -14,8 +14,7 @@ MatMulIntegerToFloat):
   so that no requantization appears between them;
 - residual adds stay float (their inputs are not given scales of their own) unless ``quantize_add_inputs``;
 - ``addmm(bias, x, W)`` with parameters ``bias`` and ``W`` (a Linear layer that stores its weight in x out, as
-  Hugging Face's ``Conv1D`` in GPT-2 does) gets int8 weights per output column; lowered, it becomes the Linear
-  layer it is (``F.linear`` of the transposed weight, which ORT fuses as it fuses a Linear);
+  Hugging Face's ``Conv1D`` in GPT-2 does) gets int8 weights in dynamic mode; in static mode it stays float;
 - the table of an ``nn.Embedding`` (without ``max_norm``) is stored in int8 with a scale per row (per tensor without
   ``per_channel``), in both modes, as ONNX Runtime's ``quantize_dynamic`` stores it: a lookup reads int8 rows and
   dequantizes only those (``quantized_embedding``), and the file holds a quarter of the table's bytes.
@@ -279,6 +278,10 @@ class Planner:
             kind, axis = "addmm", 1
             b, x, w = arg(node, 0, "input"), arg(node, 1, "mat1"), arg(node, 2, "mat2")
             weight, bias = _param(gm, w), _param(gm, b)
+            if o.mode != "dynamic":
+                self.float_ops[node.name] = (f"{node.name}: static mode does not lower addmm (a weight stored in x "
+                                             f"out); left float (mode='dynamic' quantizes it)")
+                return True
             if weight is None or bias is None or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                 self.float_ops[node.name] = f"{node.name}: not addmm(bias, x, weight) with parameters; left float"
                 return True
