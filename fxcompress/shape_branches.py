@@ -34,6 +34,11 @@ _SHAPE_METHODS = ("size", "dim", "numel", "nelement", "is_floating_point")
 _UNKNOWN = object()  # a value the concrete run could not compute
 
 
+class ShapeValueNeeded(torch.fx.proxy.TraceError):
+    """A Python number was asked of a traced value (``int()``): the concrete run can give it where the value depends
+    on input shapes only."""
+
+
 class ShapeBranches:
     """Mixin for a ``torch.fx.Tracer``: call ``start_concrete_run(examples)`` in ``__init__`` (None: off)."""
 
@@ -94,10 +99,11 @@ class ShapeBranches:
 
     def to_int(self, obj: torch.fx.Proxy) -> int:
         """``int()`` of a traced value: the example's value where it depends on shapes only (asserted in the
-        graph); anything else cannot be traced (a TraceError that turns the concrete run on, when it is off)."""
+        graph); anything else cannot be traced (``ShapeValueNeeded``, which turns the concrete run on when it is
+        off)."""
         value = self.values.get(obj.node, _UNKNOWN) if self.examples is not None else _UNKNOWN
         if obj.node not in self.shape_only or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise torch.fx.proxy.TraceError(
+            raise ShapeValueNeeded(
                 f"int() of the symbolically traced value {obj.node.name}: a Python number is needed here, which "
                 f"the trace has only for values that depend on input shapes (as in control flow on them)")
         number = int(value)

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .modules import GRAPH_FUNCTIONS
 from .persist import CompiledModule
-from .shape_branches import ShapeBranches
+from .shape_branches import ShapeBranches, ShapeValueNeeded
 from .tree import copy_tree
 
 log = logging.getLogger(__name__)
@@ -327,8 +327,8 @@ def trace(
                 graph = tracer.trace(root, concrete_args=fixed or None)
             break
         except _SubmoduleUntraceable as failure:
-            if examples is None and isinstance(failure.cause, torch.fx.proxy.TraceError) \
-                    and ("control flow" in str(failure.cause) or str(failure.cause).startswith("int() of")):
+            if examples is None and (isinstance(failure.cause, ShapeValueNeeded) or isinstance(
+                    failure.cause, torch.fx.proxy.TraceError) and "control flow" in str(failure.cause)):
                 examples = inputs
                 continue
             reason = _describe_cause(failure.cause)

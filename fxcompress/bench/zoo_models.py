@@ -119,7 +119,7 @@ def _hf_auto(model_type: str) -> tuple[Callable[[], nn.Module], str]:
     config.update({k: v for k, v in _HF_SMALL.items() if isinstance(fields.get(k), int)})  # not per-stage lists
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    kind = _HF_KINDS.get(t.AutoModel.from_config(config).main_input_name)
+    kind = _HF_KINDS.get(t.AutoModel._model_mapping[type(config)].main_input_name)  # a class attribute
     if kind is None:
         raise SystemExit(f"hf:{model_type}: its main input is not one of {', '.join(_HF_KINDS)}")
     return (lambda: t.AutoModel.from_config(config)), kind

@@ -399,16 +399,10 @@ class LowerQuantized(Pass):
         x = node.args[0]
         if site.kind == "addmm":
             weight, x = weight.t(), node.args[1]
-        scale = wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0]).clone()
-        ints = torch.round(weight / scale[:, None]).to(torch.int8)
-        key = node.name
-        constants.register_buffer(f"{key}_w_int8", ints)
-        constants.register_buffer(f"{key}_w_zero", torch.zeros(weight.shape[0], dtype=torch.int8))
-        constants.register_buffer(f"{key}_w_scale", scale.float().clone())
+        ints, scale = _int8_rows(wq, weight)
+        tensors = {"int8": ints, "zero": torch.zeros(weight.shape[0], dtype=torch.int8), "scale": scale}
         with graph.inserting_before(node):
-            args = [graph.get_attr(f"{CONSTANTS}.{key}_w_{part}") for part in ("int8", "zero", "scale")]
-            for a, part in zip(args, ("int8", "zero", "scale")):
-                a.meta[meta.TENSOR] = meta.describe(getattr(constants, f"{key}_w_{part}"))
+            args = _constant_nodes(graph, constants, f"{node.name}_w", tensors)
             bias = graph.get_attr(site.bias) if site.bias is not None else None
             if bias is not None:
                 bias.meta[meta.TENSOR] = meta.describe(lookup(gm, site.bias))
@@ -422,16 +416,9 @@ class LowerQuantized(Pass):
                          constants: nn.Module) -> None:
         """Embedding -> quantized_embedding(ids, int8 table, scale per row)."""
         graph = gm.graph
-        weight = wq.apply(lookup(gm, site.weight).detach())
-        scale = wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0])
-        scale = scale.float().reshape(-1, 1).clone()
-        key = node.name
-        constants.register_buffer(f"{key}_table_int8", torch.round(weight / scale).to(torch.int8))
-        constants.register_buffer(f"{key}_table_scale", scale)
+        ints, scale = _int8_rows(wq, wq.apply(lookup(gm, site.weight).detach()))
         with graph.inserting_before(node):
-            args = [graph.get_attr(f"{CONSTANTS}.{key}_table_{part}") for part in ("int8", "scale")]
-            for a, part in zip(args, ("int8", "scale")):
-                a.meta[meta.TENSOR] = meta.describe(getattr(constants, f"{key}_table_{part}"))
+            args = _constant_nodes(graph, constants, f"{node.name}_table", {"int8": ints, "scale": scale[:, None]})
             new = graph.call_function(quantized_embedding, (node.args[0], *args))
         new.meta[meta.TENSOR] = node.meta[meta.TENSOR]
         meta.add_provenance(new, self.name, f"{site.weight}: int8 table, rows dequantized as they are read")
@@ -537,6 +524,23 @@ class LowerQuantized(Pass):
         return {name: round(acc.overflow_rate(), 6) for name, acc in accumulators.items()}
 
 
+
+
+def _int8_rows(wq: FakeQuant, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, float32 scale per row) of a weight ``wq`` put on its grid: a per-tensor scale repeated."""
+    scale = (wq.scale if wq.axis is not None else wq.scale.expand(weight.shape[0])).float().clone()
+    return torch.round(weight / scale[:, None]).to(torch.int8), scale
+
+
+def _constant_nodes(graph: torch.fx.Graph, constants: nn.Module, prefix: str,
+                    tensors: dict[str, torch.Tensor]) -> list[torch.fx.Node]:
+    """Each tensor registered as the buffer ``<prefix>_<name>`` of ``constants`` and read by a get_attr node."""
+    nodes = []
+    for part, value in tensors.items():
+        constants.register_buffer(f"{prefix}_{part}", value)
+        nodes.append(graph.get_attr(f"{CONSTANTS}.{prefix}_{part}"))
+        nodes[-1].meta[meta.TENSOR] = meta.describe(value)
+    return nodes
 
 
 def _weight_error_sum(fn, x: torch.Tensor, delta: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int]:

@@ -226,13 +226,18 @@ def functional_groupnorm(r: Relations, node: torch.fx.Node, _=None) -> None:
             r.equal(r.out(1), r.sp(p, 0))
 
 
+def _zeros_add_nothing(p: Any) -> bool:
+    """Whether a zeroed channel adds nothing to a p-norm (p > 0; torch's default p is 2, ``"fro"`` the same)."""
+    p = 2.0 if p is None or p == "fro" else p
+    return isinstance(p, (int, float)) and p > 0
+
+
 def lp_normalize(r: Relations, node: torch.fx.Node, _=None) -> None:
     """``F.normalize(x, p, dim)``: elementwise in its channels, and exact under pruning even over the normalised
     dim, as a removed (zeroed) channel adds nothing to a p-norm with p > 0 (SwiftFormer's additive attention)."""
     p = arg(node, 1, "p")
-    p = 2.0 if p is None else p
     unary(r, node)
-    if not isinstance(p, (int, float)) or p <= 0:
+    if not _zeros_add_nothing(p):
         dim = arg(node, 2, "dim")
         r.inexact(r.out(1 if dim is None else dim), f"{r.where()}: a norm with p={p} counts zeroed channels")
 
@@ -241,9 +246,7 @@ def p_norm(r: Relations, node: torch.fx.Node, _=None) -> None:
     """``torch.norm(x, p, dim)``, ``torch.linalg.vector_norm(x, ord, dim)``: a reduction over ``dim``, exact over
     channels for p > 0, as a zeroed channel adds nothing (ConvNeXt-V2's global response norm over the positions)."""
     p = arg(node, 1, "ord" if "vector_norm" in getattr(node.target, "__name__", "") else "p")
-    p = 2.0 if p is None or p == "fro" else p
-    exact = isinstance(p, (int, float)) and p > 0
-    reduce_over(r, node, arg(node, 2, "dim"), exact=exact)
+    reduce_over(r, node, arg(node, 2, "dim"), exact=_zeros_add_nothing(p))
 
 
 def prelu(r: Relations, node: torch.fx.Node, m: nn.PReLU) -> None:
