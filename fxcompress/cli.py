@@ -184,13 +184,16 @@ def _check_prediction(gm, inputs, table, shapes, args: argparse.Namespace) -> No
     calibration = latency_model.calibration_plans(space)
     checked = latency_model.random_plans(space, args.check, seed=1)
     plans = {**calibration, **checked}
-    measured = latency_model.measure_plans(gm, inputs, space, plans, args.runtime, args.threads)
+    prepared: dict = {}
+    measured = latency_model.measure_plans(gm, inputs, space, plans, args.runtime, args.threads, cache=prepared)
     predictor = latency_model.Predictor(table, space, shapes)
+    profiled = latency_model.observe_plans(predictor, gm, inputs, calibration, prepared, args.threads)
     predictor.calibrate([(calibration[k], measured[k]) for k in calibration])
     rows = [[k, f"{space.macs(v):.2f}", f"{measured[k] * 1e3:.3f}", f"{predictor.seconds(v) * 1e3:.3f}",
              f"{(predictor.seconds(v) / measured[k] - 1) * 100:+.1f} %"] for k, v in plans.items()]
-    print(f"\nwhole model (calibrated on the first {len(calibration)} plans: a = {predictor.scale:.3f}, "
-          f"c = {predictor.const * 1e3:.3f} ms, v = {predictor.per_volume * 1e3:.3f} ms)")
+    print(f"\nwhole model (calibrated on the first {len(calibration)} plans, {profiled} of {len(shapes)} layers "
+          f"profiled inside them: a = {predictor.scale:.3f}, c = {predictor.const * 1e3:.3f} ms, "
+          f"v = {predictor.per_volume * 1e3:.3f} ms)")
     print(tabulate(rows, headers=["width plan", "MACs", "measured ms", "predicted ms", "error"], tablefmt="simple"))
 
 

@@ -2,10 +2,12 @@
 
 For each golden model, runtime, batch and thread count: the layer table is built (or read from the cache), the
 predictor is calibrated on its calibration plans (the unpruned model, uniform shares, two random plans: see
-``latency_model.calibration_plans``), and ``--plans`` other random width plans (each group's share of channels
-removed drawn uniformly in [0, 0.85), any width) are pruned for real, lowered for the runtime and measured, all
-contenders alternated run by run in one process.  The table reports the median and largest |predicted - measured|
-as a share of the measured latency, over the random plans only.
+``latency_model.calibration_plans``; in ONNX Runtime their layers are also profiled inside the model), and
+``--plans`` other random width plans (each group's share of channels removed drawn uniformly in [0, 0.85), any
+width) are pruned for real, lowered for the runtime and measured, all contenders alternated run by run in one
+process.  The table reports the median and largest |predicted - measured| as a share of the measured latency, over
+the random plans only, and the median of a prediction from the layer table alone (no layer profiled inside the
+model) fitted to the same runs.
 """
 from __future__ import annotations
 
@@ -59,30 +61,39 @@ def check_model(name: str, runtimes: list[str], batches: list[int], threads: lis
                 table = latency.build_table(shapes.values(), runtime, t)
                 table_seconds = time.perf_counter() - start
                 measured = latency_model.measure(prepared, inputs, t, runs)
+                plain = latency_model.Predictor(table, space, shapes)  # the table alone, for comparison
                 predictor = latency_model.Predictor(table, space, shapes)
-                predictor.calibrate([(calibration[k], measured[k]) for k in calibration])
+                profiled = latency_model.observe_plans(predictor, gm, inputs, calibration,
+                                                       {tuple(v): prepared[k] for k, v in calibration.items()}, t)
+                for p in (plain, predictor):
+                    p.calibrate([(calibration[k], measured[k]) for k in calibration])
                 errors = [abs(predictor.seconds(checked[k]) - measured[k]) / measured[k] for k in checked]
+                table_errors = [abs(plain.seconds(checked[k]) - measured[k]) / measured[k] for k in checked]
                 row = {"model": name, "runtime": runtime, "batch": batch, "threads": t,
                        "full_ms": measured["full"] * 1e3, "median_error": statistics.median(errors),
-                       "max_error": max(errors), "table_s": table_seconds,
+                       "max_error": max(errors), "table_s": table_seconds, "profiled_layers": profiled,
+                       "table_only_median_error": statistics.median(table_errors),
                        "fit": {"a": predictor.scale, "c_ms": predictor.const * 1e3,
                                "v_ms": predictor.per_volume * 1e3},
                        "plans": {k: {"measured_ms": measured[k] * 1e3,
                                      "predicted_ms": predictor.seconds(checked[k]) * 1e3} for k in checked}}
                 log(f"    {t} thread(s): median error {row['median_error'] * 100:.1f} %, max "
-                    f"{row['max_error'] * 100:.1f} % (table {table_seconds:.1f} s)")
+                    f"{row['max_error'] * 100:.1f} %, table alone {row['table_only_median_error'] * 100:.1f} % "
+                    f"(table {table_seconds:.1f} s)")
                 rows.append(row)
     return rows
 
 
 def format_table(report: dict[str, Any]) -> str:
     rows = [[r["model"], r["runtime"], r["batch"], r["threads"], f"{r['full_ms']:.3f}",
-             f"{r['median_error'] * 100:.1f} %", f"{r['max_error'] * 100:.1f} %"] for r in report["rows"]]
+             f"{r['median_error'] * 100:.1f} %", f"{r['max_error'] * 100:.1f} %",
+             f"{r['table_only_median_error'] * 100:.1f} %" if "table_only_median_error" in r else "-",
+             r.get("profiled_layers", "-")] for r in report["rows"]]
     pooled = statistics.median(e for r in report["rows"] for e in
                                (abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
                                 for p in r["plans"].values()))
     text = tabulate(rows, headers=["model", "runtime", "batch", "threads", "unpruned ms", "median |error|",
-                                   "max |error|"], tablefmt="github")
+                                   "max |error|", "table alone", "layers profiled"], tablefmt="github")
     return f"{text}\n\nall plans pooled: median |error| {pooled * 100:.1f} %  (CPU: {report['cpu']})"
 
 

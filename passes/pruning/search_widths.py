@@ -7,10 +7,11 @@ parameters (``PruningTargets``, which ``select_channels`` then turns into channe
 ``budget`` is a dict with one key: ``latency`` (a fraction of the unpruned model's measured latency in ``runtime``),
 ``latency_ms``, ``macs`` or ``params`` (fractions of the model's).  For latency budgets the pass measures the
 model's layers alone over their widths (the cached latency table, ``fxcompress latency``), measures the whole model
-in the runtime at a few width plans to calibrate the prediction (``latency_model``), searches on the prediction,
-then prunes a copy to the chosen plan and measures it: when it misses the budget (less a 2 % margin for the noise
-between runs), the search runs again with the target lowered by the ratio it missed by (at most ``confirm``
-measurements).
+in the runtime at a few width plans and profiles them (in ONNX Runtime each layer's time inside the model corrects
+its time alone) to calibrate the prediction (``latency_model``), searches on the prediction, then prunes a copy to
+the chosen plan and measures it: when it misses the budget (less a 2 % margin for the noise between runs), the
+search runs again, on a prediction that has learnt from the measurement and the plan's profile, with the target
+lowered by the ratio it missed by (at most ``confirm`` measurements).
 Strategies (``width_search``): ``knapsack`` (HALP, the default), ``sensitivity`` (PaddleSlim), ``netadapt``,
 ``anneal`` (NNI's simulated annealing), ``amc`` (a DDPG agent, ``lib/amc.py``), ``auto_compress`` (NNI's
 AutoCompress: annealing for the counts, then ADMM-regularised training towards them on ``train_data``, ``lib/admm.py``;
@@ -19,7 +20,8 @@ or, without one, the SQNR of the outputs on the calibration data against the unp
 with ``short_term_steps`` and ``train_data`` every scored plan is fine-tuned that many steps first (NetAdapt).
 The knapsack's loss of a group at a width (``estimate``): ``distortion`` (default) measures it, as the noise power
 that pruning the group alone adds to the outputs on the calibration data (or the example inputs), at up to
-``evaluations`` plans in all; ``share`` estimates it from the criterion's scores without running the model.
+``evaluations`` plans in all; ``share`` estimates it from the criterion's scores without running the model.  The
+additive loss picks the knapsack's finalists; with ``distortion`` the SQNR of each finalist as a whole picks the plan.
 With ``recalibrate_bn`` (default), every plan measured or scored has its BatchNorm statistics re-estimated on the
 calibration batches first (``plan_quality``): the network judged is the one ``recalibrate_bn`` and fine-tuning start
 from, not one normalising with statistics of channels that are gone.
@@ -190,6 +192,8 @@ class _Search:
         self.prepared: dict[tuple[int, ...], object] = {}  # plan -> its prepared model, for measuring it again
         self.floor: list[int] | None = None  # the fastest plan measured (latency budgets) and its seconds
         self.floor_s = float("inf")
+        self.predictor: latency_model.Predictor | None = None  # latency budgets: the prediction and its points
+        self.points: list[tuple[list[int], float]] = []
 
     def _recalibration(self, quality: PlanQuality) -> None:
         self.stats["recalibrated_bn"] = len(quality.norms)
@@ -202,36 +206,54 @@ class _Search:
                                            self.p.threads, self.p.criterion, self.ctx.calibration_data, runs,
                                            self.prepared)
 
+    def learn(self, problem: width_search.Problem | None, removed: list[int], seconds: float) -> None:
+        """A measured plan refines the prediction: its layers profiled inside the model, its time a point of the
+        fit; the searches that follow see the new costs."""
+        latency_model.observe_plans(self.predictor, self.ctx.gm, self.inputs, {"plan": removed}, self.prepared,
+                                    self.p.threads)
+        self.points.append((list(removed), seconds))
+        self.predictor.calibrate(self.points)
+        if problem is not None:
+            problem.forget()
+
     def confirm(self, problem: width_search.Problem, removed: list[int], target: float, cost) -> list[int]:
-        """Measure the chosen plan; while it misses the budget less ``CONFIRM_MARGIN``, search again with the
-        target lowered by the ratio it missed by, and when a lowered target meets it, try halfway back up
-        (bisection on the target's factor).
-        Of the plans measured within the budget, the best wins: by the strategy's score when it scores plans, else
-        by the estimated loss (near the floor latency is flat, and the plan closest to the budget may have lost far
-        more channels than one a little faster)."""
+        """Measure the chosen plan and search again on the prediction that has learnt from it (``learn``), until
+        the search proposes a plan already measured or ``confirm`` plans were measured: while plans miss the budget
+        less ``CONFIRM_MARGIN``, with the target lowered by the ratio the last one missed by; when a lowered target
+        meets it, halfway back up (bisection on the target's factor); when one meets it at the first target, at
+        that target again (a plan the table called cheap may measure otherwise, and the next search knows it).
+        Of the plans measured within the budget, the best wins: by the strategy's score when it scores plans (the
+        knapsack's: the SQNR of the whole plan when its loss was measured), else by the estimated loss (near the
+        floor latency is flat, and the plan closest to the budget may have lost far more channels than one a little
+        faster)."""
         p, stats, space = self.p, self.stats, self.space
         aim = target * (1 - CONFIRM_MARGIN)
         factor, over, under = 1.0, None, None  # the target factor tried, the last that missed, the last that met
         feasible: list[tuple[float, float, list[int], dict]] = []
         quickest = (float("inf"), removed, dict(problem.info))  # the fastest plan that missed
+        measured: set[tuple[int, ...]] = set()
         for attempt in range(p.confirm):
             seconds = self.measure({"full": space.full(), "plan": removed}, runs=CONFIRM_RUNS)
             # a fraction of the latency is judged against the unpruned model measured alongside, in the same runs
-            plan_s = seconds["plan"] * (stats["full_ms"] / 1e3 / seconds["full"] if p.kind == "latency" else 1.0)
+            rescaled = seconds["plan"] * stats["full_ms"] / 1e3 / seconds["full"]  # on the calibration runs' scale
+            plan_s = rescaled if p.kind == "latency" else seconds["plan"]
             stats["confirmations"] = attempt + 1
+            self.learn(problem, removed, rescaled)
             met = plan_s <= aim
             loss = width_search.estimated_loss(problem, removed)
             self.notes.append(f"attempt {attempt + 1} (target {problem.budget * 1e3:.3f} ms): measured "
                               f"{plan_s * 1e3:.3f} ms {'<=' if met else '>'} {aim * 1e3:.3f} ms (the budget less "
                               f"{CONFIRM_MARGIN:.0%}; predicted {cost(removed) * 1e3:.3f} ms, MACs "
                               f"{space.macs(removed):.3f}, estimated loss {loss:.6g})")
+            measured.add(tuple(removed))
             if met:
-                merit = problem.quality(removed) if problem.quality is not None else -loss
+                judge = problem.quality or problem.joint
+                merit = judge(removed) if judge is not None else -loss
                 feasible.append((merit, plan_s, removed, dict(problem.info)))
                 under = factor
-                if over is None:
-                    break  # met at the first try or after lowering: nothing higher left untried
-                factor = (factor + over) / 2
+                if over is not None:
+                    factor = (factor + over) / 2
+                # else the same target again, on a prediction that has learnt from this plan
             else:
                 if plan_s < quickest[0]:
                     quickest = (plan_s, removed, dict(problem.info))
@@ -243,6 +265,8 @@ class _Search:
                 problem.budget = aim * factor
                 problem.info.clear()
                 removed = STRATEGIES[p.strategy](problem)
+                if tuple(removed) in measured:
+                    break  # the search proposes nothing it has not measured
         floor_s = self.floor_s  # measured beside the unpruned model when the search began
         if feasible:
             _, plan_s, removed, info = max(feasible, key=lambda f: f[:2])
@@ -275,7 +299,17 @@ class _Search:
             floors = width_search.floor_plans(space, predictor.seconds)
             plans.update(floors)
             seconds = self.measure(plans)
-            predictor.calibrate([(v, seconds[k]) for k, v in plans.items()])
+            stats["profiled_layers"] = latency_model.observe_plans(predictor, self.ctx.gm, self.inputs, plans,
+                                                                   self.prepared, p.threads)
+            self.points = [(v, seconds[k]) for k, v in plans.items()]
+            predictor.calibrate(self.points)
+            self.predictor = predictor
+            refined = width_search.fastest(space, predictor.seconds)  # the fastest plan once the layers were seen
+            if refined not in plans.values():  # inside the model: measured too, on the same runs' scale
+                more = self.measure({"full": space.full(), "refined": refined})
+                plans["refined"] = floors["refined"] = refined
+                seconds["refined"] = more["refined"] * seconds["full"] / more["full"]
+                self.learn(None, refined, seconds["refined"])
             full = seconds["full"]
             target = p.value * full if p.kind == "latency" else p.value / 1e3
             floor = min(floors, key=seconds.__getitem__)
@@ -285,7 +319,8 @@ class _Search:
                          fastest_kept={g.name: g.size - k for g, k in zip(space.groups, self.floor)})
             if seconds[floor] > target:
                 where = "every group at its fewest channels" if floor == "fewest" else \
-                    "the fastest width plan on the latency table (stats fastest_kept)"
+                    "the fastest width plan on the latency table (stats fastest_kept)" if floor == "fastest" else \
+                    "the fastest width plan predicted from the layers profiled inside the model (stats fastest_kept)"
                 raise RecipeError(
                     f"{p.name}: the budget {p.budget} ({target * 1e3:.3f} ms in {p.runtime}, batch "
                     f"{self.inputs[0].shape[0]}, {p.threads} thread(s)) is below the fastest any width plan reaches: "
@@ -302,6 +337,7 @@ class _Search:
                                   f"{space.round_to}, min_channels {p.min_channels}); give at least that.")
         search_start = time.perf_counter()
         data = self.ctx.calibration_data or [self.ctx.example_inputs]
+        sqnr = None
         if p.strategy == "knapsack" and p.estimate == "distortion":
             sqnr = PlanQuality(self.ctx.gm, self.cg, space, data, recalibrate_bn=p.recalibrate_bn)
             self._recalibration(sqnr)
@@ -319,7 +355,8 @@ class _Search:
             quality = PlanQuality(self.ctx.gm, self.cg, space, data, self.ctx.eval_fn, train=train,
                                   tune_steps=p.short_term_steps, lr=p.lr, recalibrate_bn=p.recalibrate_bn)
             self._recalibration(quality)
-        problem = width_search.Problem(space, cost, budget, loss, quality, p.seed, p.evaluations, floor=self.floor)
+        problem = width_search.Problem(space, cost, budget, loss, quality, p.seed, p.evaluations, floor=self.floor,
+                                       joint=sqnr)
         removed = STRATEGIES[p.strategy](problem)
         if predictor is not None and p.confirm:
             confirm_start = time.perf_counter()

@@ -219,21 +219,30 @@ def boundary_ops(runtime: str, cin: int) -> frozenset[str]:
     return BOUNDARY_OPS
 
 
-def kernel_seconds(profile: str, skip: int, boundary: frozenset[str] = BOUNDARY_OPS) -> list[float]:
-    """Per run of an ORT profile (after the first ``skip`` runs): the seconds of its nodes' kernels, the
-    ``boundary`` ops excluded."""
+def kernel_events(profile: str, skip: int) -> tuple[int, list[tuple[int, str, str, float]]]:
+    """The runs of an ORT profile after the first ``skip`` and, for each of their nodes' kernel calls, (run index,
+    op type, node name, seconds)."""
     events = json.loads(Path(profile).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip:]
     starts = [a for a, _ in runs]
-    totals = [0.0] * len(runs)
+    out = []
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
-        if e["args"].get("op_name") in boundary:
-            continue
         i = bisect.bisect_right(starts, e["ts"]) - 1
         if i >= 0 and e["ts"] <= runs[i][1]:
-            totals[i] += e["dur"] * 1e-6
+            out.append((i, e["args"].get("op_name", ""), e["name"][:-len("_kernel_time")], e["dur"] * 1e-6))
+    return len(runs), out
+
+
+def kernel_seconds(profile: str, skip: int, boundary: frozenset[str] = BOUNDARY_OPS) -> list[float]:
+    """Per run of an ORT profile (after the first ``skip`` runs): the seconds of its nodes' kernels, the
+    ``boundary`` ops excluded."""
+    runs, events = kernel_events(profile, skip)
+    totals = [0.0] * runs
+    for i, op, _, seconds in events:
+        if op not in boundary:
+            totals[i] += seconds
     return totals
 
 

@@ -14,20 +14,32 @@ and the runtime's fixed cost per run:
 uniformly and randomly pruned ones; the unpruned model is predicted as measured).  ``a`` is how a layer's time
 inside the model differs from its time alone: alone, its weights are cold in the cache (the sweeps alternate many layers), inside a small model they stay
 warm from run to run (ResNet-20 fp32: 41 us per 64-channel conv inside, 57 us alone).
+
+The table's surface is separable (a layer's time along its input width times its time along its output width), and
+a layer alone is not the layer inside the model: in ResNet-20 INT8 (batch 8) a 16->16 conv on 32x32 maps runs 175 us
+inside the model and 208 us alone, and 4->4 costs more than 16->16 inside (190 us) while the table calls it cheaper
+(189 us).  So in ONNX Runtime every measured plan is also profiled (``profile_layers``: the layers' own kernels in
+ORT's profiler, mapped to the layers by their weights' names) and each layer's table time is scaled by the ratio
+measured inside the model at the nearest widths profiled (``Predictor.observe``).  A search measures the plans it
+chooses and profiles them too: the prediction becomes exact where the search goes.
 """
 from __future__ import annotations
 
 import math
+import re
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+import onnx
 import torch
 import torch.fx
 from fxcompress.passes.pruning.lib.latency import (
     LatencyTable,
     LayerShape,
+    kernel_events,
 )
 from fxcompress.passes.pruning.lib.width_space import PruningTargets, WidthSpace
 
@@ -107,10 +119,35 @@ class Predictor:
         self.scale, self.const, self.per_volume = 1.0, 0.0, 0.0
         self.unpruned: float | None = None  # the unpruned model's measured seconds, when calibrated with it
         self.fitted: list[dict] = []  # the measured points of the fit, with their residuals
+        self.observed: dict[str, dict[tuple[int, int], float]] = {}  # layer -> {(cin, cout): inside / alone}
+
+    def observe(self, removed: Iterable[int], layer_seconds: dict[str, float]) -> None:
+        """Record the layers' seconds measured inside the model pruned to ``removed`` (``profile_layers``): each
+        layer's table time is scaled from now on by the ratio observed at the nearest widths (the latest
+        observation at the same widths replaces an earlier one)."""
+        widths = self.space.widths(list(removed))
+        for name, seconds in layer_seconds.items():
+            if name not in self.curves or seconds <= 0:
+                continue
+            alone = self.curves[name](*widths[name])
+            if alone > 0:
+                ratio = min(max(seconds / alone, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
+                self.observed.setdefault(name, {})[widths[name]] = ratio
+
+    def layer(self, name: str, cin: int, cout: int) -> float:
+        """One layer's predicted seconds at (cin, cout): the table's, scaled by the ratio observed inside the model
+        at the nearest observed widths (relative distance in each width), if any."""
+        alone = self.curves[name](cin, cout)
+        seen = self.observed.get(name)
+        if not seen:
+            return alone
+        shape = self.shapes[name]
+        near = min(seen, key=lambda w: abs(w[0] - cin) / shape.cin + abs(w[1] - cout) / shape.cout)
+        return alone * seen[near]
 
     def layers(self, widths: dict[str, tuple[int, int]]) -> float:
         """The layers' seconds at ``widths`` (``{layer: (cin, cout)}``)."""
-        return sum(self.curves[name](*w) for name, w in widths.items())
+        return sum(self.layer(name, *w) for name, w in widths.items())
 
     def terms(self, removed: Iterable[int]) -> tuple[float, float]:
         """(the layers' seconds, the other activations' volume fraction) under ``removed``."""
@@ -156,6 +193,69 @@ class Predictor:
                        for layer, vo, s in rows]
 
 
+RATIO_BOUNDS = (0.25, 4.0)  # an observed inside/alone ratio past these is taken as a profiling accident
+LAYER_OPS = ("Conv", "Gemm", "MatMul")  # the ONNX ops a Conv/Linear layer exports to
+
+
+def weight_prefixes(gm: torch.fx.GraphModule, layers: Iterable[str]) -> dict[str, str]:
+    """{layer node: the module path its weight lives under} (a layer module's target, or the owner of a
+    functional call's weight attribute); layers whose weight is no attribute are left out."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    out = {}
+    for name in layers:
+        node = nodes[name]
+        if node.op == "call_module":
+            out[name] = str(node.target)
+        elif len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
+            out[name] = str(node.args[1].target).rpartition(".")[0]
+    return out
+
+
+def onnx_layers(model: bytes, prefixes: dict[str, str]) -> dict[str, str]:
+    """{ONNX node name: layer} for the Conv/Gemm/MatMul nodes of an exported model whose weight comes from an
+    initializer under exactly one layer's module path (through DequantizeLinear and the like).  Exports that rename
+    weights (folded constants) map fewer layers or none."""
+    graph = onnx.load_from_string(model).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {t.name for t in graph.initializer}
+
+    def sources(value: str, depth: int = 0) -> list[str]:
+        if value in initializers:
+            return [value]
+        node = producer.get(value)
+        if node is None or depth > 4:
+            return []
+        return [s for v in node.input for s in sources(v, depth + 1)]
+    out = {}
+    for node in graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2:
+            continue
+        names = [s.removeprefix("module.") for s in sources(node.input[1])]
+        hits = {layer for layer, prefix in prefixes.items() if any(s.startswith(prefix + ".") for s in names)}
+        if len(hits) == 1:
+            out[node.name] = hits.pop()
+    return out
+
+
+def profile_layers(model: bytes, inputs: tuple, layers: dict[str, str], threads: int = 1, runs: int = 20,
+                   warmup: int = 3) -> dict[str, float]:
+    """Median seconds per run of each layer's kernels inside ``model`` (ONNX bytes), from ORT's profiler:
+    ``layers`` maps ONNX node names (``onnx_layers``) to layers; ORT's fused nodes keep their first node's name
+    with a ``_token_N`` suffix."""
+    with tempfile.TemporaryDirectory(prefix="fxcompress-profile-") as tmp:
+        sess = session(model, threads=threads, spinning=False, profile_prefix=Path(tmp) / "profile")
+        feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+        for _ in range(warmup + runs):
+            sess.run(None, feed)
+        count, events = kernel_events(sess.end_profiling(), warmup)
+    per_run = {layer: [0.0] * count for layer in set(layers.values())}
+    for i, _, name, seconds in events:
+        layer = layers.get(re.sub(r"(_token_\d+)+$", "", name))
+        if layer is not None:
+            per_run[layer][i] += seconds
+    return {layer: statistics.median(v) for layer, v in per_run.items() if count}
+
+
 def measure_plans(gm: torch.fx.GraphModule, inputs: tuple, space: WidthSpace, plans: dict[str, list[int]],
                   runtime: str, threads: int = 1, criterion: str = "l1", calibration_data: Iterable | None = None,
                   runs: int = 30, cache: dict[tuple[int, ...], object] | None = None) -> dict[str, float]:
@@ -170,6 +270,23 @@ def measure_plans(gm: torch.fx.GraphModule, inputs: tuple, space: WidthSpace, pl
             module = pruned(gm, inputs, targets(space, key, graph), criterion, calibration_data) if any(key) else gm
             cache[key] = prepared(module, runtime, inputs)
     return measure({name: cache[key] for name, key in keys.items()}, inputs, threads, runs)
+
+
+def observe_plans(predictor: Predictor, gm: torch.fx.GraphModule, inputs: tuple, plans: dict[str, list[int]],
+                  cache: dict[tuple[int, ...], object], threads: int = 1) -> int:
+    """Profile each plan's ``prepared`` ONNX model (from ``cache``, as ``measure_plans`` left it) and let
+    ``predictor`` observe its layers inside the model; the number of layers observed in the last plan profiled (0
+    when none was: the torch runtime's prepared models are modules)."""
+    prefixes, found = None, 0
+    for removed in plans.values():
+        model = cache.get(tuple(int(k) for k in removed))
+        if not isinstance(model, bytes):
+            continue
+        prefixes = weight_prefixes(gm, predictor.shapes) if prefixes is None else prefixes
+        seconds = profile_layers(model, inputs, onnx_layers(model, prefixes), threads)
+        predictor.observe(removed, seconds)
+        found = len(seconds)
+    return found
 
 
 def pruned(gm: torch.fx.GraphModule, inputs: tuple, targets: PruningTargets, criterion: str = "l1",

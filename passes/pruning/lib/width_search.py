@@ -47,6 +47,8 @@ class Problem:
     log: Callable[[str], None] = lambda message: None
     info: dict = dataclasses.field(default_factory=dict)  # what the strategy reports (stats)
     floor: list[int] | None = None  # the fastest plan measured (``floor_plans``), for latency budgets
+    joint: Callable[[list[int]], float] | None = None  # the quality of a whole plan that picks among the knapsack's
+    # finalists (higher is better; the SQNR its loss is measured with)
 
     def __post_init__(self) -> None:
         cost, memo = self.cost, {}
@@ -56,7 +58,11 @@ class Problem:
             if key not in memo:
                 memo[key] = cost(key)
             return memo[key]
-        self.cost = cached
+        self.cost, self._memo = cached, memo
+
+    def forget(self) -> None:
+        """Forget the costs computed so far (the cost function has learnt from a measurement)."""
+        self._memo.clear()
 
     def feasible(self, removed: list[int]) -> bool:
         return self.cost(removed) <= self.budget
@@ -298,22 +304,49 @@ def polish(p: Problem, plan: list[int], steps: int = 100, max_costs: int = 4000)
     return plan
 
 
+TIGHTER = (1.0, 0.96, 0.92)  # the knapsack is also solved at these shares of the budget: plans with room to spare
+
+
+def _solutions(p: Problem, options: list[list[int]], bases: list[list[int]], rounds: int) -> list[list[int]]:
+    """The knapsack's solutions linearised around each of ``bases``, at each share of the budget in ``TIGHTER``,
+    each as found and polished (on ``p.loss``)."""
+    values = [-p.loss[g][opts] for g, opts in enumerate(options)]
+    budget, out = p.budget, []
+    try:
+        for share in TIGHTER:
+            p.budget = budget * share
+            for base in bases:
+                plan, _ = _knapsack_rounds(p, base, options, values, rounds)
+                if plan is not None:
+                    out += [plan, polish(p, plan)]
+    finally:
+        p.budget = budget
+    return out
+
+
 def knapsack(p: Problem, rounds: int = 6) -> list[int]:
     """HALP's latency knapsack, linearised around the unpruned model and around the uniform plan of the budget
-    (each re-solved around its solutions), the better solution polished by local exchanges."""
+    (each re-solved around its solutions), at the budget and a little under it (``TIGHTER``), each solution polished
+    by local exchanges.  The additive loss chooses these finalists; the finalist kept is the one of highest quality
+    measured on the whole plan when the problem has a quality function (``joint``), else of least estimated loss:
+    losses measured one group at a time miss how cuts compound (on VGG-small at 0.46 of its latency, its first conv
+    cut from 16 to 4 channels adds 0.07 of the output's power alone and costs 0.85 dB of SQNR on top of the other
+    cuts)."""
     options = [_candidate_levels(p, g) for g in range(len(p.space.groups))]
-    values = [-p.loss[g][opts] for g, opts in enumerate(options)]
     start = uniform(p)
     p.info.pop("share", None)
     p.info.pop("fallback", None)
-    found = [_knapsack_rounds(p, base, options, values, rounds) for base in (p.space.full(), start)]
-    best = max(((plan, value) for plan, value in found if plan is not None), key=lambda pv: pv[1], default=None)
-    if best is None or (p.feasible(start) and -estimated_loss(p, start) > best[1]):
-        best = (start, -estimated_loss(p, start))
-    plan = polish(p, best[0]) if p.feasible(best[0]) else best[0]
-    if not p.feasible(plan):
+    found = [start, *_solutions(p, options, [p.space.full(), start], rounds)]
+    finalists = [list(f) for f in dict.fromkeys(tuple(f) for f in found) if p.feasible(list(f))]
+    if not finalists:
         p.info["fallback"] = "no plan met the budget: the cheapest found"
-        plan = p.cheapest(plan)
+        plan = p.cheapest(*found)
+    elif p.joint is not None and len(finalists) > 1:
+        scores = evaluate_all(p.joint, finalists)
+        plan = finalists[int(np.argmax(scores))]
+        p.info.update(finalists=len(finalists), joint_quality=round(float(max(scores)), 4))
+    else:
+        plan = min(finalists, key=lambda f: estimated_loss(p, f))
     p.info["estimated_loss"] = round(estimated_loss(p, plan), 6)
     return plan
 
