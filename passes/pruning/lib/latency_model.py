@@ -120,12 +120,14 @@ class Predictor:
         self.unpruned: float | None = None  # the unpruned model's measured seconds, when calibrated with it
         self.fitted: list[dict] = []  # the measured points of the fit, with their residuals
         self.observed: dict[str, dict[tuple[int, int], float]] = {}  # layer -> {(cin, cout): inside / alone}
+        self._layer_memo: dict[tuple[str, int, int], float] = {}  # searches ask for the same widths many times
 
     def observe(self, removed: Iterable[int], layer_seconds: dict[str, float]) -> None:
         """Record the layers' seconds measured inside the model pruned to ``removed`` (``profile_layers``): each
         layer's table time is scaled from now on by the ratio observed at the nearest widths (the latest
         observation at the same widths replaces an earlier one)."""
         widths = self.space.widths(list(removed))
+        self._layer_memo.clear()
         for name, seconds in layer_seconds.items():
             if name not in self.curves or seconds <= 0:
                 continue
@@ -137,13 +139,15 @@ class Predictor:
     def layer(self, name: str, cin: int, cout: int) -> float:
         """One layer's predicted seconds at (cin, cout): the table's, scaled by the ratio observed inside the model
         at the nearest observed widths (relative distance in each width), if any."""
-        alone = self.curves[name](cin, cout)
-        seen = self.observed.get(name)
-        if not seen:
-            return alone
-        shape = self.shapes[name]
-        near = min(seen, key=lambda w: abs(w[0] - cin) / shape.cin + abs(w[1] - cout) / shape.cout)
-        return alone * seen[near]
+        key = (name, cin, cout)
+        if key not in self._layer_memo:
+            alone = self.curves[name](cin, cout)
+            seen, shape = self.observed.get(name), self.shapes[name]
+            if seen:
+                near = min(seen, key=lambda w: abs(w[0] - cin) / shape.cin + abs(w[1] - cout) / shape.cout)
+                alone *= seen[near]
+            self._layer_memo[key] = alone
+        return self._layer_memo[key]
 
     def layers(self, widths: dict[str, tuple[int, int]]) -> float:
         """The layers' seconds at ``widths`` (``{layer: (cin, cout)}``)."""
