@@ -104,7 +104,7 @@ class SearchWidths(Pass):
     def __init__(self, budget: dict | None = None, runtime: str = "ort-int8", batch: int | None = None,
                  threads: int = 1, strategy: str = "knapsack", criterion: str = "l1", seed: int = 0,
                  evaluations: int = 200, round_to: int | None = None, min_channels: int = 1,
-                 exclude: str | list[str] | tuple[str, ...] = (), points: int = 16, confirm: int = 4,
+                 exclude: str | list[str] | tuple[str, ...] = (), points: int = 16, confirm: int = 3,
                  short_term_steps: int = 0, lr: float = 0.01, admm_rounds: int = 4, admm_rho: float = 1e-2,
                  epochs: int = 1, max_steps: int | None = None, estimate: str = "distortion",
                  recalibrate_bn: bool = True):
@@ -220,8 +220,9 @@ class _Search:
         """Measure the chosen plan and search again on the prediction that has learnt from it (``learn``), until
         the search proposes a plan already measured or ``confirm`` plans were measured: while plans miss the budget
         less ``CONFIRM_MARGIN``, with the target lowered by the ratio the last one missed by; when a lowered target
-        meets it, halfway back up (bisection on the target's factor); when one meets it at the first target, at
-        that target again (a plan the table called cheap may measure otherwise, and the next search knows it).
+        meets it with more than ``CONFIRM_MARGIN`` to spare, halfway back up (bisection on the target's factor),
+        or at that target again when it was the first (the plan measured cheaper than predicted, and the next search
+        knows it); a plan met with less to spare ends the search.
         Of the plans measured within the budget, the best wins: by the strategy's score when it scores plans (the
         knapsack's: the SQNR of the whole plan when its loss was measured), else by the estimated loss (near the
         floor latency is flat, and the plan closest to the budget may have lost far more channels than one a little
@@ -251,6 +252,8 @@ class _Search:
                 merit = judge(removed) if judge is not None else -loss
                 feasible.append((merit, plan_s, removed, dict(problem.info)))
                 under = factor
+                if plan_s > aim * (1 - CONFIRM_MARGIN):
+                    break  # met with little to spare: nothing more to gain
                 if over is not None:
                     factor = (factor + over) / 2
                 # else the same target again, on a prediction that has learnt from this plan
