@@ -47,6 +47,25 @@ def test_a_layer_observed_inside_the_model_scales_its_table_time_at_the_nearest_
     assert all(predictor.layer(n, *narrow[n]) == pytest.approx(alone[n]) for n in untouched)
 
 
+def test_an_observed_ratio_gives_way_to_the_layers_typical_ratio_away_from_the_widths_observed(tmp_path,
+                                                                                                  monkeypatch):
+    _, _, space, shapes, predictor = _predictor(tmp_path, monkeypatch)
+    fewest = [lv[-1] for lv in space.levels]
+    narrow, wide = space.widths(fewest), space.widths(space.full())
+    layer = next(n for n in shapes if wide[n][0] - narrow[n][0] >= 4 and wide[n][1] - narrow[n][1] >= 4)
+    curve = predictor.curves[layer]
+    predictor.observe(fewest, {layer: 3 * curve(*narrow[layer])})
+    predictor.observe(space.full(), {layer: curve(*wide[layer])})
+
+    def ratio(cin: int, cout: int) -> float:
+        return predictor.layer(layer, cin, cout) / curve(cin, cout)
+    (ni, no), (wi, wo) = narrow[layer], wide[layer]
+    assert ratio(ni, no) == pytest.approx(3) and ratio(wi, wo) == pytest.approx(1)
+    middle = ratio((ni + wi) // 2, (no + wo) // 2)
+    assert 1.05 < middle < 2.9  # neither observation's ratio: the widths between are far from both
+    assert middle < ratio(ni + 1, no) < 3  # one channel from the narrow widths: nearly the ratio seen there
+
+
 def test_the_fastest_plan_follows_what_the_layers_cost_inside_the_model(tmp_path, monkeypatch):
     _, _, space, shapes, predictor = _predictor(tmp_path, monkeypatch)
     fewest = [lv[-1] for lv in space.levels]
@@ -74,3 +93,16 @@ def test_layers_are_profiled_inside_the_exported_model_by_their_weights_names():
         assert sorted(nodes.values()) == sorted(shapes)  # every layer, once
         seconds = latency_model.profile_layers(onnx_bytes, x, nodes, runs=5)
         assert set(seconds) == set(shapes) and all(s > 0 for s in seconds.values())
+
+
+def test_a_fit_that_makes_the_layers_implausibly_dear_falls_back_to_a_simpler_one(tmp_path, monkeypatch):
+    # plans whose measured times differ little, noise read as a steep slope: a = 3.3 with a negative constant
+    _, _, space, _, predictor = _predictor(tmp_path, monkeypatch)
+    plans = [space.nearest(s) for s in (0.25, 0.5, 0.7)] + [space.full()]
+    layers = {tuple(p): predictor.terms(p)[0] for p in plans}
+    points = [(p, 3.3 * layers[tuple(p)] - 0.5 * max(layers.values())) for p in plans]
+    predictor.calibrate(points)
+    assert latency_model.SCALE_BOUNDS[0] <= predictor.scale <= latency_model.SCALE_BOUNDS[1]
+    pruned = [(p, s) for p, s in points if any(p)]
+    errors = [abs(predictor.seconds(p) - s) for p, s in pruned]
+    assert max(errors) < max(s for _, s in pruned) - min(s for _, s in pruned)  # still within the points' spread

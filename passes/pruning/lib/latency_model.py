@@ -12,16 +12,18 @@ and the runtime's fixed cost per run:
 
 ``a``, ``c`` and ``v`` are fitted (least squares) on measured runs of the model at a few plans (``calibrate``:
 uniformly and randomly pruned ones; the unpruned model is predicted as measured).  ``a`` is how a layer's time
-inside the model differs from its time alone: alone, its weights are cold in the cache (the sweeps alternate many layers), inside a small model they stay
-warm from run to run (ResNet-20 fp32: 41 us per 64-channel conv inside, 57 us alone).
+inside the model differs from its time alone: alone, its weights are cold in the cache (the sweeps alternate many
+layers), inside a small model they stay warm from run to run (ResNet-20 fp32: 41 us per 64-channel conv inside, 57 us
+alone).
 
 The table's surface is separable (a layer's time along its input width times its time along its output width), and
 a layer alone is not the layer inside the model: in ResNet-20 INT8 (batch 8) a 16->16 conv on 32x32 maps runs 175 us
 inside the model and 208 us alone, and 4->4 costs more than 16->16 inside (190 us) while the table calls it cheaper
 (189 us).  So in ONNX Runtime every measured plan is also profiled (``profile_layers``: the layers' own kernels in
 ORT's profiler, mapped to the layers by their weights' names) and each layer's table time is scaled by the ratio
-measured inside the model at the nearest widths profiled (``Predictor.observe``).  A search measures the plans it
-chooses and profiles them too: the prediction becomes exact where the search goes.
+measured inside the model at the nearest widths profiled, which gives way to the layer's typical ratio farther from
+them (``Predictor.observe``, ``Predictor.layer``).  A search measures the plans it chooses and profiles them too: the
+prediction becomes exact where the search goes.
 """
 from __future__ import annotations
 
@@ -113,6 +115,8 @@ def measure(models: dict, inputs: tuple, threads: int = 1, runs: int = 30) -> di
 class Predictor:
     """Predicted seconds of the model under a width plan (see the module docstring)."""
 
+    NEAR = 0.1  # relative width distance over which an observed inside/alone ratio gives way to the layer's typical
+
     def __init__(self, table: LatencyTable, space: WidthSpace, shapes: dict[str, LayerShape]):
         self.space, self.shapes = space, shapes
         self.curves = {name: table.curve(shape) for name, shape in shapes.items()}
@@ -137,15 +141,22 @@ class Predictor:
                 self.observed.setdefault(name, {})[widths[name]] = ratio
 
     def layer(self, name: str, cin: int, cout: int) -> float:
-        """One layer's predicted seconds at (cin, cout): the table's, scaled by the ratio observed inside the model
-        at the nearest observed widths (relative distance in each width), if any."""
+        """One layer's predicted seconds at (cin, cout): the table's, scaled by the ratio observed inside the model.
+        Where the layer was observed at these widths, that ratio; farther away (relative distance ``d``, summed over
+        both widths, to the nearest observation), the nearest ratio blended in log space with the layer's median
+        ratio over all its observations, with weight ``exp(-d / NEAR)``: what the layer does inside the model at any
+        width (warm weights, fused neighbours) carries over, a kernel path seen at one width does not."""
         key = (name, cin, cout)
         if key not in self._layer_memo:
             alone = self.curves[name](cin, cout)
             seen, shape = self.observed.get(name), self.shapes[name]
             if seen:
-                near = min(seen, key=lambda w: abs(w[0] - cin) / shape.cin + abs(w[1] - cout) / shape.cout)
-                alone *= seen[near]
+                def distance(w: tuple[int, int]) -> float:
+                    return abs(w[0] - cin) / shape.cin + abs(w[1] - cout) / shape.cout
+                near = min(seen, key=distance)
+                weight = math.exp(-distance(near) / self.NEAR)
+                typical = statistics.median(math.log(r) for r in seen.values())
+                alone *= math.exp(weight * math.log(seen[near]) + (1 - weight) * typical)
             self._layer_memo[key] = alone
         return self._layer_memo[key]
 
@@ -171,10 +182,10 @@ class Predictor:
 
     def calibrate(self, points: list[tuple[list[int], float]]) -> None:
         """Fit ``a``, ``c`` and ``v`` to measured (plan, seconds) points of pruned plans by least squares
-        (``a >= 0.5``, ``v >= 0``; else ``a`` and ``c``, else ``v`` and ``c``, else ``c``).  The unpruned model is
-        no point of the fit but predicted as measured: pruning freezes the shape computations a model does at run
-        time (ViT-tiny int8 loses 0.6 ms of Shape/Gather/Concat nodes with its first pruned channel), so it is not
-        on the curve of the pruned plans."""
+        (``a`` within ``SCALE_BOUNDS``, ``v >= 0``; else ``a`` and ``c``, else ``v`` and ``c``, else ``c``).  The
+        unpruned model is no point of the fit but predicted as measured: pruning freezes the shape computations a
+        model does at run time (ViT-tiny int8 loses 0.6 ms of Shape/Gather/Concat nodes with its first pruned
+        channel), so it is not on the curve of the pruned plans."""
         unpruned = [seconds for removed, seconds in points if not any(removed)]
         self.unpruned = float(np.median(unpruned)) if unpruned else None
         pruned = [(removed, seconds) for removed, seconds in points if any(removed)] or points
@@ -189,7 +200,7 @@ class Predictor:
             fit, *_ = np.linalg.lstsq(np.stack(cols, 1), target, rcond=None)
             fa = float(fit[0]) if cols[0] is layers else 1.0
             fv = float(fit[-2]) if cols[-2] is vol else 0.0
-            if fa >= 0.5 and fv >= 0:
+            if SCALE_BOUNDS[0] <= fa <= SCALE_BOUNDS[1] and fv >= 0:
                 a, v, c = fa, fv, float(fit[-1])
                 break
         self.scale, self.const, self.per_volume = a, c, v
@@ -197,6 +208,9 @@ class Predictor:
                        for layer, vo, s in rows]
 
 
+# a fitted ``a`` past these is taken as noise, not the layers (calibration plans of a model whose every plan costs about
+# the same, ResNet-20 at batch 1, fitted a = 3.3 and c = -0.9 ms): the next simpler fit is taken
+SCALE_BOUNDS = (0.5, 2.0)
 RATIO_BOUNDS = (0.25, 4.0)  # an observed inside/alone ratio past these is taken as a profiling accident
 LAYER_OPS = ("Conv", "Gemm", "MatMul")  # the ONNX ops a Conv/Linear layer exports to
 
