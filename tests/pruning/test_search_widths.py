@@ -562,3 +562,20 @@ def test_the_sensitivity_command_writes_its_table_and_plot(tmp_path, capsys):
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["shares"] == [0.25, 0.5] and all(set(row) == {"0.25", "0.5"} for row in data["loss"].values())
     assert main(["sensitivity", "zoo:small_resnet", "--shares", "1.5"]) != 0
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["unet", "dims_1d_3d", "shared_multi_user", "transposed"])
+def test_summing_per_group_removals_equals_closing_the_plan_over_the_graph(arch):
+    model, x = build(arch)
+    cg, space = _space(fxc.trace(model, x))
+    if space._per_group is None:
+        pytest.skip(f"{arch}: a unit goes with two groups; plans are closed over the graph")
+    rng = np.random.default_rng(1)
+    plans = [_random_plan(space, rng) for _ in range(40)] + [[lv[-1] for lv in space.levels], space.full()]
+    for plan in plans:
+        fast = space._evaluate(plan)
+        space._last, per_group = None, space._per_group
+        space._per_group = None
+        closed = space._evaluate(plan)
+        space._last, space._per_group = None, per_group
+        assert torch.equal(fast[0], closed[0]) and fast[1] == closed[1], plan

@@ -137,6 +137,7 @@ class WidthSpace:
         self._fragile_sizes = torch.tensor([u.numel() for u in units], dtype=torch.long)
         self._last: tuple[tuple[int, ...], torch.Tensor, bool] | None = None
         self._volume, self._params = self._packed(self._volume_terms), self._packed(self._param_terms)
+        self._per_group = self._separable(units)
 
     def _packed(self, terms: list[tuple[int, list[int | None]]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(elements, space index matrix padded with a space whose fraction is 1) of ``terms``, for one product."""
@@ -192,9 +193,52 @@ class WidthSpace:
         return [(members[s].target, members[s].dim, idx)
                 for s, idx in self.cg.removed_positions(self.removed_units(removed)).items() if s in members]
 
+    def _separable(self, fragile: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Per candidate group, (rows, lost): the spaces and fragile unit sets (``rows``, spaces first) holding units
+        the group removes, and ``lost[k, r]``, how many units of row ``rows[r]`` go when the group loses ``k``
+        channels.  A unit goes with its own group's rank or with any of its controllers' (``cg.closure``); when
+        every unit goes with at most one group, what a plan removes from a row is the sum of what each group
+        removes, and ``_evaluate`` adds these counts instead of closing the plan over the whole graph (ResNet-50:
+        2.3 ms a plan).  None when some unit goes with two groups."""
+        n, none = self.cg.n_units, len(self.groups)
+        group, rank = self.unit_group.clone(), self.unit_rank.clone()
+        a, b = self.cg.ctrl
+        by_controller = self.unit_group[b] < none
+        a, b = a[by_controller], b[by_controller]
+        if a.numel():
+            first = torch.full((n,), none, dtype=torch.long).scatter_reduce(0, a, self.unit_group[b], "amin")
+            last = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, a, self.unit_group[b], "amax")
+            hit = first < none
+            own = group < none
+            if bool((hit & (first != last)).any()) or bool((hit & own & (group != first)).any()):
+                return None
+            group = torch.where(hit, first, group)
+            rank = rank.scatter_reduce(0, a, self.unit_rank[b], "amin")
+        rows = [*self._space_units, *fragile]
+        flat = torch.cat(rows).numpy() if rows else np.zeros(0, dtype=np.int64)
+        row_of = np.repeat(np.arange(len(rows)), [u.numel() for u in rows])
+        group, rank = group.numpy()[flat], rank.numpy()[flat]
+        out = []
+        for g, grp in enumerate(self.groups):
+            mine = (group == g) & (rank < grp.size)
+            where, local = np.unique(row_of[mine], return_inverse=True)
+            counts = np.zeros((grp.size + 1, len(where)))
+            np.add.at(counts, (rank[mine] + 1, local), 1.0)
+            out.append((where, np.cumsum(counts, 0)))
+        return out
+
     def _evaluate(self, removed: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, bool]:
         key = tuple(int(k) for k in removed)
         if self._last is not None and self._last[0] == key:
+            return self._last[1], self._last[2]
+        if self._per_group is not None:
+            lost = np.zeros(len(self._space_units) + len(self._fragile_sizes))
+            for k, (rows, counts) in zip(key, self._per_group):
+                if k:
+                    lost[rows] += counts[min(k, len(counts) - 1)]
+            spaces = len(self._space_units)
+            kept = self._sizes - torch.from_numpy(lost[:spaces])
+            self._last = (key, kept, bool((lost[spaces:] == self._fragile_sizes.numpy()).any()))
             return self._last[1], self._last[2]
         closed = self.removed_units(key)
         lost = torch.zeros(len(self._space_units), dtype=torch.float64)
@@ -216,11 +260,11 @@ class WidthSpace:
     def widths(self, removed: list[int] | tuple[int, ...], kept: torch.Tensor | None = None
                ) -> dict[str, tuple[int, int]]:
         """{layer node: (cin, cout)} under ``removed``."""
-        kept = self.kept(removed) if kept is None else kept
+        sizes = (self.kept(removed) if kept is None else kept).tolist()  # list indexing: a tensor's costs 1 us
         out = {}
         for name, (i, o) in self.layer_spaces.items():
             shape = self.shapes[name]
-            out[name] = (int(kept[i]) if i is not None else shape.cin, int(kept[o]) if o is not None else shape.cout)
+            out[name] = (int(sizes[i]) if i is not None else shape.cin, int(sizes[o]) if o is not None else shape.cout)
         return out
 
     def _fraction(self, packed: tuple[torch.Tensor, torch.Tensor], kept: torch.Tensor) -> float:
