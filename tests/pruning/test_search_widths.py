@@ -185,6 +185,20 @@ def test_the_knapsack_keeps_the_finalist_the_whole_plan_measures_best_when_the_a
     assert p.info["finalists"] > 1 and p.info["joint_quality"] == pytest.approx(joint(plan), abs=1e-4)
 
 
+def test_uniform_plans_in_coarser_steps_are_finalists_the_whole_plan_may_prefer():
+    _, _, space, p, _ = _problem("residual", 0.5)
+    step = space.round_to * width_search.COARSER[-1]
+    coarse = width_search.uniform(p, step)
+    assert all(k == 0 or (g.size - k) % step == 0 for g, k in zip(space.groups, coarse)) and p.feasible(coarse)
+    p.info = {}
+    assert width_search.knapsack(p) != coarse  # on the additive loss alone another finalist wins
+
+    def joint(plan):  # the whole plan's quality: best for the coarse uniform plan, worse the farther from it
+        return -sum(abs(a - b) for a, b in zip(plan, coarse))
+    p.joint, p.info = joint, {}
+    assert width_search.knapsack(p) == coarse
+
+
 def test_distortion_is_the_noise_each_group_adds_alone_and_charges_lost_outputs_steeply():
     gm, cg, space, _, x = _problem("residual")
     batches = [tuple(torch.rand_like(t) for t in x) for _ in range(2)]
