@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from fxcompress.passes.pruning.lib import latency, latency_model, width_search
+from fxcompress.passes.pruning.lib import latency, latency_model
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.width_space import WidthSpace, candidate_groups
 from fxcompress.passes.pruning.select_channels import SCORERS
@@ -74,18 +74,12 @@ def floor(name: str, work: Path) -> dict[str, Any]:
     space = WidthSpace(cg, SCORERS["l1"](cg, None, {}), shapes, groups, latency.ALIGN)
     table = latency.build_table(shapes.values(), "ort-int8", THREADS)
     predictor = latency_model.Predictor(table, space, shapes)
-    plans = width_search.floor_plans(space, predictor.seconds)
     prepared: dict[tuple[int, ...], Any] = {}
-    seconds = latency_model.measure_plans(gm, inputs, space, {"full": space.full(), **plans}, "ort-int8", THREADS,
-                                          runs=100, cache=prepared)
-    # as the search does: the fastest plan once the layers were profiled inside the model, measured too
-    latency_model.observe_plans(predictor, gm, inputs, {"full": space.full(), **plans}, prepared, THREADS)
-    refined = width_search.fastest(space, predictor.seconds)
-    if refined not in plans.values():
-        plans["refined"] = refined
-        seconds = latency_model.measure_plans(gm, inputs, space, {"full": space.full(), **plans}, "ort-int8",
-                                              THREADS, runs=100, cache=prepared)
-    key = min(plans, key=seconds.__getitem__)
+    plans, seconds, key, _ = latency_model.measured_floor(  # as the search finds its floor
+        predictor, {"full": space.full()},
+        lambda some: latency_model.measure_plans(gm, inputs, space, some, "ort-int8", THREADS, runs=100,
+                                                 cache=prepared),
+        lambda some: latency_model.observe_plans(predictor, gm, inputs, some, prepared, THREADS))
     path = work / f"{name}-floor.onnx"
     path.write_bytes(prepared[tuple(plans[key])])
     return {"full_ms": seconds["full"] * 1e3, "floor_ms": seconds[key] * 1e3, "plan": key,
@@ -132,9 +126,11 @@ def cell(name: str, strategy: str, budget: float, epochs: int, work: Path, log: 
     row = {"model": name, "strategy": strategy, "budget": budget, "accuracy": accuracy, "accuracies": accuracies,
            "path": str(path), "macs": searched.after.macs / searched.before.macs, "search_s": search.seconds,
            "compile_s": seconds, "search_measured_ms": search.stats.get("measured_ms"),
-           "budget_ms": search.stats.get("budget_ms"), "kept": search.stats.get("kept")}
+           "budget_ms": search.stats.get("budget_ms"), "kept": search.stats.get("kept"),
+           "confirmations": search.stats.get("confirmations"), "fallback": search.stats.get("fallback")}
     log(f"  {strategy} @ {budget:.3f}: accuracy {accuracy:.2f} % ({' / '.join(f'{a:.2f}' for a in accuracies)}), "
-        f"MACs {row['macs']:.3f}, search {search.seconds:.1f} s, compile {seconds:.0f} s")
+        f"MACs {row['macs']:.3f}, search {search.seconds:.1f} s, compile {seconds:.0f} s, "
+        f"{row['confirmations']} measurement(s){', fallback: ' + row['fallback'] if row['fallback'] else ''}")
     return row
 
 

@@ -206,19 +206,19 @@ class _Search:
                                            self.p.threads, self.p.criterion, self.ctx.calibration_data, runs,
                                            self.prepared)
 
-    def learn(self, problem: width_search.Problem | None, removed: list[int], seconds: float) -> None:
+    def learn(self, problem: width_search.Problem, removed: list[int], seconds: float) -> None:
         """A measured plan refines the prediction: its layers profiled inside the model, its time a point of the
         fit; the searches that follow see the new costs."""
         latency_model.observe_plans(self.predictor, self.ctx.gm, self.inputs, {"plan": removed}, self.prepared,
                                     self.p.threads)
         self.points.append((list(removed), seconds))
         self.predictor.calibrate(self.points)
-        if problem is not None:
-            problem.forget()
+        problem.forget()
 
     def confirm(self, problem: width_search.Problem, removed: list[int], target: float, cost) -> list[int]:
         """Measure the chosen plan and search again on the prediction that has learnt from it (``learn``), until
-        the search proposes a plan already measured or ``confirm`` plans were measured: while plans miss the budget
+        the search proposes a plan already measured or ``confirm`` plans were measured (twice as many while none has
+        met the budget: the floor, taken when none does, is the narrowest plan of all): while plans miss the budget
         less ``CONFIRM_MARGIN``, with the target lowered by the ratio the last one missed by; when a lowered target
         meets it with more than ``CONFIRM_MARGIN`` to spare, halfway back up (bisection on the target's factor),
         or at that target again when it was the first (the plan measured cheaper than predicted, and the next search
@@ -233,7 +233,7 @@ class _Search:
         feasible: list[tuple[float, float, list[int], dict]] = []
         quickest = (float("inf"), removed, dict(problem.info))  # the fastest plan that missed
         measured: set[tuple[int, ...]] = set()
-        for attempt in range(p.confirm):
+        for attempt in range(2 * p.confirm):
             seconds = self.measure({"full": space.full(), "plan": removed}, runs=CONFIRM_RUNS)
             # a fraction of the latency is judged against the unpruned model measured alongside, in the same runs
             rescaled = seconds["plan"] * stats["full_ms"] / 1e3 / seconds["full"]  # on the calibration runs' scale
@@ -264,12 +264,13 @@ class _Search:
                     break
                 over = factor
                 factor = (factor + under) / 2 if under is not None else factor * 0.99 * aim / plan_s
-            if attempt + 1 < p.confirm:
-                problem.budget = aim * factor
-                problem.info.clear()
-                removed = STRATEGIES[p.strategy](problem)
-                if tuple(removed) in measured:
-                    break  # the search proposes nothing it has not measured
+            if attempt + 1 >= (p.confirm if feasible else 2 * p.confirm):
+                break
+            problem.budget = aim * factor
+            problem.info.clear()
+            removed = STRATEGIES[p.strategy](problem)
+            if tuple(removed) in measured:
+                break  # the search proposes nothing it has not measured
         floor_s = self.floor_s  # measured beside the unpruned model when the search began
         if feasible:
             _, plan_s, removed, info = max(feasible, key=lambda f: f[:2])
@@ -295,27 +296,16 @@ class _Search:
         if p.kind in LATENCY_BUDGETS:
             table = latency.build_table(self.shapes.values(), p.runtime, p.threads, p.points)
             stats["table_seconds"] = round(time.perf_counter() - start, 2)
-            predictor = latency_model.Predictor(table, space, self.shapes)
-            plans = latency_model.calibration_plans(space, p.seed)
-            # the floor: every group at its fewest channels, or the fastest plan on the table when that differs
-            # (blocked kernels run some widths slower than wider ones); both are measured, the faster is the floor
-            floors = width_search.floor_plans(space, predictor.seconds)
-            plans.update(floors)
-            seconds = self.measure(plans)
-            stats["profiled_layers"] = latency_model.observe_plans(predictor, self.ctx.gm, self.inputs, plans,
-                                                                   self.prepared, p.threads)
+            predictor = self.predictor = latency_model.Predictor(table, space, self.shapes)
+            # the floor: every group at its fewest channels, the fastest plan on the table (blocked kernels run some
+            # widths slower than wider ones) and the fastest once the layers were seen inside the model, measured
+            plans, seconds, floor, stats["profiled_layers"] = latency_model.measured_floor(
+                predictor, latency_model.calibration_plans(space, p.seed), self.measure,
+                lambda some: latency_model.observe_plans(predictor, self.ctx.gm, self.inputs, some, self.prepared,
+                                                         p.threads))
             self.points = [(v, seconds[k]) for k, v in plans.items()]
-            predictor.calibrate(self.points)
-            self.predictor = predictor
-            refined = width_search.fastest(space, predictor.seconds)  # the fastest plan once the layers were seen
-            if refined not in plans.values():  # inside the model: measured too, on the same runs' scale
-                more = self.measure({"full": space.full(), "refined": refined})
-                plans["refined"] = floors["refined"] = refined
-                seconds["refined"] = more["refined"] * seconds["full"] / more["full"]
-                self.learn(None, refined, seconds["refined"])
             full = seconds["full"]
             target = p.value * full if p.kind == "latency" else p.value / 1e3
-            floor = min(floors, key=seconds.__getitem__)
             self.floor, self.floor_s = plans[floor], seconds[floor]
             stats.update(full_ms=round(full * 1e3, 4), budget_ms=round(target * 1e3, 4),
                          fastest_ms=round(seconds[floor] * 1e3, 4),

@@ -459,6 +459,24 @@ def _macs_ms(space, removed):
     return 1e-3 * (0.2 + 0.8 * space.macs(removed))
 
 
+def test_a_search_whose_plans_all_missed_measures_up_to_twice_confirm_plans_before_taking_the_floor(tmp_path,
+                                                                                                     monkeypatch):
+    confirmations = []
+
+    def measure_plans(gm, inputs, space, plans, *args, **kwargs):  # the first two confirmed plans run 30 % over
+        if "plan" in plans:
+            confirmations.append(plans["plan"])
+        return {k: _macs_ms(space, v) * (1.3 if k == "plan" and len(confirmations) <= 2 else 1)
+                for k, v in plans.items()}
+    _fake_latency(monkeypatch, _MacsPredictor, measure_plans)
+    model, x = build("residual")
+    run = fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"latency": 0.6}, "points": 4, "round_to": 1,
+                                  "estimate": "share", "confirm": 2}]).history[1]
+    assert run.stats["confirmations"] == len(confirmations) >= 3 and "fallback" not in run.stats
+    assert run.stats["measured_ms"] <= run.stats["budget_ms"] * (1 - search_widths.CONFIRM_MARGIN)
+    assert run.stats["kept"] != run.stats["fastest_kept"]
+
+
 def test_a_missed_budget_is_searched_again_and_the_best_plan_measured_within_it_wins(tmp_path, monkeypatch):
     confirmations = []
 

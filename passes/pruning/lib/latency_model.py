@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 import torch
 import torch.fx
+from fxcompress.passes.pruning.lib import width_search
 from fxcompress.passes.pruning.lib.latency import (
     LatencyTable,
     LayerShape,
@@ -305,6 +306,31 @@ def observe_plans(predictor: Predictor, gm: torch.fx.GraphModule, inputs: tuple,
         predictor.observe(removed, seconds)
         found = len(seconds)
     return found
+
+
+def measured_floor(predictor: Predictor, plans: dict[str, list[int]],
+                   measure: Callable[[dict[str, list[int]]], dict[str, float]],
+                   observe: Callable[[dict[str, list[int]]], int]) -> tuple[dict, dict, str, int]:
+    """The fastest width plan as measured.  Every group at its fewest channels and the fastest plan on the table
+    (``width_search.floor_plans``) are measured beside ``plans`` (the unpruned one, "full", among them); all are
+    profiled (``observe``) and the prediction is calibrated on them; the fastest plan on the prediction that has
+    seen the layers inside the model is measured too when it is new (beside the unpruned model, rescaled to the
+    first runs' scale), observed, and a point of the fit.  Returns (every plan measured, their seconds, the floor's
+    key, the layers observed in the first runs)."""
+    space = predictor.space
+    floors = width_search.floor_plans(space, predictor.seconds)
+    plans = {**plans, **floors}
+    seconds = measure(plans)
+    observed = observe(plans)
+    predictor.calibrate([(v, seconds[k]) for k, v in plans.items()])
+    refined = width_search.fastest(space, predictor.seconds)
+    if refined not in plans.values():
+        more = measure({"full": space.full(), "refined": refined})
+        plans["refined"], floors["refined"] = refined, refined
+        seconds["refined"] = more["refined"] * seconds["full"] / more["full"]
+        observe({"refined": refined})
+        predictor.calibrate([(v, seconds[k]) for k, v in plans.items()])
+    return plans, seconds, min(floors, key=seconds.__getitem__), observed
 
 
 def pruned(gm: torch.fx.GraphModule, inputs: tuple, targets: PruningTargets, criterion: str = "l1",
