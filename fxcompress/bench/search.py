@@ -35,7 +35,7 @@ from fxcompress.passes.pruning.select_channels import SCORERS
 
 from .. import golden
 from ..api import compile as compile_model
-from ..errors import RecipeError
+from ..errors import RecipeError, VerificationError
 from ..export.onnx import export_onnx
 from ..export.ort import session
 from ..timing import alternated_latency, cpu_model
@@ -157,7 +157,7 @@ def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: 
     low = floor(name, work)
     budgets = [round(low["floor"] + t * (1 - low["floor"]), 3) for t in ladder]
     log(f"  floor {low['floor']:.3f} of the unpruned latency; budgets {budgets}")
-    rows, refused = [], []
+    rows, refused, failed = [], [], []
     for b in budgets:
         for s in strategies:
             try:
@@ -165,6 +165,9 @@ def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: 
             except RecipeError as exc:  # a budget the strategy's own widths cannot reach (uniform's multiples of 16)
                 refused.append({"strategy": s, "budget": b, "reason": str(exc)})
                 log(f"  {s} @ {b:.3f}: refused: {exc}")
+            except VerificationError as exc:  # a plan so narrow that its INT8 lowering fails its error bound
+                failed.append({"strategy": s, "budget": b, "reason": str(exc).splitlines()[0]})
+                log(f"  {s} @ {b:.3f}: failed: {failed[-1]['reason']}")
     paths = {"ORT INT8": str(work / f"{name}-ort-int8.onnx"), "int8": str(ours_path), "floor": low.pop("path"),
              **{f"{r['strategy']}@{r['budget']}": r["path"] for r in rows}}
     ms = measure(paths, runs)
@@ -175,7 +178,8 @@ def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: 
         del r["path"]
     low["measured_ms"] = ms["floor"]  # in the same runs as every result
     return {"model": name, "fp32": fp32, "ort_int8": {"accuracy": ort["accuracy"], "ms": ms["ORT INT8"]},
-            "int8_ms": ms["int8"], "floor": low, "budgets": budgets, "rows": rows, "refused": refused}
+            "int8_ms": ms["int8"], "floor": low, "budgets": budgets, "rows": rows, "refused": refused,
+            "failed": failed}
 
 
 def _floor_ms(m: dict[str, Any]) -> float:
@@ -244,6 +248,7 @@ def summary(report: dict[str, Any]) -> list[str]:
                 f"saved at equal accuracy" if ms is not None else "no uniform result is as accurate"))
     for m in report["models"]:
         lines.extend(f"{m['model']} {r['strategy']}@{r['budget']} refused: {r['reason']}" for r in m.get("refused", ()))
+        lines.extend(f"{m['model']} {r['strategy']}@{r['budget']} failed: {r['reason']}" for r in m.get("failed", ()))
     over = [f"{r['model']} {r['strategy']}@{r['budget']}" for m in report["models"] for r in m["rows"]
             if not r["within_budget"]]
     lines.append("every result within its budget (+5 %)" if not over else f"over budget (+5 %): {', '.join(over)}")
