@@ -313,6 +313,7 @@ class _Search:
             if seconds[floor] > target:
                 where = "every group at its fewest channels" if floor == "fewest" else \
                     "the fastest width plan on the latency table (stats fastest_kept)" if floor == "fastest" else \
+                    "the fastest uniform plan in coarse steps (stats fastest_kept)" if floor == "uniform" else \
                     "the fastest width plan predicted from the layers profiled inside the model (stats fastest_kept)"
                 raise RecipeError(
                     f"{p.name}: the budget {p.budget} ({target * 1e3:.3f} ms in {p.runtime}, batch "

@@ -243,6 +243,20 @@ def test_the_floor_is_the_fastest_plan_on_the_table_not_the_fewest_channels():
     assert "fallback" in below.info and cost(plan) == min(cost(below.nearest(s)) for s in np.arange(0, 1.001, 0.005))
 
 
+def test_the_floor_candidates_include_the_cheapest_uniform_plan_where_the_descent_is_stuck():
+    model, x = build("residual")  # groups of 16, 8 and 8 channels
+    _, space = _space(fxc.trace(model, x), round_to=1)
+
+    def cost(removed):  # any group under 4 channels takes a slow kernel for the whole model: no single group's move
+        kept = [g.size - k for g, k in zip(space.groups, removed)]  # out of the fewest channels pays
+        return 1e-3 * (sum(kept) / 8 + (10 if min(kept) < 4 else 0))
+    plans = width_search.floor_plans(space, cost)
+    assert "fastest" not in plans  # the descent from the fewest channels stays there
+    kept = [g.size - k for g, k in zip(space.groups, plans["uniform"])]
+    assert all(n % (space.round_to * width_search.COARSER[-1]) == 0 for n in kept)
+    assert cost(plans["uniform"]) < cost(plans["fewest"]) - 5e-3
+
+
 def _fake_latency(monkeypatch, predictor, measure_plans):
     """No layer table: ``predictor`` predicts and ``measure_plans`` measures."""
     monkeypatch.setattr(latency, "build_table", lambda *args, **kwargs: None)

@@ -2,8 +2,9 @@
 
 A strategy receives a :class:`Problem`: the width space (candidate groups and the counts each may lose), a cost
 (predicted seconds from the measured latency model, or the MAC or parameter fraction) with its budget, each group's
-estimated loss at each of its widths, and optionally a quality function of a plan (higher is better: the user's ``eval_fn`` or the
-SQNR of the outputs, ``plan_quality``).  It returns a plan (one count per group) whose cost is within the budget.
+estimated loss at each of its widths, and optionally a quality function of a plan (higher is better: the user's
+``eval_fn`` or the SQNR of the outputs, ``plan_quality``).  It returns a plan (one count per group) whose cost is
+within the budget.
 
 - ``uniform``: one share of every group, the smallest that meets the budget (the baseline).
 - ``knapsack`` (HALP, Shen et al. 2022): channels are items, the loss their removal causes the (negative) value
@@ -150,12 +151,19 @@ def fastest(space: WidthSpace, cost: Callable[[list[int]], float], sweeps: int =
 
 
 def floor_plans(space: WidthSpace, cost: Callable[[list[int]], float]) -> dict[str, list[int]]:
-    """The candidates for the floor, to be measured (the faster is the floor): every group at its fewest channels
-    (``fewest``) and, when it differs, the cheapest plan on ``cost`` (``fastest``)."""
+    """The candidates for the floor, to be measured (the fastest is the floor): every group at its fewest channels
+    (``fewest``), the cheapest plan on ``cost`` by coordinate descent (``fastest``) and the cheapest uniform plan
+    keeping multiples of the coarsest step of ``COARSER`` (``uniform``), each when it differs from those before.
+    The descent stops in a local minimum of the prediction, and the prediction errs most at these narrow plans: on
+    MobileNetV2 a uniform plan in multiples of 16 measured 0.73 ms where the descent's plan measured 0.82 ms."""
     plans = {"fewest": [lv[-1] for lv in space.levels]}
-    cheapest = fastest(space, cost)
-    if cheapest != plans["fewest"]:
-        plans["fastest"] = cheapest
+    step = space.round_to * COARSER[-1]
+    shares = np.arange(0.0, 1.0 + 1e-9, 0.005)
+    candidates = {"fastest": fastest(space, cost),
+                  "uniform": min((aligned(space, space.nearest(s), step) for s in shares), key=cost)}
+    for key, plan in candidates.items():
+        if plan not in plans.values():
+            plans[key] = plan
     return plans
 
 
@@ -572,7 +580,8 @@ def anneal(p: Problem, start_temperature: float = 100.0, stop_temperature: float
     return best
 
 
-SCORED = ("sensitivity", "netadapt", "anneal")  # strategies that score candidate plans (need eval_fn or calibration data)
+# strategies that score candidate plans (need eval_fn or calibration data)
+SCORED = ("sensitivity", "netadapt", "anneal")
 
 STRATEGIES: dict[str, Callable[[Problem], list[int]]] = {
     "knapsack": knapsack,
