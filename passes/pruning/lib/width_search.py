@@ -158,9 +158,8 @@ def floor_plans(space: WidthSpace, cost: Callable[[list[int]], float]) -> dict[s
     MobileNetV2 a uniform plan in multiples of 16 measured 0.73 ms where the descent's plan measured 0.82 ms."""
     plans = {"fewest": [lv[-1] for lv in space.levels]}
     step = space.round_to * COARSER[-1]
-    shares = np.arange(0.0, 1.0 + 1e-9, 0.005)
     candidates = {"fastest": fastest(space, cost),
-                  "uniform": min((aligned(space, space.nearest(s), step) for s in shares), key=cost)}
+                  "uniform": min((aligned(space, space.nearest(s), step) for s in UNIFORM_SHARES), key=cost)}
     for key, plan in candidates.items():
         if plan not in plans.values():
             plans[key] = plan
@@ -169,13 +168,14 @@ def floor_plans(space: WidthSpace, cost: Callable[[list[int]], float]) -> dict[s
 
 # ---- uniform -------------------------------------------------------------------------------------------------
 
+UNIFORM_SHARES = np.arange(0.0, 1.0 + 1e-9, 0.005)  # the shares a uniform plan is chosen among
+
 def uniform(p: Problem, step: int = 1) -> list[int]:
     """The smallest share (in steps of 0.5 %) whose plan meets the budget; when none does, the share whose plan
     costs least (not necessarily the largest: see ``fastest``).  With ``step``, each group keeps a multiple of
     ``step`` channels (or all of them), the nearest to the share."""
-    shares = np.arange(0.0, 1.0 + 1e-9, 0.005)
-    plans = [aligned(p.space, p.nearest(share), step) for share in shares]
-    for share, plan in zip(shares, plans):
+    plans = [aligned(p.space, p.nearest(share), step) for share in UNIFORM_SHARES]
+    for share, plan in zip(UNIFORM_SHARES, plans):
         if p.feasible(plan):
             p.info["share"] = round(float(share), 3)
             return plan
