@@ -70,6 +70,12 @@ CONFIRM_RUNS = 100  # alternated runs of the plan and the unpruned model that co
 CONFIRM_MARGIN = 0.02  # a plan is confirmed when measured this much under the budget: the same plan measures a few
 # per cent apart in runs minutes apart (VGG-small: 0.998 of the budget in the search, 1.052 in a later benchmark)
 ESTIMATES = ("distortion", "share")  # the knapsack's loss per group and width: measured, or from the scores
+FLOORS = {  # the floor candidates (``latency_model.measured_floor``), as a refusal names them
+    "fewest": "every group at its fewest channels",
+    "fastest": "the fastest width plan on the latency table (stats fastest_kept)",
+    "uniform": "the fastest uniform plan in coarse steps (stats fastest_kept)",
+    "refined": "the fastest width plan predicted from the layers profiled inside the model (stats fastest_kept)",
+}
 
 
 def check_budget(name: str, budget: Any) -> tuple[str, float]:
@@ -311,14 +317,11 @@ class _Search:
                          fastest_ms=round(seconds[floor] * 1e3, 4),
                          fastest_kept={g.name: g.size - k for g, k in zip(space.groups, self.floor)})
             if seconds[floor] > target:
-                where = "every group at its fewest channels" if floor == "fewest" else \
-                    "the fastest width plan on the latency table (stats fastest_kept)" if floor == "fastest" else \
-                    "the fastest uniform plan in coarse steps (stats fastest_kept)" if floor == "uniform" else \
-                    "the fastest width plan predicted from the layers profiled inside the model (stats fastest_kept)"
                 raise RecipeError(
                     f"{p.name}: the budget {p.budget} ({target * 1e3:.3f} ms in {p.runtime}, batch "
                     f"{self.inputs[0].shape[0]}, {p.threads} thread(s)) is below the fastest any width plan reaches: "
-                    f"{seconds[floor] * 1e3:.3f} ms with {where} (the unpruned model takes {full * 1e3:.3f} ms). "
+                    f"{seconds[floor] * 1e3:.3f} ms with {FLOORS[floor]} (the unpruned model takes "
+                    f"{full * 1e3:.3f} ms). "
                     f"Per-node overhead sets this floor; give a budget of at least {seconds[floor] / full:.2f} of "
                     f"the latency, or remove layers.")
             cost, budget = predictor.seconds, target * (1 - CONFIRM_MARGIN)

@@ -125,6 +125,7 @@ class Predictor:
         self.unpruned: float | None = None  # the unpruned model's measured seconds, when calibrated with it
         self.fitted: list[dict] = []  # the measured points of the fit, with their residuals
         self.observed: dict[str, dict[tuple[int, int], float]] = {}  # layer -> {(cin, cout): inside / alone}
+        self._typical: dict[str, float] = {}  # layer -> median log ratio over its observations
         self._layer_memo: dict[tuple[str, int, int], float] = {}  # searches ask for the same widths many times
 
     def observe(self, removed: Iterable[int], layer_seconds: dict[str, float]) -> None:
@@ -139,7 +140,9 @@ class Predictor:
             alone = self.curves[name](*widths[name])
             if alone > 0:
                 ratio = min(max(seconds / alone, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
-                self.observed.setdefault(name, {})[widths[name]] = ratio
+                seen = self.observed.setdefault(name, {})
+                seen[widths[name]] = ratio
+                self._typical[name] = statistics.median(math.log(r) for r in seen.values())
 
     def layer(self, name: str, cin: int, cout: int) -> float:
         """One layer's predicted seconds at (cin, cout): the table's, scaled by the ratio observed inside the model.
@@ -156,8 +159,7 @@ class Predictor:
                     return abs(w[0] - cin) / shape.cin + abs(w[1] - cout) / shape.cout
                 near = min(seen, key=distance)
                 weight = math.exp(-distance(near) / self.NEAR)
-                typical = statistics.median(math.log(r) for r in seen.values())
-                alone *= math.exp(weight * math.log(seen[near]) + (1 - weight) * typical)
+                alone *= math.exp(weight * math.log(seen[near]) + (1 - weight) * self._typical[name])
             self._layer_memo[key] = alone
         return self._layer_memo[key]
 

@@ -157,9 +157,8 @@ def floor_plans(space: WidthSpace, cost: Callable[[list[int]], float]) -> dict[s
     The descent stops in a local minimum of the prediction, and the prediction errs most at these narrow plans: on
     MobileNetV2 a uniform plan in multiples of 16 measured 0.73 ms where the descent's plan measured 0.82 ms."""
     plans = {"fewest": [lv[-1] for lv in space.levels]}
-    step = space.round_to * COARSER[-1]
     candidates = {"fastest": fastest(space, cost),
-                  "uniform": min((aligned(space, space.nearest(s), step) for s in UNIFORM_SHARES), key=cost)}
+                  "uniform": min(uniform_plans(space, space.round_to * COARSER[-1]), key=cost)}
     for key, plan in candidates.items():
         if plan not in plans.values():
             plans[key] = plan
@@ -170,11 +169,18 @@ def floor_plans(space: WidthSpace, cost: Callable[[list[int]], float]) -> dict[s
 
 UNIFORM_SHARES = np.arange(0.0, 1.0 + 1e-9, 0.005)  # the shares a uniform plan is chosen among
 
+
+def uniform_plans(space: WidthSpace, step: int = 1) -> list[list[int]]:
+    """The plan of each share in ``UNIFORM_SHARES``: every group at its level nearest to the share, keeping a
+    multiple of ``step`` channels (or all of them)."""
+    return [aligned(space, space.nearest(share), step) for share in UNIFORM_SHARES]
+
+
 def uniform(p: Problem, step: int = 1) -> list[int]:
     """The smallest share (in steps of 0.5 %) whose plan meets the budget; when none does, the share whose plan
     costs least (not necessarily the largest: see ``fastest``).  With ``step``, each group keeps a multiple of
     ``step`` channels (or all of them), the nearest to the share."""
-    plans = [aligned(p.space, p.nearest(share), step) for share in UNIFORM_SHARES]
+    plans = uniform_plans(p.space, step)
     for share, plan in zip(UNIFORM_SHARES, plans):
         if p.feasible(plan):
             p.info["share"] = round(float(share), 3)
