@@ -2,14 +2,15 @@
 ``quantize_dynamic`` of the same fp32 export, in ORT at batch 1 and one thread.
 
     python -m fxcompress.bench.hf_int8 [--models bert distilbert roberta albert gpt2 opt llama t5-encoder vit]
-                                       [--layers 4] [--runs 30] [--sessions 3]
+                                       [--layers 4] [--runs 30] [--sessions 3] [--error-seeds 3]
 
 Each model is a Hugging Face architecture at its base width (768 hidden, 12 heads, 3072 FFN) with ``--layers``
 layers and random weights (no downloads); text models take 128 tokens, ViT a 224x224 image.  For each: the fp32
 export of the traced model, ORT's ``quantize_dynamic`` (QInt8 weights, its defaults) of that file, and the exports of
 ``quantize`` with ``mode="dynamic"`` and static (calibrated on 8 random inputs of the same kind): milliseconds (each
 file in ``--sessions`` sessions, every session's median of alternated runs, the median of those), the largest
-absolute error and the SQNR of the last hidden state against PyTorch fp32, and the file size.
+absolute error and the SQNR of the last hidden state against PyTorch fp32, and the file size.  The errors of ours
+dynamic and ORT's are compared again on models built from ``--error-seeds`` other seeds.
 """
 from __future__ import annotations
 
@@ -62,9 +63,10 @@ def build(name: str, layers: int, seed: int = 0) -> tuple[torch.nn.Module, dict[
     return model, inputs, calibration
 
 
-def measure(name: str, layers: int, runs: int, work: Path, sessions: int = 3) -> list[dict]:
+def exports(name: str, layers: int, work: Path, seed: int = 0) -> tuple[dict[str, Path], dict, np.ndarray]:
+    """({variant: ONNX file}, example inputs, PyTorch fp32 last hidden state) of one model built from ``seed``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    model, inputs, calibration = build(name, layers)
+    model, inputs, calibration = build(name, layers, seed)
     with torch.no_grad():
         reference = model(**inputs).last_hidden_state.numpy()
     files = {"fp32": export_onnx(fxc.trace(model, inputs), tuple(inputs.values()), work / f"{name}_fp32.onnx")}
@@ -73,22 +75,51 @@ def measure(name: str, layers: int, runs: int, work: Path, sessions: int = 3) ->
     for label, options in (("ours dynamic", {"mode": "dynamic"}), ("ours static", {})):
         result = fxc.compile(model, inputs, [{"pass": "quantize", **options}], calibration_data=calibration)
         files[label] = result.export_onnx(work / f"{name}_{label.replace(' ', '_')}.onnx")
+    return files, inputs, reference
+
+
+def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options)
+
+
+def _errors(out: np.ndarray, reference: np.ndarray) -> dict:
+    return {"sqnr_db": sqnr_db(reference, out), "max_abs_err": float(np.abs(out - reference).max())}
+
+
+def measure(name: str, layers: int, runs: int, work: Path, sessions: int = 3) -> list[dict]:
+    """One row per variant: latency (the median over sessions of each session's median), its ratio to ORT's
+    ``quantize_dynamic`` in every session, errors and file size."""
+    files, inputs, reference = exports(name, layers, work)
     labels = list(files)
     copies = {}  # the same file in several sessions, made in rotating order: where ORT's buffers land moves one
     for i in range(sessions):  # session's latency by several percent (T5: either variant ahead, by file order)
         for k in labels[i % len(labels):] + labels[:i % len(labels)]:
-            copies[k, i] = ort.InferenceSession(str(files[k]), options)
+            copies[k, i] = _session(files[k])
     feed = {k: v.numpy() for k, v in inputs.items()}
     each = alternated_latency({key: (lambda s=s: s.run(None, feed)) for key, s in copies.items()}, runs)
     rows = []
     for k in labels:
-        out = copies[k, 0].run(None, feed)[0]
-        ms = statistics.median(each[k, i] for i in range(sessions))
-        rows.append({"model": name, "variant": k, "ms": ms * 1e3, "sqnr_db": sqnr_db(reference, out),
-                     "max_abs_err": float(np.abs(out - reference).max()), "mb": files[k].stat().st_size / 1e6})
+        ratios = sorted(each[k, i] / each["ORT quantize_dynamic", i] for i in range(sessions))
+        rows.append({"model": name, "variant": k, "ms": statistics.median(each[k, i] for i in range(sessions)) * 1e3,
+                     "vs_ort": ratios, **_errors(copies[k, 0].run(None, feed)[0], reference),
+                     "mb": files[k].stat().st_size / 1e6})
     return rows
+
+
+def error_seeds(name: str, layers: int, seeds: int, work: Path) -> dict:
+    """Ours dynamic against ORT's ``quantize_dynamic`` on models built from seeds 1..``seeds``: the SQNR gained and
+    the ratio of the largest errors, per seed."""
+    gained, ratio = [], []
+    for seed in range(1, seeds + 1):
+        files, inputs, reference = exports(name, layers, work, seed)
+        feed = {k: v.numpy() for k, v in inputs.items()}
+        ours, theirs = (_errors(_session(files[k]).run(None, feed)[0], reference)
+                        for k in ("ours dynamic", "ORT quantize_dynamic"))
+        gained.append(ours["sqnr_db"] - theirs["sqnr_db"])
+        ratio.append(ours["max_abs_err"] / theirs["max_abs_err"])
+    return {"model": name, "sqnr_gained_db": gained, "max_err_ratio": ratio}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -97,18 +128,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--sessions", type=int, default=3, help="sessions per variant (the median of their medians)")
+    parser.add_argument("--error-seeds", type=int, default=3,
+                        help="models from this many more seeds compare the errors of ours dynamic and ORT's")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = []
+    rows, seeds = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows.extend(measure(name, args.layers, args.runs, Path(tmp), args.sessions))
+            if args.error_seeds:
+                seeds.append(error_seeds(name, args.layers, args.error_seeds, Path(tmp)))
     print(f"CPU: {cpu_model()}; batch 1, 1 thread, {args.layers} layers, medians of {args.runs} alternated runs "
-          f"in each of {args.sessions} sessions per variant, the median of those")
-    print(tabulate([[r["model"], r["variant"], f"{r['ms']:.2f}", f"{r['max_abs_err']:.4f}", f"{r['sqnr_db']:.1f}",
-                     f"{r['mb']:.1f}"] for r in rows],
-                   headers=["model", "variant", "ms", "max |err|", "SQNR dB", "MB"], tablefmt="github"))
-    return rows
+          f"in each of {args.sessions} sessions per variant, the median of those; 'x ORT' is the ratio to ORT's "
+          f"quantize_dynamic in the sessions' median [lowest, highest]")
+    print(tabulate([[r["model"], r["variant"], f"{r['ms']:.2f}", _span(r["vs_ort"], "{:.3f}"),
+                     f"{r['max_abs_err']:.4f}", f"{r['sqnr_db']:.1f}", f"{r['mb']:.1f}"] for r in rows],
+                   headers=["model", "variant", "ms", "x ORT", "max abs err", "SQNR dB", "MB"], tablefmt="github"))
+    if seeds:
+        print(f"\nOurs dynamic against ORT's quantize_dynamic on models from seeds 1-{args.error_seeds} (median "
+              f"[lowest, highest]):")
+        print(tabulate([[r["model"], _span(r["sqnr_gained_db"], "{:+.2f}"), _span(r["max_err_ratio"], "{:.3f}")]
+                        for r in seeds], headers=["model", "SQNR gained dB", "max abs err ours / ORT's"],
+                       tablefmt="github"))
+    return rows + seeds
+
+
+def _span(values: list[float], fmt: str) -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 if __name__ == "__main__":

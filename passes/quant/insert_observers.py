@@ -12,7 +12,8 @@ Options (recipe keys of ``quantize``): ``activation_observer`` (minmax, percenti
 ``weight_bits`` / ``activation_bits``, ``per_channel`` (weights), ``unsigned_after_relu`` (ReLU outputs on
 [0, T] with all 2^bits codes; off: a signed symmetric grid, half of it unused), ``quantize_add_inputs``,
 ``exclude`` (module name patterns left float), ``mode`` (``static``; ``dynamic``: Linear layers get int8 weights and
-activations quantized per batch at run time, nothing to observe or calibrate, for Linear-heavy models).
+activations quantized per batch at run time, nothing to observe or calibrate, for Linear-heavy models; with
+calibration data, lower_quantized corrects their biases).
 
 A ``QuantPlan`` given to ``compile(..., plans=...)`` is applied as it is (its specs, not this pass's options).
 Requires: shape metadata.  Contract: EXACT, bit for bit.

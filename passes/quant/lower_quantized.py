@@ -19,7 +19,8 @@ ONNX: int8 weight initializers, int32 biases, uint8 activations.
 
 Bias correction (``bias_correction``, on by default when calibration data is given): the quantization error of a
 weight shifts the mean of every output channel by E[op(x, W_q - W)]; that mean, measured on up to
-``bias_correction_samples`` calibration samples, is subtracted from the bias (a layer without bias gets one).  The
+``bias_correction_samples`` calibration samples, is subtracted from the bias (a layer without bias gets one), in
+static and dynamic mode (there every call of a shared layer gets its own corrected bias).  The
 forwards that measure it run channels-last where the model allows, as calibration's do (``calibrate.forward_layout``).
 
 A convolution whose quantized input and output (directly or after its ReLU) are both on grids is simulated as ONNX
@@ -221,7 +222,7 @@ class LowerQuantized(Pass):
                 raise InputError(f"[{self.name}] the given bias_corrections name layers this plan does not quantize: "
                                  f"{', '.join(unknown[:5])}.")
             corrections = dict(given.items())
-        elif self.bias_correction and plan.mode == "static" and ctx.calibration_data is not None:
+        elif self.bias_correction and ctx.calibration_data is not None:
             corrections = self._bias_corrections(gm, ctx, plan, nodes, weights)
         else:
             corrections = {}
@@ -261,7 +262,7 @@ class LowerQuantized(Pass):
             if site.kind == "embedding":
                 self._lower_embedding(gm, nodes[site.node], site, wq, constants)
             elif plan.mode == "dynamic":
-                self._lower_dynamic(gm, nodes[site.node], site, wq, constants)
+                self._lower_dynamic(gm, nodes[site.node], site, wq, constants, corrections.get(site.node))
             else:
                 stats["biases_rounded"] += self._lower_weighted(gm, nodes[site.node], site, wq, constants,
                                                                 accumulators, quantizers, corrections.get(site.node))
@@ -391,21 +392,21 @@ class LowerQuantized(Pass):
         meta.add_provenance(add, self.name, "sum requantized as QLinearAdd")
         return True
 
-    def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, wq: FakeQuant, constants: nn.Module) -> None:
+    def _lower_dynamic(self, gm, node: torch.fx.Node, site: WeightSite, wq: FakeQuant, constants: nn.Module,
+                       correction: torch.Tensor | None = None) -> None:
         """Linear -> dynamic_quant_linear(x, int8 weight, zero points, per-row scales, bias); ``addmm(b, x, W)`` the
-        same with the integer weight transposed to out x in."""
+        same with the integer weight transposed to out x in.  A bias correction is subtracted from a copy of the
+        bias (every call of a shared layer gets its own)."""
         graph = gm.graph
         weight = wq.apply(lookup(gm, site.weight).detach())
-        x = node.args[0]
+        x = _input(node, site)
         if site.kind == "addmm":
-            weight, x = weight.t(), node.args[1]
+            weight = weight.t()
         ints, scale = _int8_rows(wq, weight)
         tensors = {"int8": ints, "zero": torch.zeros(weight.shape[0], dtype=torch.int8), "scale": scale}
         with graph.inserting_before(node):
             args = _constant_nodes(graph, constants, f"{node.name}_w", tensors)
-            bias = graph.get_attr(site.bias) if site.bias is not None else None
-            if bias is not None:
-                bias.meta[meta.TENSOR] = meta.describe(lookup(gm, site.bias))
+            bias, _ = self._bias(gm, node, site, wq, None, constants, correction)
             new = graph.call_function(dynamic_quant_linear, (x, *args, bias))
         new.meta[meta.TENSOR] = node.meta[meta.TENSOR]
         meta.add_provenance(new, self.name, f"{site.weight}: int8 weights, activations quantized per batch")
@@ -456,13 +457,15 @@ class LowerQuantized(Pass):
         data of what its weight's quantization error adds to each output channel, E[op(x, W_q - W)]; subtracting
         it from the bias removes the systematic shift (the errors of depthwise and low-bit weights do not average
         out).  ``x`` is the float input, as the calibration forwards see it."""
-        deltas, ops = {}, {}
+        deltas, ops, sources = {}, {}, {}
         for site in plan.weights.values():
             if site.kind in ("matmul", "embedding") or site.node not in nodes:
                 continue
             weight = lookup(gm, site.weight).detach()
-            deltas[site.node] = weights[site.node].apply(weight) - weight
+            delta = weights[site.node].apply(weight) - weight
+            deltas[site.node] = delta.t() if site.kind == "addmm" else delta  # addmm(b, x, W): W is in x out
             ops[site.node] = self._functional(gm, nodes[site.node], site)
+            sources[site.node] = _input(nodes[site.node], site)
         if not deltas:
             return {}
         sums: dict[str, torch.Tensor] = {}
@@ -473,7 +476,7 @@ class LowerQuantized(Pass):
                 out = super().run_node(n)
                 if n.name in deltas:
                     fn, args, kwargs, pad = ops[n.name]
-                    x = self.env[n.args[0]]
+                    x = self.env[sources[n.name]]
                     if pad is not None:
                         x = F.pad(x, pad[0], mode=pad[1])
                     total, count = _weight_error_sum(fn, x, deltas[n.name], args, kwargs)
@@ -493,7 +496,10 @@ class LowerQuantized(Pass):
         return {name: sums[name] / counts[name] for name in sums if counts[name]}
 
     def _functional(self, gm, node, site: WeightSite):
-        """(function, positional args after (x, w, b), kwargs, (padding, mode) or None) for the weighted op."""
+        """(function, positional args after (x, w, b), kwargs, (padding, mode) or None) for the weighted op; an
+        ``addmm(b, x, W)`` as the linear layer it is."""
+        if site.kind == "addmm":
+            return F.linear, (), {}, None
         if node.op != "call_module":
             rest = tuple(node.args[3:])
             kwargs = {k: v for k, v in node.kwargs.items() if k not in ("weight", "bias")}
@@ -524,6 +530,11 @@ class LowerQuantized(Pass):
         return {name: round(acc.overflow_rate(), 6) for name, acc in accumulators.items()}
 
 
+
+
+def _input(node: torch.fx.Node, site: WeightSite) -> torch.fx.Node:
+    """The activation a weighted op reads: ``x`` of ``addmm(b, x, W)``, else its first argument."""
+    return node.args[1] if site.kind == "addmm" else node.args[0]
 
 
 def _int8_rows(wq: FakeQuant, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -434,19 +434,22 @@ def test_calibration_layout_changes_no_statistic_and_is_restored(model):
         torch.testing.assert_close(auto(*example), plain(*example), rtol=1e-4, atol=1e-5)
 
 
+class Conv1DLike(nn.Module):
+    """GPT-2's Conv1D: addmm(bias, x, W) with W stored (in, out)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in ** 0.5)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        size = x.size()[:-1] + (self.weight.shape[1],)  # a read of the weight's shape, not of its values
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size)
+
+
 def test_dynamic_mode_quantizes_addmm_layers_stored_in_by_out(tmp_path):
     """A layer computed as addmm(bias, x, W) with W stored (in, out), as GPT-2's Conv1D: int8 weights per output
     column in dynamic mode, on ORT's integer kernels; static mode leaves it float and says so."""
-
-    class Conv1DLike(nn.Module):
-        def __init__(self, n_in, n_out):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in ** 0.5)
-            self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
-
-        def forward(self, x):
-            size = x.size()[:-1] + (self.weight.shape[1],)  # a read of the weight's shape, not of its values
-            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size)
 
     model = nn.Sequential(Conv1DLike(32, 64), nn.GELU(), Conv1DLike(64, 16)).eval()
     x = torch.randn(4, 7, 32)
@@ -461,6 +464,44 @@ def test_dynamic_mode_quantizes_addmm_layers_stored_in_by_out(tmp_path):
     assert sqnr_db(reference, sim) > 30  # int8 weights per column (per-tensor would not get there on random weights)
     static = fxc.compile(model, (x,), [{"pass": "quantize"}], calibration_data=[(x,)])
     assert any("static mode does not lower addmm" in n for n in static.history[1].notes)
+
+
+class SharedAfterGelu(nn.Module):
+    """An addmm layer, then one Linear called twice on GELU outputs (on inputs with a positive mean, a weight's
+    rounding error shifts every output the same way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.act = Conv1DLike(32, 48), nn.Linear(48, 48), nn.GELU()
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        return self.shared(self.act(self.shared(h)) + h)
+
+
+def test_dynamic_mode_corrects_biases_from_calibration_data(tmp_path):
+    """With calibration data, dynamic mode subtracts each call's mean weight error from its bias (a shared layer's
+    calls get biases of their own; addmm layers too), and ORT runs the file as the module computes it; without
+    data nothing is corrected."""
+    torch.manual_seed(0)
+    model = SharedAfterGelu().eval()
+    x, calib = torch.randn(4, 16, 32) + 1, [(torch.randn(4, 16, 32) + 1,) for _ in range(8)]
+    with torch.no_grad():
+        reference = model(x)
+    sqnr, stats = {}, {}
+    for on in (False, True):
+        result = fxc.compile(model, (x,), [{"pass": "quantize", "mode": "dynamic", "weight_bits": 4,
+                                            "bias_correction": on}], calibration_data=calib)
+        stats[on] = result.history[-1].stats["biases_corrected"]
+        with torch.no_grad():
+            sim = result.module(x)
+        sqnr[on] = sqnr_db(reference, sim)
+    assert stats == {False: 0, True: 3}
+    assert sqnr[True] > sqnr[False] + 1.0, sqnr
+    got = run(result.export_onnx(tmp_path / "corrected.onnx"), (x,))[0]
+    assert np.abs(got - sim.numpy()).max() <= 1e-4 * reference.abs().max().item()
+    plain = fxc.compile(model, (x,), [{"pass": "quantize", "mode": "dynamic"}])
+    assert plain.history[-1].stats["biases_corrected"] == 0
 
 
 class SamePadPool(nn.Module):
