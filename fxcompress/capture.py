@@ -256,10 +256,18 @@ def _to(node: torch.fx.Node) -> None:
                                                 if k in ("dtype", "device", "non_blocking", "copy", "memory_format")})
 
 
+def _numpy_t(node: torch.fx.Node) -> None:
+    """``x.T`` (Falcon's linear layers: ``x @ self.weight.T``): its axes reversed, ``Tensor.permute``."""
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    if isinstance(value, torch.Tensor):
+        _set(node, "call_method", "permute", (node.args[0], tuple(reversed(range(value.dim())))))
+
+
 def _vector_norm(node: torch.fx.Node) -> None:  # the same arguments; torch has it under torch.linalg only
     _set(node, "call_function", torch.linalg.vector_norm, node.args, dict(node.kwargs))
 
 
 _SPECIAL = {"slice": _slice, "index": _index, "sym_size": _sym_size, "embedding": _embedding,
             "linalg_vector_norm": _vector_norm, "layer_norm": _layer_norm, "group_norm": _group_norm,
-            "batch_norm": _batch_norm, "_softmax": _softmax, "constant_pad_nd": _pad, "_to_copy": _to, "to": _to}
+            "batch_norm": _batch_norm, "_softmax": _softmax, "constant_pad_nd": _pad, "_to_copy": _to, "to": _to,
+            "numpy_T": _numpy_t}

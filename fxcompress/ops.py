@@ -289,7 +289,8 @@ register(torch.roll, T.roll, channels="roll")
 register(torch.cat, torch.concat, channels="cat", quant="cat")
 register(torch.concatenate, quant="cat")
 register(torch.stack, channels="stack")
-register(torch.split, torch.chunk, torch.unbind, *_methods("split", "chunk", "unbind"), channels="split",
+register(torch.split, torch.chunk, torch.unbind, torch.split_with_sizes,
+         *_methods("split", "chunk", "unbind", "split_with_sizes"), channels="split",
          quant="split")
 register(torch.tensor_split, T.tensor_split, quant="split")
 register(operator.getitem, channels="getitem")

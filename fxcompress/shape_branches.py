@@ -101,19 +101,53 @@ class ShapeBranches:
         """``int()`` of a traced value: the example's value where it depends on shapes only (asserted in the
         graph); anything else cannot be traced (``ShapeValueNeeded``, which turns the concrete run on when it is
         off)."""
+        return int(self._specialised(obj, "int()", (int, float)))
+
+    def to_number(self, obj: torch.fx.Proxy, use: str, integral: bool = False) -> int | float:
+        """The example's value of a traced number that depends on shapes only, for ``use`` (``int()``, an index of a
+        real tensor, ``torch.tensor(...)``), with ``torch._assert`` of it in the graph; ``integral`` refuses a
+        float."""
+        return self._specialised(obj, use, (int,) if integral else (int, float))
+
+    def _specialised(self, obj: torch.fx.Proxy, use: str, kinds: tuple[type, ...]) -> Any:
         value = self.values.get(obj.node, _UNKNOWN) if self.examples is not None else _UNKNOWN
-        if obj.node not in self.shape_only or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if obj.node not in self.shape_only or isinstance(value, bool) or not isinstance(value, kinds):
             raise ShapeValueNeeded(
-                f"int() of the symbolically traced value {obj.node.name}: a Python number is needed here, which "
-                f"the trace has only for values that depend on input shapes (as in control flow on them)")
-        number = int(value)
-        where = user_frame_text(sys._getframe(1)).strip().splitlines()
+                f"{use} of the symbolically traced value {obj.node.name}: a Python value is needed here, which "
+                f"the trace has only for values that depend on input shapes and dtypes (as in control flow on them)")
+        where = (user_frame_text(sys._getframe(1)) or "").strip().splitlines()
         source = where[-1].strip() if where else obj.node.name
         equal = self.create_proxy("call_function", operator.eq, (obj, value), {})
         self.create_proxy("call_function", torch._assert, (equal, f"traced for inputs whose shapes make `{source}` "
-                          f"use the value {number}; trace the model again with inputs of these shapes"), {})
-        self.branches.append(f"`{source}` -> int {number}")
-        return number
+                          f"use the value {value}; trace the model again with inputs of these shapes"), {})
+        self.branches.append(f"`{source}` -> {type(value).__name__} {value}")
+        return value
+
+    @contextlib.contextmanager
+    def values_of_shapes(self):
+        """While tracing, ``torch.tensor`` of traced numbers that depend on shapes only (DeBERTa's
+        ``torch.tensor(q.size(-1), dtype=torch.float)``) makes the tensor of the example's values (``to_number``),
+        and ``torch.finfo`` / ``torch.iinfo`` of a traced tensor's dtype (``torch.finfo(q.dtype).min``) describe the
+        example's dtype, asserted in the graph."""
+        make, finfo, iinfo = torch.tensor, torch.finfo, torch.iinfo
+
+        def tensor(data, *args, **kwargs):
+            if isinstance(data, (torch.fx.Proxy, list, tuple)):
+                data = pytree.tree_map(lambda v: self.to_number(v, "torch.tensor()")
+                                       if isinstance(v, torch.fx.Proxy) else v, data)
+            return make(data, *args, **kwargs)
+
+        def info(kind):
+            def of(dtype=None):
+                if isinstance(dtype, torch.fx.Proxy):
+                    dtype = self._specialised(dtype, f"torch.{kind.__name__}()", (torch.dtype,))
+                return kind() if dtype is None else kind(dtype)
+            return of
+        torch.tensor, torch.finfo, torch.iinfo = tensor, info(finfo), info(iinfo)
+        try:
+            yield
+        finally:
+            torch.tensor, torch.finfo, torch.iinfo = make, finfo, iinfo
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         value = self.values.get(obj.node, _UNKNOWN) if self.examples is not None else _UNKNOWN

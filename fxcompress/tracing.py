@@ -148,6 +148,10 @@ class _Tracer(ShapeBranches, torch.fx.Tracer):
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
 
+    def trace(self, root, concrete_args=None) -> torch.fx.Graph:
+        with self.values_of_shapes():
+            return super().trace(root, concrete_args)
+
     def create_node(self, *args, **kwargs) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)
         if not node.stack_trace and node.op not in ("placeholder", "output"):  # made outside the forward
@@ -190,7 +194,7 @@ class _Tracer(ShapeBranches, torch.fx.Tracer):
 
 class _Proxy(torch.fx.Proxy):
     """A Proxy whose ``len`` is known for split/chunk results, so ``list(x.split(...))`` traces, and whose ``int()``
-    is the example's value where it depends on input shapes only (``ShapeBranches.to_int``)."""
+    and index are the example's value where it depends on input shapes only (``ShapeBranches.to_number``)."""
 
     def __len__(self) -> int:
         n = _split_count(self.node)
@@ -198,6 +202,11 @@ class _Proxy(torch.fx.Proxy):
 
     def __int__(self) -> int:
         return self.tracer.to_int(self)
+
+    def __index__(self) -> int:
+        """A traced number as an index of something real: a slice of a buffer (``self.position_ids[:, :n]``), a
+        list, ``range``; the example's value where it depends on input shapes only (asserted in the graph)."""
+        return self.tracer.to_number(self, "an index", integral=True)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         """``x[key] = value`` on a traced tensor: an ``operator.setitem`` node, which fx keeps as a side effect
@@ -208,10 +217,11 @@ class _Proxy(torch.fx.Proxy):
 def _split_count(node: torch.fx.Node) -> int | None:
     """How many tensors a split/chunk call returns when its arguments say so without knowing shapes."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if node.op not in ("call_method", "call_function") or name not in ("split", "chunk", "tensor_split"):
+    if node.op not in ("call_method", "call_function") or \
+            name not in ("split", "split_with_sizes", "chunk", "tensor_split"):
         return None
-    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
-                                                                    node.kwargs.get("chunks"))
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_sizes",
+                                                                    node.kwargs.get("chunks")))
     if isinstance(arg, (tuple, list)):
         return len(arg) + (1 if name == "tensor_split" else 0)
     if name == "chunk" and isinstance(arg, int):

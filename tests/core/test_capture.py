@@ -196,3 +196,31 @@ def test_a_vector_norm_export_records_as_aten_reads_as_torch_linalg_vector_norm(
     assert any(n.target is torch.linalg.vector_norm for n in gm.graph.nodes)
     pruned = fxc.compile(Grn().eval(), x, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
     assert pruned.module.a.out_features == 8
+
+
+class FusedQkv(nn.Module):
+    """Falcon's layers as torch.export records them: ``x @ self.weight.T`` (aten.numpy_T) and a fused query, key and
+    value projection cut with ``split`` into unequal parts (aten.split_with_sizes)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.qkv = nn.Parameter(torch.randn(2 * d + 8, d) / d ** 0.5)
+        self.out, self.ffn = nn.Linear(d, d), nn.Linear(8, d)
+
+    def forward(self, x):
+        x = x * torch.ones(x.shape[0], 1, 1)  # made with traced sizes: torch.export captures it
+        q, k, v = torch.split(x @ self.qkv.T, [x.shape[-1], x.shape[-1], 8], dim=-1)
+        return self.out(torch.softmax(q @ k.transpose(1, 2), -1) @ q) + self.ffn(F.gelu(v))
+
+
+def test_transposed_weights_and_unequal_splits_export_records_read_as_the_functions_pruning_knows():
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    model = FusedQkv().eval()
+    gm = fxc.trace(model, x)
+    assert gm.meta[meta.TRACE_INFO].front_end == "export"
+    assert not [n for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+    mask = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5, "mode": "mask"}])
+    removed = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
+    assert removed.module.ffn.in_features < 8 and removed.module.qkv.shape[0] < 40  # the split's parts re-sized
+    assert torch.allclose(removed.module(x), mask.module(x), atol=1e-5)

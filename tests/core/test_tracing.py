@@ -1,6 +1,7 @@
 import copy
 import operator
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -187,6 +188,56 @@ def test_int_of_a_shape_takes_the_example_value_and_asserts_it():
         gm(torch.randn(2, 4, 4))
     result = fxc.compile(model, x, [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
     assert result.module.get_submodule("0.qkv").out_features < 12  # q and k, or v, pruned inside the block
+
+
+class DisentangledLike(nn.Module):
+    """Hugging Face DeBERTa-v2's patterns: a buffer sliced by a traced length, ``torch.tensor`` of a traced size,
+    the smallest value of a traced dtype filling masked scores."""
+
+    def __init__(self, dim=8, max_len=16):
+        super().__init__()
+        self.qkv, self.out, self.pos = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Embedding(max_len, dim)
+        self.register_buffer("position_ids", torch.arange(max_len)[None], persistent=False)
+
+    def forward(self, x, mask):
+        n = x.size(1)
+        x = x + self.pos(self.position_ids[:, :n])
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scale = torch.sqrt(torch.tensor(q.size(-1), dtype=torch.float))
+        scores = (q @ k.transpose(-1, -2)) / scale
+        scores = scores.masked_fill(~mask[:, None, :].bool(), torch.finfo(q.dtype).min)
+        return self.out(scores.softmax(-1) @ v)
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = DisentangledLike(), nn.Linear(8, 2)
+
+    def forward(self, x, mask):
+        return self.head(self.block(x, mask))
+
+
+def test_buffers_sliced_tensors_made_and_dtype_limits_taken_from_traced_shapes(tmp_path):
+    """A buffer sliced by a length read from the input, ``torch.tensor`` of a size and ``torch.finfo`` of a traced
+    tensor's dtype take the example's values (asserted in the graph) instead of making the module opaque: any
+    batch runs, another length fails loudly, the attention prunes, and the export runs in ONNX Runtime."""
+    model = Encoder().eval()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    gm = fxc.trace(model, (x, mask))
+    info = gm.meta[meta.TRACE_INFO]
+    assert not info.auto_leaves
+    assert {b.split(" -> ")[1] for b in info.shape_branches} == {"int 5", "int 8", "dtype torch.float32"}
+    bigger = (torch.randn(7, 5, 8), torch.ones(7, 5, dtype=torch.long))
+    torch.testing.assert_close(gm(*bigger), model(*bigger), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="use the value 5"):
+        gm(torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.long))
+    result = fxc.compile(model, (x, mask), [{"pass": "prune", "ratio": 0.5, "mode": "remove"}])
+    assert result.module.block.qkv.out_features < 24
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(result.export_onnx(tmp_path / "m.onnx")))
+    got = session.run(None, dict(zip([i.name for i in session.get_inputs()], (x.numpy(), mask.numpy()))))[0]
+    np.testing.assert_allclose(got, result.module(x, mask).detach().numpy(), atol=1e-5)
 
 
 def test_int_of_a_tensor_value_keeps_the_submodule_opaque():
