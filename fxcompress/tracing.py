@@ -220,7 +220,8 @@ def _split_count(node: torch.fx.Node) -> int | None:
     if node.op not in ("call_method", "call_function") or \
             name not in ("split", "split_with_sizes", "chunk", "tensor_split"):
         return None
-    sizes = next((node.kwargs[k] for k in ("split_size_or_sections", "split_sizes", "chunks") if k in node.kwargs), None)
+    keys = ("split_size_or_sections", "split_sizes", "chunks")
+    sizes = next((node.kwargs[k] for k in keys if k in node.kwargs), None)
     arg = node.args[1] if len(node.args) > 1 else sizes
     if isinstance(arg, (tuple, list)):
         return len(arg) + (1 if name == "tensor_split" else 0)
