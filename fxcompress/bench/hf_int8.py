@@ -15,6 +15,8 @@ dynamic and ORT's are compared again on models built from ``--error-seeds`` othe
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import statistics
 import tempfile
 from pathlib import Path
@@ -122,6 +124,12 @@ def error_seeds(name: str, layers: int, seeds: int, work: Path) -> dict:
     return {"model": name, "sqnr_gained_db": gained, "max_err_ratio": ratio}
 
 
+def _model(name: str, args: argparse.Namespace, work: Path) -> tuple[list[dict], list[dict]]:
+    torch.set_num_threads(1)
+    rows = measure(name, args.layers, args.runs, work, args.sessions)
+    return rows, [error_seeds(name, args.layers, args.error_seeds, work)] if args.error_seeds else []
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m fxcompress.bench.hf_int8", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -133,11 +141,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows, seeds = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    # A fresh process per model: ORT's arenas and the compiled models of 4 files x (1 + seeds) builds do not go back
+    # to the system, and nine base-width models in one process outgrow 24 GB.
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ProcessPoolExecutor(
+            1, multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         for name in args.models:
-            rows.extend(measure(name, args.layers, args.runs, Path(tmp), args.sessions))
-            if args.error_seeds:
-                seeds.append(error_seeds(name, args.layers, args.error_seeds, Path(tmp)))
+            measured, compared = pool.submit(_model, name, args, Path(tmp)).result()
+            rows.extend(measured)
+            seeds.extend(compared)
     print(f"CPU: {cpu_model()}; batch 1, 1 thread, {args.layers} layers, medians of {args.runs} alternated runs "
           f"in each of {args.sessions} sessions per variant, the median of those; 'x ORT' is the ratio to ORT's "
           f"quantize_dynamic in the sessions' median [lowest, highest]")
