@@ -20,7 +20,7 @@ ONNX: int8 weight initializers, int32 biases, uint8 activations.
 Bias correction (``bias_correction``, on by default when calibration data is given): the quantization error of a
 weight shifts the mean of every output channel by E[op(x, W_q - W)]; that mean, measured on up to
 ``bias_correction_samples`` calibration samples, is subtracted from the bias (a layer without bias gets one), in
-static and dynamic mode (there every call of a shared layer gets its own corrected bias).  The
+static and dynamic mode; every call of a shared layer gets its own corrected bias.  The
 forwards that measure it run channels-last where the model allows, as calibration's do (``calibrate.forward_layout``).
 
 A convolution whose quantized input and output (directly or after its ReLU) are both on grids is simulated as ONNX
