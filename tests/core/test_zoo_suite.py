@@ -55,14 +55,16 @@ def test_tables_and_the_readme_section(tmp_path):
             {"model": "hf:opt", "steps": {**dict.fromkeys(zoo.STEPS, "-"), "trace": "FAIL"},
              "errors": {"trace": "TracingError: no"}},
             {"model": "timm:ghostnet_050", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "share": 0.8,
-             "macs_kept": 0.52, "tp_macs_kept": 0.28, "channels_removed": 0.37, "tp_channels_removed": 0.44},
+             "macs_kept": 0.52, "tp_macs_kept": 0.28, "channels_removed": 0.37, "tp_channels_removed": 0.44,
+             "macs_kept_at_tp_cut": 0.25, "channels_removed_at_tp_cut": 0.45},
             {"model": "timm:resnet10t", "steps": dict.fromkeys(zoo.STEPS, "ok"), "errors": {}, "share": 0.8,
              "macs_kept": 0.5, "tp_macs_kept": 0.5, "channels_removed": 0.3, "tp_channels_removed": 0.32}]
     table = zoo.coverage_table(rows[:2])
     cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
     assert cells == ["hf", "2"] + ["1"] * (len(zoo.STEPS) + 1)  # tried, each step, every step
     models = zoo.model_table(rows)
-    assert "28 % (removes 44 % of the channels, we 37 %)" in models and "removes 32 %" not in models
+    assert "28 % (removes 44 % of the channels, we 37 %; removing 45 % we keep 25 %)" in models
+    assert "removes 32 %" not in models
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{zoo.README_BEGIN}\nstale table\n{zoo.README_END}\nrest\n")
     zoo.write_readme(readme, rows, ["python -m fxcompress.bench.zoo --suites hf"], "a CPU")
@@ -76,6 +78,20 @@ def test_tables_and_the_readme_section(tmp_path):
     readme.write_text("no section")
     with pytest.raises(SystemExit, match="zoo:begin"):
         zoo.write_readme(readme, rows, ["cmd"], "a CPU")
+
+
+def test_where_torch_pruning_cuts_more_ours_is_pruned_again_at_its_cut():
+    import torch
+    import torch.nn as nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    row = {"channels_removed": 0.2, "tp_channels_removed": 0.6}
+    zoo.at_its_cut(row, model, x)
+    assert 0.5 <= row["channels_removed_at_tp_cut"] <= 0.7 and row["macs_kept_at_tp_cut"] < 0.5
+    close = {"channels_removed": 0.3, "tp_channels_removed": 0.33}
+    zoo.at_its_cut(close, model, x)
+    assert "macs_kept_at_tp_cut" not in close
 
 
 @pytest.mark.slow
