@@ -434,6 +434,29 @@ def test_calibration_layout_changes_no_statistic_and_is_restored(model):
         torch.testing.assert_close(auto(*example), plain(*example), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_weights_export_one_zero_point_and_a_scale_per_row_or_one(per_channel, tmp_path):
+    """Symmetric int8 weights: the file gives MatMulInteger one zero point (ORT runs a vector of them, even of
+    zeros, on a slower path) and one scale when the weight is per tensor."""
+    import onnx
+    from onnx import numpy_helper
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval(), torch.randn(2, 5, 16)
+    result = fxc.compile(model, (x,), [{"pass": "quantize", "mode": "dynamic", "per_channel": per_channel}])
+    graph = onnx.load(result.export_onnx(tmp_path / "m.onnx")).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:  # the exporter gives equal constants one initializer and the others Identity nodes
+        if n.op_type == "Identity" and n.input[0] in values:
+            values[n.output[0]] = values[n.input[0]]
+    zero_points = [values[n.input[3]] for n in graph.node if n.op_type == "MatMulInteger"]
+    assert len(zero_points) == 2 and all(z.shape == () and z == 0 for z in zero_points)
+    scales = [result.module.qparams.get_buffer(f"{k}_w_scale") for k in ("_0", "_2")]
+    assert [s.dim() for s in scales] == ([1, 1] if per_channel else [0, 0])
+    with torch.no_grad():
+        sim = result.module(x).numpy()
+    assert np.abs(run(result.export_onnx(tmp_path / "m.onnx"), (x,))[0] - sim).max() <= 1e-5 * np.abs(sim).max()
+
+
 class Conv1DLike(nn.Module):
     """GPT-2's Conv1D: addmm(bias, x, W) with W stored (in, out)."""
 
@@ -541,32 +564,35 @@ def test_an_example_of_no_samples_calibrates_on_the_data():
 
 
 class _Tokens(nn.Module):
-    def __init__(self, vocab=500, width=32):
+    def __init__(self, vocab=4096, width=32):
         super().__init__()
         self.emb = nn.Embedding(vocab, width)
-        self.pos = nn.Embedding(16, width)
+        self.pos = nn.Embedding(2048, width)
+        self.kind = nn.Embedding(2, width)  # a token-type table: too small to store in int8
         self.fc = nn.Linear(width, 8)
 
     def forward(self, ids):
-        return self.fc(self.emb(ids) + self.pos(torch.arange(ids.shape[1])))
+        return self.fc(self.emb(ids) + self.pos(torch.arange(ids.shape[1])) + self.kind(ids % 2))
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_embedding_tables_are_stored_in_int8_and_only_the_rows_read_are_dequantized(mode, tmp_path):
     """As ORT's quantize_dynamic stores them: the file holds int8 tables (a quarter of their bytes), ORT gathers
-    int8 rows, and the outputs equal PyTorch's; a scale per row keeps the tables' own error tiny."""
+    int8 rows, and the outputs equal PyTorch's; a scale per row keeps the tables' own error tiny.  A table of fewer
+    than 65536 values stays float and is named."""
     torch.manual_seed(0)
     model = _Tokens().eval()
-    ids = torch.randint(0, 500, (3, 12))
-    calib = [(torch.randint(0, 500, (3, 12)),) for _ in range(4)]
+    ids = torch.randint(0, 4096, (3, 12))
+    calib = [(torch.randint(0, 4096, (3, 12)),) for _ in range(4)]
     result = fxc.compile(model, (ids,), [{"pass": "quantize", "mode": mode}], calibration_data=calib)
     lowered = [n for n in result.module.graph.nodes if n.target is quantized_embedding]
     assert len(lowered) == 2 and result.module.qparams.emb_table_int8.dtype == torch.int8
+    assert "left float: kind: a table of 64 values stays float" in result.history[1].notes[0]
     table = model.emb.weight.detach()
     rows = result.module.qparams.emb_table_int8.float() * result.module.qparams.emb_table_scale
     assert sqnr_db(table.numpy(), rows.numpy()) > 40
     path = result.export_onnx(tmp_path / "tokens.onnx")
-    assert path.stat().st_size < 0.4 * 4 * table.numel()
+    assert path.stat().st_size < 0.4 * 4 * (table.numel() + model.pos.weight.numel())
     with torch.no_grad():
         sim = result.module(ids).numpy()
     assert np.abs(run(path, (ids,))[0] - sim).max() <= 1e-5 * np.abs(sim).max()

@@ -17,7 +17,8 @@ MatMulIntegerToFloat):
   Hugging Face's ``Conv1D`` in GPT-2 does) gets int8 weights in dynamic mode; in static mode it stays float;
 - the table of an ``nn.Embedding`` (without ``max_norm``) is stored in int8 with a scale per row (per tensor without
   ``per_channel``), in both modes, as ONNX Runtime's ``quantize_dynamic`` stores it: a lookup reads int8 rows and
-  dequantizes only those (``quantized_embedding``), and the file holds a quarter of the table's bytes.
+  dequantizes only those (``quantized_embedding``), and the file holds a quarter of the table's bytes; a table of
+  fewer than ``SMALL_TABLE`` values (token types, relative-position biases) stays float.
 
 A *site* is one set of tensors sharing a scale and zero point: the tensors where statistics are taken
 (``values``) and the pass-through tensors that reuse them (``shared``).  Every use of a quantized tensor reads
@@ -130,6 +131,9 @@ class Options:
     quantize_add_inputs: bool = False
     exclude: tuple[str, ...] = ()
     mode: str = "static"  # "dynamic": Linear weights only; activations are quantized per batch at run time
+
+
+SMALL_TABLE = 65536  # embedding tables with fewer values stay float
 
 
 def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
@@ -315,6 +319,10 @@ class Planner:
             self.float_ops[node.name] = f"{node.target}: an embedding with max_norm or extra arguments; left float"
         elif self._excluded(node):
             self.float_ops[node.name] = f"{node.target}: excluded"
+        elif m.weight.is_floating_point() and m.weight.numel() < SMALL_TABLE:
+            self.float_ops[node.name] = (f"{node.target}: a table of {m.weight.numel()} values stays float (int8 would "
+                                         f"save under {SMALL_TABLE * 3 // 1024} KB and dequantizing every lookup "
+                                         f"costs more than reading float rows)")
         elif m.weight.is_floating_point():
             spec = QuantSpec(bits=self.o.weight_bits, signed=True, symmetric=True,
                              axis=0 if self.o.per_channel else None)
