@@ -8,10 +8,10 @@ Each model is a Hugging Face architecture at its base width (768 hidden, 12 head
 layers and random weights (no downloads); text models take 128 tokens, ViT a 224x224 image.  For each: the fp32
 export of the traced model, ORT's ``quantize_dynamic`` (QInt8 weights, its defaults) of that file, and the exports of
 ``quantize`` with ``mode="dynamic"`` (weights per channel, and per tensor as ORT's are) and static (calibrated on 8
-random inputs of the same kind): milliseconds (each
-file in ``--sessions`` sessions, every session's median of alternated runs, the median of those), the largest
-absolute error and the SQNR of the last hidden state against PyTorch fp32, and the file size.  The errors of ours
-dynamic and ORT's are compared again on models built from ``--error-seeds`` other seeds.
+random inputs of the same kind): milliseconds (each file in ``--sessions`` sessions, every session's median of
+alternated runs, the median of those) and the ratio to ORT's file per session, the largest absolute error and the
+SQNR of the last hidden state against PyTorch fp32, and the file size.  The errors of ours dynamic and ORT's are
+compared again on models built from ``--error-seeds`` other seeds.
 """
 from __future__ import annotations
 

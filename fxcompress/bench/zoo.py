@@ -411,7 +411,7 @@ def model_table(rows: list[dict[str, Any]]) -> str:
     """Per model: each step, the prunable share, MACs kept by us and by Torch-Pruning, the first failure."""
     def pct(x: float | None) -> str:
         return "" if x is None else f"{100 * x:.0f} %"
-    def theirs(r: dict[str, Any]) -> str:  # more channels removed than ours: not pruned at the same ratio
+    def theirs(r: dict[str, Any]) -> str:  # more channels removed than ours: both shares, and ours at its cut
         cut, ours = r.get("tp_channels_removed"), r.get("channels_removed")
         over = cut is not None and ours is not None and cut > ours + 0.05
         if not over:
