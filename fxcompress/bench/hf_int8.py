@@ -23,13 +23,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from tabulate import tabulate
 
 import fxcompress as fxc
 
 from ..export.onnx import export_onnx
+from ..export.ort import session
 from .measure import alternated_latency, cpu_model, sqnr_db
 
 VARIANTS = {"ours dynamic": {"mode": "dynamic"}, "ours dynamic per-tensor": {"mode": "dynamic", "per_channel": False},
@@ -68,8 +68,10 @@ def build(name: str, layers: int, seed: int = 0) -> tuple[torch.nn.Module, dict[
     return model, inputs, calibration
 
 
-def exports(name: str, layers: int, work: Path, seed: int = 0) -> tuple[dict[str, Path], dict, np.ndarray]:
-    """({variant: ONNX file}, example inputs, PyTorch fp32 last hidden state) of one model built from ``seed``."""
+def exports(name: str, layers: int, work: Path, seed: int = 0,
+            variants: tuple[str, ...] = tuple(VARIANTS)) -> tuple[dict[str, Path], dict, np.ndarray]:
+    """({variant: ONNX file}, example inputs, PyTorch fp32 last hidden state) of one model built from ``seed``: the
+    fp32 export, ORT's ``quantize_dynamic`` of it and ours of ``variants``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     model, inputs, calibration = build(name, layers, seed)
     with torch.no_grad():
@@ -77,16 +79,10 @@ def exports(name: str, layers: int, work: Path, seed: int = 0) -> tuple[dict[str
     files = {"fp32": export_onnx(fxc.trace(model, inputs), tuple(inputs.values()), work / f"{name}_fp32.onnx")}
     files["ORT quantize_dynamic"] = work / f"{name}_ort_dynamic.onnx"
     quantize_dynamic(str(files["fp32"]), str(files["ORT quantize_dynamic"]), weight_type=QuantType.QInt8)
-    for label, options in VARIANTS.items():
-        result = fxc.compile(model, inputs, [{"pass": "quantize", **options}], calibration_data=calibration)
+    for label in variants:
+        result = fxc.compile(model, inputs, [{"pass": "quantize", **VARIANTS[label]}], calibration_data=calibration)
         files[label] = result.export_onnx(work / f"{name}_{label.replace(' ', '_')}.onnx")
     return files, inputs, reference
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options)
 
 
 def _errors(out: np.ndarray, reference: np.ndarray) -> dict:
@@ -101,7 +97,7 @@ def measure(name: str, layers: int, runs: int, work: Path, sessions: int = 3) ->
     copies = {}  # the same file in several sessions, made in rotating order: where ORT's buffers land moves one
     for i in range(sessions):  # session's latency by several percent (T5: either variant ahead, by file order)
         for k in labels[i % len(labels):] + labels[:i % len(labels)]:
-            copies[k, i] = _session(files[k])
+            copies[k, i] = session(files[k])
     feed = {k: v.numpy() for k, v in inputs.items()}
     each = alternated_latency({key: (lambda s=s: s.run(None, feed)) for key, s in copies.items()}, runs)
     rows = []
@@ -119,11 +115,11 @@ def error_seeds(name: str, layers: int, seeds: int, work: Path) -> list[dict]:
     ours = ("ours dynamic", "ours dynamic per-tensor")
     rows = {k: {"model": name, "variant": k, "sqnr_gained_db": [], "max_err_ratio": []} for k in ours}
     for seed in range(1, seeds + 1):
-        files, inputs, reference = exports(name, layers, work, seed)
+        files, inputs, reference = exports(name, layers, work, seed, ours)
         feed = {k: v.numpy() for k, v in inputs.items()}
-        theirs = _errors(_session(files["ORT quantize_dynamic"]).run(None, feed)[0], reference)
+        theirs = _errors(session(files["ORT quantize_dynamic"]).run(None, feed)[0], reference)
         for k in ours:
-            got = _errors(_session(files[k]).run(None, feed)[0], reference)
+            got = _errors(session(files[k]).run(None, feed)[0], reference)
             rows[k]["sqnr_gained_db"].append(got["sqnr_db"] - theirs["sqnr_db"])
             rows[k]["max_err_ratio"].append(got["max_abs_err"] / theirs["max_abs_err"])
     return list(rows.values())
