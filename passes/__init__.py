@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fxcompress.passes.low_rank.low_rank_svd import LowRankSVD
+from fxcompress.passes.nas.nas import NAS
 from fxcompress.passes.pruning.gradual_prune import GradualPrune
 from fxcompress.passes.pruning.propagate_dependencies import PropagateDependencies
 from fxcompress.passes.pruning.remove_channels import RemoveChannels
@@ -41,6 +42,7 @@ PASSES: dict[str, type[Pass]] = {
     "distill": Distill,
     "qat": QAT,
     "gradual_prune": GradualPrune,
+    "nas": NAS,
 }
 
 

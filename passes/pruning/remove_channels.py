@@ -24,10 +24,11 @@ import torch.nn as nn
 from fxcompress.passes.pruning.lib.channel_deps import (
     PRUNE_ORDER,
     ChannelGraph,
+    channel_masks,
 )
 from fxcompress.passes.pruning.lib.channel_rules import Space
 from fxcompress.passes.pruning.lib.channel_spaces import index_items, slice_start
-from fxcompress.passes.pruning.select_channels import PruningPlan
+from fxcompress.passes.pruning.lib.width_space import PruningPlan
 
 from fxcompress import meta, ops
 from fxcompress.context import CompileContext
@@ -126,25 +127,13 @@ class RemoveChannels(Pass):
         """Zero the planned channels; returns (tensors changed, {tensor target: 0/1 mask of its shape}), the masks
         that training passes re-apply so that the zeroed channels stay zero (a tensor whose planned channels are
         zero already is not counted)."""
+        masks = channel_masks(cg, positions)
         touched = 0
-        masks: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for s, p in cg.rel.params.items():
-                if s not in positions or p.target.endswith("running_var"):
-                    continue
-                t = lookup(cg.gm, p.target)
-                touched += _nonzero(t.index_select(p.dim, positions[s]))
-                t.index_fill_(p.dim, positions[s], 0)
-                mask = masks.get(p.target, torch.ones_like(t))
-                masks[p.target] = mask.index_fill(p.dim, positions[s], 0)
-            for s, g in cg.rel.grouped_inputs.items():
-                if s in positions:
-                    target = f"{g.module}.weight" if g.module else "weight"
-                    w = cg.gm.get_submodule(g.module).weight
-                    keep = _grouped_input_mask(w, g.groups, positions[s])
-                    touched += _nonzero(w.masked_select(keep.expand_as(w) == 0))
-                    w.copy_(keep * w)
-                    masks[target] = masks.get(target, torch.ones_like(w)) * keep
+            for target, mask in masks.items():
+                t, zero = lookup(cg.gm, target), mask.expand_as(lookup(cg.gm, target)) == 0
+                touched += _nonzero(t.masked_select(zero))
+                t.masked_fill_(zero, 0)
         return touched, masks
 
     # -- remove ------------------------------------------------------------------------------------------------
@@ -312,14 +301,6 @@ def _resize(m: nn.Module, old: dict) -> None:
     kind = ops.of_module(m, "resize")
     if kind is not None:
         RESIZE[kind](m, old)
-
-
-def _grouped_input_mask(w: torch.Tensor, groups: int, removed: torch.Tensor) -> torch.Tensor:
-    """1/0 mask over a grouped conv weight zeroing the weights that read removed input channels."""
-    cout, cin_g = w.shape[0], w.shape[1]
-    mask = torch.ones(groups, cin_g, dtype=w.dtype)
-    mask.view(-1)[removed] = 0
-    return mask.repeat_interleave(cout // groups, 0).reshape(cout, cin_g, *([1] * (w.dim() - 2)))
 
 
 def _grouped_input_select(w: torch.Tensor, groups: int, removed: torch.Tensor, cin: int) -> torch.Tensor:

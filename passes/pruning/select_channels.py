@@ -24,7 +24,6 @@ Requires: channel_groups.  Contract: EXACT (plans only; the module is not touche
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 
@@ -35,7 +34,7 @@ from fxcompress.passes.pruning.lib.channel_deps import (
     ChannelGraph,
     ChannelGroup,
 )
-from fxcompress.passes.pruning.lib.width_space import PruningTargets
+from fxcompress.passes.pruning.lib.width_space import PruningPlan, PruningTargets
 
 from fxcompress import meta, ops
 from fxcompress.context import CompileContext
@@ -43,38 +42,11 @@ from fxcompress.errors import InputError, RecipeError, VerificationError, did_yo
 from fxcompress.fxutil import lookup
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
-from fxcompress.plans import Artifact, Lifetime, graph_signature, replayed
+from fxcompress.plans import graph_signature, replayed
 
 CRITERIA = ("l1", "l2", "fpgm", "slim", "opt_slim", "taylor", "apoz", "mean_activation", "random")
 DATA_CRITERIA = ("taylor", "apoz", "mean_activation")
 SCOPES = ("local", "global")
-
-
-@dataclasses.dataclass(frozen=True)
-class PruningPlan(Artifact):
-    """Which channels of which group to remove, as data: group name → sorted channel indices."""
-
-    kind = "pruning_plan"
-    owner = "select_channels"
-    lifetime = Lifetime.DECISION
-
-    criterion: str
-    removed: dict[str, tuple[int, ...]]
-    sizes: dict[str, int]  # group name → channels before
-    graph: str = ""  # graph_signature of the module it was made for
-
-    def summary(self) -> str:
-        return (f"{self.criterion}: remove {sum(map(len, self.removed.values()))} of {sum(self.sizes.values())} "
-                f"channels in {sum(1 for r in self.removed.values() if r)} groups")
-
-    def ratio(self, group: str) -> float:
-        return len(self.removed.get(group, ())) / self.sizes[group]
-
-    def __str__(self) -> str:
-        lines = [f"PruningPlan({self.criterion}): {sum(map(len, self.removed.values()))} of "
-                 f"{sum(self.sizes.values())} channels"]
-        lines += [f"  {g}: remove {len(r)}/{self.sizes[g]}" for g, r in self.removed.items() if r]
-        return "\n".join(lines)
 
 
 # ---- scores --------------------------------------------------------------------------------------------------

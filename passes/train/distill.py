@@ -43,14 +43,6 @@ from fxcompress.pass_base import PassResult
 VARIANTS = ("offline", "semi_supervised", "self")
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 x KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (and any positions)."""
-    classes = student.shape[1]
-    s = F.log_softmax(student.movedim(1, -1).reshape(-1, classes) / temperature, dim=-1)
-    t = F.log_softmax(teacher.movedim(1, -1).reshape(-1, classes) / temperature, dim=-1)
-    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
-
-
 class Distill(training.TrainingPass):
     """Knowledge distillation: offline KD, semi-supervised pseudo-labels, self-distillation; optional features."""
 
@@ -133,7 +125,7 @@ class Distill(training.TrainingPass):
                     with torch.no_grad():
                         t_out = t(*inputs)
                 _check_outputs(out, t_out)
-                loss = self.alpha * kd_loss(out, t_out, self.temperature)
+                loss = self.alpha * training.kd_loss(out, t_out, self.temperature)
                 if self.alpha < 1:
                     loss = loss + (1 - self.alpha) * loss_fn(out, target)
             if matcher is not None:

@@ -35,6 +35,7 @@ PIPELINES = {
     "distill": [{"pass": "distill", **TRAIN}],
     "qat": [*QUANT, {"pass": "qat", **TRAIN}],
     "gradual_prune": [*PRUNE[:1], {"pass": "gradual_prune", "target": 0.5, "frequency": 1, **TRAIN}],
+    "nas": [{"pass": "nas", "budget": {"macs": 0.6}, "population": 4, "generations": 1, **TRAIN}],
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fxcompress.passes.train.distill import kd_loss
+from fxcompress.passes.train.lib.training import kd_loss
 
 import fxcompress as fxc
 from fxcompress.errors import InputError, RecipeError

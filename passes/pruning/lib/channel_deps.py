@@ -36,6 +36,7 @@ from fxcompress.passes.pruning.lib.channel_rules import (
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import RecipeError, did_you_mean
+from fxcompress.fxutil import lookup
 from fxcompress.plans import Artifact, Lifetime
 
 ATTENTION_MODES = ("dims", "heads", "both")
@@ -535,3 +536,31 @@ def channel_graph(ctx: CompileContext, attention: str = "dims") -> ChannelGraph:
 
 
 PRUNE_ORDER = 'Prune before quantizing: [{"pass": "prune", ...}, {"pass": "quantize"}].'
+
+
+def channel_masks(cg: ChannelGraph, positions: dict[Space, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{tensor target: 0/1 mask} zeroing the removed ``positions`` (``cg.removed_positions``) in every member:
+    what mask mode multiplies the tensors by (BatchNorm's running variance is left alone; a grouped conv's mask
+    zeroes the weights reading removed inputs).  Nothing is written."""
+    masks: dict[str, torch.Tensor] = {}
+    for s, p in cg.rel.params.items():
+        if s not in positions or p.target.endswith("running_var"):
+            continue
+        t = lookup(cg.gm, p.target)
+        mask = masks.get(p.target, torch.ones_like(t, requires_grad=False))
+        masks[p.target] = mask.index_fill(p.dim, positions[s], 0)
+    for s, g in cg.rel.grouped_inputs.items():
+        if s in positions:
+            target = f"{g.module}.weight" if g.module else "weight"
+            w = cg.gm.get_submodule(g.module).weight
+            keep = grouped_input_mask(w.detach(), g.groups, positions[s])
+            masks[target] = masks.get(target, torch.ones_like(w, requires_grad=False)) * keep
+    return masks
+
+
+def grouped_input_mask(w: torch.Tensor, groups: int, removed: torch.Tensor) -> torch.Tensor:
+    """1/0 mask over a grouped conv weight zeroing the weights that read removed input channels."""
+    cout, cin_g = w.shape[0], w.shape[1]
+    mask = torch.ones(groups, cin_g, dtype=w.dtype)
+    mask.view(-1)[removed] = 0
+    return mask.repeat_interleave(cout // groups, 0).reshape(cout, cin_g, *([1] * (w.dim() - 2)))

@@ -51,6 +51,33 @@ class PruningTargets(Artifact):
                          [f"  {g}: remove {k}/{self.sizes[g]}" for g, k in self.removed.items() if k])
 
 
+@dataclasses.dataclass(frozen=True)
+class PruningPlan(Artifact):
+    """Which channels of which group to remove, as data: group name → sorted channel indices."""
+
+    kind = "pruning_plan"
+    owner = "select_channels"
+    lifetime = Lifetime.DECISION
+
+    criterion: str
+    removed: dict[str, tuple[int, ...]]
+    sizes: dict[str, int]  # group name → channels before
+    graph: str = ""  # graph_signature of the module it was made for
+
+    def summary(self) -> str:
+        return (f"{self.criterion}: remove {sum(map(len, self.removed.values()))} of {sum(self.sizes.values())} "
+                f"channels in {sum(1 for r in self.removed.values() if r)} groups")
+
+    def ratio(self, group: str) -> float:
+        return len(self.removed.get(group, ())) / self.sizes[group]
+
+    def __str__(self) -> str:
+        lines = [f"PruningPlan({self.criterion}): {sum(map(len, self.removed.values()))} of "
+                 f"{sum(self.sizes.values())} channels"]
+        lines += [f"  {g}: remove {len(r)}/{self.sizes[g]}" for g, r in self.removed.items() if r]
+        return "\n".join(lines)
+
+
 def candidate_groups(cg: ChannelGraph, exclude: tuple[str, ...] = ()) -> list[ChannelGroup]:
     """The groups a width search may resize: prunable, of two channels or more, no producing module excluded."""
     return [g for g in cg.groups if g.n_prunable and g.size >= 2

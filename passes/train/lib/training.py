@@ -91,6 +91,14 @@ def loss_function(loss: str | Callable, pass_name: str) -> Callable[..., torch.T
     return checked
 
 
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (and any positions)."""
+    classes = student.shape[1]
+    s = F.log_softmax(student.movedim(1, -1).reshape(-1, classes) / temperature, dim=-1)
+    t = F.log_softmax(teacher.movedim(1, -1).reshape(-1, classes) / temperature, dim=-1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
 def optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
               momentum: float) -> torch.optim.Optimizer:
     if name == "sgd":
@@ -328,7 +336,8 @@ def _restore(gm: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
 
 def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
         extra: nn.Module | None = None, on_step: Callable[[int, int], bool | None] | None = None,
-        epoch_batches: Callable[[int], list] | None = None, restart: int | None = None) -> dict[str, Any]:
+        epoch_batches: Callable[[int], list] | None = None, restart: int | None = None,
+        module: nn.Module | None = None) -> dict[str, Any]:
     """Train ``ctx.gm`` by ``loss_step(model, inputs, target)`` for ``loop.epochs``; returns the stats.
 
     Each epoch reads its batches afresh (``train_data`` by default, so a loader that augments gives new samples
@@ -338,10 +347,11 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
     (``world``) the module is wrapped in ``DistributedDataParallel`` and every process trains on its slice of each
     batch, so the gradients are those of the whole batch.  The module is left in eval mode.  With ``patience`` the
     best weights are kept: those of the best epoch, or, with ``eval_fn``, the weights before training when no epoch
-    scores better (best_epoch 0).
+    scores better (best_epoch 0).  ``module`` is what runs and is wrapped instead of ``ctx.gm`` (a supernet over
+    ``ctx.gm``'s parameters); ``eval_fn`` still scores ``ctx.gm``.
     """
-    gm = ctx.gm
-    info = gm.meta.get(meta.TRACE_INFO)
+    gm = ctx.gm if module is None else module
+    info = ctx.gm.meta.get(meta.TRACE_INFO)
     if info is not None and info.inlined_functions:
         raise PassError(f"[{pass_name}] the model's forward calls the custom autograd.Function "
                         f"{', '.join(info.inlined_functions)} directly; tracing inlined its forward and lost its "
@@ -397,6 +407,7 @@ def fit(ctx: CompileContext, pass_name: str, loop: Loop, loss_step: LossStep, *,
                 epoch_loss = running / max(seen, 1)
                 stats["epoch_loss"].append(round(epoch_loss, 6))
                 score = evaluate(ctx)
+                gm.train()  # evaluate restores ctx.gm's mode, which is not the mode of a ``module`` over its layers
                 if score is not None:
                     evals.append(round(score, 6))
                 log.info("%s epoch %d: loss %.4f%s", pass_name, epoch + 1, epoch_loss,
