@@ -13,42 +13,52 @@ a budget and keep that subnet as a real smaller model.
    rule: per step the largest subnet on the targets, the smallest and ``random_subnets`` random ones distilled
    from the largest's outputs.
 3. **Search** (``lib/subnet_search.py``): ``strategy`` ``evolution`` (Once-for-All) or ``anneal`` (SANAS) over the
-   subnets whose ``budget`` cost fits, ``{"macs": f}`` (the layers' MACs with skipped blocks gone, a fraction of the
-   model's).  A candidate is scored by ``eval_fn`` (higher is better) or, without one, by the SQNR of its outputs
-   against the largest subnet's on the scoring batches, always with its BatchNorm statistics re-estimated on those
-   batches first (``calibration_data``, else the inputs of ``train_data``; at most ``score_batches``).
+   subnets whose ``budget`` cost fits: ``{"latency": f}`` (a fraction of the model's latency measured in
+   ``runtime``, ``ort-int8`` by default, at ``batch`` with ``threads``; the default is 0.5), ``{"latency_ms": t}``,
+   or ``{"macs": f}`` (the layers' MACs with skipped blocks gone, a fraction of the model's).  Latency is predicted
+   (``lib/subnet_latency.py``: the layer latency table for the kept layers at their widths, plus a cost per kept
+   node, fitted on subnets extracted and measured in the runtime); the chosen subnet is extracted and measured beside
+   the largest, and while it misses the budget less 2 % the search runs again on the refitted prediction with the
+   target lowered by the miss (at most ``confirm`` measurements; of those within the budget the best scored wins).
+   A budget below the smallest subnet's measured latency is refused.  ``align`` (default: 4 for a latency budget in
+   ONNX Runtime, else 1) rounds the widths.  A candidate is scored by ``eval_fn`` (higher is better) or, without
+   one, by the SQNR of its outputs against the largest subnet's on the scoring batches, always with its BatchNorm
+   statistics re-estimated on those batches first (``calibration_data``, else the inputs of ``train_data``; at most
+   ``score_batches``).
 4. **Extraction**: the chosen subnet's statistics are re-estimated, its plan applied by ``remove_channels`` and its
    skipped blocks dropped: the module computes what the supernet computed with that subnet active (exactly, except
    for groups reported inexact).
 
 Requires: train_data.  Contract: CHANGES.
 Stats: groups (candidate groups), elastic_groups, blocks (skippable), the training's (finetune's), evaluations,
-score, macs (kept fraction), widths (per group), skipped (blocks).
+score, macs (kept fraction), widths (per group), skipped (blocks); for latency budgets full_ms, budget_ms,
+smallest_ms, measured_ms, confirmations, fit_errors (the prediction's relative error at every subnet measured).
 """
 from __future__ import annotations
 
 import itertools
 from typing import Any
 
-import torch
 from fxcompress.passes.nas.lib import sandwich, subnet_search
 from fxcompress.passes.nas.lib.elastic import ElasticSpace, Subnet, Supernet, drop_blocks, skippable_blocks
-from fxcompress.passes.pruning.lib import latency
+from fxcompress.passes.nas.lib.subnet_latency import SubnetLatency, calibration_subnets, confirmed
+from fxcompress.passes.nas.lib.subnet_search import SubnetQuality
+from fxcompress.passes.pruning.lib import latency, latency_model
 from fxcompress.passes.pruning.lib.channel_deps import channel_graph
-from fxcompress.passes.pruning.lib.plan_quality import sqnr_db
 from fxcompress.passes.pruning.lib.width_space import PruningPlan, WidthSpace, candidate_groups
 from fxcompress.passes.pruning.remove_channels import RemoveChannels
+from fxcompress.passes.pruning.search_widths import check_budget
 from fxcompress.passes.pruning.select_channels import CRITERIA, SCORERS
-from fxcompress.passes.quant.calibrate import calibration_batches
-from fxcompress.passes.train.lib import bn_stats, training
-from torch.utils import _pytree as pytree
+from fxcompress.passes.quant.calibrate import calibration_batches, grouped
+from fxcompress.passes.train.lib import training
 
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, did_you_mean
 from fxcompress.options import as_patterns, check_patterns
 from fxcompress.pass_base import PassResult
 
-BUDGETS = ("macs",)
+BUDGETS = ("latency", "latency_ms", "macs")
+LATENCY_BUDGETS = ("latency", "latency_ms")
 
 
 class NAS(training.TrainingPass):
@@ -57,19 +67,23 @@ class NAS(training.TrainingPass):
     name = "nas"
 
     def __init__(self, budget: dict | None = None, widths: list[float] | tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
-                 depth: bool | None = None, align: int = 1, strategy: str = "evolution", criterion: str = "l1",
-                 random_subnets: int = 2, temperature: float = 1.0, population: int = 32, generations: int = 10,
-                 search_steps: int = 300, score_batches: int = 8, exclude: str | list[str] | tuple[str, ...] = (),
-                 **loop: Any):
+                 depth: bool | None = None, align: int | None = None, strategy: str = "evolution",
+                 criterion: str = "l1", random_subnets: int = 2, temperature: float = 1.0, population: int = 32,
+                 generations: int = 10, search_steps: int = 300, score_batches: int = 8,
+                 exclude: str | list[str] | tuple[str, ...] = (), runtime: str = "ort-int8", batch: int | None = None,
+                 threads: int = 1, confirm: int = 3, **loop: Any):
         self.set_loop(loop)
-        budget = {"macs": 0.5} if budget is None else budget
-        if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in BUDGETS:
-            raise RecipeError(f"nas: budget must be a dict with one of {', '.join(BUDGETS)}, e.g. {{macs = 0.4}} "
-                              f"(40 % of the model's MACs), got {budget!r}.")
-        (self.kind, self.value), = budget.items()
-        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool) or not 0 < self.value <= 1:
-            raise RecipeError(f"nas: budget {self.kind} is a fraction of the model's, 0 < {self.kind} <= 1; got "
-                              f"{self.value!r}.")
+        budget = {"latency": 0.5} if budget is None else budget  # half the measured latency unless told
+        self.kind, self.value = check_budget(self.name, budget)
+        if self.kind == "params":
+            raise RecipeError("nas: budgets are latency, latency_ms or macs (a skipped block's parameters are not "
+                              "counted by the width space); got params.")
+        if runtime not in latency.RUNTIMES:
+            raise RecipeError(f"nas: runtime must be one of {', '.join(latency.RUNTIMES)}, got {runtime!r}."
+                              f"{did_you_mean(runtime, latency.RUNTIMES)}")
+        if batch is not None and batch < 1:
+            raise RecipeError(f"nas: batch must be a positive integer (or None: the example's), got {batch}.")
+        self.runtime, self.batch, self.threads, self.confirm = runtime, batch, threads, confirm
         if not widths or any(not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 < w <= 1
                              for w in widths):
             raise RecipeError(f"nas: widths are fractions of each group's channels, 0 < w <= 1, got {widths!r}.")
@@ -78,7 +92,10 @@ class NAS(training.TrainingPass):
                               f" Strategies: {', '.join(subnet_search.STRATEGIES)}.")
         if criterion not in CRITERIA:
             raise RecipeError(f"nas: unknown criterion {criterion!r}.{did_you_mean(criterion, CRITERIA)}")
+        if align is None:  # ORT's integer kernels take slower paths at widths off this step
+            align = latency.ALIGN if self.kind in LATENCY_BUDGETS and runtime != "torch" else 1
         for option, value, low in (("align", align, 1), ("random_subnets", random_subnets, 0),
+                                   ("threads", threads, 1), ("confirm", confirm, 1),
                                    ("population", population, 2), ("generations", generations, 0),
                                    ("search_steps", search_steps, 1), ("score_batches", score_batches, 1)):
             if value < low:
@@ -101,18 +118,42 @@ class NAS(training.TrainingPass):
         stats: dict[str, Any] = {"groups": len(space.groups), "elastic_groups": len(space.elastic),
                                  "blocks": len(space.blocks), "budget": dict(self.budget)}
         stats.update(sandwich.train(ctx, net, self.loop, self.random_subnets, self.temperature, self.name))
-        batches = self._scoring_batches(ctx)
-        quality = SubnetQuality(net, batches, ctx.eval_fn)
-        problem = subnet_search.Problem(space, space.macs, self.value, quality, self.seed)
-        if self.strategy == "evolution":
-            best = subnet_search.evolution(problem, self.population, self.generations)
+        quality = SubnetQuality(net, self._scoring_batches(ctx), ctx.eval_fn)
+        notes: list[str] = []
+        if self.kind in LATENCY_BUDGETS:
+            best = self._latency_search(ctx, space, quality, stats, notes)
         else:
-            best = subnet_search.anneal(problem, self.search_steps)
+            problem = subnet_search.Problem(space, space.macs, self.value, quality, self.seed)
+            best = self._search(problem)
         quality.keep(best)
-        stats.update(evaluations=len(problem.scores), score=round(problem.scores[best], 4),
+        stats.update(evaluations=len(quality.scored), score=round(quality.scored[best], 4),
                      macs=round(space.macs(best), 4), **space.describe(best))
         self._apply(ctx, space, best)
-        return PassResult(modified=True, stats=stats)
+        return PassResult(modified=True, stats=stats, notes=tuple(notes))
+
+    def _search(self, problem: subnet_search.Problem) -> Subnet:
+        if self.strategy == "evolution":
+            return subnet_search.evolution(problem, self.population, self.generations)
+        return subnet_search.anneal(problem, self.search_steps)
+
+    def _latency_search(self, ctx: CompileContext, space: ElasticSpace, quality: SubnetQuality, stats: dict,
+                        notes: list[str]) -> Subnet:
+        inputs = latency_model.batched(ctx.example_inputs, self.batch)
+        timing = SubnetLatency(ctx.gm, space, inputs, self.runtime, self.threads)
+        seconds = timing.measure(calibration_subnets(space, self.seed))
+        timing.calibrate()
+        full = seconds["largest"]
+        target = self.value * full if self.kind == "latency" else self.value / 1e3
+        if seconds["smallest"] > target:
+            raise RecipeError(f"nas: the budget {self.budget} ({target * 1e3:.3f} ms in {self.runtime}, batch "
+                              f"{inputs[0].shape[0]}, {self.threads} thread(s)) is below the smallest subnet's "
+                              f"{seconds['smallest'] * 1e3:.3f} ms (the largest takes {full * 1e3:.3f} ms); give at "
+                              f"least {seconds['smallest'] / full:.2f} of the latency, or narrower widths.")
+        best, info = confirmed(timing, quality, target, lambda p: self._search(p), self.confirm, self.seed,
+                               relative=self.kind == "latency")
+        stats.update(full_ms=round(full * 1e3, 4), smallest_ms=round(seconds["smallest"] * 1e3, 4), **info)
+        notes.extend(stats.pop("notes"))
+        return best
 
     def _space(self, ctx: CompileContext) -> ElasticSpace:
         cg = channel_graph(ctx)
@@ -132,7 +173,9 @@ class NAS(training.TrainingPass):
     def _scoring_batches(self, ctx: CompileContext) -> list[tuple]:
         source = calibration_batches(ctx) if ctx.calibration_data is not None else \
             (inputs for inputs, _ in training.train_batches(ctx, self.name))
-        return list(itertools.islice(source, self.score_batches))
+        # forwards of at least 64 samples: BatchNorm re-estimated from one-sample batches misses the variance between
+        # samples
+        return [inputs for inputs, _ in itertools.islice(grouped(source, 64), self.score_batches)]
 
     def _apply(self, ctx: CompileContext, space: ElasticSpace, subnet: Subnet) -> None:
         """The subnet as the module: its channels removed, its skipped blocks dropped."""
@@ -142,49 +185,3 @@ class NAS(training.TrainingPass):
         if subnet.skipped:
             drop_blocks(ctx.gm, space.blocks, subnet.skipped, ctx.example_inputs)
             ctx.invalidate()
-
-
-class SubnetQuality:
-    """Scores subnets of ``net``: BatchNorm statistics re-estimated on ``batches`` for each, then ``eval_fn(net)``
-    or the SQNR (dB) of the outputs against the largest subnet's.  ``keep`` leaves a subnet active with its own
-    statistics; until then the trained statistics are restored after every score."""
-
-    def __init__(self, net: Supernet, batches: list[tuple], eval_fn=None):
-        self.net, self.batches, self.eval_fn = net, batches, eval_fn
-        self.norms = bn_stats.tracked_norms(net)
-        self.saved = {name: [b.detach().clone() for b in m.buffers()] for name, m in self.norms.items()}
-        self.reference = None
-        if eval_fn is None:
-            self.reference = self._outputs(net.space.largest())
-
-    def _activate(self, subnet: Subnet) -> None:
-        self.net.activate(subnet)
-        if self.norms:
-            bn_stats.reestimate(self.net, self.norms, self.batches)
-        self.net.eval()
-
-    def _outputs(self, subnet: Subnet) -> torch.Tensor:
-        self._activate(subnet)
-        with torch.no_grad():
-            outs = [self.net(*b) for b in self.batches]
-        return torch.cat([t.detach().float().flatten() for t in pytree.tree_leaves(outs)
-                          if isinstance(t, torch.Tensor) and t.is_floating_point()])
-
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for name, m in self.norms.items():
-                for b, old in zip(m.buffers(), self.saved[name]):
-                    b.copy_(old)
-
-    def __call__(self, subnet: Subnet) -> float:
-        try:
-            if self.eval_fn is None:
-                return sqnr_db(self.reference, self._outputs(subnet))
-            self._activate(subnet)
-            with torch.no_grad():
-                return float(self.eval_fn(self.net))
-        finally:
-            self._restore()
-
-    def keep(self, subnet: Subnet) -> None:
-        self._activate(subnet)

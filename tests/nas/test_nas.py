@@ -56,8 +56,35 @@ def test_bad_inputs_are_clear_errors():
         fxc.compile(plain, inputs, [{"pass": "nas", "depth": True, **TRAIN}], train_data=train)
     with pytest.raises(RecipeError, match="no prunable channel group"):
         fxc.compile(nn.Conv2d(3, 4, 3), inputs, [{"pass": "nas", **TRAIN}], train_data=train)
-    for options, match in (({"budget": {"latency": 0.5}}, "budget must be a dict"), ({"budget": {"macs": 2}}, "0 <"),
+    for options, match in (({"budget": {"flops": 0.5}}, "unknown budget"), ({"budget": {"macs": 2}}, "0 <"),
+                           ({"budget": {"params": 0.5}}, "latency, latency_ms or macs"),
                            ({"widths": [0]}, "widths"), ({"strategy": "grid"}, "unknown strategy"),
                            ({"random_subnets": -1}, "random_subnets")):
         with pytest.raises(RecipeError, match=match):
             fxc.compile(model, inputs, [{"pass": "nas", **options}], train_data=train)
+
+
+def test_nas_under_a_measured_latency_budget_is_confirmed_in_onnx_runtime(tmp_path):
+    model, inputs = _model()
+    train, held = _blobs()
+    recipe = [{"pass": "nas", "budget": {"latency": 0.6}, **TRAIN, "epochs": 2}]
+    result = fxc.compile(model, inputs, recipe, train_data=train, eval_fn=lambda m: _accuracy(m, held))
+    stats = result.history[0].stats
+    assert stats["measured_ms"] <= stats["budget_ms"] and stats["confirmations"] >= 1
+    assert stats["smallest_ms"] < stats["budget_ms"] < stats["full_ms"]
+    assert all(abs(e) < 0.5 for e in stats["fit_errors"])
+    assert any(n.startswith("attempt 1: predicted") for n in result.history[0].notes)
+
+
+def test_depth_alone_meets_a_budget_that_widths_cannot():
+    model, inputs = _model()
+    train, held = _blobs()
+    groups = ["stem.0", "blocks.0.0", "blocks.1.0", "blocks.2.0", "blocks.3.0"]  # every group kept whole
+    recipe = [{"pass": "nas", "budget": {"macs": 0.5}, "exclude": groups, "depth": True, **TRAIN}]
+    result = fxc.compile(model, inputs, recipe, train_data=train, eval_fn=lambda m: _accuracy(m, held))
+    stats = result.history[0].stats
+    assert stats["elastic_groups"] == 0 and stats["skipped"] and stats["macs"] <= 0.5
+    assert len(list(result.module.graph.nodes)) < len(list(fxc.trace(model, inputs).graph.nodes))
+    with pytest.raises(RecipeError, match="no prunable channel group"):  # the same model without depth
+        fxc.compile(model, inputs, [{"pass": "nas", "budget": {"macs": 0.5}, "depth": False, "exclude": groups,
+                                     **TRAIN}], train_data=train)

@@ -16,7 +16,11 @@ import math
 from typing import Callable
 
 import numpy as np
-from fxcompress.passes.nas.lib.elastic import ElasticSpace, Subnet
+import torch
+from fxcompress.passes.nas.lib.elastic import ElasticSpace, Subnet, Supernet
+from fxcompress.passes.pruning.lib.plan_quality import sqnr_db
+from fxcompress.passes.train.lib import bn_stats
+from torch.utils import _pytree as pytree
 
 from fxcompress.errors import RecipeError
 
@@ -137,6 +141,58 @@ def anneal(p: Problem, steps: int = 400, cool_down: float = 0.98, warmup: int = 
             current = neighbour
         temperature *= cool_down
     return p.best()
+
+
+class SubnetQuality:
+    """Scores subnets of ``net``: BatchNorm statistics re-estimated on ``batches`` for each, then ``eval_fn(net)``
+    or the SQNR (dB) of the outputs against the largest subnet's.  ``keep`` leaves a subnet active with its own
+    statistics; until then the trained statistics are restored after every score."""
+
+    def __init__(self, net: Supernet, batches: list[tuple], eval_fn=None):
+        self.net, self.batches, self.eval_fn = net, batches, eval_fn
+        self.norms = bn_stats.tracked_norms(net)
+        self.saved = {name: [b.detach().clone() for b in m.buffers()] for name, m in self.norms.items()}
+        self.reference = None
+        self.scored: dict[Subnet, float] = {}
+        if eval_fn is None:
+            self.reference = self._outputs(net.space.largest())
+
+    def _activate(self, subnet: Subnet) -> None:
+        self.net.activate(subnet)
+        if self.norms:
+            bn_stats.reestimate(self.net, self.norms, self.batches)
+        self.net.eval()
+
+    def _outputs(self, subnet: Subnet) -> torch.Tensor:
+        self._activate(subnet)
+        with torch.no_grad():
+            outs = [self.net(*b) for b in self.batches]
+        return torch.cat([t.detach().float().flatten() for t in pytree.tree_leaves(outs)
+                          if isinstance(t, torch.Tensor) and t.is_floating_point()])
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for name, m in self.norms.items():
+                for b, old in zip(m.buffers(), self.saved[name]):
+                    b.copy_(old)
+
+    def __call__(self, subnet: Subnet) -> float:
+        if subnet in self.scored:
+            return self.scored[subnet]
+        try:
+            if self.eval_fn is None:
+                value = sqnr_db(self.reference, self._outputs(subnet))
+            else:
+                self._activate(subnet)
+                with torch.no_grad():
+                    value = float(self.eval_fn(self.net))
+        finally:
+            self._restore()
+        self.scored[subnet] = value
+        return value
+
+    def keep(self, subnet: Subnet) -> None:
+        self._activate(subnet)
 
 
 STRATEGIES: dict[str, Callable[..., Subnet]] = {"evolution": evolution, "anneal": anneal}
