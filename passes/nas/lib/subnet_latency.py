@@ -21,7 +21,6 @@ import torch.fx
 from fxcompress.passes.nas.lib import subnet_search
 from fxcompress.passes.nas.lib.elastic import ElasticSpace, Subnet, extract
 from fxcompress.passes.pruning.lib import latency, latency_model
-from fxcompress.passes.pruning.lib.latency_model import SCALE_BOUNDS
 
 CALL_OPS = ("call_module", "call_function", "call_method")
 
@@ -71,19 +70,7 @@ class SubnetLatency:
         """Fit ``a``, ``n`` and ``c`` on every measured point (the richest valid fit wins)."""
         rows = [(*self.features(s), t) for s, t in self.points]
         layers, nodes, measured = (np.array(col, float) for col in zip(*rows))
-        ones = np.ones_like(nodes)
-        a, n, c = 1.0, 0.0, float(np.mean(measured - layers))
-        for cols in ((layers, nodes, ones), (layers, ones), (nodes, ones)):
-            if len(rows) < len(cols) + 1:
-                continue
-            target = measured if cols[0] is layers else measured - layers
-            fit, *_ = np.linalg.lstsq(np.stack(cols, 1), target, rcond=None)
-            fa = float(fit[0]) if cols[0] is layers else 1.0
-            fn = float(fit[-2]) if cols[-2] is nodes else 0.0
-            if SCALE_BOUNDS[0] <= fa <= SCALE_BOUNDS[1] and fn >= 0:
-                a, n, c = fa, fn, float(fit[-1])
-                break
-        self.scale, self.per_node, self.const = a, n, c
+        self.scale, self.per_node, self.const = latency_model.fit_terms(layers, nodes, measured)
 
     def errors(self) -> list[float]:
         """Relative error of the prediction at every measured point."""

@@ -194,21 +194,27 @@ class Predictor:
         pruned = [(removed, seconds) for removed, seconds in points if any(removed)] or points
         rows = [(*self.terms(removed), seconds) for removed, seconds in pruned]
         layers, vol, measured = (np.array(col, float) for col in zip(*rows))
-        ones = np.ones_like(vol)
-        a, v, c = 1.0, 0.0, float(np.mean(measured - layers))  # c alone when no richer fit is valid
-        for cols in ((layers, vol, ones), (layers, ones), (vol, ones)):  # the richest valid fit wins
-            if len(rows) < len(cols) + (1 if len(cols) == 3 else 0):
-                continue
-            target = measured if cols[0] is layers else measured - layers
-            fit, *_ = np.linalg.lstsq(np.stack(cols, 1), target, rcond=None)
-            fa = float(fit[0]) if cols[0] is layers else 1.0
-            fv = float(fit[-2]) if cols[-2] is vol else 0.0
-            if SCALE_BOUNDS[0] <= fa <= SCALE_BOUNDS[1] and fv >= 0:
-                a, v, c = fa, fv, float(fit[-1])
-                break
+        a, v, c = fit_terms(layers, vol, measured)
         self.scale, self.const, self.per_volume = a, c, v
         self.fitted = [{"measured_ms": s * 1e3, "predicted_ms": (a * layer + c + v * vo) * 1e3, "volume": vo}
                        for layer, vo, s in rows]
+
+
+def fit_terms(layers: np.ndarray, other: np.ndarray, measured: np.ndarray) -> tuple[float, float, float]:
+    """(a, b, c) of ``measured = a * layers + b * other + c`` by least squares, the richest valid fit of: all three,
+    ``b = 0``, ``a = 1``, else ``c`` alone (valid: ``a`` within ``SCALE_BOUNDS``, ``b >= 0``)."""
+    ones = np.ones_like(other)
+    a, b, c = 1.0, 0.0, float(np.mean(measured - layers))  # c alone when no richer fit is valid
+    for cols in ((layers, other, ones), (layers, ones), (other, ones)):
+        if len(measured) < len(cols) + (1 if len(cols) == 3 else 0):
+            continue
+        target = measured if cols[0] is layers else measured - layers
+        fit, *_ = np.linalg.lstsq(np.stack(cols, 1), target, rcond=None)
+        fa = float(fit[0]) if cols[0] is layers else 1.0
+        fb = float(fit[-2]) if cols[-2] is other else 0.0
+        if SCALE_BOUNDS[0] <= fa <= SCALE_BOUNDS[1] and fb >= 0:
+            return fa, fb, float(fit[-1])
+    return a, b, c
 
 
 # a fitted ``a`` past these is taken as noise, not the layers (calibration plans of a model whose every plan costs about
