@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import torch.distributed as dist
 from fxcompress.passes.nas.lib import sandwich, subnet_search
 from fxcompress.passes.nas.lib.elastic import ElasticSpace, Subnet, Supernet, drop_blocks, skippable_blocks
 from fxcompress.passes.nas.lib.subnet_latency import SubnetLatency, calibration_subnets, confirmed
@@ -125,6 +126,7 @@ class NAS(training.TrainingPass):
         else:
             problem = subnet_search.Problem(space, space.macs, self.value, quality, self.seed)
             best = self._search(problem)
+        best = _agreed(best)
         quality.keep(best)
         stats.update(evaluations=len(quality.scored), score=round(quality.scored[best], 4),
                      macs=round(space.macs(best), 4), **space.describe(best))
@@ -149,7 +151,7 @@ class NAS(training.TrainingPass):
                               f"{inputs[0].shape[0]}, {self.threads} thread(s)) is below the smallest subnet's "
                               f"{seconds['smallest'] * 1e3:.3f} ms (the largest takes {full * 1e3:.3f} ms); give at "
                               f"least {seconds['smallest'] / full:.2f} of the latency, or narrower widths.")
-        best, info = confirmed(timing, quality, target, lambda p: self._search(p), self.confirm, self.seed,
+        best, info = confirmed(timing, quality, target, self._search, self.confirm, self.seed,
                                relative=self.kind == "latency")
         stats.update(full_ms=round(full * 1e3, 4), smallest_ms=round(seconds["smallest"] * 1e3, 4), **info)
         notes.extend(stats.pop("notes"))
@@ -185,3 +187,13 @@ class NAS(training.TrainingPass):
         if subnet.skipped:
             drop_blocks(ctx.gm, space.blocks, subnet.skipped, ctx.example_inputs)
             ctx.invalidate()
+
+
+def _agreed(subnet: Subnet) -> Subnet:
+    """Under torchrun, rank 0's choice for every process (measured latencies differ from process to process)."""
+    _, size = training.world()
+    if size == 1:
+        return subnet
+    chosen = [subnet]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]

@@ -1,4 +1,4 @@
-"""Run by tests/train/test_distributed.py under torchrun (and in-process): finetune and distill a small model on fixed data;
+"""Run by tests/train/test_distributed.py under torchrun (and in-process): finetune, distill and nas on a small model;
 rank 0 saves the trained weights to the path given as the first argument."""
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def job(step: dict) -> dict[str, torch.Tensor]:
 
 
 STEPS = {"finetune": {"pass": "finetune", "epochs": 2, "lr": 0.05},
-         "distill": {"pass": "distill", "epochs": 2, "lr": 0.05, "features": [["3", "3"]]}}
+         "distill": {"pass": "distill", "epochs": 2, "lr": 0.05, "features": [["3", "3"]]},
+         "nas": {"pass": "nas", "budget": {"macs": 0.5}, "epochs": 2, "lr": 0.05, "population": 6, "generations": 2}}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -78,7 +78,7 @@ def skippable_blocks(gm: torch.fx.GraphModule) -> list[Block]:
             continue
         a, b = node.args[:2]
         for x, y in ((a, b), (b, a)):
-            block = _block(gm, node, x, y, order)
+            block = _block(node, x, y, order)
             if block is not None:
                 blocks.append(block)
                 break
@@ -91,8 +91,7 @@ def _is_add(node: torch.fx.Node) -> bool:
     return not node.kwargs and all(isinstance(a, torch.fx.Node) for a in node.args)
 
 
-def _block(gm: torch.fx.GraphModule, add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node,
-           order: dict[torch.fx.Node, int]) -> Block | None:
+def _block(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node, order: dict[torch.fx.Node, int]) -> Block | None:
     """The block ``add = x + y`` when y is a droppable branch over x, else None."""
     if y is x or y.op in ("placeholder", "get_attr") or order[y] < order[x]:
         return None
@@ -113,12 +112,10 @@ def _block(gm: torch.fx.GraphModule, add: torch.fx.Node, x: torch.fx.Node, y: to
                 stack.append(i)
             elif i is x and meta.writes_in_place(n):
                 return None  # the branch would change x itself
-    for n in branch:
-        if n.op != "get_attr" and any(u not in branch and u is not add for u in n.users):
+    for n in branch:  # (constants, get_attr, are read, never part of the branch)
+        if any(u not in branch and u is not add for u in n.users) or (n is not y and add in n.users):
             return None
-        if n is not y and add in n.users:
-            return None
-    nodes = sorted((n for n in branch if n.op != "get_attr"), key=order.__getitem__)
+    nodes = sorted(branch, key=order.__getitem__)
     if not any(n.op in ("call_module", "call_function", "call_method") for n in nodes):
         return None
     modules = tuple(dict.fromkeys(n.target for n in nodes if n.op == "call_module"))

@@ -102,17 +102,19 @@ CONFIRM_MARGIN = 0.02  # a subnet is confirmed when measured this much under the
 
 def confirmed(timing: SubnetLatency, score: Callable[[Subnet], float], target: float,
               search: Callable[[subnet_search.Problem], Subnet], attempts: int = 3, seed: int = 0,
-              relative: bool = True) -> tuple[Subnet, dict]:
+              relative: bool = True, known: dict[Subnet, float] | None = None) -> tuple[Subnet, dict]:
     """The best-scored subnet measured within ``target`` seconds: search on the predicted latency, extract and
     measure the chosen subnet beside the largest (``relative``: its time as a fraction of the largest's, on the
     scale of the calibration runs), refit, and while it misses the target less ``CONFIRM_MARGIN`` search again with
     the target lowered by the ratio it missed by (at most ``attempts`` measurements); of the subnets measured within
-    the target the best scored wins, else the fastest measured.  Returns (subnet, stats with ``notes``)."""
+    the target the best scored wins, else the fastest measured.  ``known``: scores from earlier searches (another
+    budget), where the search may start.  Returns (subnet, stats with ``notes``)."""
     space = timing.space
     full = next(t for s, t in timing.points if s == space.largest())
     aim = target * (1 - CONFIRM_MARGIN)
     # the smallest measured within the target may still be predicted a little over the aim
-    problem = subnet_search.Problem(space, timing.seconds, max(aim, timing.seconds(space.smallest())), score, seed)
+    problem = subnet_search.Problem(space, timing.seconds, max(aim, timing.seconds(space.smallest())), score, seed,
+                                    scores=dict(known or {}))
     met: list[tuple[float, float, Subnet]] = []
     tried: dict[Subnet, float] = {}
     notes = []
@@ -129,7 +131,7 @@ def confirmed(timing: SubnetLatency, score: Callable[[Subnet], float], target: f
         if measured <= aim:
             met.append((problem.evaluate(best), -measured, best))
             break
-        problem.budget *= 0.99 * aim / measured
+        problem.budget = max(problem.budget * 0.99 * aim / measured, timing.seconds(space.smallest()))
     info = {"budget_ms": round(target * 1e3, 4), "confirmations": len(tried),
             "fit_errors": [round(e, 4) for e in timing.errors()], "notes": notes}
     if met:

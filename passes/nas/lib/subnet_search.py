@@ -33,7 +33,7 @@ class Problem:
     score: Callable[[Subnet], float]
     seed: int = 0
     tries: int = 200  # random draws per feasible candidate before giving up on a draw
-    scores: dict[Subnet, float] = dataclasses.field(default_factory=dict)
+    scores: dict[Subnet, float] = dataclasses.field(default_factory=dict)  # given: scored before (another budget)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
@@ -85,7 +85,10 @@ class Problem:
         return self.subnet(np.where(self.rng.random(len(ga)) < 0.5, ga, gb))
 
     def best(self) -> Subnet:
+        """The best scored subnet within the budget (the cheaper of equals); the smallest when none is."""
         feasible = [s for s in self.scores if self.feasible(s)]
+        if not feasible:
+            return self.space.smallest()
         return max(feasible, key=lambda s: (self.scores[s], -self.cost(s)))
 
 
@@ -99,10 +102,13 @@ def _feasible_child(p: Problem, make: Callable[[], Subnet]) -> Subnet | None:
 
 def evolution(p: Problem, population: int = 32, generations: int = 10, parents: float = 0.25,
               mutation: float = 0.1, mutate_share: float = 0.5) -> Subnet:
-    """OFA's evolutionary search: a feasible random population; each generation keeps the best ``parents`` share
-    and fills the rest half by mutation (every gene redrawn with ``mutation`` probability) of a random parent and
-    half by uniform crossover of two; children over the budget are drawn again."""
-    pop = [p.random() for _ in range(population)]
+    """OFA's evolutionary search: a feasible random population (half of it, at most, the best subnets scored before
+    that fit the budget: a search at another budget); each generation keeps the best ``parents`` share and fills the
+    rest half by mutation (every gene redrawn with ``mutation`` probability) of a random parent and half by uniform
+    crossover of two; children over the budget are drawn again."""
+    known = sorted((s for s in p.scores if p.feasible(s)), key=p.scores.__getitem__, reverse=True)
+    pop = known[:population // 2]
+    pop += [p.random() for _ in range(population - len(pop))]
     for s in pop:
         p.evaluate(s)
     keep = max(1, int(round(parents * population)))

@@ -1,0 +1,36 @@
+"""The NAS benchmark's reading of a report: the Pareto front, the fastest result within a point of fp32, and NAS
+against the width searches at equal latency."""
+from __future__ import annotations
+
+from fxcompress.bench import nas
+
+
+def _row(strategy, budget, ms, accuracy, within=True):
+    return {"strategy": strategy, "budget": budget, "ms": ms, "accuracy": accuracy, "vs_ort": ms / 3.0,
+            "macs": 0.5, "within_budget": within}
+
+
+def _report():
+    rows = [_row("nas", 0.8, 2.3, 86.0), _row("nas", 0.6, 1.7, 86.5), _row("nas", 0.4, 1.2, 85.6),
+            _row("nas", 0.33, 1.0, 84.0), _row("nas", 0.27, 0.9, 84.5, within=False),
+            _row("knapsack", 0.8, 2.2, 85.0), _row("uniform", 0.5, 1.45, 86.2)]
+    return {"models": [{"model": "m", "fp32": 86.4, "ort_int8": {"ms": 3.0, "accuracy": 86.0}, "int8_ms": 2.9,
+                        "budgets": [0.8, 0.5], "nas": {"epochs": 30, "train_s": 120.0}, "rows": rows,
+                        "refused": [{"strategy": "uniform", "budget": 0.33, "reason": "below the fastest"}]}]}
+
+
+def test_the_pareto_front_keeps_the_rows_no_other_beats_in_latency_and_accuracy():
+    front = nas.pareto([r for r in _report()["models"][0]["rows"] if r["strategy"] == "nas"])
+    assert [(r["ms"], r["accuracy"]) for r in front] == [(0.9, 84.5), (1.2, 85.6), (1.7, 86.5)]
+
+
+def test_the_summary_reads_speed_within_a_point_and_nas_against_the_width_search_at_equal_latency():
+    lines = nas.summary(_report())
+    assert lines[0].startswith("m: 5 NAS subnets from one supernet training (30 epochs, 120 s), 3 on their Pareto "
+                               "front, 4 within their budget")
+    assert "  nas: fastest within 1 point of fp32 (86.40 %): 1.200 ms = 2.50x faster than ORT INT8 (85.60 %)" in lines
+    # knapsack at 2.2 ms: NAS interpolated between 1.7 ms (86.5 %) and 2.3 ms (86.0 %) = 86.083 %
+    assert any(line.startswith("  at knapsack@0.8's 2.200 ms (85.00 %): nas 86.08 %") and "+1.08 points" in line
+               for line in lines)
+    assert any("uniform@0.33 refused: below the fastest" in line for line in lines)
+    assert "| m " in nas.format_table(_report())
