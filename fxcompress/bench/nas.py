@@ -54,6 +54,7 @@ from ..errors import RecipeError, VerificationError
 from ..export.onnx import export_onnx
 from ..timing import cpu_model
 from ..tracing import trace
+from . import search
 from .runner import onnx_outputs, ort_int8_model
 from .search import BATCH, MODELS, THREADS, accuracy_at, cell, measure
 
@@ -227,32 +228,6 @@ def format_table(report: dict[str, Any]) -> str:
                                    "test acc %", "vs fp32", "in budget"], tablefmt="github")
 
 
-def plot(report: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = report["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        for strategy in dict.fromkeys(r["strategy"] for r in m["rows"]):
-            pts = sorted((r["ms"], r["accuracy"]) for r in m["rows"] if r["strategy"] == strategy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=strategy)
-        ax.scatter([m["ort_int8"]["ms"]], [m["ort_int8"]["accuracy"]], marker="*", s=140, color="black",
-                   label="ORT INT8 (unpruned)", zorder=5)
-        ax.axhline(m["fp32"] - 1.0, color="gray", linestyle=":", linewidth=1, label="fp32 - 1 point")
-        ax.axvline(m["ort_int8"]["ms"] / 3, color="gray", linestyle="--", linewidth=1, label="3x ORT INT8")
-        ax.set_title(m["model"])
-        ax.set_xlabel("measured ms (ORT INT8, batch 8, 1 thread)")
-        ax.set_ylabel("test accuracy %")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m fxcompress.bench.nas", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20-hard-digits", "vgg-small-hard-digits"])
@@ -290,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json and not args.report:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
-        plot(report, args.plot)
+        search.plot(report, args.plot, lambda m: (m["ort_int8"]["ms"] / 3, "3x faster than ORT INT8"))
     return report
 
 

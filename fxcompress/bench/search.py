@@ -290,7 +290,10 @@ def pivot(report: dict[str, Any]) -> str:
         f"{s} {min(v):.0f}-{max(v):.0f}" for s, v in seconds.items() if v) + "."
 
 
-def plot(report: dict[str, Any], path: str) -> None:
+def plot(report: dict[str, Any], path: str,
+         mark: Callable[[dict[str, Any]], tuple[float, str]] = lambda m: (_floor_ms(m), "width floor")) -> None:
+    """Accuracy against measured latency, a panel per model, a line per strategy; ``mark`` gives each panel's
+    dashed vertical line (ms, label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,8 +308,8 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.scatter([m["ort_int8"]["ms"]], [m["ort_int8"]["accuracy"]], marker="*", s=140, color="black",
                    label="ORT INT8 (unpruned)", zorder=5)
         ax.axhline(m["fp32"] - 1.0, color="gray", linestyle=":", linewidth=1, label="fp32 - 1 point")
-        floor_ms = _floor_ms(m)
-        ax.axvline(floor_ms, color="gray", linestyle="--", linewidth=1, label="width floor")
+        ms, label = mark(m)
+        ax.axvline(ms, color="gray", linestyle="--", linewidth=1, label=label)
         ax.set_title(m["model"])
         ax.set_xlabel("measured ms (ORT, batch 8, 1 thread)")
         ax.set_ylabel("test accuracy %")

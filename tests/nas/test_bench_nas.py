@@ -34,3 +34,13 @@ def test_the_summary_reads_speed_within_a_point_and_nas_against_the_width_search
                for line in lines)
     assert any("uniform@0.33 refused: below the fastest" in line for line in lines)
     assert "| m " in nas.format_table(_report())
+
+
+def test_a_saved_report_prints_and_plots(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "nas.json"
+    path.write_text(json.dumps({"cpu": "test", "epochs": 10, "seconds": 60.0, **_report()}))
+    nas.main(["--report", str(path), "--plot", str(tmp_path / "nas.png")])
+    assert "3 on their Pareto front" in capsys.readouterr().out
+    assert (tmp_path / "nas.png").stat().st_size > 10_000
