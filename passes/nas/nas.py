@@ -115,17 +115,25 @@ class NAS(training.TrainingPass):
             raise InputError("[nas] the supernet is trained on train_data: pass compile(model, inputs, recipe, "
                              "train_data=batches), an iterable of (inputs, target) pairs.")
         space = self._space(ctx)
-        net = Supernet(ctx.gm, space)
         stats: dict[str, Any] = {"groups": len(space.groups), "elastic_groups": len(space.elastic),
                                  "blocks": len(space.blocks), "budget": dict(self.budget)}
+        timing = self._timing(ctx, space, stats) if self.kind in LATENCY_BUDGETS else None  # refused before training
+        if timing is None and space.macs(space.smallest()) > self.value:
+            raise RecipeError(f"nas: the budget {self.budget} is below the smallest subnet's "
+                              f"{space.macs(space.smallest()):.4f} of the MACs (every group at its narrowest, every "
+                              f"skippable block skipped); give at least that.")
+        net = Supernet(ctx.gm, space)
         stats.update(sandwich.train(ctx, net, self.loop, self.random_subnets, self.temperature, self.name))
         quality = SubnetQuality(net, self._scoring_batches(ctx), ctx.eval_fn)
         notes: list[str] = []
-        if self.kind in LATENCY_BUDGETS:
-            best = self._latency_search(ctx, space, quality, stats, notes)
+        if timing is not None:
+            target = self.value * timing.full if self.kind == "latency" else self.value / 1e3
+            best, info = confirmed(timing, quality, target, self._search, self.confirm, self.seed,
+                                   relative=self.kind == "latency")
+            notes.extend(info.pop("notes"))
+            stats.update(info)
         else:
-            problem = subnet_search.Problem(space, space.macs, self.value, quality, self.seed)
-            best = self._search(problem)
+            best = self._search(subnet_search.Problem(space, space.macs, self.value, quality, self.seed))
         best = _agreed(best)
         quality.keep(best)
         stats.update(evaluations=len(quality.scored), score=round(quality.scored[best], 4),
@@ -138,24 +146,22 @@ class NAS(training.TrainingPass):
             return subnet_search.evolution(problem, self.population, self.generations)
         return subnet_search.anneal(problem, self.search_steps)
 
-    def _latency_search(self, ctx: CompileContext, space: ElasticSpace, quality: SubnetQuality, stats: dict,
-                        notes: list[str]) -> Subnet:
+    def _timing(self, ctx: CompileContext, space: ElasticSpace, stats: dict) -> SubnetLatency:
+        """The latency prediction, fitted on subnets measured in the runtime; a budget below the smallest subnet's
+        measured latency is refused."""
         inputs = latency_model.batched(ctx.example_inputs, self.batch)
         timing = SubnetLatency(ctx.gm, space, inputs, self.runtime, self.threads)
         seconds = timing.measure(calibration_subnets(space, self.seed))
         timing.calibrate()
-        full = seconds["largest"]
+        full, smallest = seconds["largest"], seconds["smallest"]
         target = self.value * full if self.kind == "latency" else self.value / 1e3
-        if seconds["smallest"] > target:
+        stats.update(full_ms=round(full * 1e3, 4), smallest_ms=round(smallest * 1e3, 4))
+        if smallest > target:
             raise RecipeError(f"nas: the budget {self.budget} ({target * 1e3:.3f} ms in {self.runtime}, batch "
                               f"{inputs[0].shape[0]}, {self.threads} thread(s)) is below the smallest subnet's "
-                              f"{seconds['smallest'] * 1e3:.3f} ms (the largest takes {full * 1e3:.3f} ms); give at "
-                              f"least {seconds['smallest'] / full:.2f} of the latency, or narrower widths.")
-        best, info = confirmed(timing, quality, target, self._search, self.confirm, self.seed,
-                               relative=self.kind == "latency")
-        stats.update(full_ms=round(full * 1e3, 4), smallest_ms=round(seconds["smallest"] * 1e3, 4), **info)
-        notes.extend(stats.pop("notes"))
-        return best
+                              f"{smallest * 1e3:.3f} ms (the largest takes {full * 1e3:.3f} ms); give at least "
+                              f"{smallest / full:.2f} of the latency, or narrower widths.")
+        return timing
 
     def _space(self, ctx: CompileContext) -> ElasticSpace:
         cg = channel_graph(ctx)

@@ -49,8 +49,9 @@ def test_bad_inputs_are_clear_errors():
     train, _ = _blobs()
     with pytest.raises(InputError, match="train_data"):
         fxc.compile(model, inputs, [{"pass": "nas", **TRAIN}])
-    with pytest.raises(RecipeError, match="below the smallest subnet"):
-        fxc.compile(model, inputs, [{"pass": "nas", "budget": {"macs": 0.001}, **TRAIN}], train_data=train)
+    for budget in ({"macs": 0.001}, {"latency": 0.01}):  # refused before any training
+        with pytest.raises(RecipeError, match="below the smallest subnet's"):
+            fxc.compile(model, inputs, [{"pass": "nas", "budget": budget, **TRAIN}], train_data=train)
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     with pytest.raises(RecipeError, match="no residual block"):
         fxc.compile(plain, inputs, [{"pass": "nas", "depth": True, **TRAIN}], train_data=train)

@@ -277,6 +277,9 @@ def drop_blocks(gm: torch.fx.GraphModule, blocks: list[Block], skipped: Iterable
         add = nodes.get(block.add)
         if block.add in skipped and add is not None:
             shortcut = nodes[block.shortcut]
+            if any(meta.writes_in_place(u) for u in add.users):  # relu_(x + f(x)) must not become relu_(x): x is
+                with gm.graph.inserting_before(add):  # saved for backward, or read again, elsewhere
+                    shortcut = gm.graph.call_method("clone", (shortcut,))
             add.replace_all_uses_with(shortcut)
             gm.graph.erase_node(add)
             nodes[block.add] = shortcut

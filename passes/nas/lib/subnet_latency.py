@@ -48,6 +48,11 @@ class SubnetLatency:
         layers = sum(self.layers.layer(n, *w) for n, w in widths.items() if n not in gone)
         return layers, float(len(self.calls - gone))
 
+    @property
+    def full(self) -> float:
+        """The largest subnet's seconds, as the first measurement of it gave them (the scale budgets refer to)."""
+        return next(t for s, t in self.points if s == self.space.largest())
+
     def seconds(self, subnet: Subnet) -> float:
         if self.space.space.empties(subnet.removed):
             return math.inf
@@ -110,7 +115,7 @@ def confirmed(timing: SubnetLatency, score: Callable[[Subnet], float], target: f
     the target the best scored wins, else the fastest measured.  ``known``: scores from earlier searches (another
     budget), where the search may start.  Returns (subnet, stats with ``notes``)."""
     space = timing.space
-    full = next(t for s, t in timing.points if s == space.largest())
+    full = timing.full
     aim = target * (1 - CONFIRM_MARGIN)
     # the smallest measured within the target may still be predicted a little over the aim
     problem = subnet_search.Problem(space, timing.seconds, max(aim, timing.seconds(space.smallest())), score, seed,
