@@ -56,7 +56,7 @@ from ..timing import cpu_model
 from ..tracing import trace
 from . import search
 from .runner import onnx_outputs, ort_int8_model
-from .search import BATCH, MODELS, THREADS, accuracy_at, cell, measure
+from .search import BATCH, MODELS, THREADS, cell, latency_for, measure
 
 BUDGETS = (0.33, 0.5, 0.8)  # fractions of ORT's INT8 latency of the unpruned model, for every method
 NAS_BUDGETS = (0.27, 0.4, 0.6, 0.7, 0.9)  # more, for the supernet's subnets alone
@@ -205,10 +205,17 @@ def summary(report: dict[str, Any]) -> list[str]:
         for kind in SUPERNET:
             mine = [r for r in m["rows"] if r["strategy"] == kind]
             for r in (o for o in m["rows"] if o["strategy"] not in SUPERNET) if mine else ():
-                at = accuracy_at(mine, r["ms"])
-                where = (f"{kind} {at:.2f} % (interpolated between its subnets): {at - r['accuracy']:+.2f} points at "
-                         f"equal latency" if at is not None else f"outside the {kind} subnets' latencies")
-                lines.append(f"  at {r['strategy']}@{r['budget']}'s {r['ms']:.3f} ms ({r['accuracy']:.2f} %): {where}")
+                faster = [o for o in mine if o["ms"] <= r["ms"]]
+                head = f"  {r['strategy']}@{r['budget']} ({r['accuracy']:.2f} % at {r['ms']:.3f} ms) against {kind}: "
+                if faster:
+                    best = max(faster, key=lambda o: (o["accuracy"], -o["ms"]))
+                    head += (f"its best subnet as fast or faster {best['accuracy']:.2f} % at {best['ms']:.3f} ms, "
+                             f"{best['accuracy'] - r['accuracy']:+.2f} points")
+                else:
+                    head += "no subnet as fast"
+                ms = latency_for(mine, r["accuracy"])
+                lines.append(head + (f"; reaches {r['accuracy']:.2f} % at {ms:.3f} ms, {(1 - ms / r['ms']) * 100:+.1f} "
+                                     f"% time saved" if ms is not None else "; never as accurate"))
         for x in m["refused"]:
             lines.append(f"  {x['strategy']}@{x['budget']} refused: {x['reason'][:200]}")
     return lines

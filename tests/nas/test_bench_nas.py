@@ -29,9 +29,12 @@ def test_the_summary_reads_speed_within_a_point_and_nas_against_the_width_search
     assert lines[0].startswith("m: 5 NAS subnets from one supernet training (30 epochs, 120 s), 3 on their Pareto "
                                "front, 4 within their budget")
     assert "  nas: fastest within 1 point of fp32 (86.40 %): 1.200 ms = 2.50x faster than ORT INT8 (85.60 %)" in lines
-    # knapsack at 2.2 ms: NAS interpolated between 1.7 ms (86.5 %) and 2.3 ms (86.0 %) = 86.083 %
-    assert any(line.startswith("  at knapsack@0.8's 2.200 ms (85.00 %): nas 86.08 %") and "+1.08 points" in line
-               for line in lines)
+    # knapsack at 2.2 ms, 85 %: NAS's best as fast is 86.5 % at 1.7 ms; NAS first reaches 85 % between 1.0 ms
+    # (84.0 %) and 1.2 ms (85.6 %): at 1.125 ms, 48.9 % less time
+    assert ("  knapsack@0.8 (85.00 % at 2.200 ms) against nas: its best subnet as fast or faster 86.50 % at 1.700 ms, "
+            "+1.50 points; reaches 85.00 % at 1.125 ms, +48.9 % time saved") in lines
+    assert ("  uniform@0.5 (86.20 % at 1.450 ms) against nas: its best subnet as fast or faster 85.60 % at 1.200 ms, "
+            "-0.60 points; reaches 86.20 % at 1.533 ms, -5.7 % time saved") in lines
     assert any("uniform@0.33 refused: below the fastest" in line for line in lines)
     assert "| m " in nas.format_table(_report())
 
