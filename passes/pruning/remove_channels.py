@@ -131,7 +131,8 @@ class RemoveChannels(Pass):
         touched = 0
         with torch.no_grad():
             for target, mask in masks.items():
-                t, zero = lookup(cg.gm, target), mask.expand_as(lookup(cg.gm, target)) == 0
+                t = lookup(cg.gm, target)
+                zero = mask.expand_as(t) == 0
                 touched += _nonzero(t.masked_select(zero))
                 t.masked_fill_(zero, 0)
         return touched, masks
