@@ -162,6 +162,7 @@ class SubnetQuality:
         self.scored: dict[Subnet, float] = {}
         if eval_fn is None:
             self.reference = self._outputs(net.space.largest())
+            self._restore()
 
     def _activate(self, subnet: Subnet) -> None:
         self.net.activate(subnet)
