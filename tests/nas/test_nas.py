@@ -75,7 +75,8 @@ def test_nas_under_a_measured_latency_budget_is_confirmed_in_onnx_runtime(tmp_pa
     stats = result.history[0].stats
     assert stats["measured_ms"] <= stats["budget_ms"] and stats["confirmations"] >= 1
     assert stats["smallest_ms"] < stats["budget_ms"] < stats["full_ms"]
-    assert all(abs(e) < 0.5 for e in stats["fit_errors"])
+    errors = sorted(abs(e) for e in stats["fit_errors"])  # one per measured subnet; a shared machine adds outliers
+    assert len(errors) >= 5 and errors[len(errors) // 2] < 0.25
     assert any(n.startswith("attempt 1: predicted") for n in result.history[0].notes)
 
 
