@@ -157,7 +157,7 @@ class SubnetQuality:
     def __init__(self, net: Supernet, batches: list[tuple], eval_fn=None):
         self.net, self.batches, self.eval_fn = net, batches, eval_fn
         self.norms = bn_stats.tracked_norms(net)
-        self.saved = {name: [b.detach().clone() for b in m.buffers()] for name, m in self.norms.items()}
+        self.saved = bn_stats.snapshot(self.norms)
         self.reference = None
         self.scored: dict[Subnet, float] = {}
         if eval_fn is None:
@@ -178,10 +178,7 @@ class SubnetQuality:
                           if isinstance(t, torch.Tensor) and t.is_floating_point()])
 
     def _restore(self) -> None:
-        with torch.no_grad():
-            for name, m in self.norms.items():
-                for b, old in zip(m.buffers(), self.saved[name]):
-                    b.copy_(old)
+        bn_stats.restore(self.norms, self.saved)
 
     def __call__(self, subnet: Subnet) -> float:
         if subnet in self.scored:

@@ -28,7 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 from fxcompress.passes.pruning.lib.channel_deps import ChannelGraph
 from fxcompress.passes.pruning.lib.width_space import WidthSpace
-from fxcompress.passes.train.lib.bn_stats import reestimate, tracked_norms
+from fxcompress.passes.train.lib import bn_stats
 from torch.utils import _pytree as pytree
 
 from fxcompress.errors import InputError
@@ -76,7 +76,7 @@ class PlanQuality:
         self.evaluations = 0
         self.cache: dict[tuple[int, ...], float] = {}
         self.train, self.tune_steps, self.lr, self.loss = train or [], tune_steps, lr, loss
-        self.norms = tracked_norms(self.module) if recalibrate_bn and self.batches else {}
+        self.norms = bn_stats.tracked_norms(self.module) if recalibrate_bn and self.batches else {}
         self.recalibration_skipped: str | None = None
         samples = sum(b[0].shape[0] for b in self.batches if b and isinstance(b[0], torch.Tensor) and b[0].dim())
         if self.norms and samples < RECALIBRATION_SAMPLES:
@@ -136,15 +136,12 @@ class PlanQuality:
         if not self.norms:
             yield
             return
-        saved = {name: [b.detach().clone() for b in m.buffers()] for name, m in self.norms.items()}
+        saved = bn_stats.snapshot(self.norms)
         try:
-            reestimate(self.module, self.norms, self.batches)
+            bn_stats.reestimate(self.module, self.norms, self.batches)
             yield
         finally:
-            with torch.no_grad():
-                for name, m in self.norms.items():
-                    for b, old in zip(m.buffers(), saved[name]):
-                        b.copy_(old)
+            bn_stats.restore(self.norms, saved)
 
     def _score(self) -> float:
         if self.eval_fn is not None:

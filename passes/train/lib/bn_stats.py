@@ -22,6 +22,19 @@ def tracked_norms(module: torch.nn.Module) -> dict[str, _BatchNorm]:
             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None}
 
 
+def snapshot(norms: dict[str, _BatchNorm]) -> dict[str, list[torch.Tensor]]:
+    """Copies of every buffer of ``norms`` (statistics and batch counts), to ``restore`` later."""
+    return {name: [b.detach().clone() for b in m.buffers()] for name, m in norms.items()}
+
+
+def restore(norms: dict[str, _BatchNorm], saved: dict[str, list[torch.Tensor]]) -> None:
+    """Write a ``snapshot`` back into ``norms``'s buffers (in place: modules sharing them see it)."""
+    with torch.no_grad():
+        for name, m in norms.items():
+            for b, old in zip(m.buffers(), saved[name]):
+                b.copy_(old)
+
+
 def reestimate(module: torch.nn.Module, norms: dict[str, _BatchNorm], batches: Iterable[tuple],
                max_samples: int | None = None, step: Callable[[int], None] = lambda samples: None) -> int:
     """Reset ``norms`` and average their batch statistics over ``batches`` (tuples of inputs) until
