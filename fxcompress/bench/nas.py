@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tabulate import tabulate
 
 from fxcompress.passes.nas.lib import sandwich, subnet_search
 from fxcompress.passes.nas.lib.elastic import ElasticSpace, Supernet, extract
@@ -222,17 +221,9 @@ def summary(report: dict[str, Any]) -> list[str]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = []
-    for m in report["models"]:
-        rows.append([m["model"], "fp32 / ORT INT8 / ours INT8", "-", f"- / {m['ort_int8']['ms']:.3f} / "
-                     f"{m['int8_ms']:.3f}", "1.00", "1.000", f"{m['fp32']:.2f} / {m['ort_int8']['accuracy']:.2f}",
-                     "-", "-"])
-        for r in sorted(m["rows"], key=lambda r: (r["strategy"] not in SUPERNET, r["strategy"], -r["budget"])):
-            rows.append([m["model"], r["strategy"], r["budget"], f"{r['ms']:.3f}", f"{r['vs_ort']:.2f}",
-                         f"{r['macs']:.3f}", f"{r['accuracy']:.2f}", f"{r['accuracy'] - m['fp32']:+.2f}",
-                         "yes" if r["within_budget"] else "NO"])
-    return tabulate(rows, headers=["model", "method", "budget (x ORT INT8)", "ms (b8, 1 thr)", "x ORT INT8", "MACs",
-                                   "test acc %", "vs fp32", "in budget"], tablefmt="github")
+    """``search.format_table``, the supernet's results first, each method's from its widest budget down."""
+    return search.format_table(report, lambda r: (r["strategy"] not in SUPERNET, r["strategy"], -r["budget"]),
+                               method="method", budget="budget (x ORT INT8)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

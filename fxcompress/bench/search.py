@@ -255,17 +255,20 @@ def summary(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def format_table(report: dict[str, Any]) -> str:
+def format_table(report: dict[str, Any], order: Callable[[dict[str, Any]], Any] | None = None,
+                 method: str = "strategy", budget: str = "budget") -> str:
+    """A row per result (in ``order`` within each model, else as run) under the references' row; ``method`` and
+    ``budget`` name those columns."""
     rows = []
     for m in report["models"]:
         rows.append([m["model"], "fp32 / ORT INT8 / ours INT8", "-", f"- / {m['ort_int8']['ms']:.3f} / "
                      f"{m['int8_ms']:.3f}", "1.00", "1.000", f"{m['fp32']:.2f} / {m['ort_int8']['accuracy']:.2f}",
                      "-", "-", "-"])
-        for r in m["rows"]:
+        for r in m["rows"] if order is None else sorted(m["rows"], key=order):
             rows.append([m["model"], r["strategy"], r["budget"], f"{r['ms']:.3f}", f"{r['vs_ort']:.2f}",
                          f"{r['macs']:.3f}", f"{r['accuracy']:.2f}", f"{r['accuracy'] - m['fp32']:+.2f}",
                          f"{r['search_s']:.1f}", "yes" if r["within_budget"] else "NO"])
-    return tabulate(rows, headers=["model", "strategy", "budget", "ms (b8, 1 thr)", "x ORT INT8", "MACs",
+    return tabulate(rows, headers=["model", method, budget, "ms (b8, 1 thr)", "x ORT INT8", "MACs",
                                    "test acc %", "vs fp32", "search s", "in budget"], tablefmt="github")
 
 
