@@ -2,7 +2,7 @@
 width search (knapsack) and uniform pruning given as many training epochs per result.
 
     python -m fxcompress.bench.nas [--models ...] [--epochs 10] [--budgets 0.33 0.5 0.8]
-                                   [--nas-budgets 0.27 0.4 0.6 0.7 0.9] [--strategies knapsack uniform] [--runs 100]
+                                   [--nas-budgets 0.2 0.27 0.4 0.6 0.7 0.9] [--strategies knapsack uniform] [--runs 100]
                                    [--json OUT] [--plot OUT.png]
 
 For each model: its fp32 test accuracy, ONNX Runtime's INT8 of the unpruned model (``quantize_static``, MinMax,
@@ -13,8 +13,9 @@ budget costs a search, not a training).
 - **nas**: the model made a supernet (``passes/nas``: every prunable group at 1/4, 1/2, 3/4 and all of its channels
   in multiples of 4, every skippable residual block on or off), trained once for 3 x ``--epochs`` epochs by the
   sandwich rule with the fine-tune's optimizer; then for every budget the evolutionary search on the measured-latency
-  prediction, scored by validation accuracy with BatchNorm re-estimated, the chosen subnet confirmed in ORT,
-  extracted, quantized (kl_tolerance) and exported: no subnet is trained after the supernet.
+  prediction, scored by validation accuracy with BatchNorm re-estimated (the 360 validation images and
+  ``VAL_REDRAWS`` fresh hardenings of them: a ranking of close subnets on 360 images is mostly noise), the chosen
+  subnet confirmed in ORT, extracted, quantized (kl_tolerance) and exported: no subnet is trained after the supernet.
 - **nas+ft**: each of those subnets fine-tuned ``--epochs`` epochs (a normal fine-tune) before quantization; all of
   them together train fewer epochs than the width searches' results (3 x ``--epochs`` each).
 - **knapsack** / **uniform**: ``auto_prune`` at the same budget (``bench.search``'s cell), then ``recalibrate_bn``,
@@ -58,7 +59,8 @@ from .runner import onnx_outputs, ort_int8_model
 from .search import BATCH, MODELS, THREADS, cell, latency_for, measure
 
 BUDGETS = (0.33, 0.5, 0.8)  # fractions of ORT's INT8 latency of the unpruned model, for every method
-NAS_BUDGETS = (0.27, 0.4, 0.6, 0.7, 0.9)  # more, for the supernet's subnets alone
+NAS_BUDGETS = (0.2, 0.27, 0.4, 0.6, 0.7, 0.9)  # more, for the supernet's subnets alone
+VAL_REDRAWS = 4  # subnets are scored on the validation images and 4 fresh hardenings of them (1,800 images)
 SUPERNET = ("nas", "nas+ft")  # the methods whose results come from the one supernet
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -67,7 +69,8 @@ def _data(name: str) -> dict[str, Any]:
     hard = name.endswith("-hard-digits")
     train_images, _ = golden.digits("train", hard)
     return {"calibration_data": [train_images[i:i + 64] for i in range(0, 512, 64)],
-            "train_data": golden.DigitsTraining(hard=hard), "eval_fn": golden.accuracy(name, "val")}
+            "train_data": golden.DigitsTraining(hard=hard),
+            "eval_fn": golden.accuracy(name, "val", redraws=VAL_REDRAWS)}
 
 
 def test_accuracy(name: str, path: Path) -> float:

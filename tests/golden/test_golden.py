@@ -97,3 +97,23 @@ def test_retraining_from_the_seed_reproduces_the_accuracy(name, tmp_path, monkey
     finally:
         torch.set_num_threads(threads)
     assert accuracy["test"] == pytest.approx(_expected()[name]["fp32_accuracy"]["test"], abs=1.0)
+
+
+def test_redrawn_validation_adds_fresh_hard_images_only_for_hard_models(monkeypatch):
+    """``accuracy(..., redraws=k)`` scores 1 + k hardenings of the split: k new ones, none of them the split's own."""
+    seen = []
+    model, _ = fxc.golden.load("resnet20-hard-digits")
+
+    def spy(images):
+        seen.append(images)
+        return model(images)
+
+    plain = fxc.golden.accuracy("resnet20-hard-digits", "val")(spy)
+    redrawn = fxc.golden.accuracy("resnet20-hard-digits", "val", redraws=2)(spy)
+    val, _ = fxc.golden.digits("val", hard=True)
+    assert len(seen[1]) == 3 * len(val) and torch.equal(seen[1][:len(val)], val)
+    assert not torch.equal(seen[1][len(val):2 * len(val)], val)
+    assert not torch.equal(seen[1][len(val):2 * len(val)], seen[1][2 * len(val):])
+    assert plain != redrawn and 75.0 <= redrawn <= 95.0  # the model is as good on the redraws (hardened alike)
+    fxc.golden.accuracy("resnet20-digits", "val", redraws=2)(spy)
+    assert len(seen[2]) == len(fxc.golden.digits("val")[0])  # easy models: the split alone
