@@ -101,6 +101,11 @@ def _conv_module(node: torch.fx.Node, m: _ConvNd) -> int:
     return out.numel * (m.in_channels // m.groups) * _prod(m.kernel_size)
 
 
+def _codebook_module(node: torch.fx.Node, m: nn.Module) -> int:
+    out = meta.tensor_info(node)
+    return out.numel * _prod(m.weight_shape[1:]) if out is not None else 0
+
+
 def _mha_module(node: torch.fx.Node, m: nn.MultiheadAttention) -> int:
     q, k, v = (_info(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     if q is None or k is None or v is None:
@@ -150,6 +155,7 @@ MAC_RULES: dict[str, Callable[[torch.fx.Node, Any], int]] = {
     "sdpa": _sdpa,
     "linear_layer": _linear_module,
     "conv_layer": _conv_module,
+    "codebook_layer": _codebook_module,
     "attention_layer": _mha_module,
     "window_attention": _window_attention,
     "einsum": _einsum,

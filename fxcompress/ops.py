@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .modules import (
+    CodebookLayer,
     PrunedMultiheadAttention,
     dynamic_quant_linear,
     quantized_embedding,
@@ -203,6 +204,7 @@ register(nn.Embedding, channels="embedding", resize="embedding", quant="embeddin
 register(nn.PReLU, channels="prelu", resize="prelu")
 register(nn.MultiheadAttention, channels="multihead_attention", macs="attention_layer")
 register(PrunedMultiheadAttention, channels="multihead_attention")
+register(CodebookLayer, macs="codebook_layer", folds_bn=True)  # weight sharing: a barrier to channel rules
 register(nn.LSTM, nn.GRU, nn.RNN, channels="recurrent")
 register(requantized_conv, macs="conv")  # the quantized simulation's convolutions and Linear layers
 register(dynamic_quant_linear, macs="matmul")

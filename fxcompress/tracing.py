@@ -31,7 +31,7 @@ from .errors import (
     user_frame_from_exception,
     user_frame_text,
 )
-from .modules import GRAPH_FUNCTIONS
+from .modules import GRAPH_FUNCTIONS, LEAF_MODULES
 from .persist import CompiledModule
 from .shape_branches import ShapeBranches, ShapeValueNeeded
 from .tree import copy_tree
@@ -142,6 +142,8 @@ class _Tracer(ShapeBranches, torch.fx.Tracer):
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if isinstance(m, LEAF_MODULES):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -18,6 +18,7 @@ from fxcompress.passes.quant.calibrate import Calibrate
 from fxcompress.passes.quant.fold_bn import FoldBatchNorm
 from fxcompress.passes.quant.insert_observers import InsertObservers
 from fxcompress.passes.quant.lower_quantized import LowerQuantized
+from fxcompress.passes.quant.weight_share import WeightShare
 from fxcompress.passes.train.distill import Distill
 from fxcompress.passes.train.finetune import Finetune
 from fxcompress.passes.train.qat import QAT
@@ -43,6 +44,7 @@ PASSES: dict[str, type[Pass]] = {
     "qat": QAT,
     "gradual_prune": GradualPrune,
     "nas": NAS,
+    "weight_share": WeightShare,
 }
 
 

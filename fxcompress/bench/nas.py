@@ -60,7 +60,7 @@ from .search import BATCH, MODELS, THREADS, cell, latency_for, measure
 
 BUDGETS = (0.33, 0.5, 0.8)  # fractions of ORT's INT8 latency of the unpruned model, for every method
 NAS_BUDGETS = (0.2, 0.27, 0.4, 0.6, 0.7, 0.9)  # more, for the supernet's subnets alone
-VAL_REDRAWS = 4  # subnets are scored on the validation images and 4 fresh hardenings of them (1,800 images)
+VAL_REDRAWS = 2  # subnets are scored on the validation images and 2 fresh hardenings of them (1,080 images)
 SUPERNET = ("nas", "nas+ft")  # the methods whose results come from the one supernet
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 

@@ -44,6 +44,7 @@ from .. import meta
 from ..errors import ExportError
 from ..fxutil import lookup
 from ..tracing import normalize_inputs, run_example
+from .codebook import codebook_layers, compact
 from .qdq import finalize_qdq, widen_fake_quant
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     for name in chosen[exporter]:
         try:
             functions[name](wrapper, inputs, path, in_names, out_names, axes, opset)
-            return _finish(path)
+            return _finish(path, codebook_layers(module))
         except Exception as exc:  # noqa: BLE001 - the next exporter may succeed; all failures are reported
             log.info("%s exporter failed: %s", name, exc)
             failures.append(f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
@@ -257,12 +258,14 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
                       "out of the exported module.")
 
 
-def _add_value_shapes(path: Path) -> None:
+def _add_value_shapes(path: Path, constants: bool = True) -> None:
     """Write the shapes of the file's values into it (ONNX shape inference), except around a residual add that
     feeds a LayerNormalization.  Without shapes ORT's planner cannot run an elementwise op in place (T5's FFN ReLU
     on a fresh 1.5 MB buffer took twice as long: the INT8 T5 encoder 3 % slower); with the add's shapes known it
     fuses add and norm into SkipLayerNormalization, which on ORT 1.32's CPU provider takes 0.55 ms for 128 x 768
-    where the two ops take 0.1 ms (base-width BERT and DistilBERT 10 % slower)."""
+    where the two ops take 0.1 ms (base-width BERT and DistilBERT 10 % slower).  ``constants=False`` leaves out
+    values computed from initializers alone (ORT folds them when the session starts): a compact file's weight
+    rebuilding needs no shapes."""
     model = onnx.load(str(path), load_external_data=False)  # tensors kept outside stay there, by reference
     model = onnx.shape_inference.infer_shapes(model)
     producer = {out: n for n in model.graph.node for out in n.output}
@@ -271,15 +274,27 @@ def _add_value_shapes(path: Path) -> None:
         add = producer.get(n.input[0]) if n.op_type == "LayerNormalization" and n.input else None
         if add is not None and add.op_type == "Add":
             skip.update((n.input[0], *add.input))
+    if not constants:
+        skip |= _constant_values(model.graph)
     kept = [v for v in model.graph.value_info if v.name not in skip]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
     onnx.save_model(model, str(path))
 
 
-def _finish(path: Path) -> Path:
-    """Weights gathered into the file, QDQ finalized, value shapes inferred, and the file checked: an invalid file
-    is an ExportError."""
+def _constant_values(graph: onnx.GraphProto) -> set[str]:
+    known = {i.name for i in graph.initializer}
+    out = set()
+    for n in graph.node:
+        if all(not x or x in known for x in n.input):
+            known.update(n.output)
+            out.update(n.output)
+    return out
+
+
+def _finish(path: Path, shared: dict | None = None) -> Path:
+    """Weights gathered into the file, QDQ finalized, weight-shared layers stored as codes and codebooks
+    (``codebook.compact``), value shapes inferred, and the file checked: an invalid file is an ExportError."""
     model = onnx.load(str(path), load_external_data=False)
     scattered = external_files(model)
     if scattered:
@@ -287,11 +302,13 @@ def _finish(path: Path) -> Path:
     quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     if quantized:
         model = finalize_qdq(model)
-    if scattered or quantized:
+    if shared:
+        model = compact(model, shared)
+    if scattered or quantized or shared:
         save_model(model, path, scattered)
     del model
     try:
-        _add_value_shapes(path)
+        _add_value_shapes(path, constants=not shared)
     except Exception as exc:  # noqa: BLE001 - the checker below reports a file that is invalid
         log.info("shape inference of %s failed: %s", path, exc)
     try:

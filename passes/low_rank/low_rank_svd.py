@@ -318,7 +318,7 @@ class LowRankSVD(Pass):
 
         def hook(module: nn.Module, args: tuple) -> None:
             c = by_module[id(module)]
-            rows = _input_rows(module, args[0]).float()
+            rows = input_rows(module, args[0]).float()
             moments[c.name] += (rows.T @ rows).double()
             counts[c.name] += rows.shape[0]
 
@@ -387,7 +387,7 @@ def candidates(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> tuple
     return found, skipped
 
 
-def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows that the weight matrix (out x in k k) multiplies: features for Linear, patches
     for a 1-d or 2-d conv (in the weight's (in, k...) order, padding applied as the conv applies it)."""
     x = x.detach()

@@ -4,7 +4,8 @@
              W' = W * s,  b' = (b - mean) * s + beta,  s = gamma / sqrt(var + eps)   (per output channel)
 
 Producers: the layers whose op record sets ``folds_bn`` (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` with any
-groups, ``nn.Linear`` with a 2-D output).
+groups, ``nn.Linear`` with a 2-D output, a weight-shared ``CodebookLayer``: the BatchNorm becomes its per-channel
+scale).
 BatchNorm: ``nn.BatchNorm1d/2d/3d`` modules or ``F.batch_norm`` with running statistics held by the module.
 Requires: shape metadata.  Contract: EXACT (rtol=1e-5, atol=1e-5 x output scale).  Folding is done in float64.
 Skips (counted in stats, each named in the notes):
@@ -29,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import VerificationError, user_frame_from_stack_trace
+from fxcompress.modules import CodebookLayer
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import Lifetime, Table, data_class
 
@@ -98,11 +100,17 @@ def _folded_values(w: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tens
 
 
 def _fold(m: nn.Module, bn: _BN) -> None:
-    """Rewrite ``m``'s weight and bias (new Parameters; the old tensors are not touched)."""
+    """Rewrite ``m``'s weight and bias (new Parameters; the old tensors are not touched); a weight-shared layer
+    takes the BatchNorm as a scale per output channel, its codebook staying shared."""
     out_channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
     ones = torch.ones(out_channels, dtype=torch.float64)
     gamma = bn.weight.detach() if bn.weight is not None else ones
     beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(ones)
+    if isinstance(m, CodebookLayer):
+        scale = gamma.double() / torch.sqrt(bn.var.detach().double() + bn.eps)
+        bias = m.bias.detach().double() if m.bias is not None else torch.zeros_like(scale)
+        m.fold(scale, (bias - bn.mean.detach().double()) * scale + beta.double())
+        return
     transposed = m.groups if isinstance(m, nn.modules.conv._ConvTransposeNd) else None
     w, new_bias = _folded_values(m.weight.detach(), None if m.bias is None else m.bias.detach(), gamma, beta,
                                  bn.mean.detach(), bn.var.detach(), bn.eps, transposed)
@@ -179,7 +187,7 @@ class FoldBatchNorm(Pass):
         channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
         if out is None or len(out.shape) < 2 or out.shape[1] != channels or bn.mean.numel() != channels:
             return "skipped_channel_layout"
-        if isinstance(m, nn.Linear) and len(out.shape) != 2:
+        if (isinstance(m, nn.Linear) or getattr(m, "kind", None) == "linear") and len(out.shape) != 2:
             return "skipped_channel_layout"
         return None
 
@@ -216,7 +224,7 @@ class FoldBatchNorm(Pass):
                 continue
             producer = _bn_input(node)
             m = gm.get_submodule(producer.target)
-            if record and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            if record and not isinstance(m, (nn.modules.conv._ConvTransposeNd, CodebookLayer)):
                 folded[producer.target] = FoldedBN.record(m, bn)
             _fold(m, bn)
             node.replace_all_uses_with(producer)

@@ -17,6 +17,8 @@ calibration data, lower_quantized corrects their biases).
 
 A ``QuantPlan`` given to ``compile(..., plans=...)`` is applied as it is (its specs, not this pass's options).
 Requires: shape metadata.  Contract: EXACT, bit for bit.
+Weight-shared layers (``CodebookLayer``) become their plain layers first (the same weights): their values then
+land on the per-channel INT8 grid and run as INT8 kernels.
 Skips (named in the notes): ops no rule quantizes (their weights stay float), unfolded BatchNorm.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fxcompress.passes.quant.lib.quant_spec import METHODS
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, VerificationError
-from fxcompress.modules import Observer
+from fxcompress.modules import Observer, expand_codebook_layers
 from fxcompress.options import as_patterns, check_patterns
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import replayed
@@ -101,6 +103,7 @@ class InsertObservers(Pass):
         if wide is not None or any(t.dtype == torch.float64 for t in ctx.example_inputs):
             raise InputError(f"[{self.name}] the model computes in float64 ({wide or 'its inputs'}); quantization "
                              f"simulates ONNX Runtime's float32 arithmetic. Compile model.float() with float32 inputs.")
+        expanded = expand_codebook_layers(gm)  # weight-shared layers quantize as their plain layers
         given = replayed(ctx, QuantPlan, self.name)
         plan = given if given is not None else plan_quantization(gm, self.plan_options())
         ctx.plans[QuantPlan] = plan
@@ -119,4 +122,6 @@ class InsertObservers(Pass):
                 meta.add_provenance(obs, self.name, f"observes {value} for {site.reason}")
         notes = tuple(f"left float: {why}" for why in plan.float_ops.values())
         stats = plan.summary() | ({"replayed": True} if given is not None else {})
-        return PassResult(modified=bool(plan.sites), stats=stats, notes=notes)
+        if expanded:
+            stats["codebook_layers_expanded"] = len(expanded)
+        return PassResult(modified=bool(plan.sites or expanded), stats=stats, notes=notes)
