@@ -5,8 +5,6 @@
 ``inconsistent_attributes`` checks that every standard layer's attributes (``out_channels``, ``num_features``...)
 agree with its tensors, the postcondition of every rewrite that resizes layers.
 
-``CodebookLayer`` is a Linear or Conv whose weight is rebuilt from a codebook and codes (weight sharing).
-
 ``PrunedMultiheadAttention`` stands in for an ``nn.MultiheadAttention`` after channel removal: its embedding
 width (input and output) and its inner width (heads × head_dim) may differ, and it keeps the softmax scale of
 the original model rather than recomputing it from the (smaller) head dim.
@@ -159,82 +157,6 @@ class NarrowAccumulator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, axis={self.axis}"
-
-
-class CodebookLayer(nn.Module):
-    """A Linear or Conv whose weight is ``codebook[codes]`` (weight sharing, ``passes/quant/weight_share``).
-
-    ``codebook`` (K x d, a Parameter: training it sums the weight gradients of each codeword's blocks) and
-    ``codes`` (a uint8 buffer of the weight's d-blocks in row-major order) replace the weight; the bias and the
-    convolution's arguments are the layer's own.  A folded BatchNorm adds ``scale``, one factor per output channel
-    (W = scale x codebook[codes]).
-    """
-
-    def __init__(self, layer: nn.Module, codebook: torch.Tensor, codes: torch.Tensor):
-        super().__init__()
-        w = layer.weight
-        self.kind = "linear" if isinstance(layer, nn.Linear) else f"conv{len(layer.kernel_size)}d"
-        self.weight_shape = tuple(w.shape)
-        self.conv = {} if self.kind == "linear" else {
-            "stride": tuple(layer.stride), "padding": layer.padding if isinstance(layer.padding, str)
-            else tuple(layer.padding), "dilation": tuple(layer.dilation), "groups": layer.groups}
-        self.codebook = nn.Parameter(codebook.detach().to(w.dtype, copy=True), requires_grad=w.requires_grad)
-        self.register_buffer("codes", codes.detach().reshape(-1).to(torch.uint8, copy=True))
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(),
-                                                                 requires_grad=layer.bias.requires_grad)
-        self.scale = None  # per output channel, once a BatchNorm is folded in (``fold``)
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight_shape[0]
-
-    def dense_weight(self) -> torch.Tensor:
-        w = self.codebook[self.codes.long()].reshape(self.weight_shape)
-        return w if self.scale is None else w * self.scale.reshape(-1, *([1] * (w.dim() - 1)))
-
-    def fold(self, scale: torch.Tensor, bias: torch.Tensor) -> None:
-        """Scale the output channels by ``scale`` and set the bias (a BatchNorm folded in, in float64 by the
-        caller): the codebook stays shared, the scale is one value per output channel."""
-        dtype, grad = self.codebook.dtype, self.codebook.requires_grad
-        total = scale.double() if self.scale is None else self.scale.detach().double() * scale.double()
-        self.scale = nn.Parameter(total.to(dtype), requires_grad=grad)
-        self.bias = nn.Parameter(bias.to(dtype), requires_grad=grad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight()
-        if self.kind == "linear":
-            return F.linear(x, w, self.bias)
-        return _CONVS[int(self.kind[4])](x, w, self.bias, **self.conv)
-
-    def to_dense(self) -> nn.Module:
-        """The equivalent plain layer (its weight the rebuilt one)."""
-        w = self.dense_weight().detach()
-        if self.kind == "linear":
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
-        else:
-            conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[self.kind]
-            groups = self.conv["groups"]
-            layer = conv(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), bias=self.bias is not None,
-                         **self.conv)
-        layer.weight = nn.Parameter(w.clone(), requires_grad=self.codebook.requires_grad)
-        if self.bias is not None:
-            layer.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        return layer.to(w.device).train(self.training)
-
-    def extra_repr(self) -> str:
-        k, d = self.codebook.shape
-        return (f"{self.kind}, weight={self.weight_shape}, codebook={k}x{d}"
-                + (", scaled per channel" if self.scale is not None else ""))
-
-
-def expand_codebook_layers(root: nn.Module) -> list[str]:
-    """Replace every ``CodebookLayer`` under ``root`` by its plain layer (``to_dense``, the same weight); returns
-    their names."""
-    names = [n for n, m in root.named_modules() if isinstance(m, CodebookLayer)]
-    for name in names:
-        parent, _, leaf = name.rpartition(".")
-        setattr(root.get_submodule(parent), leaf, root.get_submodule(name).to_dense())
-    return names
 
 
 class _DynamicQuantLinear(torch.autograd.Function):
@@ -419,8 +341,6 @@ torch.fx.wrap("window_attention")
 # Functions the rewrites put into graphs: ``fxc.load`` accepts them by name (``persist``), tracing keeps them whole.
 _QUANTIZED_FUNCTIONS = (requantized_conv, quantized_add, dynamic_quant_linear, quantized_embedding)
 GRAPH_FUNCTIONS = (*_QUANTIZED_FUNCTIONS, window_attention)
-# Modules the rewrites put into graphs that tracing keeps whole (a compiled module traces again as it is).
-LEAF_MODULES = (CodebookLayer,)
 _QUANTIZED_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine,
                       *_QUANTIZED_FUNCTIONS)
 

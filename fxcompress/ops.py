@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import InputError
+from .lowbit import CodebookLayer, LowBitLayer
 from .modules import (
-    CodebookLayer,
     PrunedMultiheadAttention,
     dynamic_quant_linear,
     quantized_embedding,
@@ -204,7 +204,8 @@ register(nn.Embedding, channels="embedding", resize="embedding", quant="embeddin
 register(nn.PReLU, channels="prelu", resize="prelu")
 register(nn.MultiheadAttention, channels="multihead_attention", macs="attention_layer")
 register(PrunedMultiheadAttention, channels="multihead_attention")
-register(CodebookLayer, macs="codebook_layer", folds_bn=True)  # weight sharing: a barrier to channel rules
+register(CodebookLayer, macs="codebook_layer", folds_bn=True)  # few-bit weights: barriers to channel rules
+register(LowBitLayer, macs="codebook_layer")
 register(nn.LSTM, nn.GRU, nn.RNN, channels="recurrent")
 register(requantized_conv, macs="conv")  # the quantized simulation's convolutions and Linear layers
 register(dynamic_quant_linear, macs="matmul")

@@ -31,7 +31,8 @@ from .errors import (
     user_frame_from_exception,
     user_frame_text,
 )
-from .modules import GRAPH_FUNCTIONS, LEAF_MODULES
+from .lowbit import LEAF_MODULES
+from .modules import GRAPH_FUNCTIONS
 from .persist import CompiledModule
 from .shape_branches import ShapeBranches, ShapeValueNeeded
 from .tree import copy_tree

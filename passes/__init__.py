@@ -14,6 +14,7 @@ from fxcompress.passes.pruning.propagate_dependencies import PropagateDependenci
 from fxcompress.passes.pruning.remove_channels import RemoveChannels
 from fxcompress.passes.pruning.search_widths import SearchWidths
 from fxcompress.passes.pruning.select_channels import SelectChannels
+from fxcompress.passes.quant.binarize import Binarize
 from fxcompress.passes.quant.calibrate import Calibrate
 from fxcompress.passes.quant.fold_bn import FoldBatchNorm
 from fxcompress.passes.quant.insert_observers import InsertObservers
@@ -45,6 +46,7 @@ PASSES: dict[str, type[Pass]] = {
     "gradual_prune": GradualPrune,
     "nas": NAS,
     "weight_share": WeightShare,
+    "binarize": Binarize,
 }
 
 

@@ -9,10 +9,11 @@ the weight.
             (-> Mul by its per-channel scale, a folded BatchNorm) (-> Transpose, where W was written transposed)
             -> Conv
 
-The exporter folds ``codebook[codes]`` into a dense initializer; it is found by its content (bit-equal to the
-layer's rebuilt weight, or to its transpose) and replaced.  The rebuilt weight is bit-equal to the initializer it
-replaces, so ONNX Runtime computes what it computed before; its graph optimizer folds the subgraph into a constant
-when the session starts (the file is small, the session's memory holds the fp32 weights).
+The exporter folds ``codebook[codes]`` into a dense initializer; it is found by its content (equal to the layer's
+rebuilt weight, or to its transpose, within float32 rounding of the last place: the exporter's constant folding may
+round a product differently) and replaced.  The graph rebuilds the weight PyTorch computes, bit for bit; ONNX
+Runtime's graph optimizer folds the subgraph into a constant when the session starts (the file is small, the
+session's memory holds the fp32 weights).
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from ..modules import CodebookLayer
+from ..lowbit import LEAF_MODULES
 
 OPSET = 13  # ReduceSum with axes as an input
 
 
-def codebook_layers(module: torch.nn.Module) -> dict[str, CodebookLayer]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, CodebookLayer)}
+def codebook_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers whose weights the file stores as codes (``CodebookLayer``, ``LowBitLayer``), by name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, LEAF_MODULES)}
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -43,7 +45,7 @@ def _bits(k: int) -> int:
     return max(1, int(np.ceil(np.log2(k))))
 
 
-def compact(model: onnx.ModelProto, layers: dict[str, CodebookLayer]) -> onnx.ModelProto:
+def compact(model: onnx.ModelProto, layers: dict[str, torch.nn.Module]) -> onnx.ModelProto:
     """``model`` with every layer's dense weight initializer replaced by its codes, codebook and the rebuilding
     subgraph (see the module docstring); the codes of all layers of one bit width are packed and unpacked
     together."""
@@ -65,24 +67,25 @@ def compact(model: onnx.ModelProto, layers: dict[str, CodebookLayer]) -> onnx.Mo
     nodes, done = [], set()
     streams: dict[int, list[np.ndarray]] = {}  # bits -> the codes of its layers, in order
     for layer_name, layer in layers.items():
-        dense = layer.dense_weight().detach().float().numpy()
+        codebook, codes, scale, dense = (None if t is None else t.detach() for t in layer.parts())
+        dense = dense.float().numpy()
         target, transposed = _find(inits, by_shape, dense, done)
         if target is None:
             raise ExportError(f"cannot store {layer_name!r} compactly: no weight in the exported file equals its "
                               f"rebuilt weight {tuple(dense.shape)} (the exporter combined it with another constant). "
                               f"Keep the layer out of weight sharing (exclude it).")
         done.add(target)
-        bits = _bits(layer.codebook.shape[0])
-        codes = layer.codes.numpy()
+        bits = _bits(codebook.shape[0])
+        codes = codes.numpy()
         stream = streams.setdefault(bits, [])
         stream.append(codes)
         p = layer_name or "layer"
-        consts[f"{p}.codebook"] = layer.codebook.detach().float().numpy()
+        consts[f"{p}.codebook"] = codebook.float().numpy()
         shape = consts.setdefault(f"shape.{'x'.join(map(str, dense.shape))}", np.array(dense.shape, np.int64))
         steps = [("Gather", [f"{p}.codebook", f"codes.{bits}.{len(stream) - 1}"], {"axis": 0}),
                  ("Reshape", [None, f"shape.{'x'.join(map(str, shape))}"], {})]
-        if layer.scale is not None:
-            consts[f"{p}.scale"] = layer.scale.detach().float().numpy().reshape(-1, *([1] * (dense.ndim - 1)))
+        if scale is not None:
+            consts[f"{p}.scale"] = scale.float().numpy().reshape(-1, *([1] * (dense.ndim - 1)))
             steps.append(("Mul", [None, f"{p}.scale"], {}))
         if transposed:
             steps.append(("Transpose", [None], {"perm": [1, 0]}))
@@ -143,11 +146,11 @@ def _short_names(graph: onnx.GraphProto) -> None:
 
 
 def _find(inits: dict, by_shape: dict, dense: np.ndarray, done: set) -> tuple[str | None, bool]:
-    """The initializer bit-equal to ``dense`` (False) or to its transpose (True)."""
+    """The initializer equal to ``dense`` (False) or to its transpose (True), to float32 rounding: an exporter's
+    constant folding may round a product differently from PyTorch in the last place."""
     options = [(dense, False)] + ([(dense.T, True)] if dense.ndim == 2 else [])
     for value, transposed in options:
         for name in by_shape.get(tuple(value.shape), []):
-            if name not in done and np.array_equal(numpy_helper.to_array(inits[name]).view(np.uint32),
-                                                   np.ascontiguousarray(value).view(np.uint32)):
+            if name not in done and np.allclose(numpy_helper.to_array(inits[name]), value, rtol=2 ** -22, atol=0):
                 return name, transposed
     return None, False

@@ -43,6 +43,7 @@ from torch.utils import _pytree as pytree
 from .. import meta
 from ..errors import ExportError
 from ..fxutil import lookup
+from ..lowbit import frozen_copy
 from ..tracing import normalize_inputs, run_example
 from .codebook import codebook_layers, compact
 from .qdq import finalize_qdq, widen_fake_quant
@@ -239,7 +240,8 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
         raise ExportError(f"{type(module).__name__} returns a {bad} among its outputs; ONNX outputs are tensors only.")
     in_names, out_names = input_names(module, len(inputs)), output_names(len(leaves))
     axes = _dynamic_axes(module, inputs, leaves, in_names, out_names) if dynamic_batch else None
-    wrapper = _FlatOutputs(widen_fake_quant(module)).eval()
+    shared = codebook_layers(module)
+    wrapper = _FlatOutputs(widen_fake_quant(frozen_copy(module) if shared else module)).eval()
     # The dynamo exporter's graph optimizer can drop a constant that a node still reads (timm Gemma4's clamps on
     # stored infinite bounds: a Clip whose min is produced nowhere); unoptimized, the same export is valid.
     functions = {"torchscript": _torchscript, "dynamo": _dynamo,
@@ -249,7 +251,7 @@ def _export(module, inputs, path, dynamic_batch, exporter, opset) -> Path:
     for name in chosen[exporter]:
         try:
             functions[name](wrapper, inputs, path, in_names, out_names, axes, opset)
-            return _finish(path, codebook_layers(module))
+            return _finish(path, shared)
         except Exception as exc:  # noqa: BLE001 - the next exporter may succeed; all failures are reported
             log.info("%s exporter failed: %s", name, exc)
             failures.append(f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")

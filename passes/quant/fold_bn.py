@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from fxcompress import meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.errors import VerificationError, user_frame_from_stack_trace
-from fxcompress.modules import CodebookLayer
+from fxcompress.lowbit import CodebookLayer
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import Lifetime, Table, data_class
 

@@ -31,7 +31,8 @@ from fxcompress.passes.quant.lib.quant_spec import METHODS
 from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError, VerificationError
-from fxcompress.modules import Observer, expand_codebook_layers
+from fxcompress.lowbit import expand_low_bit_layers
+from fxcompress.modules import Observer
 from fxcompress.options import as_patterns, check_patterns
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import replayed
@@ -103,7 +104,7 @@ class InsertObservers(Pass):
         if wide is not None or any(t.dtype == torch.float64 for t in ctx.example_inputs):
             raise InputError(f"[{self.name}] the model computes in float64 ({wide or 'its inputs'}); quantization "
                              f"simulates ONNX Runtime's float32 arithmetic. Compile model.float() with float32 inputs.")
-        expanded = expand_codebook_layers(gm)  # weight-shared layers quantize as their plain layers
+        expanded = expand_low_bit_layers(gm)  # weight-shared layers quantize as their plain layers
         given = replayed(ctx, QuantPlan, self.name)
         plan = given if given is not None else plan_quantization(gm, self.plan_options())
         ctx.plans[QuantPlan] = plan

@@ -45,7 +45,7 @@ from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.instruments import sqnr_db
-from fxcompress.modules import CodebookLayer
+from fxcompress.lowbit import CodebookLayer
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 

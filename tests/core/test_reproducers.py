@@ -37,6 +37,7 @@ PIPELINES = {
     "gradual_prune": [*PRUNE[:1], {"pass": "gradual_prune", "target": 0.5, "frequency": 1, **TRAIN}],
     "nas": [{"pass": "nas", "budget": {"macs": 0.6}, "population": 4, "generations": 1, **TRAIN}],
     "weight_share": [{"pass": "weight_share", "bits": 3, "data_aware": True}],
+    "binarize": [{"pass": "binarize", "weights": "ternary", "activations": "binary"}],
 }
 
 

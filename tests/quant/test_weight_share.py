@@ -19,7 +19,7 @@ from fxcompress.errors import InputError, RecipeError
 from fxcompress.export.codebook import pack
 from fxcompress.export.ort import run as ort_run
 from fxcompress.instruments import sqnr_db
-from fxcompress.modules import CodebookLayer
+from fxcompress.lowbit import CodebookLayer
 
 
 def _share(model, inputs, **options):
