@@ -2,7 +2,7 @@
 
 ``CodebookLayer`` (weight sharing, ``passes/quant/weight_share``): W = codebook[codes] (x a scale per output
 channel once a BatchNorm is folded in).  ``LowBitLayer`` (``passes/quant/binarize``): W = alpha x sign(V) (binary),
-alpha x {-1, 0, +1} (ternary) or s x round(V / s) (8-bit) from a latent float weight V trained through a
+alpha x {-1, 0, +1} (ternary) or s x round(V / s) (8 or 4 bits) from a latent float weight V trained through a
 straight-through estimator; its input may be binarized too (XNOR-Net).  Both give their weights as
 ``parts()`` = (codebook, codes, per-channel scale or None, dense weight): what the ONNX export stores
 (``export/codebook.py``).  Tracing keeps them whole (``LEAF_MODULES``).
@@ -111,20 +111,22 @@ class _SignSTE(torch.autograd.Function):
         return grad * (x.abs() <= 1).to(grad.dtype)
 
 
-MODES = ("binary", "ternary", "int8")
-_CODEBOOKS = {"binary": [-1.0, 1.0], "ternary": [-1.0, 0.0, 1.0], "int8": [float(v) for v in range(-127, 128)]}
+MODES = ("binary", "ternary", "int8", "int4")
+_LIMITS = {"int8": 127, "int4": 7}  # symmetric per-channel grids: round(V / s) in [-limit, limit], s = max |V| / limit
+_CODEBOOKS = {"binary": [-1.0, 1.0], "ternary": [-1.0, 0.0, 1.0],
+              **{m: [float(v) for v in range(-q, q + 1)] for m, q in _LIMITS.items()}}
 
 
 class LowBitLayer(nn.Module):
-    """A Linear or Conv computing with its weight in 1, 1.6 or 8 bits per weight from a latent float weight.
+    """A Linear or Conv computing with its weight in 1, 1.6, 4 or 8 bits per weight from a latent float weight.
 
     ``mode`` "binary": W = alpha x sign(V), alpha = mean |V| per output channel (BWN / XNOR-Net); "ternary":
-    W = alpha x {-1, 0, +1}, zero where |V| <= threshold x mean |V|, alpha the mean |V| above it (TWN); "int8":
-    W = s x round(V / s), s = max |V| / 127 per output channel (the first and last layers).  In training the
-    gradient reaches V through a straight-through estimator where |V| <= ``clip`` (the largest |V| when the layer
-    was made: weight clipping), and V is clamped there.  ``binary_input``: the input is sign(x - shift) times K, the
-    mean of |x - shift| over channels averaged over each output's receptive field (XNOR-Net; the trained shift per
-    input channel as ReActNet's RSign)."""
+    W = alpha x {-1, 0, +1}, zero where |V| <= threshold x mean |V|, alpha the mean |V| above it (TWN); "int8"
+    (the first and last layers) and "int4": W = s x round(V / s), s = max |V| / 127 (7) per output channel.  In
+    training the gradient reaches V through a straight-through estimator where |V| <= ``clip`` (the largest |V|
+    when the layer was made: weight clipping), and V is clamped there.  ``binary_input``: the input is
+    sign(x - shift) times K, the mean of |x - shift| over channels averaged over each output's receptive field
+    (XNOR-Net; the trained shift per input channel as ReActNet's RSign)."""
 
     def __init__(self, layer: nn.Module, mode: str, threshold: float = 0.7, binary_input: bool = False):
         super().__init__()
@@ -160,8 +162,9 @@ class LowBitLayer(nn.Module):
             keep = rows.abs() > delta[:, None]
             alpha = (rows.abs() * keep).sum(1) / keep.sum(1).clamp(min=1)
             return (torch.sign(rows) * keep).reshape(v.shape).to(v.dtype), alpha
-        scale = (rows.abs().amax(1) / 127).clamp(min=torch.finfo(v.dtype).tiny)
-        return torch.round(v.detach() / self._per_channel(scale)).clamp(-127, 127), scale
+        limit = _LIMITS[self.mode]
+        scale = (rows.abs().amax(1) / limit).clamp(min=torch.finfo(v.dtype).tiny)
+        return torch.round(v.detach() / self._per_channel(scale)).clamp(-limit, limit), scale
 
     def dense_weight(self) -> torch.Tensor:
         if getattr(self, "fixed_codes", None) is not None:  # (a frozen copy for export)
