@@ -11,12 +11,14 @@
   for a conv, in for a Linear): product quantization, one codebook of K d-vectors per layer ("And the bit goes
   down"), bits / d index bits per weight.
 - ``data_aware=True`` (needs calibration data): the codebook minimises the error of the layer's *outputs* on real
-  inputs, ||X W - X W'|| (``lib/codebook.py``: H-weighted assignment, closed-form codebook update), with X the
-  inputs the layer receives from the model whose earlier layers are already shared: layers go in graph order,
-  each fitted on what the compressed model feeds it.
+  inputs, ||X W - X W'|| (``lib/codebook.py``: error-compensated assignment, closed-form codebook update), with X
+  the inputs the layer receives from the model whose earlier layers are already shared: layers go in graph order,
+  each fitted on what the compressed model feeds it (3-d convs get plain k-means, named in the notes).
 
 The codebook is a Parameter: ``finetune`` after this pass trains the centroids, each receiving the sum of its
-weights' gradients (Deep Compression's centroid fine-tuning); the codes stay.  ``quantize`` after it expands the
+weights' gradients (Deep Compression's centroid fine-tuning); the codes stay.  The sums run over thousands of
+weights: use Adam (its steps do not grow with them; 1e-4 recovers the golden models in one epoch) or a plain SGD
+rate divided accordingly.  ``quantize`` after it expands the
 layers back to plain ones, whose weights then land on the per-channel INT8 grid (a fast variant, INT8 kernels).
 
 Requires: nothing (calibration data for ``data_aware``).  Contract: CHANGES (a lossy compression): the stats give
@@ -106,10 +108,13 @@ class WeightShare(Pass):
         self._check_blocks(gm, layers)
         with meta.side_effect_free(gm):
             before = gm(*ctx.example_inputs)
-        rows = []
+        rows, plain = [], []
         for name in layers:
             layer = gm.get_submodule(name)
-            hessian = self._hessian(ctx, layer) if self.data_aware else None
+            aware = self.data_aware and not isinstance(layer, nn.Conv3d)  # (patches of 1-d and 2-d inputs only)
+            if self.data_aware and not aware:
+                plain.append(f"{name}: plain k-means (data-aware fitting covers Linear and 1-d/2-d convs)")
+            hessian = self._hessian(ctx, layer) if aware else None
             found = cb.fit(layer.weight, self.k, self.block_size, hessian, self.iterations, self.seed)
             shared = CodebookLayer(layer, found.codebook, found.codes)
             shared.train(layer.training)
@@ -121,7 +126,8 @@ class WeightShare(Pass):
                 meta.add_provenance(node, self.name, f"weights shared ({self.method}, {self.k} codewords)")
         with meta.side_effect_free(gm):
             after = gm(*ctx.example_inputs)
-        return PassResult(True, self._stats(rows, skipped, sqnr_db(before, after)), _notes(rows, skipped))
+        stats = self._stats(rows, skipped, sqnr_db(before, after))
+        return PassResult(True, stats, _notes(rows, skipped) + tuple(plain))
 
     def _check_blocks(self, gm: torch.fx.GraphModule, layers: list[str]) -> None:
         for name in layers:
@@ -181,8 +187,11 @@ class WeightShare(Pass):
             "min_weight_sqnr_db": round(min(r["weight_sqnr_db"] for r in rows), 2),
             "median_weight_sqnr_db": round(statistics.median(r["weight_sqnr_db"] for r in rows), 2),
             "output_sqnr_db": round(output_sqnr, 2)}
+        aware = [r["output_sqnr_db"] for r in rows if r["output_sqnr_db"] is not None]
         if self.data_aware:
-            stats["min_layer_output_sqnr_db"] = round(min(r["output_sqnr_db"] for r in rows), 2)
+            stats["layers_data_aware"] = len(aware)
+        if aware:
+            stats["min_layer_output_sqnr_db"] = round(min(aware), 2)
         return stats | {f"skipped_{r}": sum(1 for v in skipped.values() if v.split(" ")[0] == r)
                         for r in SKIP_REASONS}
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import fxcompress as fxc
 from fxcompress.errors import InputError, RecipeError
+from fxcompress.export import max_abs_diff
 from fxcompress.export.codebook import pack
 from fxcompress.export.ort import run as ort_run
 from fxcompress.instruments import sqnr_db
@@ -240,6 +241,11 @@ def test_weight_shared_layers_fold_into_int8_for_the_fast_variant(tmp_path):
         assert sqnr_db(shared.module(*inputs), int8.module(*inputs)) > 20
     path = fxc.export_onnx(int8.module, inputs, tmp_path / "int8.onnx")
     assert any(n.op_type in ("QLinearConv", "DequantizeLinear") for n in onnx.load(str(path)).graph.node)
+    x = (torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7)),)
+    with torch.no_grad():
+        out = int8.module(*x)
+    step = float(out.max() - out.min()) / 255  # one output quantization step
+    assert max_abs_diff(int8.module, path, x) <= 2 * step  # ORT within 2 output steps of the PyTorch module
 
 
 def test_conv_padding_modes_and_transposed_convs_are_named_skips():
@@ -249,3 +255,25 @@ def test_conv_padding_modes_and_transposed_convs_are_named_skips():
     stats = _stats(result)
     assert (stats["layers_shared"], stats["skipped_padding_mode"], stats["skipped_transposed"]) == (1, 1, 1)
     assert any("padding mode 'reflect'" in n for n in result.history[-1].notes)
+
+
+@pytest.mark.parametrize("name", ["grouped_depthwise", "attention", "shared_multi_user", "residual"])
+def test_data_aware_sharing_of_grouped_attention_and_shared_layers_beats_plain(name):
+    model, inputs = zoo.build(name)
+    g = torch.Generator().manual_seed(2)
+    calibration = [torch.randn(inputs[0].shape, generator=g) for _ in range(4)]
+    plain = _share(model, inputs, bits=3)
+    aware = fxc.compile(model, inputs, [{"pass": "weight_share", "bits": 3, "data_aware": True}],
+                        calibration_data=calibration)
+    x = calibration[0]
+    with torch.no_grad():
+        ref = model(x)
+        assert sqnr_db(ref, aware.module(x)) > sqnr_db(ref, plain.module(x))
+
+
+def test_data_aware_sharing_fits_3d_convs_plainly_and_says_so():
+    model, inputs = zoo.build("dims_1d_3d")
+    result = fxc.compile(model, inputs, [{"pass": "weight_share", "bits": 3, "data_aware": True}],
+                         calibration_data=[inputs[0]])
+    assert result.history[-1].stats["layers_data_aware"] == 1  # the 1-d conv; the 3-d one plain
+    assert any("c3.0: plain k-means" in n for n in result.history[-1].notes)
