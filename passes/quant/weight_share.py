@@ -6,7 +6,7 @@
                                                codes: one per block, bits wide (stored packed on export)
 
 - ``method="kmeans"`` (block_size 1): Deep Compression's scalar k-means, centroids initialised linearly between the
-  smallest and the largest weight; ``bits`` (1-8) or ``centroids`` (2-256) sets K.
+  smallest and the largest weight; ``bits`` (1-8, default 4) or ``centroids`` (2-256) sets K.
 - ``method="pq"`` (``block_size`` d >= 2, default 4; d must divide every row of every shared weight: in x k x k
   for a conv, in for a Linear): product quantization, one codebook of K d-vectors per layer ("And the bit goes
   down"), bits / d index bits per weight.

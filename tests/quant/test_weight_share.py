@@ -163,6 +163,7 @@ def test_product_quantization_blocks_and_bits():
     assert stats["output_sqnr_db"] > 0
 
 
+@pytest.mark.slow
 def test_data_aware_sharing_of_a_trained_model_is_closer_on_its_outputs():
     model, inputs = fxc.golden.load("resnet20-hard-digits")
     images, _ = fxc.golden.digits("train", hard=True)
@@ -277,3 +278,12 @@ def test_data_aware_sharing_fits_3d_convs_plainly_and_says_so():
                          calibration_data=[inputs[0]])
     assert result.history[-1].stats["layers_data_aware"] == 1  # the 1-d conv; the 3-d one plain
     assert any("c3.0: plain k-means" in n for n in result.history[-1].notes)
+
+
+def test_a_centroid_count_that_is_no_power_of_two_stores_the_bits_it_needs(tmp_path):
+    model, inputs = zoo.build("residual")
+    result = _share(model, inputs, centroids=5)
+    assert _stats(result)["codewords"] == 5 and _stats(result)["bits_per_weight"] == 3.0
+    assert all(m.codebook.shape[0] == 5 for m in _layers(result.module).values())
+    path = fxc.export_onnx(result.module, inputs, tmp_path / "m.onnx")
+    assert "codes.3.packed" in {i.name for i in onnx.load(str(path)).graph.initializer}
