@@ -13,6 +13,7 @@ from fxcompress.passes.quant.lib.quant_plan import ROLES
 import fxcompress as fxc
 from fxcompress import counting, ops
 from fxcompress.errors import InputError
+from fxcompress.lowbit import CodebookLayer
 
 IMPLEMENTED = {"channels": KINDS, "resize": RESIZE, "quant": ROLES, "macs": counting.MAC_RULES}
 
@@ -28,7 +29,7 @@ def test_weighted_layers_are_one_definition():
     weighted = set(ops.targets_with("weighted"))
     assert weighted == {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                         nn.Linear}
-    assert set(ops.targets_with("folds_bn")) == weighted
+    assert set(ops.targets_with("folds_bn")) == weighted | {CodebookLayer}  # (as a per-channel scale)
     assert set(ops.targets_with("factorizes")) == {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear}
 
 
