@@ -3,6 +3,7 @@ width search (knapsack) and uniform pruning given as many training epochs per re
 
     python -m fxcompress.bench.nas [--models ...] [--epochs 10] [--budgets 0.33 0.5 0.8]
                                    [--nas-budgets 0.2 0.27 0.4 0.6 0.7 0.9] [--strategies knapsack uniform] [--runs 100]
+                                   [--val-redraws 2]
                                    [--json OUT] [--plot OUT.png]
 
 For each model: its fp32 test accuracy, ONNX Runtime's INT8 of the unpruned model (``quantize_static``, MinMax,
@@ -65,12 +66,12 @@ SUPERNET = ("nas", "nas+ft")  # the methods whose results come from the one supe
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
 
-def _data(name: str) -> dict[str, Any]:
+def _data(name: str, redraws: int = VAL_REDRAWS) -> dict[str, Any]:
     hard = name.endswith("-hard-digits")
     train_images, _ = golden.digits("train", hard)
     return {"calibration_data": [train_images[i:i + 64] for i in range(0, 512, 64)],
             "train_data": golden.DigitsTraining(hard=hard),
-            "eval_fn": golden.accuracy(name, "val", redraws=VAL_REDRAWS)}
+            "eval_fn": golden.accuracy(name, "val", redraws=redraws)}
 
 
 def test_accuracy(name: str, path: Path) -> float:
@@ -79,11 +80,11 @@ def test_accuracy(name: str, path: Path) -> float:
 
 
 def supernet_rows(name: str, budgets_ms: list[float], epochs: int, work: Path, log: Callable[[str], None],
-                  seed: int = 0, subnet_epochs: int = 0) -> tuple[list[dict], dict]:
+                  seed: int = 0, subnet_epochs: int = 0, val_redraws: int = VAL_REDRAWS) -> tuple[list[dict], dict]:
     """Train the supernet once, then a confirmed, extracted, quantized subnet per budget (ms); with
     ``subnet_epochs``, also each subnet fine-tuned that many epochs before quantization ("nas+ft")."""
     model, example = golden.load(name)
-    data = _data(name)
+    data = _data(name, val_redraws)
     gm = trace(model, example, eval_mode=True)
     cg = ChannelGraph(gm)
     groups = candidate_groups(cg)
@@ -136,7 +137,8 @@ def supernet_rows(name: str, budgets_ms: list[float], epochs: int, work: Path, l
 
 
 def bench_model(name: str, strategies: list[str], epochs: int, budgets: tuple[float, ...], runs: int, work: Path,
-                log: Callable[[str], None], nas_budgets: tuple[float, ...] = ()) -> dict[str, Any]:
+                log: Callable[[str], None], nas_budgets: tuple[float, ...] = (),
+                val_redraws: int = VAL_REDRAWS) -> dict[str, Any]:
     log(f"{name}: references ...")
     model, example = golden.load(name)
     fp32 = golden.accuracy(name)(model)
@@ -150,7 +152,7 @@ def bench_model(name: str, strategies: list[str], epochs: int, budgets: tuple[fl
     everything = sorted({*budgets, *nas_budgets})
     log(f"  ORT INT8 {start_ms['ORT INT8']:.3f} ms, ours {start_ms['int8']:.3f} ms; budgets {everything}")
     rows, nas = supernet_rows(name, [(b, b * start_ms["ORT INT8"]) for b in everything], 3 * epochs, work, log,
-                              subnet_epochs=epochs)
+                              subnet_epochs=epochs, val_redraws=val_redraws)
     refused, failed = [], []
     for b, ms in budgets_ms:
         fraction = round(ms / start_ms["int8"], 3)  # the width search's budget: a fraction of our unpruned INT8
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--nas-budgets", type=float, nargs="*", default=list(NAS_BUDGETS),
                         help="more budgets for the supernet's subnets alone")
     parser.add_argument("--runs", type=int, default=100, help="alternated latency runs (default 100)")
+    parser.add_argument("--val-redraws", type=int, default=VAL_REDRAWS,
+                        help=f"fresh hardenings of the validation images that score subnets (default {VAL_REDRAWS})")
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--plot", metavar="OUT.png")
     parser.add_argument("--report", metavar="IN.json", help="print a saved --json report instead of running")
@@ -248,14 +252,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report:
         report = json.loads(Path(args.report).read_text())
     else:
-        report = {"cpu": cpu_model(), "epochs": args.epochs, "models": []}
+        report = {"cpu": cpu_model(), "epochs": args.epochs, "val_redraws": args.val_redraws, "models": []}
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="fxcompress-nas-") as tmp:
             for name in args.models:
                 report["models"].append(bench_model(name, args.strategies, args.epochs, tuple(args.budgets),
                                                     args.runs, Path(tmp),
                                                     lambda m: print(m, file=sys.stderr, flush=True),
-                                                    tuple(args.nas_budgets)))
+                                                    tuple(args.nas_budgets), args.val_redraws))
                 if args.json:
                     Path(args.json).write_text(json.dumps(report, indent=1))
         report["seconds"] = time.perf_counter() - start

@@ -187,7 +187,7 @@ class FoldBatchNorm(Pass):
         channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
         if out is None or len(out.shape) < 2 or out.shape[1] != channels or bn.mean.numel() != channels:
             return "skipped_channel_layout"
-        if (isinstance(m, nn.Linear) or getattr(m, "kind", None) == "linear") and len(out.shape) != 2:
+        if (isinstance(m, nn.Linear) or isinstance(m, CodebookLayer) and m.kind == "linear") and len(out.shape) != 2:
             return "skipped_channel_layout"
         return None
 

@@ -17,8 +17,8 @@ calibration data, lower_quantized corrects their biases).
 
 A ``QuantPlan`` given to ``compile(..., plans=...)`` is applied as it is (its specs, not this pass's options).
 Requires: shape metadata.  Contract: EXACT, bit for bit.
-Weight-shared layers (``CodebookLayer``) become their plain layers first (the same weights): their values then
-land on the per-channel INT8 grid and run as INT8 kernels.
+Weight-shared and binarized layers (``CodebookLayer``, ``LowBitLayer`` with float inputs) become their plain layers
+first (the same weights): their values then land on the per-channel INT8 grid and run as INT8 kernels.
 Skips (named in the notes): ops no rule quantizes (their weights stay float), unfolded BatchNorm.
 """
 from __future__ import annotations

@@ -142,6 +142,7 @@ def test_a_latency_budget_below_the_floor_is_refused(tmp_path, monkeypatch):
         fxc.compile(model, x, [{"pass": "auto_prune", "budget": {"latency": 0.01}, "points": 4}])
 
 
+@pytest.mark.slow  # 30 s; the README's auto_prune example runs the same measured path in the default suite
 def test_auto_prune_meets_a_measured_latency_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("FXCOMPRESS_CACHE", str(tmp_path))
     model, x = fxc.golden.load("vgg-small-digits", batch_size=8)
