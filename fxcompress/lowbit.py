@@ -19,6 +19,11 @@ import torch.nn.functional as F
 CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def index_bits(k: int) -> int:
+    """Bits of one stored code for a codebook of k entries (at least 1): what the export packs per code."""
+    return max(1, math.ceil(math.log2(k)))
+
+
 def _layer_options(layer: nn.Module) -> tuple[str, dict]:
     kind = "linear" if isinstance(layer, nn.Linear) else f"conv{len(layer.kernel_size)}d"
     return kind, {} if kind == "linear" else {

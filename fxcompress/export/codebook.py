@@ -23,7 +23,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from ..lowbit import LEAF_MODULES
+from ..lowbit import LEAF_MODULES, index_bits
 
 OPSET = 13  # ReduceSum with axes as an input
 
@@ -39,10 +39,6 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     flat = np.asarray(codes, dtype=np.uint8).reshape(-1)
     planes = ((flat[None, :] >> np.arange(bits, dtype=np.uint8)[:, None]) & 1).astype(np.uint8)
     return np.packbits(planes, axis=1, bitorder="little")
-
-
-def _bits(k: int) -> int:
-    return max(1, int(np.ceil(np.log2(k))))
 
 
 def compact(model: onnx.ModelProto, layers: dict[str, torch.nn.Module]) -> onnx.ModelProto:
@@ -75,7 +71,7 @@ def compact(model: onnx.ModelProto, layers: dict[str, torch.nn.Module]) -> onnx.
                               f"rebuilt weight {tuple(dense.shape)} (the exporter combined it with another constant). "
                               f"Keep the layer out of weight sharing (exclude it).")
         done.add(target)
-        bits = _bits(codebook.shape[0])
+        bits = index_bits(codebook.shape[0])
         codes = codes.numpy()
         stream = streams.setdefault(bits, [])
         stream.append(codes)

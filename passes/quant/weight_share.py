@@ -47,7 +47,7 @@ from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.instruments import sqnr_db
-from fxcompress.lowbit import CodebookLayer
+from fxcompress.lowbit import CodebookLayer, index_bits
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 
@@ -199,7 +199,7 @@ class WeightShare(Pass):
 def _row(name: str, weights: int, found: cb.Fit, k: int) -> dict[str, Any]:
     d = found.codebook.shape[1]
     codes = found.codes.numel()
-    stored = cb.index_bits(k) * codes
+    stored = index_bits(k) * codes
     table = 32 * k * d
     return {"name": name, "weights": weights, "codewords": k, "index_bits": stored / weights,
             "bits_with_codebook": (stored + table) / weights,

@@ -197,11 +197,6 @@ def _db(signal: float, noise: float) -> float:
     return math.inf if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def index_bits(k: int) -> int:
-    """Bits of one stored code for a codebook of k entries (at least 1)."""
-    return max(1, math.ceil(math.log2(k)))
-
-
 def entropy_bits(codes: torch.Tensor, k: int) -> float:
     """Shannon entropy (bits per code) of the codes' frequencies: what an entropy coder needs per code."""
     p = torch.bincount(codes.reshape(-1), minlength=k).double()
