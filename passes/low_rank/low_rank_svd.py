@@ -55,6 +55,7 @@ from fxcompress.context import CompileContext
 from fxcompress.counting import totals
 from fxcompress.errors import InputError, RecipeError, VerificationError, did_you_mean
 from fxcompress.instruments import sqnr_db
+from fxcompress.layer_inputs import input_moments
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import Artifact, Lifetime, data_class, graph_signature, replayed
@@ -312,30 +313,9 @@ class LowRankSVD(Pass):
                              "calibration_data=batches), inputs shaped like the example inputs.")
         plain = [c.name for c in layers if isinstance(c.module, _ConvNd) and len(c.module.kernel_size) == 3]
         layers = [c for c in layers if c.name not in plain]
-        moments = {c.name: torch.zeros(c.cols, c.cols, dtype=torch.float64) for c in layers}
-        counts = dict.fromkeys(moments, 0)
-        by_module = {id(c.module): c for c in layers}
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            c = by_module[id(module)]
-            rows = input_rows(module, args[0]).float()
-            moments[c.name] += (rows.T @ rows).double()
-            counts[c.name] += rows.shape[0]
-
-        handles = [c.module.register_forward_pre_hook(hook) for c in layers]
-        samples = 0
-        try:
-            with meta.side_effect_free(ctx.gm):
-                for batch in calibration_batches(ctx):
-                    ctx.gm(*batch)
-                    samples += batch[0].shape[0]
-                    if samples >= self.max_samples:
-                        break
-        finally:
-            for h in handles:
-                h.remove()
-        for c in layers:
-            cov = moments[c.name] / max(counts[c.name], 1)
+        moments = input_moments(ctx.gm, [c.module for c in layers], calibration_batches(ctx), self.max_samples)
+        for c, m in zip(layers, moments):
+            cov = m.mean()
             cov += torch.eye(c.cols, dtype=cov.dtype) * (DAMPING * max(float(cov.diagonal().mean()), 1e-12))
             root = torch.linalg.cholesky(cov)  # root @ root.T = cov: ||(W - W') root|| is the output error
             c.whitening = (root, torch.linalg.solve_triangular(root, torch.eye(c.cols, dtype=cov.dtype), upper=False))
@@ -385,24 +365,6 @@ def candidates(gm: torch.fx.GraphModule, exclude: tuple[str, ...] = ()) -> tuple
         w = m.weight
         found.append(_Candidate(name, m, nodes, w.shape[0], w[0].numel(), positions))
     return found, skipped
-
-
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows that the weight matrix (out x in k k) multiplies: features for Linear, patches
-    for a 1-d or 2-d conv (in the weight's (in, k...) order, padding applied as the conv applies it)."""
-    x = x.detach()
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    k = len(module.kernel_size)
-    if x.dim() == k + 1:  # unbatched
-        x = x.unsqueeze(0)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    size, dilation, stride = tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
-    if k == 1:
-        x, size, dilation, stride = x.unsqueeze(2), (1, *size), (1, *dilation), (1, *stride)
-    patches = F.unfold(x, size, dilation=dilation, stride=stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
 def allocate(layers: list[_Candidate], whole: float, budget: float, metric: str) -> dict[str, int]:

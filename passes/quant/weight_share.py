@@ -38,7 +38,6 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from fxcompress.passes.low_rank.low_rank_svd import input_rows
 from fxcompress.passes.quant.calibrate import calibration_batches
 from fxcompress.passes.quant.lib import codebook as cb
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
@@ -47,6 +46,7 @@ from fxcompress import meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.instruments import sqnr_db
+from fxcompress.layer_inputs import input_moments
 from fxcompress.lowbit import CodebookLayer, index_bits
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
@@ -54,10 +54,6 @@ from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 SKIP_REASONS = ("excluded", "tied_weight", "transposed", "padding_mode", "functional")
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FUNCTIONAL = (F.linear, F.conv1d, F.conv2d, F.conv3d)
-
-
-class _Reached(Exception):
-    """Raised by the input hook once the layer has seen a batch: the rest of the forward is not needed."""
 
 
 class WeightShare(Pass):
@@ -141,37 +137,8 @@ class WeightShare(Pass):
 
     def _hessian(self, ctx: CompileContext, layer: nn.Module) -> torch.Tensor:
         """H_g = sum of x x^T over the layer's inputs (patches for a conv) from the calibration data, per group
-        (groups x cols x cols), as the current model computes them; each forward stops at the layer's last call."""
-        groups = getattr(layer, "groups", 1)
-        cols = layer.weight[0].numel()
-        h = torch.zeros(groups, cols, cols, dtype=torch.float64)
-        calls = sum(1 for n in ctx.gm.graph.nodes if n.op == "call_module" and ctx.gm.get_submodule(n.target) is layer)
-        seen = 0
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            nonlocal seen
-            x = input_rows(module, args[0]).float()
-            x = x.reshape(x.shape[0], groups, cols).transpose(0, 1)
-            h.add_(torch.bmm(x.transpose(1, 2), x).double())  # a batch in float32, the sum in float64
-            seen += 1
-            if seen % calls == 0:
-                raise _Reached
-
-        handle = layer.register_forward_pre_hook(hook)
-        samples = 0
-        try:
-            with meta.side_effect_free(ctx.gm):
-                for batch in calibration_batches(ctx):
-                    try:
-                        ctx.gm(*batch)
-                    except _Reached:
-                        pass
-                    samples += batch[0].shape[0]
-                    if samples >= self.max_samples:
-                        break
-        finally:
-            handle.remove()
-        return h
+        (groups x cols x cols), as the current model computes them."""
+        return input_moments(ctx.gm, [layer], calibration_batches(ctx), self.max_samples)[0].sums
 
     def _stats(self, rows: list[dict], skipped: dict[str, str], output_sqnr: float) -> dict[str, Any]:
         weights = sum(r["weights"] for r in rows)
