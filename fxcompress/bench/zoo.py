@@ -491,6 +491,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.tabulate:
         commands.append("python -m fxcompress.bench.zoo " + " ".join(argv if argv is not None else sys.argv[1:]))
         specs = args.models or [s for suite in args.suites for s in catalogue(suite)]
+        unknown = [s for s in specs if s.partition(":")[0] not in SUITES]
+        if unknown:
+            parser.error(f"--models {' '.join(unknown)}: a spec is suite:name with suite one of {', '.join(SUITES)} "
+                         f"(e.g. timm:{unknown[0].rpartition(':')[2]})")
         if args.resume:
             specs = [s for s in specs if s not in rows]
         for spec in specs:

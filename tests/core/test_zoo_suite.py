@@ -219,3 +219,10 @@ def test_any_transformers_model_type_is_built_small_with_its_main_input():
     assert list(inputs) == ["input_ids", "attention_mask"] and model.config.vocab_size == 1000
     with pytest.raises(SystemExit, match="nor a transformers model type"):
         zoo.build("hf:no-such-model")
+
+
+def test_a_spec_without_its_suite_is_refused_before_any_model_runs(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        zoo.main(["--models", "ghostnet_050", "--json", str(tmp_path / "z.json")])
+    assert "timm:ghostnet_050" in capsys.readouterr().err
+    assert not (tmp_path / "z.json").exists()
