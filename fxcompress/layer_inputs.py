@@ -42,7 +42,9 @@ class Moments:
     rows: int = 0
 
     def mean(self) -> torch.Tensor:
-        """E[x x^T] (cols x cols) of an ungrouped layer."""
+        """E[x x^T] (cols x cols) of an ungrouped layer (a grouped conv's groups have a moment each: ``sums``)."""
+        if self.sums.shape[0] != 1:
+            raise ValueError(f"mean() of a grouped layer's moments ({self.sums.shape[0]} groups): read sums per group")
         return self.sums[0] / max(self.rows, 1)
 
 

@@ -1,4 +1,5 @@
 """Input rows and moments of Conv/Linear layers, collected from data (shared by data-aware SVD and weight sharing)."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -61,6 +62,8 @@ def test_moments_are_the_sums_over_every_call_and_batch_and_the_early_stop_chang
     torch.testing.assert_close(got[1].sums, want_fc, rtol=1e-5, atol=1e-6)
     assert got[1].rows == rows_fc
     torch.testing.assert_close(got[1].mean(), want_fc[0] / rows_fc)
+    with pytest.raises(ValueError, match="3 groups"):
+        got[0].mean()
     assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
     # the forward stopped after the last call of the layers asked for: "after" never ran
     ran = []
