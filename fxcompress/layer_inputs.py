@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from . import meta
 
 
+def supported(module: nn.Module) -> bool:
+    """Whether ``input_rows`` covers the layer: a Linear, or a conv of 1 or 2 spatial dimensions (not transposed)."""
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows that the weight matrix (out x in k k) multiplies: features for Linear, patches
     for a 1-d or 2-d conv (in the weight's (in, k...) order, padding applied as the conv applies it)."""

@@ -50,12 +50,11 @@ import torch.nn.functional as F
 from fxcompress.passes.quant.calibrate import calibration_batches
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from fxcompress import meta, ops
+from fxcompress import layer_inputs, meta, ops
 from fxcompress.context import CompileContext
 from fxcompress.counting import totals
 from fxcompress.errors import InputError, RecipeError, VerificationError, did_you_mean
 from fxcompress.instruments import sqnr_db
-from fxcompress.layer_inputs import input_moments
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
 from fxcompress.plans import Artifact, Lifetime, data_class, graph_signature, replayed
@@ -311,9 +310,10 @@ class LowRankSVD(Pass):
         if ctx.calibration_data is None:
             raise InputError("[low_rank_svd] data_aware=True needs calibration data: pass compile(..., "
                              "calibration_data=batches), inputs shaped like the example inputs.")
-        plain = [c.name for c in layers if isinstance(c.module, _ConvNd) and len(c.module.kernel_size) == 3]
+        plain = [c.name for c in layers if not layer_inputs.supported(c.module)]
         layers = [c for c in layers if c.name not in plain]
-        moments = input_moments(ctx.gm, [c.module for c in layers], calibration_batches(ctx), self.max_samples)
+        moments = layer_inputs.input_moments(ctx.gm, [c.module for c in layers], calibration_batches(ctx),
+                                             self.max_samples)
         for c, m in zip(layers, moments):
             cov = m.mean()
             cov += torch.eye(c.cols, dtype=cov.dtype) * (DAMPING * max(float(cov.diagonal().mean()), 1e-12))

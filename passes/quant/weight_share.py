@@ -42,11 +42,10 @@ from fxcompress.passes.quant.calibrate import calibration_batches
 from fxcompress.passes.quant.lib import codebook as cb
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from fxcompress import meta
+from fxcompress import layer_inputs, meta
 from fxcompress.context import CompileContext
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.instruments import sqnr_db
-from fxcompress.layer_inputs import input_moments
 from fxcompress.lowbit import CodebookLayer, index_bits
 from fxcompress.options import as_patterns, check_patterns, matches
 from fxcompress.pass_base import Contract, Pass, PassResult, refuse_quantized
@@ -107,7 +106,7 @@ class WeightShare(Pass):
         rows, plain = [], []
         for name in layers:
             layer = gm.get_submodule(name)
-            aware = self.data_aware and not isinstance(layer, nn.Conv3d)  # (patches of 1-d and 2-d inputs only)
+            aware = self.data_aware and layer_inputs.supported(layer)
             if self.data_aware and not aware:
                 plain.append(f"{name}: plain k-means (data-aware fitting covers Linear and 1-d/2-d convs)")
             hessian = self._hessian(ctx, layer) if aware else None
@@ -138,7 +137,7 @@ class WeightShare(Pass):
     def _hessian(self, ctx: CompileContext, layer: nn.Module) -> torch.Tensor:
         """H_g = sum of x x^T over the layer's inputs (patches for a conv) from the calibration data, per group
         (groups x cols x cols), as the current model computes them."""
-        return input_moments(ctx.gm, [layer], calibration_batches(ctx), self.max_samples)[0].sums
+        return layer_inputs.input_moments(ctx.gm, [layer], calibration_batches(ctx), self.max_samples)[0].sums
 
     def _stats(self, rows: list[dict], skipped: dict[str, str], output_sqnr: float) -> dict[str, Any]:
         weights = sum(r["weights"] for r in rows)

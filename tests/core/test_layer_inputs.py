@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxcompress.layer_inputs import input_moments, input_rows
+from fxcompress.layer_inputs import input_moments, input_rows, supported
 from fxcompress.tracing import trace
 
 
@@ -35,6 +35,12 @@ def test_rows_times_the_weight_matrix_are_the_layer_outputs():
         rows = input_rows(net.line, y)
         mine = (rows @ net.line.weight.flatten(1).T + net.line.bias).reshape(2, -1, 5).transpose(1, 2)
         torch.testing.assert_close(mine, net.line(y), rtol=1e-5, atol=1e-5)
+
+
+def test_supported_names_exactly_the_layers_whose_rows_it_collects():
+    assert all(supported(m) for m in (nn.Linear(3, 2), nn.Conv1d(3, 2, 3), nn.Conv2d(3, 2, 3, groups=1)))
+    assert not any(supported(m) for m in (nn.Conv3d(3, 2, 3), nn.ConvTranspose2d(3, 2, 3), nn.Bilinear(3, 3, 2),
+                                          nn.BatchNorm2d(3)))
 
 
 def test_moments_are_the_sums_over_every_call_and_batch_and_the_early_stop_changes_nothing():

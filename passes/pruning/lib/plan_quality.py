@@ -20,7 +20,6 @@ re-estimated ones).
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterable
 
 import torch
@@ -31,6 +30,7 @@ from fxcompress.passes.pruning.lib.width_space import WidthSpace
 from fxcompress.passes.train.lib import bn_stats
 from torch.utils import _pytree as pytree
 
+from fxcompress import instruments
 from fxcompress.errors import InputError
 from fxcompress.fxutil import lookup
 from fxcompress.meta import side_effect_free
@@ -38,6 +38,7 @@ from fxcompress.tree import copy_tree
 
 RECALIBRATION_SAMPLES = 32
 """Fewest samples BatchNorm statistics are re-estimated from: fewer give statistics noisier than the stale ones."""
+SQNR_CAP = 200.0  # dB: the score of outputs equal to the reference
 
 
 def _flat_output(out: object) -> torch.Tensor:
@@ -47,12 +48,9 @@ def _flat_output(out: object) -> torch.Tensor:
 
 
 def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
-    """Signal-to-noise ratio of ``output`` against ``reference`` in dB (capped at 200 for identical outputs)."""
-    noise = float((reference.double() - output.double()).pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
-    if noise == 0:
-        return 200.0
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+    """``instruments.sqnr_db`` capped at ``SQNR_CAP`` dB: identical outputs score the cap, not infinity, so that
+    scores stay finite numbers a search can rank, average and write to JSON."""
+    return min(instruments.sqnr_db(reference, output), SQNR_CAP)
 
 
 class PlanQuality:
