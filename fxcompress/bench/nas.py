@@ -5,6 +5,7 @@ width search (knapsack) and uniform pruning given as many training epochs per re
                                    [--nas-budgets 0.2 0.27 0.4 0.6 0.7 0.9] [--strategies knapsack uniform] [--runs 100]
                                    [--val-redraws 2]
                                    [--json OUT] [--plot OUT.png]
+    python -m fxcompress.bench.nas --report IN.json [IN.json ...] [--plot OUT.png]
 
 For each model: its fp32 test accuracy, ONNX Runtime's INT8 of the unpruned model (``quantize_static``, MinMax,
 per-channel, U8S8) and ours.  Budgets are fractions of ORT's INT8 latency (batch 8, 1 thread), measured beside ours
@@ -22,9 +23,14 @@ budget costs a search, not a training).
 - **knapsack** / **uniform**: ``auto_prune`` at the same budget (``bench.search``'s cell), then ``recalibrate_bn``,
   ``finetune`` for 3 x ``--epochs`` epochs (the supernet's whole training, for every result) and ``quantize``.
 
-Every file is measured at the end, alternated with every other of its model (medians of ``--runs``), and scored on
-the digits test split in ORT.  Reported: the table, the Pareto front of the NAS subnets, what the acceptance asks
-(``summary``) and a plot.
+Every file is measured at the end, alternated with every other of its model (medians of ``--runs`` rounds; in each
+round a file runs ``WARM_BLOCK`` times in a row and the first is not counted: single runs alternated among some 30
+files find the caches holding the others' weights, which slows a small model more than a large one; VGG-small
+pruned to a third of its latency ran 6-7 % slower among 30 sessions than beside one other, the whole model 3-5 %;
+in blocks of 3, within 1.5 %), and scored on the digits test split in ORT.  Reported: the table, the Pareto front
+of the NAS subnets, what the acceptance asks (``summary``) and a plot.  ``--report`` prints saved runs instead, one
+table of every model in them (a model in a later file replaces the same model in an earlier one: a model rerun
+alone with other budgets).
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ NAS_BUDGETS = (0.2, 0.27, 0.4, 0.6, 0.7, 0.9)  # more, for the supernet's subnet
 VAL_REDRAWS = 2  # subnets are scored on the validation images and 2 fresh hardenings of them (1,080 images)
 SUPERNET = ("nas", "nas+ft")  # the methods whose results come from the one supernet
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
+WARM_BLOCK = 3  # every file runs 3 times in a row per round of the alternated measurements, the first not counted
 
 
 def _data(name: str, redraws: int = VAL_REDRAWS) -> dict[str, Any]:
@@ -147,7 +154,7 @@ def bench_model(name: str, strategies: list[str], epochs: int, budgets: tuple[fl
     ours = compile_model(model, example, [{"pass": "quantize", "activation_observer": "kl_tolerance"}],
                          calibration_data=_data(name)["calibration_data"])
     ours_path = export_onnx(ours.module, example, work / f"{name}-int8.onnx")
-    start_ms = measure({"ORT INT8": str(ort_path), "int8": str(ours_path)}, runs)
+    start_ms = measure({"ORT INT8": str(ort_path), "int8": str(ours_path)}, runs, WARM_BLOCK)
     budgets_ms = [(b, b * start_ms["ORT INT8"]) for b in budgets]
     everything = sorted({*budgets, *nas_budgets})
     log(f"  ORT INT8 {start_ms['ORT INT8']:.3f} ms, ours {start_ms['int8']:.3f} ms; budgets {everything}")
@@ -168,7 +175,7 @@ def bench_model(name: str, strategies: list[str], epochs: int, budgets: tuple[fl
                 log(f"  {s} @ {b}: failed: {failed[-1]['reason']}")
     paths = {"ORT INT8": str(ort_path), "int8": str(ours_path),
              **{f"{r['strategy']}@{r['budget']}": r["path"] for r in rows}}
-    ms = measure(paths, runs)
+    ms = measure(paths, runs, WARM_BLOCK)
     for r in rows:
         r["ms"] = ms[f"{r['strategy']}@{r['budget']}"]
         r["vs_ort"] = r["ms"] / ms["ORT INT8"]
@@ -231,6 +238,21 @@ def format_table(report: dict[str, Any]) -> str:
                                method="method", budget="budget (x ORT INT8)")
 
 
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of the models of several saved runs, a model in a later run replacing the same model in an
+    earlier one; the runs must share their epochs (every comparison depends on them)."""
+    epochs = {r["epochs"] for r in reports}
+    if len(epochs) > 1:
+        raise ValueError(f"the reports were made with different --epochs ({sorted(epochs)}); their methods are not "
+                         f"comparable in one table: merge runs made with the same --epochs")
+    models: dict[str, dict[str, Any]] = {}
+    for r in reports:
+        models.update({m["model"]: m for m in r["models"]})
+    return {"cpu": " / ".join(dict.fromkeys(r["cpu"] for r in reports)), "epochs": epochs.pop(),
+            "models": list(models.values()), "runs": len(reports),
+            "seconds": sum(r.get("seconds", math.nan) for r in reports)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m fxcompress.bench.nas", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20-hard-digits", "vgg-small-hard-digits"])
@@ -246,11 +268,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help=f"fresh hardenings of the validation images that score subnets (default {VAL_REDRAWS})")
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--plot", metavar="OUT.png")
-    parser.add_argument("--report", metavar="IN.json", help="print a saved --json report instead of running")
+    parser.add_argument("--report", metavar="IN.json", nargs="+",
+                        help="print saved --json reports instead of running (a model in a later file replaces the "
+                             "same model in an earlier one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if args.report:
-        report = json.loads(Path(args.report).read_text())
+        try:
+            report = merge_reports([json.loads(Path(p).read_text()) for p in args.report])
+        except ValueError as exc:
+            parser.error(str(exc))
     else:
         report = {"cpu": cpu_model(), "epochs": args.epochs, "val_redraws": args.val_redraws, "models": []}
         start = time.perf_counter()
@@ -264,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     Path(args.json).write_text(json.dumps(report, indent=1))
         report["seconds"] = time.perf_counter() - start
     print(f"CPU: {report['cpu']}; a normal fine-tune {report['epochs']} epochs (the supernet and every width-search "
-          f"result train 3x); {report.get('seconds', math.nan) / 60:.0f} min in all")
+          f"result train 3x); {report.get('seconds', math.nan) / 60:.0f} min in all"
+          + (f" ({report['runs']} runs)" if report.get("runs", 1) > 1 else ""))
     print(format_table(report))
     print("\n" + "\n".join(summary(report)))
     if args.json and not args.report:

@@ -134,14 +134,15 @@ def cell(name: str, strategy: str, budget: float, epochs: int, work: Path, log: 
     return row
 
 
-def measure(paths: dict[str, str], runs: int) -> dict[str, float]:
-    """Median ms per run at batch 8, 1 thread, every model alternated with the others."""
+def measure(paths: dict[str, str], runs: int, block: int = 1) -> dict[str, float]:
+    """Median ms per run at batch 8, 1 thread, every model alternated with the others (``block`` runs in a row
+    each, the first not counted: ``timing.alternated_latency``)."""
     x = golden.digits("test", True)[0][:BATCH].numpy()
     calls = {}
     for key, path in paths.items():
         sess = session(path, threads=THREADS, spinning=False)
         calls[key] = lambda sess=sess, name=sess.get_inputs()[0].name: sess.run(None, {name: x})
-    return {k: v * 1e3 for k, v in alternated_latency(calls, runs, warmup=5).items()}
+    return {k: v * 1e3 for k, v in alternated_latency(calls, runs, warmup=5, block=block).items()}
 
 
 def bench_model(name: str, strategies: list[str], epochs: int, runs: int, work: Path,

@@ -47,3 +47,26 @@ def test_a_saved_report_prints_and_plots(tmp_path, capsys):
     nas.main(["--report", str(path), "--plot", str(tmp_path / "nas.png")])
     assert "3 on their Pareto front" in capsys.readouterr().out
     assert (tmp_path / "nas.png").stat().st_size > 10_000
+
+
+def test_saved_reports_merge_a_model_rerun_alone_over_the_earlier_run(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    first = {"cpu": "A", "epochs": 10, "seconds": 60.0, **_report()}
+    second_model = {**_report()["models"][0], "rows": _report()["models"][0]["rows"][:2]}
+    other = {**_report()["models"][0], "model": "other"}
+    second = {"cpu": "B", "epochs": 10, "seconds": 30.0, "models": [second_model, other]}
+    merged = nas.merge_reports([first, second])
+    assert [m["model"] for m in merged["models"]] == ["m", "other"]
+    assert len(merged["models"][0]["rows"]) == 2  # the later run's rows, not the earlier's seven
+    assert merged["cpu"] == "A / B" and merged["seconds"] == 90.0 and merged["runs"] == 2
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for p, r in zip(paths, (first, second)):
+        p.write_text(json.dumps(r))
+    nas.main(["--report", *map(str, paths)])
+    out = capsys.readouterr().out
+    assert "(2 runs)" in out and "m: 2 NAS subnets" in out and "other: 5 NAS subnets" in out
+    with pytest.raises(ValueError, match="different --epochs"):
+        nas.merge_reports([first, {**second, "epochs": 8}])
